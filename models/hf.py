@@ -1,0 +1,109 @@
+"""Conversion between trainonce models and Hugging Face `Ernie4_5_MoeForCausalLM` checkpoints.
+
+Pure torch: the names already match HF's (see models/moe.py), so conversion adds the `model.` prefix,
+reshapes the correction bias to HF's (1, E) and drops our importance-order buffers. transformers itself is
+only needed by whoever loads the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from models.config import MoEConfig
+from models.moe import ElasticMoE
+
+HF_ARCHITECTURE = "Ernie4_5_MoeForCausalLM"
+HF_MODEL_TYPE = "ernie4_5_moe"
+_OUR_BUFFERS = ("layer_order", "expert_order")
+_BIAS = "mlp.gate.e_score_correction_bias"
+_HF_BIAS = "mlp.gate.moe_statics.e_score_correction_bias"
+
+
+def hf_config_dict(config: MoEConfig) -> dict[str, Any]:
+    """config.json content for transformers (raises ValueError naming a layer it cannot express)."""
+    return {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE, **config.to_hf_dict()}
+
+
+def to_hf_state_dict(model: ElasticMoE) -> dict[str, torch.Tensor]:
+    """Our state dict renamed to HF's (tied output projection left to HF's weight tying)."""
+    model.config.to_hf_dict()  # fail early, naming the layer, if HF cannot express this model
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith(_OUR_BUFFERS):
+            continue
+        if name.endswith(_BIAS):
+            out["model." + name.replace(_BIAS, _HF_BIAS)] = tensor.reshape(1, -1)
+        elif name.startswith("lm_head."):
+            out[name] = tensor
+        else:
+            out["model." + name] = tensor
+    return out
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
+    """Our config for an HF ERNIE 4.5 MoE config dict; ValueError naming the field it cannot take."""
+    if hf.get("model_type") != HF_MODEL_TYPE:
+        raise ValueError(f"model_type: expected {HF_MODEL_TYPE!r}, got {hf.get('model_type')!r}")
+    n_layers = hf["num_hidden_layers"]
+    checks = {
+        "moe_layer_interval": (hf.get("moe_layer_interval", 1), 1),
+        "moe_layer_end_index": (hf.get("moe_layer_end_index", n_layers - 1) % n_layers, n_layers - 1),
+        "use_bias": (bool(hf.get("use_bias", False)), False),
+        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+    }
+    for field, (got, supported) in checks.items():
+        if got != supported:
+            raise ValueError(f"{field}: only {supported!r} is supported, got {got!r}")
+    rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 500000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.rope_type: only 'default' is supported, got {rope['rope_type']!r}")
+    return MoEConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=n_layers,
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        n_experts=hf["moe_num_experts"],
+        top_k=hf["moe_k"],
+        expert_ffn_dim=hf["moe_intermediate_size"],
+        n_shared_experts=hf.get("moe_num_shared_experts", 0),
+        first_dense_layers=min(hf.get("moe_layer_start_index", 0), n_layers),
+        dense_ffn_dim=hf["intermediate_size"],
+        rope_theta=rope["rope_theta"],
+        rms_norm_eps=hf["rms_norm_eps"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        moe_norm_min=hf.get("moe_norm_min", 1e-12),
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def from_hf_state_dict(hf_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> ElasticMoE:
+    """Build our model from an HF config dict and state dict (importance orders start as identity)."""
+    model = ElasticMoE(config_from_hf(hf_config))
+    ours: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight":
+            if model.lm_head is not None:
+                ours[name] = tensor
+            continue
+        if name.startswith("mtp"):
+            continue  # ERNIE's multi-token-prediction head is not part of the causal LM
+        local = name.removeprefix("model.")
+        if local.endswith(_HF_BIAS):
+            ours[local.replace(_HF_BIAS, _BIAS)] = tensor.reshape(-1)
+        else:
+            ours[local] = tensor
+    for name, tensor in model.state_dict().items():
+        if name.endswith(_OUR_BUFFERS):
+            ours[name] = tensor
+    missing = sorted(set(model.state_dict()) - set(ours))
+    unexpected = sorted(set(ours) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(ours, strict=True)
+    return model

@@ -1,0 +1,434 @@
+"""The elastic Mixture-of-Experts decoder, read top to bottom in data-flow order.
+
+The math is exactly transformers' ERNIE 4.5 MoE (`Ernie4_5_MoeForCausalLM`): pre-norm RMSNorm computed in
+fp32, interleaved RoPE, grouped-query causal attention, SwiGLU experts stored stacked as `gate_up_proj`
+(E, 2F, D) and `down_proj` (E, D, F), an fp32 softmax router whose top-k is chosen on softmax + a
+selection-only correction bias and whose weights are renormalised over the chosen k, and an optional
+always-on shared expert. Parameter names follow the HF state dict so conversion is a rename.
+
+Elasticity: `model(tokens, subnet=spec)` runs exactly the sub-model `spec` names. Skipped layers are the
+identity, and each kept MoE layer routes among its kept experts only (softmax over the kept router rows),
+which is what an extracted model with a sliced router computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import MoEConfig
+from models.subnet import Importance, SubnetSpec
+
+# ---------------------------------------------------------------------------------------------------------
+# Math as free functions
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of interleaved RoPE for `positions` (T,), each (T, head_dim), in fp32.
+
+    ERNIE rotates adjacent pairs (0,1), (2,3), ... so frequency i is repeated for dims 2i and 2i+1.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    freqs = freqs.repeat_interleave(2, dim=-1)  # (T, hd)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of `x` (B, h, T, hd) by the angles in cos/sin (T, hd); computed in fp32."""
+    xf = x.float()
+    rotated = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)  # (B, h, T, hd)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kv, T, hd) -> (B, kv * n_rep, T, hd): each key/value head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    b, kv, t, hd = x.shape
+    return x[:, :, None].expand(b, kv, n_rep, t, hd).reshape(b, kv * n_rep, t, hd)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert: x (N, D), gate_up (2F, D) with the gate rows first, down (D, F) -> (N, D)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def route_top_k(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ERNIE 4.5's router, always in fp32.
+
+    hidden (T, D), weight (E, D), bias (E,) -> logits (T, E), weights (T, k), local expert indices (T, k).
+    The bias only changes which experts are chosen; the weights come from the plain softmax and are
+    renormalised over the chosen k, so they do not depend on which other experts exist.
+    """
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = F.linear(hidden.float(), weight.float())
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        _, chosen = torch.topk(probs + bias.float(), top_k, dim=-1)
+        weights = probs.gather(-1, chosen)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=norm_min)
+    return logits, weights, chosen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expert compute: three paths that agree numerically
+
+
+def _sort_by_expert(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order of the (token, slot) pairs grouped by expert, and the number of pairs per expert."""
+    flat = expert_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    return order, counts
+
+
+def experts_loop(
+    x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """CPU path: sort tokens by expert and run each expert that got tokens on its contiguous slice."""
+    t, k = expert_idx.shape
+    order, counts = _sort_by_expert(expert_idx, gate_up.shape[0])
+    token_of_pair = order // k
+    x_sorted = x.index_select(0, token_of_pair)  # (T*k, D)
+    out = x_sorted.new_empty(x_sorted.shape)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out[start : start + n] = swiglu(x_sorted[start : start + n], gate_up[e], down[e])
+            start += n
+    out = out * weights.reshape(-1)[order, None].to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_pair, out)
+
+
+def experts_grouped_mm(
+    x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """Grouped-GEMM path (`torch._grouped_mm`): all experts in two kernel launches; bf16 on CUDA."""
+    t, k = expert_idx.shape
+    order, counts = _sort_by_expert(expert_idx, gate_up.shape[0])
+    offsets = torch.cumsum(counts, dim=0).to(torch.int32)
+    token_of_pair = order // k
+    dtype = torch.bfloat16 if x.is_cuda else x.dtype  # CUDA grouped GEMM kernels are bf16
+    x_sorted = x.index_select(0, token_of_pair).to(dtype)
+    gate, up = torch._grouped_mm(x_sorted, gate_up.to(dtype).transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    out = torch._grouped_mm(F.silu(gate) * up, down.to(dtype).transpose(1, 2), offs=offsets).to(x.dtype)
+    out = out * weights.reshape(-1)[order, None].to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_pair, out)
+
+
+def experts_export(
+    x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """ONNX-traceable path: a static loop over experts with nonzero + index_select/index_add.
+
+    No data-dependent Python control flow, no argsort/bincount/grouped GEMM (none of them export), and
+    each expert's weights are indexed with a Python int so exporters see constant 2-D matrices that
+    onnxruntime can quantize.
+    """
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        hit = expert_idx == e  # (T, k); an expert appears at most once per token
+        tokens = torch.nonzero(hit.sum(dim=-1) > 0).squeeze(-1)
+        token_weight = (weights * hit.to(weights.dtype)).sum(dim=-1).index_select(0, tokens)
+        y = swiglu(x.index_select(0, tokens), gate_up[e], down[e]) * token_weight[:, None].to(x.dtype)
+        out = out.index_add(0, tokens, y)
+    return out
+
+
+EXPERT_PATHS = {"loop": experts_loop, "grouped_mm": experts_grouped_mm, "export": experts_export}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm normalising in fp32, then scaling in the input dtype (as ERNIE does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with interleaved RoPE."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        hd = config.attn_head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * hd, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        n_rep = self.n_heads // self.n_kv_heads
+        y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP: the FFN of dense layers and the shared experts."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Router weights (fp32, as ERNIE keeps them) and the selection-only correction bias."""
+
+    def __init__(self, config: MoEConfig, n_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, config.d_model, dtype=torch.float32))
+        # Not a parameter: the optimiser never touches it; load balancing nudges it (load_balancing=bias).
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
+
+
+class Experts(nn.Module):
+    """Routed experts stored stacked, in the HF layout."""
+
+    def __init__(self, config: MoEConfig, n_experts: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * config.expert_ffn_dim, config.d_model))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, config.d_model, config.expert_ffn_dim))
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What one MoE layer did in one forward: for load balancing and routing-health plots."""
+
+    layer: int
+    expert_load: torch.Tensor  # (E_layer,) fraction of routed (token, slot) pairs per expert, 0 where dropped
+    kept: torch.Tensor  # (E_layer,) bool, the experts this sub-model routes among
+    aux_loss: torch.Tensor  # scalar, Switch-style N * sum(f_i * P_i) over kept experts; 1.0 when balanced
+    z_loss: torch.Tensor  # scalar, mean logsumexp(router logits)^2
+
+
+class MoEBlock(nn.Module):
+    """Sparse MoE FFN: router, routed experts and the optional shared experts."""
+
+    def __init__(self, config: MoEConfig, layer: int) -> None:
+        super().__init__()
+        n_experts = config.experts_in_layer(layer)
+        self.layer, self.top_k, self.norm_min = layer, config.top_k, config.moe_norm_min
+        self.expert_impl = config.expert_impl
+        self.gate = Router(config, n_experts)
+        self.experts = Experts(config, n_experts)
+        self.shared_experts = (
+            SwiGLU(config.d_model, config.expert_ffn_dim * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        # Importance order of this layer's experts, most important first; saved with the weights.
+        self.register_buffer("expert_order", torch.arange(n_experts))
+
+    @property
+    def n_experts(self) -> int:
+        return self.experts.gate_up_proj.shape[0]
+
+    def _impl(self, x: torch.Tensor) -> str:
+        if self.expert_impl != "auto":
+            return self.expert_impl
+        return "grouped_mm" if x.is_cuda and hasattr(torch, "_grouped_mm") else "loop"
+
+    def forward(
+        self, x: torch.Tensor, kept: torch.Tensor | None = None, top_k: int | None = None
+    ) -> tuple[torch.Tensor, RoutingStats]:
+        """x (B, T, D); `kept` (E_kept,) global indices of the experts to route among (None: all)."""
+        b, t, d = x.shape
+        k = top_k or self.top_k
+        flat = x.reshape(b * t, d)
+        weight, bias = self.gate.weight, self.gate.e_score_correction_bias
+        if kept is not None:
+            weight, bias = weight.index_select(0, kept), bias.index_select(0, kept)
+        logits, weights, local_idx = route_top_k(flat, weight, bias, k, self.norm_min)
+        expert_idx = local_idx if kept is None else kept[local_idx]  # (T', k) global expert ids
+        path = EXPERT_PATHS[self._impl(x)]
+        out = path(flat, expert_idx, weights, self.experts.gate_up_proj, self.experts.down_proj)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.reshape(b, t, d), self._stats(logits, local_idx, kept)
+
+    def _stats(self, logits: torch.Tensor, local_idx: torch.Tensor, kept: torch.Tensor | None) -> RoutingStats:
+        n_kept = logits.shape[-1]
+        probs = F.softmax(logits, dim=-1)
+        pair_fraction = torch.bincount(local_idx.reshape(-1), minlength=n_kept).float() / local_idx.numel()
+        aux = n_kept * (pair_fraction.detach() * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        load = torch.zeros(self.n_experts, device=logits.device)
+        kept_mask = torch.zeros(self.n_experts, dtype=torch.bool, device=logits.device)
+        index = kept if kept is not None else torch.arange(self.n_experts, device=logits.device)
+        load[index] = pair_fraction.detach()
+        kept_mask[index] = True
+        return RoutingStats(self.layer, load, kept_mask, aux, z)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: MoEConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp: MoEBlock | SwiGLU = (
+            MoEBlock(config, layer) if config.is_moe_layer(layer) else SwiGLU(config.d_model, config.dense_ffn_dim)
+        )
+        self.input_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kept: torch.Tensor | None = None,
+        top_k: int | None = None,
+    ) -> tuple[torch.Tensor, RoutingStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoEBlock):
+            ffn, stats = self.mlp(h, kept, top_k)
+            return x + ffn, stats
+        return x + self.mlp(h), None
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    logits: torch.Tensor  # (B, T, V)
+    aux_loss: torch.Tensor  # scalar: mean over executed MoE layers (0 when there are none)
+    z_loss: torch.Tensor  # scalar: mean over executed MoE layers
+    routing: tuple[RoutingStats, ...]
+
+    def balancing_loss(self, config: MoEConfig) -> torch.Tensor:
+        """What the optimiser adds to the LM loss for load balancing (zero in `bias` mode)."""
+        if config.load_balancing == "bias":
+            return self.z_loss * config.z_loss_coef
+        return self.aux_loss * config.aux_loss_coef + self.z_loss * config.z_loss_coef
+
+
+class ElasticMoE(nn.Module):
+    """The supernet (or an extracted sub-model: the same class with a smaller config)."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Importance order of the layers, most important first; saved with the weights.
+        self.register_buffer("layer_order", torch.arange(config.n_layers))
+        self._plans: dict[SubnetSpec, list[tuple[int, torch.Tensor | None]]] = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+    # -- importance --------------------------------------------------------------------------------------
+
+    def importance(self) -> Importance:
+        """The layer and expert orders stored in this model."""
+        return Importance(
+            layer_order=tuple(self.layer_order.tolist()),
+            expert_order=tuple(
+                tuple(layer.mlp.expert_order.tolist()) if isinstance(layer.mlp, MoEBlock) else ()
+                for layer in self.layers
+            ),
+        )
+
+    @torch.no_grad()
+    def set_importance(self, importance: Importance) -> None:
+        importance.check_fits(self.config)
+        self.layer_order.copy_(torch.tensor(importance.layer_order))
+        for layer, order in zip(self.layers, importance.expert_order, strict=True):
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.expert_order.copy_(torch.tensor(order))
+
+    # -- forward ----------------------------------------------------------------------------------------
+
+    def _plan(self, subnet: SubnetSpec | None, device: torch.device) -> list[tuple[int, torch.Tensor | None]]:
+        """(layer index, kept expert indices or None) per layer to run; validated once per spec."""
+        if subnet is None:
+            return [(i, None) for i in range(self.config.n_layers)]
+        plan = self._plans.get(subnet)
+        if plan is None or (plan and any(k is not None and k.device != device for _, k in plan)):
+            subnet.check_fits(self.config)
+            plan = [
+                (layer, torch.tensor(kept, device=device) if kept else None)
+                for layer, kept in zip(subnet.layers, subnet.experts, strict=True)
+            ]
+            self._plans[subnet] = plan
+        return plan
+
+    def forward(self, tokens: torch.Tensor, subnet: SubnetSpec | None = None) -> MoEOutput:
+        """tokens (B, T) -> logits (B, T, V) of the full model, or of exactly the sub-model `subnet`."""
+        _, t = tokens.shape
+        if t > self.config.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = rope_cos_sin(
+            torch.arange(t, device=tokens.device), self.config.attn_head_dim, self.config.rope_theta
+        )
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        top_k = subnet.top_k if subnet is not None else None
+        stats: list[RoutingStats] = []
+        for layer, kept in self._plan(subnet, tokens.device):
+            x, layer_stats = self.layers[layer](x, cos, sin, kept, top_k)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head)
+        zero = logits.new_zeros(())
+        aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
+        z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
+        return MoEOutput(logits, aux, z, tuple(stats))
+
+    @torch.no_grad()
+    def update_routing_bias(self, routing: tuple[RoutingStats, ...] | list[RoutingStats]) -> None:
+        """Auxiliary-loss-free balancing (DeepSeek-V3): raise the selection bias of under-loaded kept experts
+        and lower it for over-loaded ones by `bias_update_rate`. Call after each optimiser step."""
+        rate = self.config.bias_update_rate
+        for s in routing:
+            block = self.layers[s.layer].mlp
+            assert isinstance(block, MoEBlock)
+            load = s.expert_load[s.kept]
+            block.gate.e_score_correction_bias[s.kept] += rate * torch.sign(load.mean() - load)
+
+    # -- accounting -------------------------------------------------------------------------------------
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy: logits (B, T, V) predict tokens shifted by one."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
