@@ -83,15 +83,11 @@ class MoEConfig(BaseModel):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set head_dim explicitly)"
-            )
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set head_dim explicitly)")
         if self.attn_head_dim % 2:
             raise ValueError(f"head_dim={self.attn_head_dim} must be even for rotary embeddings")
         if self.first_dense_layers > self.n_layers:
-            raise ValueError(
-                f"first_dense_layers={self.first_dense_layers} must be <= n_layers={self.n_layers}"
-            )
+            raise ValueError(f"first_dense_layers={self.first_dense_layers} must be <= n_layers={self.n_layers}")
         if self.layer_n_experts is not None:
             if len(self.layer_n_experts) != self.n_layers:
                 raise ValueError(
@@ -102,8 +98,7 @@ class MoEConfig(BaseModel):
         for layer in self.moe_layers:
             if self.top_k > self.experts_in_layer(layer):
                 raise ValueError(
-                    f"top_k={self.top_k} must be <= the experts of layer {layer} "
-                    f"({self.experts_in_layer(layer)})"
+                    f"top_k={self.top_k} must be <= the experts of layer {layer} ({self.experts_in_layer(layer)})"
                 )
         return self
 

@@ -239,9 +239,7 @@ class MoEBlock(nn.Module):
         self.gate = Router(config, n_experts)
         self.experts = Experts(config, n_experts)
         self.shared_experts = (
-            SwiGLU(config.d_model, config.expert_ffn_dim * config.n_shared_experts)
-            if config.n_shared_experts
-            else None
+            SwiGLU(config.d_model, config.expert_ffn_dim * config.n_shared_experts) if config.n_shared_experts else None
         )
         # Importance order of this layer's experts, most important first; saved with the weights.
         self.register_buffer("expert_order", torch.arange(n_experts))
@@ -427,8 +425,3 @@ class ElasticMoE(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy: logits (B, T, V) predict tokens shifted by one."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))

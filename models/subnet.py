@@ -95,8 +95,10 @@ class SubnetSpec(BaseModel):
     def describe(self) -> str:
         """Short human-readable label, e.g. `L3 E4-6 k2`."""
         counts = self.moe_expert_counts
-        experts = f"{min(counts)}" if counts and min(counts) == max(counts) else (
-            f"{min(counts)}-{max(counts)}" if counts else "0"
+        experts = (
+            f"{min(counts)}"
+            if counts and min(counts) == max(counts)
+            else (f"{min(counts)}-{max(counts)}" if counts else "0")
         )
         return f"L{len(self.layers)} E{experts} k{self.top_k}"
 
@@ -138,8 +140,7 @@ class Importance(BaseModel):
         for layer, order in enumerate(self.expert_order):
             if sorted(order) != list(range(config.experts_in_layer(layer))):
                 raise ValueError(
-                    f"expert_order of layer {layer} must be a permutation of range"
-                    f"({config.experts_in_layer(layer)})"
+                    f"expert_order of layer {layer} must be a permutation of range({config.experts_in_layer(layer)})"
                 )
 
     def spec(self, config: MoEConfig, depth: int, n_experts: int, top_k: int) -> SubnetSpec:
@@ -236,9 +237,7 @@ class ElasticSpace(BaseModel):
                 experts.append(tuple(rng.sample(range(config.experts_in_layer(layer)), n_experts)))
         return SubnetSpec(layers=tuple(layers), experts=tuple(experts), top_k=top_k)
 
-    def _sample_layers(
-        self, config: MoEConfig, importance: Importance, depth: int, rng: random.Random
-    ) -> list[int]:
+    def _sample_layers(self, config: MoEConfig, importance: Importance, depth: int, rng: random.Random) -> list[int]:
         n = config.n_layers
         if self.layer_sampling == "nested":
             return sorted(importance.layer_order[:depth])

