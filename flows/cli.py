@@ -68,12 +68,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     config = _load(args)
     model_config, space = config.pretrain.model, config.pretrain.elastic
     importance = Importance.identity(model_config)
-    print(f"{'sub-model':<14}{'total params':>14}{'active params':>15}{'fwd GFLOP/token':>17}")
+    print(f"{'sub-model':<14}{'total params':>14}{'active params':>15}{'fwd MFLOP/token':>17}")
     rows = [("supernet", None), *((s.describe(), s) for s in space.enumerate(model_config, importance))]
     for label, spec in rows:
         cost = subnet_cost(model_config, spec, config.pretrain.seq_len)
         print(
-            f"{label:<14}{cost.total_params:>14,}{cost.active_params:>15,}{cost.forward_flops_per_token / 1e9:>17.4f}"
+            f"{label:<14}{cost.total_params:>14,}{cost.active_params:>15,}{cost.forward_flops_per_token / 1e6:>17.2f}"
         )
 
 

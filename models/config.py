@@ -86,6 +86,11 @@ class MoEConfig(BaseModel):
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set head_dim explicitly)")
         if self.attn_head_dim % 2:
             raise ValueError(f"head_dim={self.attn_head_dim} must be even for rotary embeddings")
+        if self.expert_impl == "grouped_mm" and (self.d_model % 8 or self.expert_ffn_dim % 8):
+            raise ValueError(
+                f"expert_impl=grouped_mm needs d_model ({self.d_model}) and expert_ffn_dim "
+                f"({self.expert_ffn_dim}) to be multiples of 8 (16-byte aligned strides)"
+            )
         if self.first_dense_layers > self.n_layers:
             raise ValueError(f"first_dense_layers={self.first_dense_layers} must be <= n_layers={self.n_layers}")
         if self.layer_n_experts is not None:

@@ -251,7 +251,8 @@ class MoEBlock(nn.Module):
     def _impl(self, x: torch.Tensor) -> str:
         if self.expert_impl != "auto":
             return self.expert_impl
-        return "grouped_mm" if x.is_cuda and hasattr(torch, "_grouped_mm") else "loop"
+        aligned = self.experts.gate_up_proj.shape[-1] % 8 == 0 and self.experts.down_proj.shape[-1] % 8 == 0
+        return "grouped_mm" if x.is_cuda and aligned and hasattr(torch, "_grouped_mm") else "loop"
 
     def forward(
         self, x: torch.Tensor, kept: torch.Tensor | None = None, top_k: int | None = None

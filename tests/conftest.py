@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny model configs and a small real-text corpus written to a temp folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.config import MoEConfig
+from tasks.data import builtin_shakespeare_files
+
+
+@pytest.fixture
+def tiny_config() -> MoEConfig:
+    """Small but with every architectural feature on: a leading dense layer, shared expert, GQA."""
+    return MoEConfig(
+        vocab_size=97,
+        d_model=32,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        n_experts=6,
+        top_k=2,
+        expert_ffn_dim=16,
+        n_shared_experts=1,
+        first_dense_layers=1,
+        dense_ffn_dim=48,
+        max_seq_len=64,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three real plays as .txt files: enough text for a tokenizer and a few training steps."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for path in builtin_shakespeare_files()[:3]:
+        (folder / path.name).write_text(path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return folder

@@ -1,0 +1,96 @@
+"""Data stage: real corpus, BPE tokenizer with special tokens, memmapped splits, fingerprints, errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.data import (
+    SPECIAL_TOKENS,
+    DataConfig,
+    builtin_shakespeare_files,
+    prepare_data,
+    read_documents,
+    resolve_source,
+    sample_batch,
+)
+
+
+def test_builtin_corpus_is_real_shakespeare() -> None:
+    files = builtin_shakespeare_files()
+    assert len(files) == 42
+    assert sum(f.stat().st_size for f in files) > 4_500_000
+    assert any("To be, or not to be" in f.read_text() for f in files if "hamlet" in f.name)
+
+
+def test_prepare_tokenizes_splits_and_round_trips(tmp_path: Path, small_corpus: Path) -> None:
+    prepared = prepare_data(DataConfig(source=str(small_corpus), vocab_size=512, data_dir=tmp_path))
+    tokenizer = prepared.tokenizer()
+    assert tokenizer.get_vocab_size() == 512
+    assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    for text in ["To be, or not to be: that is the question.", "床前明月光，疑是地上霜。", "tabs\tand\nnewlines  "]:
+        assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    chat = "<|user|>Who wrote Hamlet?<|end|><|assistant|>"
+    ids = tokenizer.encode(chat).ids
+    assert ids[0] == SPECIAL_TOKENS.index("<|user|>") and ids[-1] == SPECIAL_TOKENS.index("<|assistant|>")
+    train, val = prepared.split("train"), prepared.split("val")
+    assert train.dtype == np.uint16 and len(train) == prepared.train_tokens
+    assert 0.03 < len(val) / (len(train) + len(val)) < 0.08
+    assert train.max() < 512
+    first_document = sorted(small_corpus.iterdir())[0].read_text().strip()
+    head = tokenizer.decode(train[:200].tolist(), skip_special_tokens=False)
+    assert len(head) > 200 and first_document.startswith(head)  # the train split starts with document one
+    meta = json.loads((prepared.directory / "meta.json").read_text())
+    assert meta["fingerprint"] == prepared.fingerprint and meta["documents"] == 3
+
+
+def test_same_inputs_reuse_and_changed_inputs_re_prepare(tmp_path: Path, small_corpus: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for f in small_corpus.iterdir():
+        (source / f.name).write_text(f.read_text())
+    config = DataConfig(source=str(source), vocab_size=400, data_dir=tmp_path / "data")
+    first = prepare_data(config)
+    stamp = (first.directory / "train.bin").stat().st_mtime_ns
+    again = prepare_data(config)
+    assert again == first and (again.directory / "train.bin").stat().st_mtime_ns == stamp
+    (source / "extra.txt").write_text("A new scene, with new words enough to change the corpus. " * 50)
+    changed = prepare_data(config)
+    assert changed.fingerprint != first.fingerprint and changed.train_tokens > first.train_tokens
+    other_vocab = prepare_data(config.model_copy(update={"vocab_size": 450}))
+    assert other_vocab.fingerprint != changed.fingerprint
+
+
+def test_jsonl_source_and_malformed_line(tmp_path: Path, small_corpus: Path) -> None:
+    text = next(small_corpus.iterdir()).read_text()
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"text": text[i : i + 2000]}) for i in range(0, 40_000, 2000)))
+    assert len(read_documents(resolve_source(str(good)))) == 20
+    prepared = prepare_data(DataConfig(source=str(good), vocab_size=300, data_dir=tmp_path / "d"))
+    assert prepared.train_tokens > 1000
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        read_documents([bad])
+    wrong_field = tmp_path / "wrong.jsonl"
+    wrong_field.write_text('{"content": "no text key"}\n')
+    with pytest.raises(ValueError, match=r"wrong.jsonl:1: expected an object with a string field 'text'"):
+        read_documents([wrong_field])
+
+
+def test_missing_and_empty_sources_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="matched no files"):
+        prepare_data(DataConfig(source=str(tmp_path / "nope" / "*.txt"), data_dir=tmp_path))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="contain no text"):
+        prepare_data(DataConfig(source=str(tmp_path / "empty.txt"), data_dir=tmp_path))
+
+
+def test_sample_batch_windows(tmp_path: Path) -> None:
+    tokens = np.arange(1000, dtype=np.uint16)
+    batch = sample_batch(tokens, 4, 16, np.random.default_rng(0))
+    assert batch.shape == (4, 16) and batch.dtype.is_floating_point is False
+    assert ((batch[:, 1:] - batch[:, :-1]) == 1).all()  # contiguous windows
+    with pytest.raises(ValueError, match="seq_len=1000 must be <"):
+        sample_batch(tokens, 1, 1000, np.random.default_rng(0))

@@ -1,0 +1,89 @@
+"""Elastic pre-training: config validation before compute, and a short real run that learns."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from models.checkpoint import load_model
+from models.moe import ElasticMoE
+from tasks.data import DataConfig, prepare_data
+from tasks.pipeline_config import load_pipeline_config
+from tasks.pretrain import PretrainConfig, cosine_with_warmup, run_pretrain, subnets_for_step
+
+
+def _tiny_pretrain(**overrides) -> PretrainConfig:
+    base = load_pipeline_config("tiny").pretrain.model_dump()
+    base["model"]["vocab_size"] = 400
+    return PretrainConfig.model_validate({**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"seq_len": 512}, "seq_len=512 exceeds model.max_seq_len=256"),
+        ({"elastic": {"depths": [2, 6], "expert_counts": [2, 4], "top_ks": [1]}}, "elastic: depths: 6 exceeds"),
+        ({"max_steps": 5, "optim": {"warmup_steps": 5}}, "optim.warmup_steps=5 must be < max_steps=5"),
+        ({"sampling": {"policy": "everything"}}, "sampling.policy"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_pretrain_config_is_rejected(overrides: dict, message: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        _tiny_pretrain(**overrides)
+    assert message in str(error.value).replace("\n  ", ".")
+
+
+def test_pipeline_rejects_vocab_mismatch() -> None:
+    with pytest.raises(ValidationError, match="must equal data.vocab_size=2048"):
+        load_pipeline_config("tiny", {"pretrain.model.vocab_size": 1000})
+
+
+def test_presets_are_valid() -> None:
+    for preset in ("tiny", "small"):
+        config = load_pipeline_config(preset)
+        assert config.data.vocab_size == config.pretrain.model.vocab_size
+    with pytest.raises(FileNotFoundError, match="available: \\['small', 'tiny'\\]"):
+        load_pipeline_config("huge")
+
+
+def test_sampling_policies(tiny_config) -> None:
+    model = ElasticMoE(tiny_config)
+    elastic = {"depths": [2, 4], "expert_counts": [2, 6], "top_ks": [1, 2]}
+    rng = random.Random(0)
+    full = subnets_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "full"}), model, rng)
+    assert full == [None]
+    rand = subnets_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "random"}), model, rng)
+    assert rand[0] is None and len(rand) == 2
+    config = _tiny_pretrain(elastic=elastic, sampling={"policy": "sandwich", "n_random": 3})
+    sandwich = subnets_for_step(config, model, rng)
+    assert sandwich[0] is None and len(sandwich) == 5
+    assert sandwich[1] == config.elastic.smallest(tiny_config, model.importance())
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    config = _tiny_pretrain(max_steps=100, optim={"lr": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1})
+    factor = cosine_with_warmup(config.optim, config.max_steps)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.55) and factor(100) == pytest.approx(0.1)
+
+
+def test_short_run_learns_and_saves_a_loadable_supernet(tmp_path: Path, small_corpus: Path) -> None:
+    data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path / "data"))
+    config = _tiny_pretrain(max_steps=40, batch_size=8, seq_len=64, optim={"lr": 3e-3, "warmup_steps": 4})
+    result = run_pretrain(config, data, tmp_path / "run")
+    assert result.steps == 40
+    uniform = torch.log(torch.tensor(400.0)).item()  # loss of an untrained model is about ln(V)
+    assert result.train_loss < uniform - 0.8
+    assert set(result.val_loss) == {"full", "largest L4 E8 k2", "smallest L2 E2 k1"}
+    assert all(loss < uniform - 0.5 for loss in result.val_loss.values())  # the whole family learned
+    model = load_model(result.checkpoint_dir)
+    assert model.config == config.model
+
+
+def test_vocab_mismatch_with_prepared_data_fails_before_training(tmp_path: Path, small_corpus: Path) -> None:
+    data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=300, data_dir=tmp_path))
+    with pytest.raises(ValueError, match=r"model.vocab_size=400 must equal the tokenizer's vocabulary \(300\)"):
+        run_pretrain(_tiny_pretrain(), data, tmp_path / "run")
