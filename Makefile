@@ -22,6 +22,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy models
 
 test: lint
 	$(PY) -m pytest -q

@@ -7,29 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from tasks.pipeline_config import PipelineConfig, load_pipeline_config
-
-
-def _parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """`--set pretrain.max_steps=10` -> {"pretrain.max_steps": 10} (values parsed as YAML)."""
-    overrides: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
+from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
     try:
-        return load_pipeline_config(args.config, _parse_overrides(args.set))
+        return load_pipeline_config(args.config, parse_overrides(args.set))
     except ValidationError as error:
         raise SystemExit(f"invalid configuration {args.config!r}:\n{error}") from error
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from error
 
 

@@ -201,6 +201,8 @@ class SwiGLU(nn.Module):
 class Router(nn.Module):
     """Router weights (fp32, as ERNIE keeps them) and the selection-only correction bias."""
 
+    e_score_correction_bias: torch.Tensor
+
     def __init__(self, config: MoEConfig, n_experts: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(n_experts, config.d_model, dtype=torch.float32))
@@ -230,6 +232,8 @@ class RoutingStats:
 
 class MoEBlock(nn.Module):
     """Sparse MoE FFN: router, routed experts and the optional shared experts."""
+
+    expert_order: torch.Tensor
 
     def __init__(self, config: MoEConfig, layer: int) -> None:
         super().__init__()
@@ -261,7 +265,8 @@ class MoEBlock(nn.Module):
         b, t, d = x.shape
         k = top_k or self.top_k
         flat = x.reshape(b * t, d)
-        weight, bias = self.gate.weight, self.gate.e_score_correction_bias
+        weight: torch.Tensor = self.gate.weight
+        bias = self.gate.e_score_correction_bias
         if kept is not None:
             weight, bias = weight.index_select(0, kept), bias.index_select(0, kept)
         logits, weights, local_idx = route_top_k(flat, weight, bias, k, self.norm_min)
@@ -330,6 +335,8 @@ class MoEOutput:
 
 class ElasticMoE(nn.Module):
     """The supernet (or an extracted sub-model: the same class with a smaller config)."""
+
+    layer_order: torch.Tensor
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -418,7 +425,7 @@ class ElasticMoE(nn.Module):
         rate = self.config.bias_update_rate
         for s in routing:
             block = self.layers[s.layer].mlp
-            assert isinstance(block, MoEBlock)
+            assert isinstance(block, MoEBlock), f"layer {s.layer} is not an MoE layer"
             load = s.expert_load[s.kept]
             block.gate.e_score_correction_bias[s.kept] += rate * torch.sign(load.mean() - load)
 

@@ -227,7 +227,7 @@ class ElasticSpace(BaseModel):
         n_experts = rng.choice(self.expert_counts)
         top_k = rng.choice(self._top_ks_for(n_experts))
         layers = self._sample_layers(config, importance, depth, rng)
-        experts = []
+        experts: list[tuple[int, ...]] = []
         for layer in layers:
             if not config.is_moe_layer(layer):
                 experts.append(())

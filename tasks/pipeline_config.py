@@ -45,6 +45,17 @@ def preset_path(name_or_path: str | Path) -> Path:
     return preset
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`["pretrain.max_steps=10"]` -> {"pretrain.max_steps": 10}; values are parsed as YAML."""
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def load_pipeline_config(name_or_path: str | Path, overrides: dict | None = None) -> PipelineConfig:
     """Validate a YAML preset (plus optional nested overrides) into a PipelineConfig."""
     raw = yaml.safe_load(preset_path(name_or_path).read_text()) or {}

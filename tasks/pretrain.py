@@ -228,13 +228,14 @@ def main() -> None:
     """Entry point for `accelerate launch -m tasks.pretrain --config tiny`."""
     # Imported here: tasks.pipeline_config imports this module for PretrainConfig.
     from tasks.data import prepare_data
-    from tasks.pipeline_config import load_pipeline_config
+    from tasks.pipeline_config import load_pipeline_config, parse_overrides
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     parser.add_argument("--output-dir", default="runs/pretrain")
     args = parser.parse_args()
-    config = load_pipeline_config(args.config)
+    config = load_pipeline_config(args.config, parse_overrides(args.set))
     result = run_pretrain(config.pretrain, prepare_data(config.data), args.output_dir)
     print(result)
 
