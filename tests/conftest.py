@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from models.config import MoEConfig
+from models.moe import ElasticMoE
 from tasks.data import builtin_shakespeare_files
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config() -> MoEConfig:
     """Small but with every architectural feature on: a leading dense layer, shared expert, GQA."""
     return MoEConfig(
@@ -28,6 +29,20 @@ def tiny_config() -> MoEConfig:
         dense_ffn_dim=48,
         max_seq_len=64,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_supernet(tiny_config: MoEConfig) -> ElasticMoE:
+    """A random supernet with non-zero selection biases, so tests also cover bias-driven expert choice.
+
+    Shared by the session: tests that change it work on a copy.
+    """
+    torch.manual_seed(0)
+    model = ElasticMoE(tiny_config).eval()
+    with torch.no_grad():
+        for layer in model.layers[tiny_config.first_dense_layers :]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.05)
+    return model
 
 
 @pytest.fixture(autouse=True)
