@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/trainonce demo --config tiny
+	$(VENV)/bin/trainonce pipeline --config configs/tiny.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,14 +40,16 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Pre-train (resuming from the last checkpoint in --workdir) and register, without Prefect."""
     from tasks.data import prepare_data
-    from tasks.pretrain import run_pretrain
+    from tasks.pretrain import pretrain_task
 
     config = _load(args)
-    result = run_pretrain(config.pretrain, prepare_data(config.data), Path(args.workdir))
-    print(f"supernet saved to {result.checkpoint_dir}")
-    for label, loss in result.val_loss.items():
-        print(f"  val loss {label:<24} {loss:.4f}")
+    data_dir = prepare_data(config.data).directory
+    result = pretrain_task.fn(config.pretrain, str(data_dir), str(Path(args.workdir).resolve()))
+    print(f"supernet registered as {result['model_uri']}, weights in {result['checkpoint_dir']}")
+    for label, loss in result["val_loss"].items():
+        print(f"  val loss {label:<12} {loss:.4f}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -65,48 +68,31 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    """Prepare the data, pre-train the supernet, extract its smallest sub-model and check it is exact."""
-    import numpy as np
-    import torch
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    """Run the Prefect pipeline flow in-process (Prefect's temporary local server when none is set)."""
+    workdir = Path(args.workdir).resolve()
+    (workdir / ".prefect").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server migrates a fresh SQLite database on first use: 20 s (the default) is too tight.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    config = _load(args)  # validated before Prefect or any compute starts
+    from flows.pipeline import pipeline
 
-    from models.accounting import subnet_cost
-    from models.checkpoint import load_model, save_model
-    from models.extract import extract_subnet
-    from tasks.data import prepare_data, sample_batch
-    from tasks.pretrain import run_pretrain
-
-    config = _load(args)
-    workdir = Path(args.workdir)
-    prepared = prepare_data(config.data)
-    print(
-        f"data: {prepared.train_tokens:,} train / {prepared.val_tokens:,} val tokens, "
-        f"fingerprint {prepared.fingerprint[:16]}"
-    )
-    result = run_pretrain(config.pretrain, prepared, workdir)
-    supernet = load_model(result.checkpoint_dir).eval()
-    spec = config.pretrain.elastic.smallest(supernet.config, supernet.importance())
-    sub = extract_subnet(supernet, spec).eval()
-    save_model(sub, workdir / "smallest")
-    batch = sample_batch(prepared.split("val"), 2, config.pretrain.seq_len, np.random.default_rng(0))
-    with torch.no_grad():
-        diff = (supernet(batch, subnet=spec).logits - sub(batch).logits).abs().max().item()
-    full, small = subnet_cost(supernet.config), subnet_cost(supernet.config, spec)
-    print(f"supernet: {full.total_params:,} params ({full.active_params:,} active) -> {result.checkpoint_dir}")
-    print(
-        f"smallest {spec.describe()}: {small.total_params:,} params ({small.active_params:,} active) "
-        f"-> {workdir / 'smallest'}; extracted vs masked supernet max |diff| = {diff:.2e}"
-    )
-    for label, loss in result.val_loss.items():
-        print(f"  val loss {label:<24} {loss:.4f}")
-    print(f"throughput {result.tokens_per_second:,.0f} tokens/s")
+    result = pipeline(config=config, workdir=str(workdir))
+    pretrained = result["pretrain"]
+    print(f"supernet registered as {pretrained['model_uri']} (MLflow run {pretrained['run_id']})")
+    for label, loss in pretrained["val_loss"].items():
+        print(f"  val loss {label:<12} {loss:.4f}")
+    print(f"MLflow store: {workdir / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainonce", description="Train one elastic MoE, deploy many models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, handler, help_text: str, workdir: bool = False) -> None:
+    def add(name: str, handler, help_text: str, workdir: bool = False, default_workdir: str = "runs/pretrain") -> None:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", default="tiny", help="preset in configs/ (tiny, small) or a YAML path")
         sub.add_argument(
@@ -117,10 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a config field, e.g. --set pretrain.max_steps=10",
         )
         if workdir:
-            sub.add_argument("--workdir", default="runs/demo", help="folder for checkpoints and outputs")
+            sub.add_argument("--workdir", default=default_workdir, help="folder for checkpoints and outputs")
         sub.set_defaults(handler=handler)
 
-    add("demo", cmd_demo, "run the whole job on a preset: data, elastic pre-training, extraction", workdir=True)
+    add(
+        "pipeline",
+        cmd_pipeline,
+        "run the whole Prefect pipeline on a preset (data, pre-training, registry)",
+        workdir=True,
+        default_workdir="runs/pipeline",
+    )
     add("prepare-data", cmd_prepare_data, "tokenize the corpus into train/validation memmaps")
     add("pretrain", cmd_pretrain, "elastic pre-training of the supernet", workdir=True)
     add("info", cmd_info, "parameter and FLOP accounting of every sub-model in the elastic space")

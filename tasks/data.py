@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -239,3 +240,9 @@ def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.rand
         raise ValueError(f"seq_len={seq_len} must be < the {len(tokens)} tokens of this split")
     starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
     return torch.from_numpy(np.stack([tokens[s : s + seq_len].astype(np.int64) for s in starts]))
+
+
+@task(name="prepare-data", retries=2, retry_delay_seconds=[2, 10])
+def prepare_data_task(config: DataConfig) -> str:
+    """Prepare (or reuse) the dataset; returns its folder, which later tasks load by path."""
+    return str(prepare_data(config).directory)

@@ -3,32 +3,42 @@
 Each optimiser step trains the sub-models the sampling policy picks (ERNIE 5.0's `random`, BigNAS's
 `sandwich` with in-place distillation, or the `full` baseline) on the same batch, with load balancing for
 every sampled sub-model. The loop runs under HF accelerate (devices, mixed precision, gradient accumulation,
-`accelerate launch -m tasks.pretrain` for several processes).
+`accelerate launch -m tasks.pretrain` for several processes), validates a fixed panel of sub-models, logs to
+MLflow through registry/, and checkpoints so that a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from models.accounting import subnet_cost
 from models.checkpoint import save_model
 from models.config import MoEConfig
 from models.losses import causal_lm_loss, distillation_loss
-from models.moe import ElasticMoE
+from models.moe import ElasticMoE, RoutingStats
 from models.subnet import ElasticSpace, SubnetSpec
+from registry.models import RegisteredVersion, register_supernet
+from registry.tracking import RunLogger, git_commit
 from tasks.data import PreparedData, sample_batch
+from tasks.plots import plot_loss_curves
+from tasks.throughput import device_peak_flops, training_flops
+from tasks.train_checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 class SamplingConfig(BaseModel):
@@ -74,33 +84,80 @@ class PretrainConfig(BaseModel):
     batch_size: int = Field(16, ge=1, le=65_536, description="Sequences per micro-batch per process.")
     seq_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per training sequence.")
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches accumulated per optimiser step.")
-    max_steps: int = Field(50, ge=1, le=10_000_000, description="Optimiser steps.")
+    max_steps: int | None = Field(
+        50, ge=1, le=10_000_000, description="Budget in optimiser steps (set this or max_tokens, not both)."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, le=10**15, description="Budget in training tokens over all processes (instead of max_steps)."
+    )
     precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="accelerate mixed precision: `no` (fp32, CPU), `bf16` (GPU)."
     )
+    log_interval: int = Field(10, ge=1, le=1_000_000, description="Steps between train-metric logs.")
+    eval_interval: int = Field(50, ge=1, le=1_000_000, description="Steps between validations of the panel.")
     eval_batches: int = Field(4, ge=1, le=10_000, description="Validation batches per evaluated sub-model.")
+    eval_panel_size: int = Field(
+        2, ge=0, le=64, description="Sub-models validated between the smallest and the largest."
+    )
+    checkpoint_interval: int = Field(
+        50, ge=1, le=1_000_000, description="Steps between resumable checkpoints (accelerate save_state)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Newest checkpoints kept on disk.")
+    peak_tflops: float | None = Field(
+        None, gt=0, le=100_000, description="Device peak for MFU; default: known GPU bf16 peak or measured CPU."
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, batches and sub-model sampling.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PretrainConfig:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("set exactly one of max_steps and max_tokens")
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         try:
             self.elastic.check_fits(self.model)
         except ValueError as error:
             raise ValueError(f"elastic: {error}") from error
-        if self.optim.warmup_steps >= self.max_steps and self.max_steps > 1:
+        if self.max_steps is not None and 1 < self.max_steps <= self.optim.warmup_steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be < max_steps={self.max_steps}")
         return self
+
+    def tokens_per_step(self, num_processes: int = 1) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum * num_processes
+
+    def total_steps(self, num_processes: int = 1) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.max_tokens / self.tokens_per_step(num_processes)))  # type: ignore[operator]
+
+    def config_hash(self, data_fingerprint: str) -> str:
+        """Identity of a run: this config on that data. Checkpoints and registry tags carry it."""
+        return hashlib.sha256((self.model_dump_json() + data_fingerprint).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class PretrainResult:
-    checkpoint_dir: Path
+    checkpoint_dir: Path  # the final supernet (safetensors + config.json)
     steps: int
+    resumed_from: int  # 0 for a fresh run
     train_loss: float  # full-model LM loss of the last step
-    val_loss: dict[str, float]  # per evaluated sub-model label
+    val_loss: dict[str, float]  # last validation, per panel label
     tokens_per_second: float
+    mfu: float
+    config_hash: str
+    mlflow_run_id: str | None
+    loss_curve: Path | None = None
+
+
+@dataclass
+class StepLosses:
+    """What one elastic forward/backward produced, for logging and load balancing."""
+
+    full: float = float("nan")
+    subnets: list[float] = field(default_factory=list)
+    aux: float = 0.0
+    z: float = 0.0
+    routing: list[RoutingStats] = field(default_factory=list)
 
 
 def subnets_for_step(config: PretrainConfig, model: ElasticMoE, rng: random.Random) -> list[SubnetSpec | None]:
@@ -113,6 +170,38 @@ def subnets_for_step(config: PretrainConfig, model: ElasticMoE, rng: random.Rand
         return [None, space.sample(cfg, importance, rng)]
     randoms = [space.sample(cfg, importance, rng) for _ in range(config.sampling.n_random)]
     return [None, space.smallest(cfg, importance), *randoms]
+
+
+def elastic_forward_backward(
+    model: torch.nn.Module,
+    config: PretrainConfig,
+    batch: torch.Tensor,
+    specs: list[SubnetSpec | None],
+    backward,
+) -> StepLosses:
+    """Forward and backward of every sampled sub-model on one batch (one graph alive at a time).
+
+    The full model runs first; under `sandwich` the others also distil from its detached logits.
+    Every sub-model adds its own load-balancing loss.
+    """
+    losses = StepLosses()
+    teacher = None
+    distill = config.sampling.policy == "sandwich" and config.sampling.distill_weight > 0
+    for spec in specs:
+        out = model(batch, subnet=spec)
+        lm = causal_lm_loss(out.logits, batch)
+        loss = lm + out.balancing_loss(config.model)
+        if spec is None:
+            teacher, losses.full = out.logits.detach(), lm.item()
+            losses.aux, losses.z = out.aux_loss.item(), out.z_loss.item()
+        else:
+            losses.subnets.append(lm.item())
+            if distill and teacher is not None:
+                kd = distillation_loss(out.logits, teacher, config.sampling.distill_temperature)
+                loss = loss + config.sampling.distill_weight * kd
+        losses.routing.extend(out.routing)
+        backward(loss)
+    return losses
 
 
 def cosine_with_warmup(optim: OptimConfig, max_steps: int):
@@ -138,6 +227,25 @@ def build_optimizer(model: ElasticMoE, optim: OptimConfig) -> torch.optim.AdamW:
     )
 
 
+def evaluation_panel(config: PretrainConfig, model: ElasticMoE) -> dict[str, SubnetSpec | None]:
+    """The fixed sub-models validated during training: full, largest, smallest and a few in between."""
+    importance = model.importance()
+    members = sorted(
+        config.elastic.enumerate(model.config, importance),
+        key=lambda s: (subnet_cost(model.config, s).active_params, s.describe()),
+    )
+    picks = [members[0]]
+    if config.eval_panel_size and len(members) > 2:
+        positions = np.linspace(0, len(members) - 1, config.eval_panel_size + 2)[1:-1]
+        picks += [members[int(round(p))] for p in positions]
+    picks.append(config.elastic.largest(model.config, importance))
+    panel: dict[str, SubnetSpec | None] = {"full": None}
+    for spec in picks:
+        if spec != SubnetSpec.full(model.config):
+            panel.setdefault(spec.describe(), spec)
+    return panel
+
+
 @torch.no_grad()
 def evaluate_panel(
     model: ElasticMoE,
@@ -159,69 +267,218 @@ def evaluate_panel(
     return losses
 
 
-def run_pretrain(config: PretrainConfig, data: PreparedData, output_dir: str | Path) -> PretrainResult:
-    """Train the supernet and save it (safetensors + config) under `output_dir/supernet`."""
+def routing_entropy(routing: list[RoutingStats]) -> float:
+    """Mean normalised routing entropy NE = -sum p log p / log N over layers (1.0 = perfectly balanced)."""
+    values = []
+    for stats in routing:
+        load = stats.expert_load[stats.kept]
+        n = load.numel()
+        if n > 1:
+            p = load.clamp_min(1e-12)
+            values.append(float(-(p * p.log()).sum() / math.log(n)))
+    return sum(values) / len(values) if values else 1.0
+
+
+def metric_key(label: str) -> str:
+    return "val_loss/" + label.replace(" ", "_")
+
+
+class MetricsHistory:
+    """Append-only jsonl of logged points that survives kills; truncated to the resumed step on restart."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        lines = path.read_text().splitlines() if path.is_file() else []
+        self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def curves(self) -> tuple[list[tuple[int, float]], dict[str, list[tuple[int, float]]]]:
+        train = [(r["step"], r["train/loss_full"]) for r in self.records if "train/loss_full" in r]
+        val: dict[str, list[tuple[int, float]]] = {}
+        for r in self.records:
+            for key, value in r.items():
+                if key.startswith("val_loss/"):
+                    val.setdefault(key.removeprefix("val_loss/"), []).append((r["step"], value))
+        return train, val
+
+
+def run_pretrain(
+    config: PretrainConfig,
+    data: PreparedData,
+    output_dir: str | Path,
+    tracking_dir: str | Path | None = None,
+) -> PretrainResult:
+    """Train the supernet; resume from the newest checkpoint in `output_dir` if there is one.
+
+    Saves the final supernet to `output_dir/supernet` and, with `tracking_dir`, logs params, metrics and
+    the loss-curve PNG to an MLflow run (the same run again after a resume).
+    """
     if data.vocab_size != config.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={config.model.vocab_size} must equal the tokenizer's vocabulary ({data.vocab_size})"
         )
-    accelerator = Accelerator(mixed_precision=config.precision, gradient_accumulation_steps=config.grad_accum)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_hash = config.config_hash(data.fingerprint)
+    accelerator = Accelerator(
+        mixed_precision=config.precision,
+        gradient_accumulation_steps=config.grad_accum,
+        # sub-models leave layers and experts unused, which DDP must be told about
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     set_seed(config.seed)
     model = ElasticMoE(config.model)
     optimizer = build_optimizer(model, config.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config.optim, config.max_steps))
-    # The scheduler stays unprepared: accelerate would step it once per process, we step it once per update.
     model, optimizer = accelerator.prepare(model, optimizer)
     core: ElasticMoE = accelerator.unwrap_model(model)
 
-    train_tokens = data.split("train")
-    batch_rng = np.random.default_rng(config.seed + accelerator.process_index)
-    subnet_rng = random.Random(config.seed)  # same on every process so all ranks train the same sub-models
-    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * accelerator.num_processes
-    progress = tqdm(range(config.max_steps), desc="pretrain", disable=not accelerator.is_main_process)
-    started, train_loss = time.perf_counter(), float("nan")
+    checkpoint = latest_checkpoint(output_dir)
+    state = load_checkpoint(accelerator, checkpoint, config_hash) if checkpoint else None
+    start_step = state.step if state else 0
+    logger = None
+    if tracking_dir is not None and accelerator.is_main_process:
+        run_id = state.mlflow_run_id if state else None
+        logger = RunLogger(tracking_dir, run_name="pretrain", run_id=run_id, tags={"stage": "pretrain"})
+        logger.log_params({"pretrain": config.model_dump(mode="json"), "data_fingerprint": data.fingerprint})
+        logger.set_tags({"config_hash": config_hash, "data_fingerprint": data.fingerprint})
+    history = MetricsHistory(output_dir / "metrics.jsonl", start_step)
+
+    total_steps = config.total_steps(accelerator.num_processes)
+    lr_factor = cosine_with_warmup(config.optim, total_steps)
+    panel = evaluation_panel(config, core)
+    train_tokens, val_tokens = data.split("train"), data.split("val")
+    tokens_per_step = config.tokens_per_step(accelerator.num_processes)
+    peak = device_peak_flops(accelerator.device, config.precision, config.peak_tflops)
+    progress = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        desc="pretrain",
+        disable=not accelerator.is_main_process,
+    )
     model.train()
+    window_start, window_flops, window_tokens = time.perf_counter(), 0.0, 0
+    losses, val_loss, tokens_per_second, mfu = StepLosses(), {}, 0.0, 0.0
     for step in progress:
-        specs = subnets_for_step(config, core, subnet_rng)
-        routing = []
-        for _micro in range(config.grad_accum):
+        for group in optimizer.param_groups:
+            group["lr"] = config.optim.lr * lr_factor(step)
+        # Per-step generators derived from (seed, step): a resumed run draws exactly what it would have.
+        specs = subnets_for_step(config, core, random.Random(config.seed * 1_000_003 + step))
+        routing: list[RoutingStats] = []
+        for micro in range(config.grad_accum):
+            rng = np.random.default_rng([config.seed, step, micro, accelerator.process_index])
+            batch = sample_batch(train_tokens, config.batch_size, config.seq_len, rng).to(accelerator.device)
             with accelerator.accumulate(model):
-                batch = sample_batch(train_tokens, config.batch_size, config.seq_len, batch_rng).to(accelerator.device)
-                teacher_logits = None
-                for spec in specs:
-                    out = model(batch, subnet=spec)
-                    lm = causal_lm_loss(out.logits, batch)
-                    loss = lm + out.balancing_loss(core.config)
-                    if spec is None:
-                        teacher_logits, train_loss = out.logits.detach(), lm.item()
-                    elif config.sampling.policy == "sandwich" and config.sampling.distill_weight > 0:
-                        loss = loss + config.sampling.distill_weight * distillation_loss(
-                            out.logits, teacher_logits, config.sampling.distill_temperature
-                        )
-                    routing.extend(out.routing)
-                    accelerator.backward(loss)
+                losses = elastic_forward_backward(model, config, batch, specs, accelerator.backward)
+                routing.extend(losses.routing)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         if core.config.load_balancing == "bias":
             core.update_routing_bias(routing)
-        elapsed = time.perf_counter() - started
-        progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * (step + 1) / elapsed:.0f}")
+        window_tokens += tokens_per_step
+        window_flops += training_flops(core.config, specs, config.seq_len, tokens_per_step)
+        done = step + 1
+        record: dict = {}
+        if done % config.log_interval == 0 or done == total_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_second, mfu = window_tokens / elapsed, window_flops / elapsed / peak
+            record.update(
+                {
+                    "train/loss_full": losses.full,
+                    "train/loss_subnets": float(np.mean(losses.subnets)) if losses.subnets else losses.full,
+                    "train/aux_loss": losses.aux,
+                    "train/z_loss": losses.z,
+                    "train/routing_entropy": routing_entropy([r for r in routing if r.kept.all()]),
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "perf/tokens_per_second": tokens_per_second,
+                    "perf/mfu": mfu,
+                }
+            )
+            progress.set_postfix(loss=f"{losses.full:.3f}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.1%}")
+            window_start, window_flops, window_tokens = time.perf_counter(), 0.0, 0
+        if done % config.eval_interval == 0 or done == total_steps:
+            val_loss = evaluate_panel(core, panel, val_tokens, config, accelerator.device)
+            record.update({metric_key(label): loss for label, loss in val_loss.items()})
+        if record and accelerator.is_main_process:
+            history.append({"step": done, **record})
+            if logger:
+                logger.log_metrics(record, step=done)
+        if done % config.checkpoint_interval == 0 or done == total_steps:
+            run_id = logger.run_id if logger else (state.mlflow_run_id if state else None)
+            save_checkpoint(accelerator, output_dir, TrainerState(done, config_hash, run_id), config.keep_checkpoints)
 
-    importance = core.importance()
-    smallest = config.elastic.smallest(core.config, importance)
-    largest = config.elastic.largest(core.config, importance)
-    panel = {"full": None, f"largest {largest.describe()}": largest, f"smallest {smallest.describe()}": smallest}
-    val_loss = evaluate_panel(core, panel, data.split("val"), config, accelerator.device)
-    checkpoint_dir = Path(output_dir) / "supernet"
+    if not val_loss:  # resumed at the very end: nothing trained, validate what was restored
+        val_loss = evaluate_panel(core, panel, val_tokens, config, accelerator.device)
+    supernet_dir = output_dir / "supernet"
+    curve = None
     if accelerator.is_main_process:
-        save_model(core, checkpoint_dir)
+        save_model(core, supernet_dir)
+        curve = plot_loss_curves(*history.curves(), output_dir / "loss_curve.png")
+        if logger:
+            logger.log_artifact(curve, "plots")
+            logger.finish()
     accelerator.wait_for_everyone()
-    elapsed = time.perf_counter() - started
-    throughput = tokens_per_step * config.max_steps / elapsed
-    return PretrainResult(checkpoint_dir, config.max_steps, train_loss, val_loss, throughput)
+    return PretrainResult(
+        checkpoint_dir=supernet_dir,
+        steps=total_steps,
+        resumed_from=start_step,
+        train_loss=losses.full,
+        val_loss=val_loss,
+        tokens_per_second=tokens_per_second,
+        mfu=mfu,
+        config_hash=config_hash,
+        mlflow_run_id=logger.run_id if logger else None,
+        loss_curve=curve,
+    )
+
+
+def register_pretrained(
+    result: PretrainResult, config: PretrainConfig, data: PreparedData, tracking_dir: str | Path
+) -> RegisteredVersion:
+    """Register the trained supernet as a new `trainonce-supernet` version with its lineage and metrics."""
+    if result.mlflow_run_id is None:
+        raise ValueError("register_pretrained needs a run trained with tracking_dir set")
+    tags = {
+        "stage": "pretrain",
+        "data_fingerprint": data.fingerprint,
+        "config_hash": result.config_hash,
+        "git_commit": git_commit(),
+        "steps": result.steps,
+        **{metric_key(label): f"{loss:.4f}" for label, loss in result.val_loss.items()},
+    }
+    return register_supernet(
+        tracking_dir,
+        result.mlflow_run_id,
+        result.checkpoint_dir,
+        data.tokenizer_path,
+        config.elastic.model_dump(mode="json"),
+        tags,
+    )
+
+
+@task(name="pretrain", retries=1, retry_delay_seconds=5)
+def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str) -> dict:
+    """Elastic pre-training, then registration; a retry resumes from the last checkpoint."""
+    data = PreparedData.load(data_dir)
+    output_dir = Path(workdir) / "pretrain" / config.config_hash(data.fingerprint)[:16]
+    result = run_pretrain(config, data, output_dir, tracking_dir=workdir)
+    version = register_pretrained(result, config, data, workdir)
+    return {
+        "model_uri": version.uri,
+        "version": version.version,
+        "run_id": result.mlflow_run_id,
+        "checkpoint_dir": str(result.checkpoint_dir),
+        "val_loss": result.val_loss,
+        "tokens_per_second": result.tokens_per_second,
+        "mfu": result.mfu,
+    }
 
 
 def main() -> None:
@@ -233,11 +490,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    parser.add_argument("--output-dir", default="runs/pretrain")
+    parser.add_argument("--output-dir", default="runs/pretrain", help="checkpoints and the final supernet")
+    parser.add_argument("--tracking-dir", default=None, help="MLflow embedded store folder (default: no MLflow)")
     args = parser.parse_args()
     config = load_pipeline_config(args.config, parse_overrides(args.set))
-    result = run_pretrain(config.pretrain, prepare_data(config.data), args.output_dir)
-    print(result)
+    result = run_pretrain(config.pretrain, prepare_data(config.data), args.output_dir, args.tracking_dir)
+    print(json.dumps({"steps": result.steps, "resumed_from": result.resumed_from, "val_loss": result.val_loss}))
 
 
 if __name__ == "__main__":

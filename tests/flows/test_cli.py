@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from registry.tracking import store_client
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -19,7 +21,7 @@ def _trainonce(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands() -> None:
     result = _trainonce("--help")
     assert result.returncode == 0
-    for command in ("demo", "prepare-data", "pretrain", "info"):
+    for command in ("pipeline", "prepare-data", "pretrain", "info"):
         assert command in result.stdout
 
 
@@ -38,19 +40,41 @@ def test_bad_override_fails_naming_the_field() -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_job(tmp_path: Path) -> None:
+def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, small_corpus: Path) -> None:
+    """The README's main command on a shortened tiny config: a real temporary Prefect server, a real MLflow
+    store, and a registered supernet version with its lineage and per-sub-model validation curves."""
+    workdir = tmp_path / "pipeline"
     result = _trainonce(
-        "demo",
+        "pipeline",
+        "--config",
+        "configs/tiny.yaml",
         "--workdir",
-        str(tmp_path / "demo"),
+        str(workdir),
         "--set",
-        "pretrain.max_steps=12",
+        f"data.source={small_corpus}",
+        "--set",
+        f"data.data_dir={tmp_path / 'data'}",
+        "--set",
+        "data.vocab_size=400",
+        "--set",
+        "pretrain.model.vocab_size=400",
+        "--set",
+        "pretrain.max_steps=20",
         "--set",
         "pretrain.optim.warmup_steps=2",
         "--set",
-        f"data.data_dir={tmp_path / 'data'}",
+        "pretrain.eval_interval=10",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "extracted vs masked supernet max |diff| = 0.00e+00" in result.stdout
-    assert (tmp_path / "demo" / "supernet" / "model.safetensors").is_file()
-    assert (tmp_path / "demo" / "smallest" / "config.json").is_file()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "supernet registered as models:/trainonce-supernet/1" in result.stdout
+
+    client = store_client(workdir)
+    version = client.get_model_version("trainonce-supernet", "1")
+    for tag in ("data_fingerprint", "config_hash", "git_commit", "val_loss/full", "val_loss/L2_E2_k1"):
+        assert version.tags.get(tag), tag
+    run = client.get_run(version.run_id)
+    assert run.data.params["pretrain.model.d_model"] == "64"
+    for label in ("full", "L2_E2_k1", "L3_E2_k1", "L3_E6_k2"):  # the panel, smallest to largest
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, f"val_loss/{label}")]
+        assert steps == [10, 20], label
+    assert "plots/loss_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]

@@ -11,7 +11,7 @@ from models.checkpoint import load_model
 from models.moe import ElasticMoE
 from tasks.data import DataConfig, prepare_data
 from tasks.pipeline_config import load_pipeline_config
-from tasks.pretrain import PretrainConfig, cosine_with_warmup, run_pretrain, subnets_for_step
+from tasks.pretrain import PretrainConfig, cosine_with_warmup, evaluation_panel, run_pretrain, subnets_for_step
 
 
 def _tiny_pretrain(**overrides) -> PretrainConfig:
@@ -72,15 +72,36 @@ def test_schedule_warms_up_then_decays() -> None:
 
 def test_short_run_learns_and_saves_a_loadable_supernet(tmp_path: Path, small_corpus: Path) -> None:
     data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path / "data"))
-    config = _tiny_pretrain(max_steps=40, batch_size=8, seq_len=64, optim={"lr": 3e-3, "warmup_steps": 4})
+    config = _tiny_pretrain(
+        max_steps=40, batch_size=8, seq_len=64, eval_interval=20, checkpoint_interval=20, optim={"warmup_steps": 4}
+    )
     result = run_pretrain(config, data, tmp_path / "run")
-    assert result.steps == 40
+    assert (result.steps, result.resumed_from) == (40, 0)
     uniform = torch.log(torch.tensor(400.0)).item()  # loss of an untrained model is about ln(V)
     assert result.train_loss < uniform - 0.8
-    assert set(result.val_loss) == {"full", "largest L4 E8 k2", "smallest L2 E2 k1"}
+    assert set(result.val_loss) == {"full", "L2 E2 k1", "L3 E2 k1", "L3 E6 k2"}  # smallest .. largest
     assert all(loss < uniform - 0.5 for loss in result.val_loss.values())  # the whole family learned
-    model = load_model(result.checkpoint_dir)
-    assert model.config == config.model
+    assert result.tokens_per_second > 0 and 0 < result.mfu < 1
+    assert load_model(result.checkpoint_dir).config == config.model
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step_00000020", "step_00000040"]
+    assert result.loss_curve is not None and result.loss_curve.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_token_budget_sets_the_step_count() -> None:
+    config = _tiny_pretrain(max_steps=None, max_tokens=10_000, batch_size=4, seq_len=64, grad_accum=2)
+    assert config.tokens_per_step() == 512 and config.total_steps() == 20  # ceil(10000 / 512)
+    assert config.total_steps(num_processes=2) == 10
+    with pytest.raises(ValidationError, match="set exactly one of max_steps and max_tokens"):
+        _tiny_pretrain(max_steps=10, max_tokens=1000)
+
+
+def test_panel_is_fixed_and_ordered_by_size(tiny_config) -> None:
+    config = _tiny_pretrain(
+        elastic={"depths": [2, 3, 4], "expert_counts": [2, 4, 6], "top_ks": [1, 2]}, eval_panel_size=3
+    )
+    panel = evaluation_panel(config, ElasticMoE(tiny_config))
+    assert list(panel)[0] == "full" and panel["full"] is None
+    assert len(panel) == 5 and list(panel)[1] == "L2 E2 k1"
 
 
 def test_vocab_mismatch_with_prepared_data_fails_before_training(tmp_path: Path, small_corpus: Path) -> None:

@@ -1,0 +1,42 @@
+"""The `pipeline` Prefect flow: data preparation, then elastic pre-training (later stages append here).
+
+Its parameter is the pydantic PipelineConfig, so the Prefect UI renders it as a form and rejects bad
+values before a run starts. Tasks pass paths and model URIs, never tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.data import prepare_data_task
+from tasks.pipeline_config import PipelineConfig
+from tasks.pretrain import pretrain_task
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pipeline") -> dict:  # noqa: B008
+    """Train once: prepare the corpus, pre-train the elastic supernet, register it in MLflow."""
+    workdir = str(Path(workdir).resolve())
+    data_dir = prepare_data_task(config.data)
+    pretrained = pretrain_task(config.pretrain, data_dir, workdir)
+    lines = [f"| {label} | {loss:.4f} |" for label, loss in pretrained["val_loss"].items()]
+    create_markdown_artifact(
+        key="pretrain-summary",
+        markdown="\n".join(
+            [
+                f"### Supernet {pretrained['model_uri']}",
+                f"MLflow run `{pretrained['run_id']}`, {pretrained['tokens_per_second']:,.0f} tokens/s, "
+                f"MFU {pretrained['mfu']:.1%}",
+                "",
+                "| sub-model | validation loss |",
+                "|---|---|",
+                *lines,
+            ]
+        ),
+        description="Elastic pre-training: validation loss of each panel sub-model",
+    )
+    print(f"registered {pretrained['model_uri']}; validation losses {pretrained['val_loss']}")
+    return {"data_dir": data_dir, "pretrain": pretrained}

@@ -1,0 +1,138 @@
+"""MLflow tracking: where runs live, and a small logger bound to one run.
+
+Embedded default: a SQLite store `<workdir>/mlflow.db` and artifacts under `<workdir>/mlartifacts`, no
+server to start. `MLFLOW_TRACKING_URI` (a server, a database) overrides it with no code change.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "trainonce"
+_MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
+
+
+def tracking_uri(workdir: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else the embedded SQLite store in `workdir`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(workdir) / 'mlflow.db').resolve()}"
+
+
+def store_client(workdir: str | Path) -> MlflowClient:
+    """A client bound to the store for `workdir`, for tracking and the model registry alike."""
+    uri = tracking_uri(workdir)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def active_store(workdir: str | Path) -> Iterator[str]:
+    """Point MLflow's global (fluent) API at the store for `workdir` for the duration of the block.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to the environment, which would silently
+    redirect every later store lookup and child process; this restores both afterwards.
+    """
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {name: os.environ.get(name) for name in names}
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = tracking_uri(workdir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def configure_tracking(workdir: str | Path, experiment: str = EXPERIMENT) -> str:
+    """Return the id of the experiment in the store for `workdir`, creating store and experiment on first use.
+
+    With the embedded store, artifacts go to `<workdir>/mlartifacts`; with a server, wherever it says.
+    """
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(workdir)
+    client = store_client(workdir)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifacts = (Path(workdir) / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: nested config as MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)[:_MAX_PARAM_LENGTH]
+    return flat
+
+
+def git_commit() -> str:
+    """The code version: the git commit of this checkout, `unknown` outside one."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLogger:
+    """Logs to one MLflow run by id (no global active run, so it is safe inside Prefect's worker threads)."""
+
+    def __init__(self, workdir: str | Path, run_name: str, run_id: str | None = None, tags: dict | None = None):
+        self.experiment_id = configure_tracking(workdir)
+        self.client = store_client(workdir)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+            run_id = run.info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params once; on a resumed run, the ones already logged are skipped (MLflow forbids changes)."""
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in flatten(params).items() if k not in existing]
+        for start in range(0, len(new), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=new[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
