@@ -1,23 +1,56 @@
-"""Training losses as pure functions."""
+"""Training losses as pure functions.
+
+Both avoid slicing the (B, T, V) logits: the backward of a slice allocates and fills a gradient the size of
+the whole logits tensor, which on CPU cost more than the loss itself.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100
+
+
+def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T) -> targets (B, T): position t predicts tokens[:, t + 1]; the last position is ignored."""
+    pad = tokens.new_full((tokens.shape[0], 1), IGNORE_INDEX)
+    return torch.cat([tokens[:, 1:], pad], dim=1)
+
 
 def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy: logits (B, T, V) at position t predict tokens[:, t + 1]."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+    """Mean next-token cross entropy of logits (B, T, V) on tokens (B, T)."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, vocab).float(), next_token_targets(tokens).reshape(-1))
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class DistillationTarget:
+    """The teacher's softened distribution, computed once per batch and shared by every student."""
+
+    probs: torch.Tensor  # (N, V) softmax(teacher / T), detached
+    entropy: torch.Tensor  # scalar mean entropy of `probs`, so the loss is the KL divergence itself
+    temperature: float
+
+    @classmethod
+    def from_logits(cls, teacher: torch.Tensor, temperature: float) -> DistillationTarget:
+        with torch.no_grad():
+            log_probs = F.log_softmax(teacher.float().reshape(-1, teacher.shape[-1]) / temperature, dim=-1)
+            probs = log_probs.exp()
+            entropy = -(probs * log_probs).sum(-1).mean()
+        return cls(probs, entropy, temperature)
+
+
+def distillation_loss(student: torch.Tensor, target: DistillationTarget) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened distributions, scaled by T^2 (Hinton et al., 2015).
 
-    Used for in-place distillation: the teacher is the full model's detached logits from the same batch.
+    Computed as the soft-target cross entropy minus the teacher's entropy: the same value and gradient as
+    KL, without an exp over the teacher per student. Used for in-place distillation from the full model.
     """
-    t = temperature
-    vocab = student.shape[-1]
-    log_p_student = F.log_softmax(student.float().reshape(-1, vocab) / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher.detach().float().reshape(-1, vocab) / t, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
+    t = target.temperature
+    logits = student.float().reshape(-1, student.shape[-1])
+    if t != 1.0:
+        logits = logits / t
+    return (F.cross_entropy(logits, target.probs) - target.entropy) * (t * t)

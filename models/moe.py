@@ -91,17 +91,21 @@ def _sort_by_expert(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Ten
 def experts_loop(
     x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
-    """CPU path: sort tokens by expert and run each expert that got tokens on its contiguous slice."""
+    """CPU path: sort tokens by expert and run each expert that got tokens on its contiguous slice.
+
+    split/unbind/cat rather than slicing and indexing: their backward is one cat/stack, where a slice or
+    an index per expert would each allocate and fill a gradient the size of the whole tensor.
+    """
     t, k = expert_idx.shape
     order, counts = _sort_by_expert(expert_idx, gate_up.shape[0])
     token_of_pair = order // k
     x_sorted = x.index_select(0, token_of_pair)  # (T*k, D)
-    out = x_sorted.new_empty(x_sorted.shape)
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        if n:
-            out[start : start + n] = swiglu(x_sorted[start : start + n], gate_up[e], down[e])
-            start += n
+    sizes = counts.tolist()
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
+    chunks = x_sorted.split(sizes)
+    out = torch.cat(
+        [swiglu(h, gate_ups[e], downs[e]) if n else h for e, (h, n) in enumerate(zip(chunks, sizes, strict=True))]
+    )
     out = out * weights.reshape(-1)[order, None].to(out.dtype)
     return torch.zeros_like(x).index_add_(0, token_of_pair, out)
 

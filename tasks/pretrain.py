@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from models.accounting import subnet_cost
 from models.checkpoint import save_model
 from models.config import MoEConfig
-from models.losses import causal_lm_loss, distillation_loss
+from models.losses import DistillationTarget, causal_lm_loss, distillation_loss
 from models.moe import ElasticMoE, RoutingStats
 from models.subnet import ElasticSpace, SubnetSpec
 from registry.models import RegisteredVersion, register_supernet
@@ -185,20 +185,21 @@ def elastic_forward_backward(
     Every sub-model adds its own load-balancing loss.
     """
     losses = StepLosses()
-    teacher = None
-    distill = config.sampling.policy == "sandwich" and config.sampling.distill_weight > 0
+    teacher: DistillationTarget | None = None
+    distill = config.sampling.policy == "sandwich" and config.sampling.distill_weight > 0 and len(specs) > 1
     for spec in specs:
         out = model(batch, subnet=spec)
         lm = causal_lm_loss(out.logits, batch)
         loss = lm + out.balancing_loss(config.model)
         if spec is None:
-            teacher, losses.full = out.logits.detach(), lm.item()
+            losses.full = lm.item()
             losses.aux, losses.z = out.aux_loss.item(), out.z_loss.item()
+            if distill:
+                teacher = DistillationTarget.from_logits(out.logits, config.sampling.distill_temperature)
         else:
             losses.subnets.append(lm.item())
-            if distill and teacher is not None:
-                kd = distillation_loss(out.logits, teacher, config.sampling.distill_temperature)
-                loss = loss + config.sampling.distill_weight * kd
+            if teacher is not None:
+                loss = loss + config.sampling.distill_weight * distillation_loss(out.logits, teacher)
         losses.routing.extend(out.routing)
         backward(loss)
     return losses

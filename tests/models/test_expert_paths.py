@@ -81,3 +81,19 @@ def test_cuda_grouped_mm_matches_loop_in_bf16(tiny_config: MoEConfig) -> None:
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = loop(tokens).logits.float(), grouped(tokens).logits.float()
     assert (a - b).abs().max() < 5e-2
+
+
+def test_paths_agree_on_gradients(tiny_config: MoEConfig) -> None:
+    """Training may use any path: the gradients of all weights agree too (grouped GEMM backward included)."""
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 24))
+    grads = {}
+    state = ElasticMoE(tiny_config).state_dict()
+    for impl in EXPERT_PATHS:
+        model = ElasticMoE(tiny_config.model_copy(update={"expert_impl": impl}))
+        model.load_state_dict(state)
+        out = model(tokens)
+        (out.logits.pow(2).mean() + out.aux_loss).backward()
+        grads[impl] = {name: p.grad for name, p in model.named_parameters()}
+    for impl in ("grouped_mm", "export"):
+        for name, grad in grads["loop"].items():
+            torch.testing.assert_close(grads[impl][name], grad, atol=1e-6, rtol=1e-4, msg=f"{impl}: {name}")

@@ -3,7 +3,7 @@
 import torch
 
 from models.config import MoEConfig
-from models.losses import causal_lm_loss, distillation_loss
+from models.losses import DistillationTarget, causal_lm_loss, distillation_loss
 from models.moe import ElasticMoE, route_top_k
 from models.subnet import SubnetSpec
 
@@ -96,7 +96,8 @@ def test_a_few_steps_reduce_the_loss_of_full_and_sub_model(tiny_config: MoEConfi
         full = model(tokens)
         sub = model(tokens, subnet=spec)
         loss = causal_lm_loss(full.logits, tokens) + causal_lm_loss(sub.logits, tokens)
-        loss = loss + distillation_loss(sub.logits, full.logits, 1.0) + full.balancing_loss(tiny_config)
+        target = DistillationTarget.from_logits(full.logits, 1.0)
+        loss = loss + distillation_loss(sub.logits, target) + full.balancing_loss(tiny_config)
         first = first if first is not None else loss.item()
         optim.zero_grad()
         loss.backward()
@@ -104,7 +105,28 @@ def test_a_few_steps_reduce_the_loss_of_full_and_sub_model(tiny_config: MoEConfi
     assert loss.item() < 0.5 * first
 
 
-def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise() -> None:
-    logits = torch.randn(2, 5, 11)
-    assert distillation_loss(logits, logits, 2.0).abs() < 1e-6
-    assert distillation_loss(logits, torch.randn(2, 5, 11), 2.0) > 0.01
+def test_distillation_loss_is_the_kl_divergence() -> None:
+    student, teacher = torch.randn(2, 5, 11, requires_grad=True), torch.randn(2, 5, 11)
+    for t in (1.0, 2.0):
+        target = DistillationTarget.from_logits(teacher, t)
+        assert distillation_loss(teacher, target).abs() < 1e-6
+        ours = distillation_loss(student, target)
+        reference = torch.nn.functional.kl_div(
+            torch.log_softmax(student.reshape(-1, 11) / t, -1),
+            torch.log_softmax(teacher.reshape(-1, 11) / t, -1),
+            log_target=True,
+            reduction="batchmean",
+        ) * (t * t)
+        torch.testing.assert_close(ours, reference)
+        grad_ours = torch.autograd.grad(ours, student)[0]
+        grad_ref = torch.autograd.grad(reference, student)[0]
+        torch.testing.assert_close(grad_ours, grad_ref)
+
+
+def test_lm_loss_is_next_token_cross_entropy_by_hand() -> None:
+    logits = torch.randn(2, 4, 7)
+    tokens = torch.randint(0, 7, (2, 4))
+    by_hand = -torch.stack(
+        [torch.log_softmax(logits[b, t], -1)[tokens[b, t + 1]] for b in range(2) for t in range(3)]
+    ).mean()
+    torch.testing.assert_close(causal_lm_loss(logits, tokens), by_hand)
