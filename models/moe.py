@@ -13,7 +13,7 @@ which is what an extracted model with a sliced router computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,8 @@ from torch import nn
 
 from models.config import MoEConfig
 from models.subnet import Importance, SubnetSpec
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, n_kv_heads, T, head_dim)
 
 # ---------------------------------------------------------------------------------------------------------
 # Math as free functions
@@ -178,15 +180,29 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(config.n_heads * hd, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KeyValue | None = None
+    ) -> tuple[torch.Tensor, KeyValue]:
+        """x (B, T, D) -> (B, T, D) and the keys/values of all tokens so far (past + these T)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nkv, T_all, hd)
         n_rep = self.n_heads // self.n_kv_heads
-        y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        if past is None:
+            mask, causal = None, True
+        elif t == 1:
+            mask, causal = None, False  # one new token attends to everything before it
+        else:  # several new tokens after a past: causal, aligned to the end of the keys
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, is_causal=causal
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -314,13 +330,26 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         kept: torch.Tensor | None = None,
         top_k: int | None = None,
-    ) -> tuple[torch.Tensor, RoutingStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        past: KeyValue | None = None,
+    ) -> tuple[torch.Tensor, RoutingStats | None, KeyValue]:
+        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, past)
+        x = x + attn
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoEBlock):
             ffn, stats = self.mlp(h, kept, top_k)
-            return x + ffn, stats
-        return x + self.mlp(h), None
+            return x + ffn, stats, present
+        return x + self.mlp(h), None, present
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every token seen so far, per supernet layer, so generation costs one step per token.
+
+    Tied to one sub-model: reuse a cache only with the spec that filled it.
+    """
+
+    layers: dict[int, KeyValue] = field(default_factory=dict)  # layer -> ((B, nkv, T, hd), (B, nkv, T, hd))
+    length: int = 0  # tokens cached
 
 
 @dataclass(frozen=True)
@@ -399,21 +428,32 @@ class ElasticMoE(nn.Module):
             self._plans[subnet] = plan
         return plan
 
-    def forward(self, tokens: torch.Tensor, subnet: SubnetSpec | None = None) -> MoEOutput:
-        """tokens (B, T) -> logits (B, T, V) of the full model, or of exactly the sub-model `subnet`."""
+    def forward(
+        self, tokens: torch.Tensor, subnet: SubnetSpec | None = None, cache: KVCache | None = None
+    ) -> MoEOutput:
+        """tokens (B, T) -> logits (B, T, V) of the full model, or of exactly the sub-model `subnet`.
+
+        With `cache`, `tokens` continue the cached ones (positions start at `cache.length`) and the cache
+        is extended in place.
+        """
         _, t = tokens.shape
-        if t > self.config.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = rope_cos_sin(
-            torch.arange(t, device=tokens.device), self.config.attn_head_dim, self.config.rope_theta
-        )
+        start = cache.length if cache is not None else 0
+        if start + t > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start + t} exceeds max_seq_len={self.config.max_seq_len}")
+        positions = torch.arange(start, start + t, device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self.config.attn_head_dim, self.config.rope_theta)
         x = self.embed_tokens(tokens)  # (B, T, D)
         top_k = subnet.top_k if subnet is not None else None
         stats: list[RoutingStats] = []
         for layer, kept in self._plan(subnet, tokens.device):
-            x, layer_stats = self.layers[layer](x, cos, sin, kept, top_k)
+            past = cache.layers.get(layer) if cache is not None else None
+            x, layer_stats, present = self.layers[layer](x, cos, sin, kept, top_k, past)
+            if cache is not None:
+                cache.layers[layer] = present
             if layer_stats is not None:
                 stats.append(layer_stats)
+        if cache is not None:
+            cache.length += t
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head)
