@@ -252,18 +252,19 @@ def evaluate_panel(
     model: ElasticMoE,
     panel: dict[str, SubnetSpec | None],
     val_tokens: np.ndarray,
-    config: PretrainConfig,
+    batch_size: int,
+    seq_len: int,
+    n_batches: int,
     device: torch.device,
 ) -> dict[str, float]:
     """Mean validation LM loss of each sub-model in `panel`, all on the same fixed batches."""
     was_training = model.training
     model.eval()
     rng = np.random.default_rng(12345)
-    batches = [sample_batch(val_tokens, config.batch_size, config.seq_len, rng) for _ in range(config.eval_batches)]
+    batches = [sample_batch(val_tokens, batch_size, seq_len, rng).to(device) for _ in range(n_batches)]
     losses = {}
     for label, spec in panel.items():
-        total = sum(causal_lm_loss(model(b.to(device), subnet=spec).logits, b.to(device)).item() for b in batches)
-        losses[label] = total / len(batches)
+        losses[label] = sum(causal_lm_loss(model(b, subnet=spec).logits, b).item() for b in batches) / len(batches)
     model.train(was_training)
     return losses
 
@@ -352,6 +353,7 @@ def run_pretrain(
     total_steps = config.total_steps(accelerator.num_processes)
     lr_factor = cosine_with_warmup(config.optim, total_steps)
     panel = evaluation_panel(config, core)
+    eval_shape = (config.batch_size, config.seq_len, config.eval_batches)
     train_tokens, val_tokens = data.split("train"), data.split("val")
     tokens_per_step = config.tokens_per_step(accelerator.num_processes)
     peak = device_peak_flops(accelerator.device, config.precision, config.peak_tflops)
@@ -405,7 +407,7 @@ def run_pretrain(
             progress.set_postfix(loss=f"{losses.full:.3f}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.1%}")
             window_start, window_flops, window_tokens = time.perf_counter(), 0.0, 0
         if done % config.eval_interval == 0 or done == total_steps:
-            val_loss = evaluate_panel(core, panel, val_tokens, config, accelerator.device)
+            val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
             record.update({metric_key(label): loss for label, loss in val_loss.items()})
         if record and accelerator.is_main_process:
             history.append({"step": done, **record})
@@ -416,7 +418,7 @@ def run_pretrain(
             save_checkpoint(accelerator, output_dir, TrainerState(done, config_hash, run_id), config.keep_checkpoints)
 
     if not val_loss:  # resumed at the very end: nothing trained, validate what was restored
-        val_loss = evaluate_panel(core, panel, val_tokens, config, accelerator.device)
+        val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
     supernet_dir = output_dir / "supernet"
     curve = None
     if accelerator.is_main_process:

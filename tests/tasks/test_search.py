@@ -1,0 +1,105 @@
+"""Sub-model search: budgets, infeasibility errors, Pareto front, and evolutionary vs exhaustive optimality."""
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from models.accounting import subnet_cost
+from models.config import MoEConfig
+from models.moe import ElasticMoE
+from models.subnet import ElasticSpace, Importance, SubnetSpec
+from tasks.search import Candidate, SearchConfig, SearchSpace, measure_latency_ms, pareto_front, run_search
+
+CONFIG = MoEConfig(
+    vocab_size=300, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, n_experts=8, top_k=2, expert_ffn_dim=32
+)
+SPACE = ElasticSpace(depths=(3, 4, 5, 6), expert_counts=(2, 4, 6, 8), top_ks=(1, 2))
+IMPORTANCE = Importance.identity(CONFIG)
+LAYER_VALUE = (0.9, 0.2, 0.5, 0.1, 0.4, 0.8)  # what dropping each layer costs
+
+
+def synthetic_loss(spec: SubnetSpec) -> float:
+    """A structured landscape: more active compute helps, and some layers matter far more than others."""
+    dropped = sum(LAYER_VALUE[i] for i in range(CONFIG.n_layers) if i not in spec.layers)
+    return 3.0 - 0.3 * math.log(subnet_cost(CONFIG, spec).active_params) + dropped + 0.05 * spec.top_k
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.75])
+def test_evolutionary_search_finds_the_exhaustive_optimum_with_a_quarter_of_the_evaluations(fraction: float) -> None:
+    """A stochastic search, so judged over ten seeds: nearly always the optimum, never far from it."""
+    budget = {"active_params_fraction": fraction}
+    exhaustive = run_search(SearchConfig(method="exhaustive", **budget), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
+    quarter = len(exhaustive.evaluated) // 4
+    assert quarter >= 50, "the space must be large enough for the comparison to mean something"
+    limit = exhaustive.limits["active_params"]
+    gaps = []
+    for seed in range(10):
+        search = SearchConfig(method="evolutionary", max_evaluations=quarter, seed=seed, **budget)
+        evolutionary = run_search(search, CONFIG, SPACE, IMPORTANCE, synthetic_loss)
+        assert evolutionary.method == "evolutionary" and len(evolutionary.evaluated) <= quarter
+        assert all(c.active_params <= limit for c in evolutionary.evaluated)
+        gaps.append(evolutionary.chosen.val_loss - exhaustive.chosen.val_loss)
+    assert sum(gap <= 0.02 for gap in gaps) >= 8, gaps
+    assert max(gaps) <= 0.15 and sum(gaps) / len(gaps) <= 0.03, gaps
+
+
+def test_exhaustive_respects_every_budget_and_returns_the_best() -> None:
+    result = run_search(
+        SearchConfig(total_params_fraction=0.5, active_params=100_000), CONFIG, SPACE, IMPORTANCE, synthetic_loss
+    )
+    full = subnet_cost(CONFIG)
+    assert result.method == "exhaustive" or len(result.evaluated) <= 32
+    assert all(c.total_params <= 0.5 * full.total_params and c.active_params <= 100_000 for c in result.evaluated)
+    assert result.chosen.val_loss == min(c.val_loss for c in result.evaluated)
+    assert result.space_size == len(SearchSpace(SPACE, CONFIG, IMPORTANCE).genomes())
+
+
+def test_infeasible_budget_names_the_smallest_achievable_value() -> None:
+    smallest = min(
+        subnet_cost(CONFIG, g.spec(CONFIG, IMPORTANCE)).active_params
+        for g in SearchSpace(SPACE, CONFIG, IMPORTANCE).genomes()
+    )
+    with pytest.raises(
+        ValueError, match=f"active_params budget 1,000 is infeasible: the smallest sub-model has {smallest:,}"
+    ):
+        run_search(SearchConfig(active_params=1000), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
+    with pytest.raises(ValueError, match="total_params budget .* is infeasible"):
+        run_search(SearchConfig(total_params_fraction=0.01), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
+
+
+def test_budget_given_twice_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="set active_params or active_params_fraction, not both"):
+        SearchConfig(active_params=10, active_params_fraction=0.5)
+
+
+def test_pareto_front_keeps_only_non_dominated() -> None:
+    spec = SubnetSpec.full(CONFIG)
+
+    def c(active: int, loss: float) -> Candidate:
+        return Candidate(spec, active, active, None, loss)
+
+    front = pareto_front([c(10, 3.0), c(20, 3.5), c(30, 2.0), c(15, 2.5), c(40, 2.0)])
+    assert [(x.active_params, x.val_loss) for x in front] == [(10, 3.0), (15, 2.5), (30, 2.0)]
+
+
+def test_latency_budget_uses_real_measurements(tiny_supernet: ElasticMoE) -> None:
+    config = tiny_supernet.config
+    space = ElasticSpace(depths=(2, 4), expert_counts=(2, 6), top_ks=(1,))
+    search = SearchConfig(latency_fraction=1.0, latency_new_tokens=4, latency_repeats=1, latency_prompt_tokens=4)
+
+    def probe(spec: SubnetSpec | None) -> float:
+        return measure_latency_ms(tiny_supernet, spec, search)
+
+    assert probe(None) > 0
+    result = run_search(search, config, space, tiny_supernet.importance(), synthetic_loss_for(config), probe)
+    assert all(c.latency_ms is not None and c.latency_ms > 0 for c in result.evaluated)
+    with pytest.raises(ValueError, match="latency budget 0.000 ms/token is infeasible: the cheapest sub-model"):
+        run_search(
+            search.model_copy(update={"latency_fraction": None, "latency_ms": 1e-6}),
+            config, space, tiny_supernet.importance(), synthetic_loss_for(config), probe,
+        )  # fmt: skip
+
+
+def synthetic_loss_for(config: MoEConfig):
+    return lambda spec: 10.0 - 0.1 * math.log(subnet_cost(config, spec).active_params)
