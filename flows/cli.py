@@ -85,6 +85,14 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(f"supernet registered as {pretrained['model_uri']} (MLflow run {pretrained['run_id']})")
     for label, loss in pretrained["val_loss"].items():
         print(f"  val loss {label:<12} {loss:.4f}")
+    extracted = result["extract"]
+    print(
+        f"sub-model {extracted['subnet']} registered as {extracted['model_uri']}: "
+        f"{extracted['total_params']:,} params ({extracted['total_fraction']:.1%}), "
+        f"{extracted['active_params']:,} active ({extracted['active_fraction']:.1%}); val loss "
+        f"{extracted['val_loss_before']:.4f} extracted -> {extracted['val_loss_after']:.4f} after "
+        f"{extracted['distill_steps']} distillation steps ({extracted['distill_compute_fraction']:.1%} of from-scratch)"
+    )
     print(f"MLflow store: {workdir / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'})")
 
 

@@ -1,4 +1,4 @@
-"""The `pipeline` Prefect flow: data preparation, then elastic pre-training (later stages append here).
+"""The `pipeline` Prefect flow: data, elastic pre-training, search, extraction (later stages append here).
 
 Its parameter is the pydantic PipelineConfig, so the Prefect UI renders it as a form and rejects bad
 values before a run starts. Tasks pass paths and model URIs, never tensors.
@@ -12,13 +12,16 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.data import prepare_data_task
+from tasks.extract import extract_task
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import pretrain_task
+from tasks.search import search_task
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pipeline") -> dict:  # noqa: B008
-    """Train once: prepare the corpus, pre-train the elastic supernet, register it in MLflow."""
+    """Train once: prepare the corpus, pre-train the elastic supernet, search the family under budgets,
+    extract and distil the chosen sub-model; every model registered in MLflow."""
     workdir = str(Path(workdir).resolve())
     data_dir = prepare_data_task(config.data)
     pretrained = pretrain_task(config.pretrain, data_dir, workdir)
@@ -39,4 +42,23 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         description="Elastic pre-training: validation loss of each panel sub-model",
     )
     print(f"registered {pretrained['model_uri']}; validation losses {pretrained['val_loss']}")
-    return {"data_dir": data_dir, "pretrain": pretrained}
+    chosen = search_task(
+        config.search, config.extract, config.pretrain.elastic, pretrained["checkpoint_dir"], data_dir, workdir
+    )
+    extracted = extract_task(
+        config.extract,
+        chosen["ranked_supernet_dir"],
+        chosen["spec_json"],
+        data_dir,
+        workdir,
+        pretrained["version"],
+        config.pretrain.tokens_per_step() * config.pretrain.total_steps(),
+        chosen["limits"],
+    )
+    print(
+        f"registered {extracted['model_uri']} ({extracted['subnet']}): {extracted['total_fraction']:.1%} of the "
+        f"parameters, {extracted['active_fraction']:.1%} active; validation loss {extracted['val_loss_before']:.4f} "
+        f"-> {extracted['val_loss_after']:.4f} after {extracted['distill_steps']} distillation steps "
+        f"({extracted['distill_compute_fraction']:.1%} of from-scratch compute)"
+    )
+    return {"data_dir": data_dir, "pretrain": pretrained, "search": chosen, "extract": extracted}

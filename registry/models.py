@@ -16,7 +16,8 @@ from mlflow.types import ColSpec, Schema
 from registry.tracking import active_store, configure_tracking, store_client
 
 SUPERNET_MODEL = "trainonce-supernet"
-_SUPERNET_CODE = Path(__file__).resolve().parent / "supernet_pyfunc.py"
+SUBNET_MODEL = "trainonce-subnet"
+_SCORER_CODE = Path(__file__).resolve().parent / "scorer_pyfunc.py"
 _REF = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
 
 
@@ -31,42 +32,41 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def register_supernet(
+def register_checkpoint(
     workdir: str | Path,
     run_id: str,
+    name: str,
     checkpoint_dir: Path,
     tokenizer_path: Path,
-    elastic_space: dict[str, Any],
+    extra: dict[str, Any],
     tags: dict[str, Any],
 ) -> RegisteredVersion:
-    """Log the supernet as an MLflow pyfunc model (weights, config, tokenizer, elastic space) on `run_id`
-    and register it as a new version of `trainonce-supernet` carrying `tags` (lineage and metrics)."""
+    """Log a trainonce checkpoint as an MLflow pyfunc model (weights, config, tokenizer, and `extra` as
+    `extra.json`) on `run_id` and register it as a new version of `name` carrying `tags` (lineage, metrics).
+
+    Its `predict` scores texts under the model or any of its sub-models (registry/scorer_pyfunc.py)."""
     configure_tracking(workdir)
-    space_file = checkpoint_dir.parent / "elastic_space.json"
-    space_file.write_text(json.dumps(elastic_space, indent=2))
+    extra_file = checkpoint_dir.parent / f"{checkpoint_dir.name}_extra.json"
+    extra_file.write_text(json.dumps(extra, indent=2))
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "text"), ColSpec("string", "subnet", required=False)]),
         outputs=Schema([ColSpec("double", "nll"), ColSpec("long", "tokens")]),
     )
     with active_store(workdir), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="supernet",
-            python_model=str(_SUPERNET_CODE),
-            artifacts={
-                "checkpoint": str(checkpoint_dir),
-                "tokenizer": str(tokenizer_path),
-                "elastic_space": str(space_file),
-            },
+            name=checkpoint_dir.name,
+            python_model=str(_SCORER_CODE),
+            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_path), "extra": str(extra_file)},
             signature=signature,
             input_example=pd.DataFrame({"text": ["To be, or not to be: that is the question."], "subnet": [""]}),
             pip_requirements=["trainonce", "torch", "safetensors", "tokenizers", "pandas"],
-            registered_model_name=SUPERNET_MODEL,
+            registered_model_name=name,
         )
     client = store_client(workdir)
     version = str(info.registered_model_version)
     for key, value in tags.items():
-        client.set_model_version_tag(SUPERNET_MODEL, version, key, str(value))
-    return RegisteredVersion(SUPERNET_MODEL, version, run_id)
+        client.set_model_version_tag(name, version, key, str(value))
+    return RegisteredVersion(name, version, run_id)
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:

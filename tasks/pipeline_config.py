@@ -8,7 +8,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.data import DataConfig
+from tasks.extract import ExtractConfig
 from tasks.pretrain import PretrainConfig
+from tasks.search import SearchConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -20,6 +22,8 @@ class PipelineConfig(BaseModel):
 
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus, tokenizer and split.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Elastic pre-training.")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Sub-model search under budgets.")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Extraction and distillation.")
 
     @model_validator(mode="after")
     def _vocab_matches(self) -> PipelineConfig:
@@ -28,6 +32,11 @@ class PipelineConfig(BaseModel):
                 f"pretrain.model.vocab_size={self.pretrain.model.vocab_size} must equal "
                 f"data.vocab_size={self.data.vocab_size}"
             )
+        for field, seq_len in (("search.seq_len", self.search.seq_len), ("extract.seq_len", self.extract.seq_len)):
+            if seq_len > self.pretrain.model.max_seq_len:
+                raise ValueError(
+                    f"{field}={seq_len} exceeds pretrain.model.max_seq_len={self.pretrain.model.max_seq_len}"
+                )
         return self
 
 

@@ -11,6 +11,16 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_loss_curves(
     train: Sequence[tuple[int, float]], val: Mapping[str, Sequence[tuple[int, float]]], path: Path
 ) -> Path:
@@ -24,10 +34,20 @@ def plot_loss_curves(
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("Elastic pre-training: the whole sub-model family learns")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
+
+
+def plot_pareto(
+    points: Sequence[tuple[int, float]], front: Sequence[tuple[int, float]], chosen: tuple[int, float], path: Path
+) -> Path:
+    """Validation loss against active parameters of every evaluated sub-model, the front, the chosen one."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    if points:
+        ax.scatter(*zip(*points, strict=True), s=14, color="0.6", label="evaluated sub-models")
+    if front:
+        ax.plot(*zip(*front, strict=True), color="tab:blue", marker="o", label="Pareto front")
+    ax.scatter([chosen[0]], [chosen[1]], s=160, marker="*", color="tab:red", zorder=5, label="chosen")
+    ax.set_xlabel("active parameters per token")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Sub-model search under budgets")
+    return _save(fig, ax, path)

@@ -33,7 +33,7 @@ from models.config import MoEConfig
 from models.losses import DistillationTarget, causal_lm_loss, distillation_loss
 from models.moe import ElasticMoE, RoutingStats
 from models.subnet import ElasticSpace, SubnetSpec
-from registry.models import RegisteredVersion, register_supernet
+from registry.models import SUPERNET_MODEL, RegisteredVersion, register_checkpoint
 from registry.tracking import RunLogger, git_commit
 from tasks.data import PreparedData, sample_batch
 from tasks.plots import plot_loss_curves
@@ -456,12 +456,13 @@ def register_pretrained(
         "steps": result.steps,
         **{metric_key(label): f"{loss:.4f}" for label, loss in result.val_loss.items()},
     }
-    return register_supernet(
+    return register_checkpoint(
         tracking_dir,
         result.mlflow_run_id,
+        SUPERNET_MODEL,
         result.checkpoint_dir,
         data.tokenizer_path,
-        config.elastic.model_dump(mode="json"),
+        {"elastic_space": config.elastic.model_dump(mode="json")},
         tags,
     )
 

@@ -9,21 +9,31 @@ search (mutation + crossover over sub-model genomes, as Once-for-All) with a fix
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.accounting import subnet_cost
+from models.checkpoint import load_model, save_model
 from models.config import MoEConfig
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance, SubnetSpec
+from registry.tracking import RunLogger
+from tasks.data import PreparedData
+from tasks.extract import ExtractConfig, rank_importance
+from tasks.plots import plot_pareto
+from tasks.pretrain import evaluate_panel
 
 
 class SearchConfig(BaseModel):
@@ -343,3 +353,95 @@ def _check_budgets_reachable(
 
 def _describe(limits: dict[str, float]) -> str:
     return ", ".join(f"{k} <= {v:,.3f}" for k, v in limits.items()) or "no budgets"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline task: rank importance, search, log the table and the Pareto PNG
+
+
+def candidate_row(c: Candidate) -> dict:
+    return {
+        "subnet": c.spec.describe(),
+        "layers": " ".join(map(str, c.spec.layers)),
+        "total_params": c.total_params,
+        "active_params": c.active_params,
+        "latency_ms": round(c.latency_ms, 4) if c.latency_ms is not None else None,
+        "val_loss": round(c.val_loss, 5),
+    }
+
+
+@task(name="search", retries=1, retry_delay_seconds=5)
+def search_task(
+    search: SearchConfig,
+    extract: ExtractConfig,
+    elastic: ElasticSpace,
+    supernet_dir: str,
+    data_dir: str,
+    workdir: str,
+) -> dict:
+    """Rank importance on calibration data, then search the family; returns the ranked supernet and the spec."""
+    data = PreparedData.load(data_dir)
+    supernet = load_model(supernet_dir).eval()
+    out_dir = Path(workdir) / "search" / Path(supernet_dir).parent.name
+    logger = RunLogger(workdir, run_name="search", tags={"stage": "search"})
+    logger.log_params({"search": search.model_dump(mode="json"), "supernet_dir": supernet_dir})
+    effect = None
+    if extract.rank_importance:
+        _, effect = rank_importance(supernet, data, extract, elastic, search.seq_len)
+        logger.log_metrics(
+            {"ranking/val_loss_importance_order": effect.loss_importance,
+             "ranking/val_loss_identity_order": effect.loss_identity}, step=0,
+        )  # fmt: skip
+    ranked_dir = save_model(supernet, out_dir / "ranked_supernet")
+    val = data.split("val")
+    device = next(supernet.parameters()).device
+
+    def objective(spec: SubnetSpec) -> float:
+        panel = {"s": spec}
+        return evaluate_panel(
+            supernet, panel, val, search.eval_batch_size, search.seq_len, search.eval_batches, device
+        )["s"]
+
+    result = run_search(
+        search,
+        supernet.config,
+        elastic,
+        supernet.importance(),
+        objective,
+        (lambda spec: measure_latency_ms(supernet, spec, search)) if search.needs_latency else None,
+    )
+    rows = [candidate_row(c) for c in result.evaluated]
+    (out_dir / "candidates.json").write_text(json.dumps(rows, indent=2))
+    png = plot_pareto(
+        [(c.active_params, c.val_loss) for c in result.evaluated],
+        [(c.active_params, c.val_loss) for c in result.pareto],
+        (result.chosen.active_params, result.chosen.val_loss),
+        out_dir / "pareto.png",
+    )
+    logger.log_artifact(png, "plots")
+    logger.log_artifact(out_dir / "candidates.json", "search")
+    logger.log_metrics(
+        {"search/evaluated": len(result.evaluated), "search/chosen_val_loss": result.chosen.val_loss,
+         "search/chosen_active_params": result.chosen.active_params}, step=0,
+    )  # fmt: skip
+    logger.set_tags({"chosen_spec": result.chosen.spec.model_dump_json(), "method": result.method})
+    logger.finish()
+    create_table_artifact(key="search-candidates", table=rows, description="Every evaluated sub-model")
+    lines = [f"Chosen **{result.chosen.spec.describe()}** (layers {list(result.chosen.spec.layers)}): "
+             f"{result.chosen.total_params:,} params, {result.chosen.active_params:,} active, "
+             f"validation loss {result.chosen.val_loss:.4f}; {result.method} search, {len(result.evaluated)} "
+             f"of {result.space_size} sub-models evaluated; budgets {result.limits}."]  # fmt: skip
+    if effect is not None:
+        lines.append(
+            f"Importance ranking: {effect.spec_importance.describe()} loses {effect.loss_importance:.4f} with the "
+            f"measured order vs {effect.loss_identity:.4f} with the identity order."
+        )
+    create_markdown_artifact(key="search-choice", markdown="\n\n".join(lines), description="Chosen sub-model")
+    return {
+        "ranked_supernet_dir": str(ranked_dir),
+        "spec_json": result.chosen.spec.model_dump_json(),
+        "limits": result.limits,
+        "run_id": logger.run_id,
+        "chosen_val_loss": result.chosen.val_loss,
+        "ranking": None if effect is None else {"importance": effect.loss_importance, "identity": effect.loss_identity},
+    }

@@ -1,5 +1,6 @@
 """The installed `trainonce` console script, run as a user runs it."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -29,20 +30,21 @@ def test_info_prints_the_family_accounting() -> None:
     result = _trainonce("info", "--config", "tiny")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[1].split()[:3] == ["supernet", "625,216", "330,304"]
-    assert len(lines) == 2 + 3 * 4 * 2  # header + supernet + depths x expert counts x top-k
+    assert lines[1].split()[:3] == ["supernet", "1,399,616", "367,424"]
+    assert len(lines) == 2 + 4 * 4 * 2  # header + supernet + depths x expert counts x top-k
 
 
 def test_bad_override_fails_naming_the_field() -> None:
-    result = _trainonce("info", "--set", "pretrain.model.top_k=9")
+    result = _trainonce("info", "--set", "pretrain.model.top_k=99")
     assert result.returncode != 0
-    assert "top_k=9 must be <= the experts of layer 0 (8)" in result.stderr
+    assert "top_k=99 must be <= the experts of layer 0 (16)" in result.stderr
 
 
 @pytest.mark.slow
 def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, small_corpus: Path) -> None:
     """The README's main command on a shortened tiny config: a real temporary Prefect server, a real MLflow
-    store, and a registered supernet version with its lineage and per-sub-model validation curves."""
+    store, a registered supernet version with its lineage and per-sub-model validation curves, and a
+    registered sub-model within ERNIE 5.1's budgets (<= 34% of the parameters, <= 50% active)."""
     workdir = tmp_path / "pipeline"
     result = _trainonce(
         "pipeline",
@@ -64,17 +66,30 @@ def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, s
         "pretrain.optim.warmup_steps=2",
         "--set",
         "pretrain.eval_interval=10",
+        "--set",
+        "extract.distill_compute_fraction=0.3",  # 6% of 20 steps' compute would be less than one step
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "supernet registered as models:/trainonce-supernet/1" in result.stdout
 
     client = store_client(workdir)
     version = client.get_model_version("trainonce-supernet", "1")
-    for tag in ("data_fingerprint", "config_hash", "git_commit", "val_loss/full", "val_loss/L2_E2_k1"):
+    for tag in ("data_fingerprint", "config_hash", "git_commit", "val_loss/full", "val_loss/L3_E4_k1"):
         assert version.tags.get(tag), tag
     run = client.get_run(version.run_id)
     assert run.data.params["pretrain.model.d_model"] == "64"
-    for label in ("full", "L2_E2_k1", "L3_E2_k1", "L3_E6_k2"):  # the panel, smallest to largest
+    for label in ("full", "L3_E4_k1", "L4_E12_k1", "L6_E8_k1"):  # the panel, smallest to largest
         steps = [m.step for m in client.get_metric_history(run.info.run_id, f"val_loss/{label}")]
         assert steps == [10, 20], label
     assert "plots/loss_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+
+    subnet = client.get_model_version("trainonce-subnet", "1")
+    assert subnet.tags["parent_supernet_version"] == "1"
+    assert float(subnet.tags["total_params_fraction"]) <= 0.34
+    assert float(subnet.tags["active_params_fraction"]) <= 0.5
+    assert 0 < float(subnet.tags["distill_compute_fraction"]) <= 0.3
+    assert int(subnet.tags["distill_steps"]) >= 1
+    spec = json.loads(subnet.tags["subnet_spec"])
+    assert len(spec["layers"]) == 3 and spec["top_k"] == 1
+    search_runs = client.search_runs([run.info.experiment_id], "tags.stage = 'search'")
+    assert "plots/pareto.png" in [a.path for a in client.list_artifacts(search_runs[0].info.run_id, "plots")]

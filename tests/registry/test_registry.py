@@ -1,5 +1,6 @@
 """Registry against a real MLflow SQLite store: register with lineage, resolve by version/alias, load back."""
 
+import json
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from registry.models import (
     SUPERNET_MODEL,
     download_model,
     parse_model_ref,
-    register_supernet,
+    register_checkpoint,
     resolve_version,
     version_tags,
 )
@@ -33,12 +34,13 @@ def registered(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
     save_model(model, workdir / "ckpt" / "supernet")
     logger = RunLogger(workdir, run_name="pretrain")
     versions = [
-        register_supernet(
+        register_checkpoint(
             workdir,
             logger.run_id,
+            SUPERNET_MODEL,
             workdir / "ckpt" / "supernet",
             data.tokenizer_path,
-            {"depths": [1, 2]},
+            {"elastic_space": {"depths": [1, 2]}},
             {"data_fingerprint": data.fingerprint, "config_hash": f"hash{i}"},
         )
         for i in range(2)
@@ -75,6 +77,7 @@ def test_download_gives_local_weights_that_load(registered, tmp_path: Path) -> N
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
     assert (local / "artifacts" / "tokenizer.json").is_file()
+    assert json.loads((local / "artifacts" / "supernet_extra.json").read_text())["elastic_space"]["depths"] == [1, 2]
 
 
 def test_pyfunc_scores_text_under_full_and_sub_models(registered) -> None:

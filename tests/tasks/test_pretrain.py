@@ -15,8 +15,10 @@ from tasks.pretrain import PretrainConfig, cosine_with_warmup, evaluation_panel,
 
 
 def _tiny_pretrain(**overrides) -> PretrainConfig:
+    """The tiny preset's loop settings on a smaller 4-layer, 8-expert supernet (fast enough for many tests)."""
     base = load_pipeline_config("tiny").pretrain.model_dump()
-    base["model"]["vocab_size"] = 400
+    base["model"].update(vocab_size=400, n_layers=4, n_experts=8)
+    base["elastic"].update(depths=[2, 3, 4], expert_counts=[2, 4, 6, 8], top_ks=[1, 2])
     return PretrainConfig.model_validate({**base, **overrides})
 
 
@@ -37,7 +39,7 @@ def test_bad_pretrain_config_is_rejected(overrides: dict, message: str) -> None:
 
 
 def test_pipeline_rejects_vocab_mismatch() -> None:
-    with pytest.raises(ValidationError, match="must equal data.vocab_size=2048"):
+    with pytest.raises(ValidationError, match="must equal data.vocab_size=1024"):
         load_pipeline_config("tiny", {"pretrain.model.vocab_size": 1000})
 
 

@@ -1,4 +1,6 @@
-"""MLflow "model from code" for a registered supernet: no pickled Python object, only this file + artifacts.
+"""MLflow "model from code" for a registered trainonce checkpoint (supernet or sub-model).
+
+No pickled Python object: only this file + artifacts.
 
 `mlflow.pyfunc.load_model("models:/trainonce-supernet/<version>")` gives a model whose `predict` scores
 texts: mean next-token negative log-likelihood under the full model or under any sub-model given as a
