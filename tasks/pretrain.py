@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from models.accounting import subnet_cost
 from models.checkpoint import save_model
 from models.config import MoEConfig
+from models.importance import measure_importance
 from models.losses import DistillationTarget, causal_lm_loss, distillation_loss
 from models.moe import ElasticMoE, RoutingStats
 from models.subnet import ElasticSpace, SubnetSpec
@@ -103,6 +104,14 @@ class PretrainConfig(BaseModel):
         50, ge=1, le=1_000_000, description="Steps between resumable checkpoints (accelerate save_state)."
     )
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Newest checkpoints kept on disk.")
+    rerank_interval: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Steps between re-measuring layer/expert importance on training batches, so the sandwich's "
+        "`smallest` and nested sampling follow the current importance order (None: keep the identity order).",
+    )
+    rerank_batches: int = Field(4, ge=1, le=10_000, description="Training batches per importance re-ranking.")
     peak_tflops: float | None = Field(
         None, gt=0, le=100_000, description="Device peak for MFU; default: known GPU bf16 peak or measured CPU."
     )
@@ -385,6 +394,14 @@ def run_pretrain(
                 optimizer.zero_grad(set_to_none=True)
         if core.config.load_balancing == "bias":
             core.update_routing_bias(routing)
+        if config.rerank_interval and (step + 1) % config.rerank_interval == 0:
+            # the same batches on every process, so every rank derives the same order and samples alike
+            rng = np.random.default_rng([config.seed, step, 1_000_003])
+            calibration = [
+                sample_batch(train_tokens, config.batch_size, config.seq_len, rng).to(accelerator.device)
+                for _ in range(config.rerank_batches)
+            ]
+            core.set_importance(measure_importance(core, calibration).importance())
         window_tokens += tokens_per_step
         window_flops += training_flops(core.config, specs, config.seq_len, tokens_per_step)
         done = step + 1

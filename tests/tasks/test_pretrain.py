@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from models.checkpoint import load_model
 from models.moe import ElasticMoE
+from models.subnet import Importance
 from tasks.data import DataConfig, prepare_data
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain import PretrainConfig, cosine_with_warmup, evaluation_panel, run_pretrain, subnets_for_step
@@ -110,3 +111,14 @@ def test_vocab_mismatch_with_prepared_data_fails_before_training(tmp_path: Path,
     data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=300, data_dir=tmp_path))
     with pytest.raises(ValueError, match=r"model.vocab_size=400 must equal the tokenizer's vocabulary \(300\)"):
         run_pretrain(_tiny_pretrain(), data, tmp_path / "run")
+
+
+def test_reranking_during_training_stores_the_measured_order(tmp_path: Path, small_corpus: Path) -> None:
+    data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path / "data"))
+    config = _tiny_pretrain(
+        max_steps=20, batch_size=4, seq_len=32, rerank_interval=10, eval_interval=20, optim={"warmup_steps": 2}
+    )
+    result = run_pretrain(config, data, tmp_path / "run")
+    importance = load_model(result.checkpoint_dir).importance()
+    assert importance != Importance.identity(config.model)  # 8 experts per layer: identity is vanishingly unlikely
+    importance.check_fits(config.model)
