@@ -1,0 +1,247 @@
+"""Alignment data: the chat template, instruction tasks with checkable answers, preference pairs, user files.
+
+Every generated example comes from a seed, so train and held-out splits are reproducible and disjoint; every
+task has a checker, so accuracy is exact match on what the model generated, not a judge's opinion.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tokenizers import Tokenizer
+
+from tasks.data import ASSISTANT, END_OF_TURN, SYSTEM, USER
+
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Conversation(BaseModel):
+    """One SFT example: `{"messages": [...]}`, ending with the assistant's reply that is trained on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: tuple[Message, ...] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _ends_with_assistant(self) -> Conversation:
+        if self.messages[-1].role != "assistant":
+            raise ValueError("the last message must be the assistant's")
+        return self
+
+
+class PreferencePair(BaseModel):
+    """One DPO example: `{"prompt", "chosen", "rejected"}` (the prompt is the user's turn)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1)
+    chosen: str
+    rejected: str
+    rejected_source: Literal["on_policy", "corrupted", "user"] = "user"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat template
+
+
+def render_chat(
+    messages: Sequence[Message], tokenizer: Tokenizer, add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids of `<|role|>content<|end|>` per message, and a loss mask that is 1 exactly on the
+    assistant's content and its `<|end|>` (what SFT trains on). With `add_generation_prompt`, a trailing
+    `<|assistant|>` asks the model to reply."""
+    end = tokenizer.token_to_id(END_OF_TURN)
+    ids: list[int] = []
+    mask: list[int] = []
+    for message in messages:
+        content = tokenizer.encode(message.content).ids
+        trained = 1 if message.role == "assistant" else 0
+        ids += [tokenizer.token_to_id(ROLE_TOKENS[message.role]), *content, end]
+        mask += [0, *([trained] * len(content)), trained]
+    if add_generation_prompt:
+        ids.append(tokenizer.token_to_id(ASSISTANT))
+        mask.append(0)
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks with verifiable answers
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str
+    answer: str
+
+
+WORDS = (
+    "king", "queen", "lord", "lady", "fool", "ghost", "sword", "crown", "rose", "night", "day", "love", "death",
+    "storm", "sea", "fire", "moon", "star", "heart", "blood", "honour", "grace",
+)  # fmt: skip
+
+
+def _arithmetic(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        return Example("arithmetic", f"What is {a} + {b}?", str(a + b))
+    a, b = max(a, b), min(a, b)
+    return Example("arithmetic", f"What is {a} - {b}?", str(a - b))
+
+
+def _copy(rng: random.Random) -> Example:
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    return Example("copy", f"Repeat: {' '.join(words)}", " ".join(words))
+
+
+def _reverse(rng: random.Random) -> Example:
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    return Example("reverse", f"Reverse: {' '.join(words)}", " ".join(reversed(words)))
+
+
+def _sort(rng: random.Random) -> Example:
+    numbers = rng.sample(range(10, 100), rng.randint(3, 5))
+    return Example("sort", f"Sort: {' '.join(map(str, numbers))}", " ".join(map(str, sorted(numbers))))
+
+
+def _span(passages: Sequence[str]) -> Callable[[random.Random], Example]:
+    """Questions answered by a span of a corpus passage: the word that follows a given word."""
+
+    def make(rng: random.Random) -> Example:
+        for _ in range(1000):
+            words = rng.choice(passages).split()
+            i = rng.randrange(len(words) - 1)
+            # the cue must occur once, so the answer is unambiguous
+            if words.count(words[i]) == 1:
+                passage = " ".join(words)
+                return Example("span", f"Passage: {passage}\nWhich word follows '{words[i]}'?", words[i + 1])
+        raise ValueError("passages: no word occurs exactly once, so no span question is unambiguous")
+
+    return make
+
+
+def check(answer: str, expected: str) -> bool:
+    """Exact match after trimming whitespace: every task's answer is a short canonical string."""
+    return answer.strip() == expected.strip()
+
+
+def corpus_passages(text: str, n_words: int = 12, limit: int = 2000) -> list[str]:
+    """Short passages (consecutive words of single lines) cut from the corpus for span questions."""
+    passages = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= n_words:
+            passages.append(" ".join(words[:n_words]))
+        if len(passages) >= limit:
+            break
+    if not passages:
+        raise ValueError(f"the corpus has no line of {n_words} words to cut span passages from")
+    return passages
+
+
+class TaskMixConfig(BaseModel):
+    """Which instruction tasks, how many examples, which seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: tuple[Literal["arithmetic", "copy", "reverse", "sort", "span"], ...] = Field(
+        ("arithmetic", "copy", "reverse", "sort", "span"), min_length=1, description="Tasks in the mix."
+    )
+    train_per_task: int = Field(400, ge=1, le=1_000_000, description="Training examples per task.")
+    test_per_task: int = Field(50, ge=1, le=100_000, description="Held-out examples per task.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the training split (held-out uses seed + 1).")
+
+
+def generate_splits(config: TaskMixConfig, passages: Sequence[str]) -> tuple[list[Example], list[Example]]:
+    """Train and held-out examples; a held-out prompt never appears in train."""
+    makers = {"arithmetic": _arithmetic, "copy": _copy, "reverse": _reverse, "sort": _sort, "span": _span(passages)}
+
+    def draw(seed: int, per_task: int, exclude: set[str]) -> list[Example]:
+        rng, examples = random.Random(seed), []
+        for name in config.tasks:
+            seen: set[str] = set()
+            for _ in range(per_task * 50):
+                if len(seen) == per_task:
+                    break
+                example = makers[name](rng)
+                if example.prompt not in exclude and example.prompt not in seen:
+                    seen.add(example.prompt)
+                    examples.append(example)
+        return examples
+
+    train = draw(config.seed, config.train_per_task, set())
+    test = draw(config.seed + 1, config.test_per_task, {e.prompt for e in train})
+    return train, test
+
+
+def as_conversation(example: Example) -> Conversation:
+    return Conversation(
+        messages=(Message(role="user", content=example.prompt), Message(role="assistant", content=example.answer))
+    )
+
+
+def corrupt(example: Example, rng: random.Random) -> str:
+    """A wrong answer of the right shape: a shifted number, or words in another order / one word changed."""
+    words = example.answer.split()
+    if example.task == "arithmetic":
+        return str(int(example.answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    if len(words) > 1:
+        shuffled = words[:]
+        while shuffled == words:
+            rng.shuffle(shuffled)
+        return " ".join(shuffled)
+    return rng.choice([w for w in WORDS if w != example.answer])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# User-provided files
+
+
+def _read_jsonl(path: Path, model: type[BaseModel]) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    records, errors = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(model.model_validate_json(line))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "line"
+            errors.append(f"{path}:{number}: {where}: {first['msg']}")
+    if errors:
+        raise ValueError(f"{len(errors)} malformed line(s):\n" + "\n".join(errors[:20]))
+    if not records:
+        raise ValueError(f"{path} has no records")
+    return records
+
+
+def read_sft_jsonl(path: str | Path) -> list[Conversation]:
+    """`{"messages": [{"role", "content"}, ...]}` per line; malformed lines are reported with numbers."""
+    return _read_jsonl(Path(path), Conversation)
+
+
+def read_preference_jsonl(path: str | Path) -> list[PreferencePair]:
+    """`{"prompt", "chosen", "rejected"}` per line; malformed lines are reported with numbers."""
+    return _read_jsonl(Path(path), PreferencePair)
+
+
+def write_jsonl(records: Sequence[BaseModel], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r.model_dump(mode="json")) + "\n" for r in records))
+    return path

@@ -1,0 +1,114 @@
+"""Alignment data: chat template and loss mask, seeded task splits, checkers, corruptions, user jsonl."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tasks.align_data import (
+    Conversation,
+    Example,
+    Message,
+    TaskMixConfig,
+    as_conversation,
+    check,
+    corpus_passages,
+    corrupt,
+    generate_splits,
+    read_preference_jsonl,
+    read_sft_jsonl,
+    render_chat,
+)
+from tasks.data import DataConfig, prepare_data
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
+    return prepare_data(
+        DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("d"))
+    ).tokenizer()
+
+
+@pytest.fixture(scope="module")
+def passages(small_corpus: Path) -> list[str]:
+    return corpus_passages("\n".join(p.read_text() for p in sorted(small_corpus.iterdir())))
+
+
+def test_template_masks_exactly_the_assistant_reply(tokenizer) -> None:
+    messages = [
+        Message(role="system", content="Be brief."),
+        Message(role="user", content="What is 2 + 2?"),
+        Message(role="assistant", content="4"),
+    ]
+    ids, mask = render_chat(messages, tokenizer)
+    assert len(ids) == len(mask)
+    special = {tokenizer.token_to_id(t): t for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")}
+    assert [special[i] for i in ids if i in special] == [
+        "<|system|>",
+        "<|end|>",
+        "<|user|>",
+        "<|end|>",
+        "<|assistant|>",
+        "<|end|>",
+    ]
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    assert tokenizer.decode(trained, skip_special_tokens=False) == "4<|end|>"
+    prompt_ids, prompt_mask = render_chat(messages[:2], tokenizer, add_generation_prompt=True)
+    assert prompt_ids[-1] == tokenizer.token_to_id("<|assistant|>") and sum(prompt_mask) == 0
+    assert ids[: len(prompt_ids)] == prompt_ids  # generation continues exactly where training data does
+
+
+def test_splits_are_seeded_disjoint_and_checkable(passages: list[str]) -> None:
+    config = TaskMixConfig(train_per_task=60, test_per_task=20)
+    train, test = generate_splits(config, passages)
+    again, _ = generate_splits(config, passages)
+    assert train == again
+    assert len(train) == 5 * 60 and len(test) == 5 * 20
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    by_task = {e.task: e for e in test}
+    assert set(by_task) == {"arithmetic", "copy", "reverse", "sort", "span"}
+    for example in train + test:
+        assert check(example.answer, example.answer) and check(f" {example.answer}\n", example.answer)
+    arithmetic = next(e for e in train if e.task == "arithmetic")
+    a, op, b = arithmetic.prompt.removeprefix("What is ").removesuffix("?").split()
+    assert int(arithmetic.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    span = by_task["span"]
+    words = span.prompt.split("\n")[0].removeprefix("Passage: ").split()
+    cue = span.prompt.split("'")[1]
+    assert words[words.index(cue) + 1] == span.answer
+
+
+def test_corruptions_are_always_wrong(passages: list[str]) -> None:
+    train, _ = generate_splits(TaskMixConfig(train_per_task=40, test_per_task=5), passages)
+    rng = random.Random(0)
+    for example in train:
+        assert not check(corrupt(example, rng), example.answer), example
+
+
+def test_conversations_must_end_with_the_assistant() -> None:
+    assert as_conversation(Example("copy", "Repeat: a", "a")).messages[-1].role == "assistant"
+    with pytest.raises(ValidationError, match="the last message must be the assistant's"):
+        Conversation(messages=[{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
+
+
+def test_user_jsonl_errors_name_the_line(tmp_path: Path) -> None:
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(
+        json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n{oops\n"
+    )
+    with pytest.raises(ValueError, match=r"2 malformed line\(s\)") as error:
+        read_sft_jsonl(sft)
+    assert "sft.jsonl:2: messages.0.role" in str(error.value) and "sft.jsonl:3:" in str(error.value)
+    sft.write_text(json.dumps(good) + "\n")
+    assert read_sft_jsonl(sft)[0].messages[1].content == "hello"
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(
+        json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n" + json.dumps({"prompt": "x"})
+    )
+    with pytest.raises(ValueError, match="prefs.jsonl:2: chosen: Field required"):
+        read_preference_jsonl(prefs)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_preference_jsonl(tmp_path / "missing.jsonl")
