@@ -11,14 +11,19 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, ax, path: Path) -> Path:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def _write(fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Grid and legend for line/scatter plots, then write."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _write(fig, path)
 
 
 def plot_loss_curves(
@@ -51,3 +56,16 @@ def plot_pareto(
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Sub-model search under budgets")
     return _save(fig, ax, path)
+
+
+def plot_routing_heatmap(load: Sequence[Sequence[float]], path: Path, title: str) -> Path:
+    """Per-layer expert load (fraction of routed tokens) as a heatmap: balanced routing is a flat colour."""
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(load) + 2), dpi=100)
+    image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0.0)
+    fig.colorbar(image, ax=ax, label="fraction of routed tokens")
+    ax.set_xticks(range(len(load[0])) if load else [])
+    ax.set_yticks(range(len(load)))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(title)
+    return _write(fig, path)

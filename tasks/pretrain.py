@@ -37,7 +37,7 @@ from models.subnet import ElasticSpace, SubnetSpec
 from registry.models import SUPERNET_MODEL, RegisteredVersion, register_checkpoint
 from registry.tracking import RunLogger, git_commit
 from tasks.data import PreparedData, sample_batch
-from tasks.plots import plot_loss_curves
+from tasks.plots import plot_loss_curves, plot_routing_heatmap
 from tasks.throughput import device_peak_flops, training_flops
 from tasks.train_checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -290,6 +290,19 @@ def routing_entropy(routing: list[RoutingStats]) -> float:
     return sum(values) / len(values) if values else 1.0
 
 
+@torch.no_grad()
+def full_model_routing(
+    model: ElasticMoE, val_tokens: np.ndarray, config: PretrainConfig, device: torch.device
+) -> list[list[float]]:
+    """Expert load per MoE layer of the full model on one fixed validation batch (rows of the heatmap)."""
+    was_training = model.training
+    model.eval()
+    batch = sample_batch(val_tokens, config.batch_size, config.seq_len, np.random.default_rng(12345)).to(device)
+    rows = [stats.expert_load.tolist() for stats in model(batch).routing]
+    model.train(was_training)
+    return rows
+
+
 def metric_key(label: str) -> str:
     return "val_loss/" + label.replace(" ", "_")
 
@@ -434,6 +447,7 @@ def run_pretrain(
             run_id = logger.run_id if logger else (state.mlflow_run_id if state else None)
             save_checkpoint(accelerator, output_dir, TrainerState(done, config_hash, run_id), config.keep_checkpoints)
 
+    heatmap_rows = full_model_routing(core, val_tokens, config, accelerator.device)
     if not val_loss:  # resumed at the very end: nothing trained, validate what was restored
         val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
     supernet_dir = output_dir / "supernet"
@@ -441,8 +455,12 @@ def run_pretrain(
     if accelerator.is_main_process:
         save_model(core, supernet_dir)
         curve = plot_loss_curves(*history.curves(), output_dir / "loss_curve.png")
+        heatmap = plot_routing_heatmap(
+            heatmap_rows, output_dir / "routing_heatmap.png", "Full-model expert load on validation data"
+        )
         if logger:
             logger.log_artifact(curve, "plots")
+            logger.log_artifact(heatmap, "plots")
             logger.finish()
     accelerator.wait_for_everyone()
     return PretrainResult(

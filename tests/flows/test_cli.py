@@ -81,7 +81,8 @@ def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, s
     for label in ("full", "L3_E4_k1", "L4_E12_k1", "L6_E8_k1"):  # the panel, smallest to largest
         steps = [m.step for m in client.get_metric_history(run.info.run_id, f"val_loss/{label}")]
         assert steps == [10, 20], label
-    assert "plots/loss_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    assert "plots/loss_curve.png" in plots and "plots/routing_heatmap.png" in plots
 
     subnet = client.get_model_version("trainonce-subnet", "1")
     assert subnet.tags["parent_supernet_version"] == "1"

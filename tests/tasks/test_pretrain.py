@@ -88,6 +88,7 @@ def test_short_run_learns_and_saves_a_loadable_supernet(tmp_path: Path, small_co
     assert load_model(result.checkpoint_dir).config == config.model
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step_00000020", "step_00000040"]
     assert result.loss_curve is not None and result.loss_curve.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "run" / "routing_heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_token_budget_sets_the_step_count() -> None:
