@@ -20,10 +20,14 @@ def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens[:, 1:], pad], dim=1)
 
 
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of logits (B, T, V) against aligned targets (B, T); IGNORE_INDEX entries do not count."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of logits (B, T, V) on tokens (B, T)."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, vocab).float(), next_token_targets(tokens).reshape(-1))
+    return masked_lm_loss(logits, next_token_targets(tokens))
 
 
 @dataclass(frozen=True)

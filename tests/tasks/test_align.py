@@ -1,0 +1,62 @@
+"""SFT: the loss counts assistant tokens only, and fine-tuning raises held-out exact match."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.config import MoEConfig
+from models.losses import IGNORE_INDEX, masked_lm_loss
+from models.moe import ElasticMoE
+from tasks.align import SFTConfig, collate, encode, exact_match, run_sft
+from tasks.align_data import Example, TaskMixConfig, as_conversation, corpus_passages, generate_splits
+from tasks.data import DataConfig, prepare_data
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
+    return prepare_data(
+        DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("d"))
+    ).tokenizer()
+
+
+def _model() -> ElasticMoE:
+    torch.manual_seed(0)
+    config = MoEConfig(
+        vocab_size=400, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2, expert_ffn_dim=64,
+        max_seq_len=128,
+    )  # fmt: skip
+    return ElasticMoE(config)
+
+
+def test_targets_cover_only_the_reply(tokenizer) -> None:
+    encoded = encode(as_conversation(Example("copy", "Repeat: king queen", "king queen")), tokenizer, 128)
+    trained = [t for t in encoded.targets if t != IGNORE_INDEX]
+    assert tokenizer.decode(trained, skip_special_tokens=False) == "king queen<|end|>"
+    # each target is the next token of the sequence
+    for position, target in enumerate(encoded.targets):
+        if target != IGNORE_INDEX:
+            assert encoded.tokens[position + 1] == target
+    tokens, targets = collate([encoded, encode(as_conversation(Example("copy", "Repeat: a", "a")), tokenizer, 128)], 1)
+    assert tokens.shape == targets.shape and (targets[1, -3:] == IGNORE_INDEX).all()
+
+
+def test_masked_loss_ignores_prompt_positions() -> None:
+    logits = torch.randn(1, 4, 9)
+    targets = torch.tensor([[IGNORE_INDEX, 3, IGNORE_INDEX, 5]])
+    expected = -(torch.log_softmax(logits[0, 1], -1)[3] + torch.log_softmax(logits[0, 3], -1)[5]) / 2
+    torch.testing.assert_close(masked_lm_loss(logits, targets), expected)
+
+
+def test_sft_raises_held_out_exact_match(tokenizer, small_corpus: Path) -> None:
+    passages = corpus_passages("\n".join(p.read_text() for p in sorted(small_corpus.iterdir())))
+    config = SFTConfig(
+        tasks=TaskMixConfig(tasks=("copy",), train_per_task=400, test_per_task=30), steps=300, lr=3e-3, batch_size=32
+    )
+    train, test = generate_splits(config.tasks, passages)
+    model = _model()
+    result = run_sft(config, model, tokenizer, train, test)
+    assert result.accuracy_before["copy"] == 0.0
+    assert result.accuracy_after["copy"] >= 0.3
+    assert sum(result.losses[-20:]) / 20 < 0.2 * result.losses[0]
+    assert exact_match(model, tokenizer, test, 16) == result.accuracy_after  # the model was tuned in place
