@@ -9,7 +9,7 @@ import torch
 
 from models.config import MoEConfig
 from models.moe import ElasticMoE
-from tasks.data import builtin_shakespeare_files
+from tasks.data import DataConfig, PreparedData, builtin_shakespeare_files, prepare_data
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +57,9 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for path in builtin_shakespeare_files()[:3]:
         (folder / path.name).write_text(path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> PreparedData:
+    """The small corpus prepared with a 400-token BPE vocabulary (chat special tokens included)."""
+    return prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("data")))

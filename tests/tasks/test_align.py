@@ -10,14 +10,12 @@ from models.losses import IGNORE_INDEX, masked_lm_loss
 from models.moe import ElasticMoE
 from tasks.align import SFTConfig, collate, encode, exact_match, run_sft
 from tasks.align_data import Example, TaskMixConfig, as_conversation, corpus_passages, generate_splits
-from tasks.data import DataConfig, prepare_data
+from tasks.data import PreparedData
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
-    return prepare_data(
-        DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("d"))
-    ).tokenizer()
+def tokenizer(small_data: PreparedData):
+    return small_data.tokenizer()
 
 
 def _model() -> ElasticMoE:

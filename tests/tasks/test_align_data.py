@@ -21,14 +21,12 @@ from tasks.align_data import (
     read_sft_jsonl,
     render_chat,
 )
-from tasks.data import DataConfig, prepare_data
+from tasks.data import PreparedData
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
-    return prepare_data(
-        DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("d"))
-    ).tokenizer()
+def tokenizer(small_data: PreparedData):
+    return small_data.tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from models.checkpoint import load_model
 from models.moe import ElasticMoE
 from models.subnet import Importance
-from tasks.data import DataConfig, prepare_data
+from tasks.data import DataConfig, PreparedData, prepare_data
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain import PretrainConfig, cosine_with_warmup, evaluation_panel, run_pretrain, subnets_for_step
 
@@ -73,8 +73,8 @@ def test_schedule_warms_up_then_decays() -> None:
     assert factor(55) == pytest.approx(0.55) and factor(100) == pytest.approx(0.1)
 
 
-def test_short_run_learns_and_saves_a_loadable_supernet(tmp_path: Path, small_corpus: Path) -> None:
-    data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path / "data"))
+def test_short_run_learns_and_saves_a_loadable_supernet(tmp_path: Path, small_data: PreparedData) -> None:
+    data = small_data
     config = _tiny_pretrain(
         max_steps=40, batch_size=8, seq_len=64, eval_interval=20, checkpoint_interval=20, optim={"warmup_steps": 4}
     )
@@ -114,8 +114,8 @@ def test_vocab_mismatch_with_prepared_data_fails_before_training(tmp_path: Path,
         run_pretrain(_tiny_pretrain(), data, tmp_path / "run")
 
 
-def test_reranking_during_training_stores_the_measured_order(tmp_path: Path, small_corpus: Path) -> None:
-    data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path / "data"))
+def test_reranking_during_training_stores_the_measured_order(tmp_path: Path, small_data: PreparedData) -> None:
+    data = small_data
     config = _tiny_pretrain(
         max_steps=20, batch_size=4, seq_len=32, rerank_interval=10, eval_interval=20, optim={"warmup_steps": 2}
     )
