@@ -58,3 +58,41 @@ def distillation_loss(student: torch.Tensor, target: DistillationTarget) -> torc
     if t != 1.0:
         logits = logits / t
     return (F.cross_entropy(logits, target.probs) - target.entropy) * (t * t)
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probabilities of the target tokens per row: logits (B, T, V), targets (B, T) -> (B,).
+
+    IGNORE_INDEX positions (prompt, padding) contribute nothing.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    keep = targets != IGNORE_INDEX
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * keep).sum(dim=-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization (Rafailov et al., 2023) on sequence log-probabilities (B,).
+
+    `sigmoid`: -log sigmoid(beta * margin), with conservative label smoothing (cDPO) when > 0; `ipo`:
+    (margin' - 1 / (2 beta))^2 with margin' the unscaled log-ratio difference (Azar et al., 2023).
+    Returns the mean loss and the implicit rewards beta * (policy - reference) of chosen and rejected.
+    """
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    if loss_type == "ipo":
+        losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
+    elif loss_type == "sigmoid":
+        logits = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    else:
+        raise ValueError(f"loss_type: expected 'sigmoid' or 'ipo', got {loss_type!r}")
+    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

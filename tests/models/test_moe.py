@@ -1,5 +1,6 @@
 """Behaviour of the elastic model: causality, routing, load balancing, training."""
 
+import pytest
 import torch
 
 from models.config import MoEConfig
@@ -130,3 +131,29 @@ def test_lm_loss_is_next_token_cross_entropy_by_hand() -> None:
         [torch.log_softmax(logits[b, t], -1)[tokens[b, t + 1]] for b in range(2) for t in range(3)]
     ).mean()
     torch.testing.assert_close(causal_lm_loss(logits, tokens), by_hand)
+
+
+def test_dpo_loss_matches_a_hand_computed_case() -> None:
+    from models.losses import dpo_loss
+
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-2.0, -5.0, -3.0, -4.0))
+    # margin = (-2 - -3) - (-5 - -4) = 1 - (-1) = 2; beta 0.5 -> logits 1.0; loss = -log sigmoid(1) = 0.31326
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert loss.item() == pytest.approx(0.3132617, abs=1e-6)
+    assert (chosen.item(), rejected.item()) == (0.5, -0.5)
+    smoothed, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.9 * 0.3132617 + 0.1 * 1.3132617, abs=1e-6)  # -log sigmoid(-1)
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
+    assert ipo.item() == pytest.approx((2 - 1) ** 2)  # (margin - 1 / (2 * 0.5))^2
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="hinge")
+
+
+def test_sequence_logprobs_sum_only_the_targets() -> None:
+    from models.losses import IGNORE_INDEX, sequence_logprobs
+
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, IGNORE_INDEX, 4], [IGNORE_INDEX, IGNORE_INDEX, 0]])
+    log_probs = torch.log_softmax(logits, -1)
+    expected = torch.stack([log_probs[0, 0, 1] + log_probs[0, 2, 4], log_probs[1, 2, 0]])
+    torch.testing.assert_close(sequence_logprobs(logits, targets), expected)
