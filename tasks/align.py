@@ -1,4 +1,4 @@
-"""Alignment stage: supervised fine-tuning on chat data with the loss on assistant tokens only.
+"""Alignment stage: SFT on chat data (loss on assistant tokens only), then DPO against the frozen SFT model.
 
 Accuracy is exact match per task on the held-out split, with greedy KV-cache generation that stops at the
 end-of-turn token, so base, SFT (and later DPO) numbers are directly comparable.
@@ -6,9 +6,11 @@ end-of-turn token, so base, SFT (and later DPO) numbers are directly comparable.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -17,9 +19,19 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from models.generate import greedy_generate
-from models.losses import IGNORE_INDEX, masked_lm_loss
+from models.losses import IGNORE_INDEX, dpo_loss, masked_lm_loss, sequence_logprobs
 from models.moe import ElasticMoE
-from tasks.align_data import Conversation, Example, Message, TaskMixConfig, as_conversation, check, render_chat
+from tasks.align_data import (
+    Conversation,
+    Example,
+    Message,
+    PreferencePair,
+    TaskMixConfig,
+    as_conversation,
+    check,
+    corrupt,
+    render_chat,
+)
 from tasks.data import END_OF_TURN, PAD
 from tasks.pretrain import OptimConfig, cosine_with_warmup
 
@@ -134,3 +146,151 @@ def run_sft(
     core = accelerator.unwrap_model(model)
     after = exact_match(core, tokenizer, test, config.max_new_tokens)
     return SFTResult(losses, before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preference pairs and DPO
+
+
+def preference_pairs(
+    model: ElasticMoE, tokenizer: Tokenizer, examples: Sequence[Example], max_new_tokens: int, seed: int
+) -> tuple[list[PreferencePair], dict[str, int]]:
+    """chosen = the correct answer; rejected = the model's own wrong greedy answer (on-policy) when it has
+    one, else a corrupted answer. Returns the pairs and how many of each kind."""
+    rng = random.Random(seed)
+    pairs, counts = [], {"on_policy": 0, "corrupted": 0}
+    was_training = model.training
+    model.eval()
+    for example in examples:
+        reply = generate_reply(model, tokenizer, example.prompt, max_new_tokens)
+        if reply.strip() and not check(reply, example.answer):
+            rejected, source = reply.strip(), "on_policy"
+        else:
+            rejected, source = corrupt(example, rng), "corrupted"
+        counts[source] += 1
+        pairs.append(
+            PreferencePair(prompt=example.prompt, chosen=example.answer, rejected=rejected, rejected_source=source)
+        )
+    model.train(was_training)
+    return pairs, counts
+
+
+def encode_pair(
+    pair: PreferencePair, tokenizer: Tokenizer, max_len: int
+) -> tuple[EncodedConversation, EncodedConversation]:
+    user = Message(role="user", content=pair.prompt)
+
+    def reply(content: str) -> EncodedConversation:
+        return encode(Conversation(messages=(user, Message(role="assistant", content=content))), tokenizer, max_len)
+
+    return reply(pair.chosen), reply(pair.rejected)
+
+
+class DPOConfig(BaseModel):
+    """Direct Preference Optimization against the frozen SFT model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.1, gt=0, le=10, description="Strength of the KL anchor to the reference (DPO beta).")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO's sigmoid loss or IPO's squared loss.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed fraction of flipped preferences.")
+    chosen_nll_weight: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="Weight of the chosen answers' per-token NLL added to the DPO loss (RPO, Pang et al., 2024): "
+        "plain DPO can lower the chosen answers' likelihood too, which costs exact-match accuracy.",
+    )
+    steps: int = Field(100, ge=1, le=10_000_000, description="Optimiser steps.")
+    batch_size: int = Field(16, ge=1, le=65_536, description="Preference pairs per batch.")
+    max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
+    lr: float = Field(2e-4, gt=0, le=1, description="Learning rate (AdamW, constant after a short warm-up).")
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit for on-policy pairs and accuracy.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of batch order and corruptions.")
+
+
+@dataclass(frozen=True)
+class PreferenceMetrics:
+    reward_accuracy: float  # fraction of pairs whose chosen reward exceeds the rejected one
+    chosen_reward: float
+    rejected_reward: float
+    margin: float
+
+
+@dataclass(frozen=True)
+class DPOResult:
+    losses: list[float]
+    train_pair_kinds: dict[str, int]
+    held_out: PreferenceMetrics
+    accuracy_after: dict[str, float]
+
+
+def _pair_logprobs(
+    model: torch.nn.Module, pairs: Sequence[tuple[EncodedConversation, EncodedConversation]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of chosen and rejected replies (one forward over the stacked batch), and the
+    number of chosen reply tokens."""
+    tokens, targets = collate([c for c, _ in pairs] + [r for _, r in pairs], pad)
+    device = next(model.parameters()).device
+    targets = targets.to(device)
+    logps = sequence_logprobs(model(tokens.to(device)).logits, targets)
+    n = len(pairs)
+    return logps[:n], logps[n:], (targets[:n] != IGNORE_INDEX).sum(-1)
+
+
+@torch.no_grad()
+def preference_metrics(
+    policy: ElasticMoE, reference: ElasticMoE, pairs: Sequence, config: DPOConfig, pad: int
+) -> PreferenceMetrics:
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), config.batch_size):
+        batch = pairs[start : start + config.batch_size]
+        pc, pr, _ = _pair_logprobs(policy, batch, pad)
+        rc, rr, _ = _pair_logprobs(reference, batch, pad)
+        _, c, r = dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing, config.loss_type)
+        chosen.append(c)
+        rejected.append(r)
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    return PreferenceMetrics(float((c > r).float().mean()), float(c.mean()), float(r.mean()), float((c - r).mean()))
+
+
+def run_dpo(
+    config: DPOConfig,
+    policy: ElasticMoE,
+    tokenizer: Tokenizer,
+    train: Sequence[Example],
+    test: Sequence[Example],
+    extra_pairs: Sequence[PreferencePair] = (),
+) -> DPOResult:
+    """DPO of `policy` (in place) against a frozen copy of itself; on-policy pairs from its own mistakes."""
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    pad = tokenizer.token_to_id(PAD)
+    train_pairs, kinds = preference_pairs(policy, tokenizer, train, config.max_new_tokens, config.seed)
+    test_pairs, _ = preference_pairs(policy, tokenizer, test, config.max_new_tokens, config.seed + 1)
+    encoded = [encode_pair(p, tokenizer, config.max_len) for p in [*train_pairs, *extra_pairs]]
+    held_out = [encode_pair(p, tokenizer, config.max_len) for p in test_pairs]
+    accelerator = Accelerator()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    reference.to(accelerator.device)
+    rng = random.Random(config.seed)
+    losses = []
+    model.train()
+    for step in tqdm(range(config.steps), desc="dpo"):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / 10)
+        batch = rng.sample(encoded, min(config.batch_size, len(encoded)))
+        pc, pr, n_chosen = _pair_logprobs(model, batch, pad)
+        with torch.no_grad():
+            rc, rr, _ = _pair_logprobs(reference, batch, pad)
+        loss, _, _ = dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing, config.loss_type)
+        if config.chosen_nll_weight > 0:  # keep the chosen answers likely, not only preferred (RPO)
+            loss = loss + config.chosen_nll_weight * (-pc / n_chosen.clamp(min=1)).mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    core = accelerator.unwrap_model(model).eval()
+    metrics = preference_metrics(core, reference, held_out, config, pad)
+    return DPOResult(losses, kinds, metrics, exact_match(core, tokenizer, test, config.max_new_tokens))

@@ -1,5 +1,6 @@
 """SFT: the loss counts assistant tokens only, and fine-tuning raises held-out exact match."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,17 @@ import torch
 from models.config import MoEConfig
 from models.losses import IGNORE_INDEX, masked_lm_loss
 from models.moe import ElasticMoE
-from tasks.align import SFTConfig, collate, encode, exact_match, run_sft
+from tasks.align import (
+    DPOConfig,
+    SFTConfig,
+    collate,
+    encode,
+    exact_match,
+    generate_reply,
+    preference_pairs,
+    run_dpo,
+    run_sft,
+)
 from tasks.align_data import Example, TaskMixConfig, as_conversation, corpus_passages, generate_splits
 from tasks.data import PreparedData
 
@@ -46,15 +57,41 @@ def test_masked_loss_ignores_prompt_positions() -> None:
     torch.testing.assert_close(masked_lm_loss(logits, targets), expected)
 
 
-def test_sft_raises_held_out_exact_match(tokenizer, small_corpus: Path) -> None:
+@pytest.fixture(scope="module")
+def sft_run(tokenizer, small_corpus: Path):
+    """A small model fine-tuned on the copy task: the starting point of the DPO tests."""
     passages = corpus_passages("\n".join(p.read_text() for p in sorted(small_corpus.iterdir())))
     config = SFTConfig(
         tasks=TaskMixConfig(tasks=("copy",), train_per_task=400, test_per_task=30), steps=300, lr=3e-3, batch_size=32
     )
     train, test = generate_splits(config.tasks, passages)
     model = _model()
-    result = run_sft(config, model, tokenizer, train, test)
+    return model, run_sft(config, model, tokenizer, train, test), train, test
+
+
+def test_sft_raises_held_out_exact_match(sft_run, tokenizer) -> None:
+    model, result, _, test = sft_run
     assert result.accuracy_before["copy"] == 0.0
     assert result.accuracy_after["copy"] >= 0.3
     assert sum(result.losses[-20:]) / 20 < 0.2 * result.losses[0]
     assert exact_match(model, tokenizer, test, 16) == result.accuracy_after  # the model was tuned in place
+
+
+def test_dpo_prefers_chosen_on_held_out_pairs_without_losing_accuracy(sft_run, tokenizer) -> None:
+    model, sft, train, test = sft_run
+    policy = copy.deepcopy(model)
+    result = run_dpo(DPOConfig(steps=60, lr=5e-5, batch_size=16), policy, tokenizer, train[:200], test)
+    assert sum(result.train_pair_kinds.values()) == 200 and result.train_pair_kinds["on_policy"] > 0
+    assert result.held_out.reward_accuracy > 0.5 and result.held_out.margin > 0
+    assert result.accuracy_after["overall"] >= sft.accuracy_after["overall"]
+    assert sum(result.losses[-10:]) / 10 < result.losses[0]
+
+
+def test_preference_pairs_reject_the_models_own_mistakes(sft_run, tokenizer) -> None:
+    model, _, _, test = sft_run
+    pairs, kinds = preference_pairs(model, tokenizer, test, 16, seed=0)
+    assert kinds["on_policy"] + kinds["corrupted"] == len(test)
+    for pair, example in zip(pairs, test, strict=True):
+        assert pair.chosen == example.answer and pair.rejected != example.answer
+        if pair.rejected_source == "on_policy":
+            assert pair.rejected == generate_reply(model, tokenizer, example.prompt, 16).strip()
