@@ -93,6 +93,15 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         f"{extracted['val_loss_before']:.4f} extracted -> {extracted['val_loss_after']:.4f} after "
         f"{extracted['distill_steps']} distillation steps ({extracted['distill_compute_fraction']:.1%} of from-scratch)"
     )
+    aligned = result["align"]
+    print(
+        f"aligned: SFT {aligned['sft_uri']}, DPO {aligned['dpo_uri']} (held-out reward accuracy "
+        f"{aligned['reward_accuracy']:.3f}, pairs {aligned['pairs']})"
+    )
+    print(f"  {'task':<12}{'base':>8}{'SFT':>8}{'DPO':>8}")
+    for task in aligned["accuracy"]["base"]:
+        row = [aligned["accuracy"][stage][task] for stage in ("base", "sft", "dpo")]
+        print(f"  {task:<12}" + "".join(f"{value:>8.3f}" for value in row))
     print(f"MLflow store: {workdir / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'})")
 
 

@@ -1,4 +1,4 @@
-"""The `pipeline` Prefect flow: data, elastic pre-training, search, extraction (later stages append here).
+"""The `pipeline` Prefect flow: data, elastic pre-training, search, extraction, SFT and DPO.
 
 Its parameter is the pydantic PipelineConfig, so the Prefect UI renders it as a form and rejects bad
 values before a run starts. Tasks pass paths and model URIs, never tensors.
@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from tasks.align import align_task
 from tasks.data import prepare_data_task
 from tasks.extract import extract_task
 from tasks.pipeline_config import PipelineConfig
@@ -61,4 +62,20 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         f"-> {extracted['val_loss_after']:.4f} after {extracted['distill_steps']} distillation steps "
         f"({extracted['distill_compute_fraction']:.1%} of from-scratch compute)"
     )
-    return {"data_dir": data_dir, "pretrain": pretrained, "search": chosen, "extract": extracted}
+    aligned = align_task(config.sft, config.dpo, extracted["model_dir"], data_dir, workdir, extracted["version"])
+    rows = [
+        f"| {task} | {aligned['accuracy']['base'][task]:.3f} | {aligned['accuracy']['sft'][task]:.3f} | "
+        f"{aligned['accuracy']['dpo'][task]:.3f} |"
+        for task in aligned["accuracy"]["base"]
+    ]
+    create_markdown_artifact(
+        key="alignment",
+        markdown="\n".join(
+            [f"### {aligned['sft_uri']} (SFT), {aligned['dpo_uri']} (DPO)",
+             f"held-out DPO reward accuracy {aligned['reward_accuracy']:.3f}; pairs {aligned['pairs']}", "",
+             "| task | base | SFT | DPO |", "|---|---|---|---|", *rows]
+        ),
+        description="Held-out exact match per task",
+    )  # fmt: skip
+    print(f"aligned: SFT {aligned['sft_uri']}, DPO {aligned['dpo_uri']}; accuracy {aligned['accuracy']}")
+    return {"data_dir": data_dir, "pretrain": pretrained, "search": chosen, "extract": extracted, "align": aligned}

@@ -17,6 +17,7 @@ from registry.tracking import active_store, configure_tracking, store_client
 
 SUPERNET_MODEL = "trainonce-supernet"
 SUBNET_MODEL = "trainonce-subnet"
+CHAT_TORCH_MODEL = "trainonce-chat-torch"  # aligned PyTorch checkpoints (SFT, DPO); the ONNX deployable comes later
 _SCORER_CODE = Path(__file__).resolve().parent / "scorer_pyfunc.py"
 _REF = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
 

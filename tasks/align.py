@@ -7,20 +7,26 @@ end-of-turn token, so base, SFT (and later DPO) numbers are directly comparable.
 from __future__ import annotations
 
 import copy
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate import Accelerator
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from models.checkpoint import load_model, save_model
 from models.generate import greedy_generate
 from models.losses import IGNORE_INDEX, dpo_loss, masked_lm_loss, sequence_logprobs
 from models.moe import ElasticMoE
+from registry.models import CHAT_TORCH_MODEL, SUBNET_MODEL, register_checkpoint
+from registry.tracking import RunLogger, git_commit
 from tasks.align_data import (
     Conversation,
     Example,
@@ -29,10 +35,12 @@ from tasks.align_data import (
     TaskMixConfig,
     as_conversation,
     check,
+    corpus_passages,
     corrupt,
+    generate_splits,
     render_chat,
 )
-from tasks.data import END_OF_TURN, PAD
+from tasks.data import END_OF_TURN, PAD, PreparedData
 from tasks.pretrain import OptimConfig, cosine_with_warmup
 
 
@@ -294,3 +302,72 @@ def run_dpo(
     core = accelerator.unwrap_model(model).eval()
     metrics = preference_metrics(core, reference, held_out, config, pad)
     return DPOResult(losses, kinds, metrics, exact_match(core, tokenizer, test, config.max_new_tokens))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline task: SFT then DPO on the extracted sub-model, each registered
+
+
+def _accuracy_tags(prefix: str, accuracy: dict[str, float]) -> dict[str, str]:
+    return {f"{prefix}_accuracy/{task}": f"{value:.4f}" for task, value in accuracy.items()}
+
+
+@task(name="align", retries=1, retry_delay_seconds=5)
+def align_task(
+    sft: SFTConfig, dpo: DPOConfig, subnet_dir: str, data_dir: str, workdir: str, subnet_version: str
+) -> dict:
+    """SFT then DPO of the extracted sub-model; both versions registered in `trainonce-chat-torch`."""
+    data = PreparedData.load(data_dir)
+    tokenizer = data.tokenizer()
+    model = load_model(subnet_dir)
+    train, test = generate_splits(sft.tasks, corpus_passages("\n".join(data.documents())))
+    out_dir = Path(workdir) / "align" / Path(subnet_dir).parent.name
+    lineage = {"parent_model": f"{SUBNET_MODEL}/{subnet_version}", "parent_subnet_version": subnet_version,
+               "data_fingerprint": data.fingerprint, "git_commit": git_commit()}  # fmt: skip
+
+    sft_logger = RunLogger(workdir, run_name="sft", tags={"stage": "sft"})
+    sft_logger.log_params({"sft": sft.model_dump(mode="json")})
+    sft_result = run_sft(sft, model, tokenizer, train, test)
+    for step in range(0, len(sft_result.losses), 10):
+        sft_logger.log_metrics({"train/loss": sft_result.losses[step]}, step=step + 1)
+    sft_logger.log_metrics(
+        {**{f"accuracy_base/{k}": v for k, v in sft_result.accuracy_before.items()},
+         **{f"accuracy_sft/{k}": v for k, v in sft_result.accuracy_after.items()}}, step=sft.steps,
+    )  # fmt: skip
+    sft_dir = save_model(model, out_dir / "sft")
+    sft_version = register_checkpoint(
+        workdir, sft_logger.run_id, CHAT_TORCH_MODEL, sft_dir, data.tokenizer_path, {"stage": "sft"},
+        {**lineage, "stage": "sft", **_accuracy_tags("base", sft_result.accuracy_before),
+         **_accuracy_tags("sft", sft_result.accuracy_after)},
+    )  # fmt: skip
+    sft_logger.finish()
+
+    dpo_logger = RunLogger(workdir, run_name="dpo", tags={"stage": "dpo"})
+    dpo_logger.log_params({"dpo": dpo.model_dump(mode="json")})
+    dpo_result = run_dpo(dpo, model, tokenizer, train, test)
+    for step in range(0, len(dpo_result.losses), 10):
+        dpo_logger.log_metrics({"train/loss": dpo_result.losses[step]}, step=step + 1)
+    held_out = dpo_result.held_out
+    dpo_logger.log_metrics(
+        {"held_out/reward_accuracy": held_out.reward_accuracy, "held_out/chosen_reward": held_out.chosen_reward,
+         "held_out/rejected_reward": held_out.rejected_reward, "held_out/margin": held_out.margin,
+         **{f"pairs/{k}": v for k, v in dpo_result.train_pair_kinds.items()},
+         **{f"accuracy_dpo/{k}": v for k, v in dpo_result.accuracy_after.items()}}, step=dpo.steps,
+    )  # fmt: skip
+    dpo_dir = save_model(model, out_dir / "dpo")
+    dpo_version = register_checkpoint(
+        workdir, dpo_logger.run_id, CHAT_TORCH_MODEL, dpo_dir, data.tokenizer_path, {"stage": "dpo"},
+        {**lineage, "stage": "dpo", "parent_sft_version": sft_version.version,
+         **_accuracy_tags("sft", sft_result.accuracy_after), **_accuracy_tags("dpo", dpo_result.accuracy_after),
+         "reward_accuracy": f"{held_out.reward_accuracy:.4f}", "pairs": json.dumps(dpo_result.train_pair_kinds)},
+    )  # fmt: skip
+    dpo_logger.finish()
+    return {
+        "sft_uri": sft_version.uri,
+        "dpo_uri": dpo_version.uri,
+        "dpo_dir": str(dpo_dir),
+        "accuracy": {"base": sft_result.accuracy_before, "sft": sft_result.accuracy_after,
+                     "dpo": dpo_result.accuracy_after},
+        "reward_accuracy": held_out.reward_accuracy,
+        "pairs": dpo_result.train_pair_kinds,
+    }  # fmt: skip

@@ -71,6 +71,11 @@ class PreparedData:
         meta = json.loads((self.directory / "meta.json").read_text())
         return np.memmap(self.directory / f"{name}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
 
+    def documents(self) -> list[str]:
+        """The source documents this dataset was prepared from (for tasks built on the corpus text)."""
+        meta = json.loads((self.directory / "meta.json").read_text())
+        return read_documents([Path(f) for f in meta["files"]], meta.get("text_field", "text"))
+
     @classmethod
     def load(cls, directory: str | Path) -> PreparedData:
         directory = Path(directory)
@@ -215,7 +220,8 @@ def prepare_data(config: DataConfig) -> PreparedData:
     meta = {
         "fingerprint": fingerprint,
         "source": config.source,
-        "files": [str(f) for f in files],
+        "files": [str(f.resolve()) for f in files],
+        "text_field": config.text_field,
         "documents": len(documents),
         "characters": sum(len(d) for d in documents),
         "vocab_size": vocab,

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.align import DPOConfig, SFTConfig
 from tasks.data import DataConfig
 from tasks.extract import ExtractConfig
 from tasks.pretrain import PretrainConfig
@@ -24,6 +25,8 @@ class PipelineConfig(BaseModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Elastic pre-training.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Sub-model search under budgets.")
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Extraction and distillation.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning on verifiable tasks.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference optimisation after SFT.")
 
     @model_validator(mode="after")
     def _vocab_matches(self) -> PipelineConfig:
@@ -32,7 +35,12 @@ class PipelineConfig(BaseModel):
                 f"pretrain.model.vocab_size={self.pretrain.model.vocab_size} must equal "
                 f"data.vocab_size={self.data.vocab_size}"
             )
-        for field, seq_len in (("search.seq_len", self.search.seq_len), ("extract.seq_len", self.extract.seq_len)):
+        for field, seq_len in (
+            ("search.seq_len", self.search.seq_len),
+            ("extract.seq_len", self.extract.seq_len),
+            ("sft.max_len", self.sft.max_len),
+            ("dpo.max_len", self.dpo.max_len),
+        ):
             if seq_len > self.pretrain.model.max_seq_len:
                 raise ValueError(
                     f"{field}={seq_len} exceeds pretrain.model.max_seq_len={self.pretrain.model.max_seq_len}"

@@ -44,7 +44,8 @@ def test_bad_override_fails_naming_the_field() -> None:
 def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, small_corpus: Path) -> None:
     """The README's main command on a shortened tiny config: a real temporary Prefect server, a real MLflow
     store, a registered supernet version with its lineage and per-sub-model validation curves, and a
-    registered sub-model within ERNIE 5.1's budgets (<= 34% of the parameters, <= 50% active)."""
+    registered sub-model within ERNIE 5.1's budgets (<= 34% of the parameters, <= 50% active), then SFT and
+    DPO versions of it with their lineage and per-task accuracies."""
     workdir = tmp_path / "pipeline"
     result = _trainonce(
         "pipeline",
@@ -68,6 +69,14 @@ def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, s
         "pretrain.eval_interval=10",
         "--set",
         "extract.distill_compute_fraction=0.3",  # 6% of 20 steps' compute would be less than one step
+        "--set",
+        "sft.steps=20",
+        "--set",
+        "sft.tasks.train_per_task=20",
+        "--set",
+        "sft.tasks.test_per_task=4",
+        "--set",
+        "dpo.steps=5",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "supernet registered as models:/trainonce-supernet/1" in result.stdout
@@ -94,3 +103,11 @@ def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, s
     assert len(spec["layers"]) == 3 and spec["top_k"] == 1
     search_runs = client.search_runs([run.info.experiment_id], "tags.stage = 'search'")
     assert "plots/pareto.png" in [a.path for a in client.list_artifacts(search_runs[0].info.run_id, "plots")]
+
+    sft, dpo = (client.get_model_version("trainonce-chat-torch", v) for v in ("1", "2"))
+    assert (sft.tags["stage"], dpo.tags["stage"]) == ("sft", "dpo")
+    assert sft.tags["parent_subnet_version"] == dpo.tags["parent_subnet_version"] == "1"
+    assert dpo.tags["parent_sft_version"] == "1"
+    for task in ("arithmetic", "copy", "reverse", "sort", "span", "overall"):
+        assert 0.0 <= float(dpo.tags[f"dpo_accuracy/{task}"]) <= 1.0
+    assert 0.0 <= float(dpo.tags["reward_accuracy"]) <= 1.0
