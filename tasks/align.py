@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from accelerate import Accelerator
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
@@ -38,6 +38,8 @@ from tasks.align_data import (
     corpus_passages,
     corrupt,
     generate_splits,
+    read_preference_jsonl,
+    read_sft_jsonl,
     render_chat,
 )
 from tasks.data import END_OF_TURN, PAD, PreparedData
@@ -50,6 +52,9 @@ class SFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: TaskMixConfig = Field(default_factory=TaskMixConfig, description="Generated instruction tasks.")
+    extra_jsonl: str | None = Field(
+        None, description='Your own conversations, one {"messages": [...]} per line, trained on with the tasks.'
+    )
     steps: int = Field(300, ge=1, le=10_000_000, description="Optimiser steps.")
     batch_size: int = Field(16, ge=1, le=65_536, description="Conversations per batch.")
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
@@ -57,6 +62,12 @@ class SFTConfig(BaseModel):
     warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit when measuring accuracy.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of batch order.")
+
+    @model_validator(mode="after")
+    def _user_file_parses(self) -> SFTConfig:
+        if self.extra_jsonl:  # read now, so a bad file fails before any compute
+            read_sft_jsonl(self.extra_jsonl)
+        return self
 
 
 @dataclass(frozen=True)
@@ -214,7 +225,16 @@ class DPOConfig(BaseModel):
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
     lr: float = Field(2e-4, gt=0, le=1, description="Learning rate (AdamW, constant after a short warm-up).")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit for on-policy pairs and accuracy.")
+    extra_jsonl: str | None = Field(
+        None, description='Your own preference pairs, one {"prompt", "chosen", "rejected"} per line.'
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of batch order and corruptions.")
+
+    @model_validator(mode="after")
+    def _user_file_parses(self) -> DPOConfig:
+        if self.extra_jsonl:  # read now, so a bad file fails before any compute
+            read_preference_jsonl(self.extra_jsonl)
+        return self
 
 
 @dataclass(frozen=True)
@@ -327,7 +347,9 @@ def align_task(
 
     sft_logger = RunLogger(workdir, run_name="sft", tags={"stage": "sft"})
     sft_logger.log_params({"sft": sft.model_dump(mode="json")})
-    sft_result = run_sft(sft, model, tokenizer, train, test)
+    extra_conversations = read_sft_jsonl(sft.extra_jsonl) if sft.extra_jsonl else []
+    extra_pairs = read_preference_jsonl(dpo.extra_jsonl) if dpo.extra_jsonl else []
+    sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations)
     for step in range(0, len(sft_result.losses), 10):
         sft_logger.log_metrics({"train/loss": sft_result.losses[step]}, step=step + 1)
     sft_logger.log_metrics(
@@ -344,7 +366,7 @@ def align_task(
 
     dpo_logger = RunLogger(workdir, run_name="dpo", tags={"stage": "dpo"})
     dpo_logger.log_params({"dpo": dpo.model_dump(mode="json")})
-    dpo_result = run_dpo(dpo, model, tokenizer, train, test)
+    dpo_result = run_dpo(dpo, model, tokenizer, train, test, extra_pairs)
     for step in range(0, len(dpo_result.losses), 10):
         dpo_logger.log_metrics({"train/loss": dpo_result.losses[step]}, step=step + 1)
     held_out = dpo_result.held_out

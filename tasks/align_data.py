@@ -211,8 +211,8 @@ def corrupt(example: Example, rng: random.Random) -> str:
 
 
 def _read_jsonl(path: Path, model: type[BaseModel]) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():  # a ValueError, so config validation reports it like any other bad field
+        raise ValueError(f"{path} does not exist")
     records, errors = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

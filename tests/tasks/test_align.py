@@ -95,3 +95,30 @@ def test_preference_pairs_reject_the_models_own_mistakes(sft_run, tokenizer) -> 
         assert pair.chosen == example.answer and pair.rejected != example.answer
         if pair.rejected_source == "on_policy":
             assert pair.rejected == generate_reply(model, tokenizer, example.prompt, 16).strip()
+
+
+def test_user_files_are_checked_before_any_compute(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from tasks.pipeline_config import load_pipeline_config
+
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}\n')
+    with pytest.raises(ValidationError, match="sft.jsonl:1: line: Value error, the last message must be the assistant's"):
+        load_pipeline_config("tiny", {"sft.extra_jsonl": str(bad)})
+    with pytest.raises(ValidationError, match="does not exist"):
+        load_pipeline_config("tiny", {"dpo.extra_jsonl": str(tmp_path / "missing.jsonl")})
+    good = tmp_path / "prefs.jsonl"
+    good.write_text('{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n')
+    assert load_pipeline_config("tiny", {"dpo.extra_jsonl": str(good)}).dpo.extra_jsonl == str(good)
+
+
+def test_user_conversations_are_trained_on(tokenizer) -> None:
+    model = _model()
+    extra = [as_conversation(Example("user", "Who wrote Hamlet?", "Shakespeare"))]
+    config = SFTConfig(tasks=TaskMixConfig(tasks=("copy",), train_per_task=1, test_per_task=1), steps=40, lr=3e-3)
+    train = [Example("copy", "Repeat: king", "king")]
+    run_sft(config, model, tokenizer, train, train, extra)
+    from tasks.align import generate_reply
+
+    assert generate_reply(model, tokenizer, "Who wrote Hamlet?", 8).strip() == "Shakespeare"

@@ -108,5 +108,5 @@ def test_user_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="prefs.jsonl:2: chosen: Field required"):
         read_preference_jsonl(prefs)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         read_preference_jsonl(tmp_path / "missing.jsonl")
