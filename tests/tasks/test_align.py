@@ -104,7 +104,8 @@ def test_user_files_are_checked_before_any_compute(tmp_path: Path) -> None:
 
     bad = tmp_path / "sft.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}\n')
-    with pytest.raises(ValidationError, match="sft.jsonl:1: line: Value error, the last message must be the assistant's"):
+    expected = "sft.jsonl:1: line: Value error, the last message must be the assistant's"
+    with pytest.raises(ValidationError, match=expected):
         load_pipeline_config("tiny", {"sft.extra_jsonl": str(bad)})
     with pytest.raises(ValidationError, match="does not exist"):
         load_pipeline_config("tiny", {"dpo.extra_jsonl": str(tmp_path / "missing.jsonl")})
