@@ -43,7 +43,7 @@ from tasks.align_data import (
     render_chat,
 )
 from tasks.data import END_OF_TURN, PAD, PreparedData
-from tasks.pretrain import OptimConfig, cosine_with_warmup
+from tasks.pretrain import short_run_schedule
 
 
 class SFTConfig(BaseModel):
@@ -147,7 +147,7 @@ def run_sft(
     pad = tokenizer.token_to_id(PAD)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    factor = cosine_with_warmup(OptimConfig(warmup_steps=min(config.warmup_steps, config.steps - 1)), config.steps)
+    factor = short_run_schedule(config.warmup_steps, config.steps)
     rng = random.Random(config.seed)
     losses = []
     model.train()
@@ -328,6 +328,11 @@ def run_dpo(
 # The pipeline task: SFT then DPO on the extracted sub-model, each registered
 
 
+def _log_loss_curve(logger: RunLogger, losses: Sequence[float], every: int = 10) -> None:
+    for step in range(0, len(losses), every):
+        logger.log_metrics({"train/loss": losses[step]}, step=step + 1)
+
+
 def _accuracy_tags(prefix: str, accuracy: dict[str, float]) -> dict[str, str]:
     return {f"{prefix}_accuracy/{task}": f"{value:.4f}" for task, value in accuracy.items()}
 
@@ -350,8 +355,7 @@ def align_task(
     extra_conversations = read_sft_jsonl(sft.extra_jsonl) if sft.extra_jsonl else []
     extra_pairs = read_preference_jsonl(dpo.extra_jsonl) if dpo.extra_jsonl else []
     sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations)
-    for step in range(0, len(sft_result.losses), 10):
-        sft_logger.log_metrics({"train/loss": sft_result.losses[step]}, step=step + 1)
+    _log_loss_curve(sft_logger, sft_result.losses)
     sft_logger.log_metrics(
         {**{f"accuracy_base/{k}": v for k, v in sft_result.accuracy_before.items()},
          **{f"accuracy_sft/{k}": v for k, v in sft_result.accuracy_after.items()}}, step=sft.steps,
@@ -367,8 +371,7 @@ def align_task(
     dpo_logger = RunLogger(workdir, run_name="dpo", tags={"stage": "dpo"})
     dpo_logger.log_params({"dpo": dpo.model_dump(mode="json")})
     dpo_result = run_dpo(dpo, model, tokenizer, train, test, extra_pairs)
-    for step in range(0, len(dpo_result.losses), 10):
-        dpo_logger.log_metrics({"train/loss": dpo_result.losses[step]}, step=step + 1)
+    _log_loss_curve(dpo_logger, dpo_result.losses)
     held_out = dpo_result.held_out
     dpo_logger.log_metrics(
         {"held_out/reward_accuracy": held_out.reward_accuracy, "held_out/chosen_reward": held_out.chosen_reward,

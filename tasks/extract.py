@@ -31,7 +31,7 @@ from models.subnet import ElasticSpace, Importance, SubnetSpec
 from registry.models import SUBNET_MODEL, SUPERNET_MODEL, register_checkpoint
 from registry.tracking import RunLogger, git_commit
 from tasks.data import PreparedData, sample_batch
-from tasks.pretrain import OptimConfig, cosine_with_warmup, evaluate_panel
+from tasks.pretrain import evaluate_panel, short_run_schedule
 from tasks.throughput import training_flops
 
 
@@ -101,6 +101,13 @@ def rank_importance(
     return scores, RankingEffect(smallest_measured, smallest_identity, losses["importance"], losses["identity"])
 
 
+def student_val_loss(student: ElasticMoE, data: PreparedData, config: ExtractConfig) -> float:
+    """Validation LM loss of a standalone model on the fixed batches every stage compares on."""
+    device = next(student.parameters()).device
+    shape = (config.batch_size, config.seq_len, config.eval_batches, device)
+    return evaluate_panel(student, {"student": None}, data.split("val"), *shape)["student"]
+
+
 @dataclass(frozen=True)
 class DistillResult:
     steps: int
@@ -127,13 +134,11 @@ def distill_subnet(
     teacher_forward = training_flops(teacher.config, [None], config.seq_len, tokens_per_step) / 3
     per_step = training_flops(student.config, [None], config.seq_len, tokens_per_step) + teacher_forward
     steps = int(config.distill_compute_fraction * scratch // per_step)
-    val = data.split("val")
-    shape = (config.batch_size, config.seq_len, config.eval_batches, device)
-    before = evaluate_panel(student, {"student": None}, val, *shape)["student"]
+    before = student_val_loss(student, data, config)
     if steps == 0:
         return DistillResult(0, 0.0, before, before)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
-    factor = cosine_with_warmup_steps(config.warmup_steps, steps)
+    factor = short_run_schedule(config.warmup_steps, steps)
     teacher.eval()
     student.train()
     train = data.split("train")
@@ -152,14 +157,8 @@ def distill_subnet(
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
     student.eval()
-    after = evaluate_panel(student, {"student": None}, val, *shape)["student"]
+    after = student_val_loss(student, data, config)
     return DistillResult(steps, steps * per_step / scratch, before, after)
-
-
-def cosine_with_warmup_steps(warmup_steps: int, total_steps: int):
-    """The pre-training schedule shape (warm-up then cosine to 10%) for `total_steps` distillation steps."""
-    warmup = min(warmup_steps, max(0, total_steps - 1))
-    return cosine_with_warmup(OptimConfig(warmup_steps=warmup), total_steps)
 
 
 @dataclass(frozen=True)
@@ -186,11 +185,7 @@ def run_extract(
     if config.distill:
         distilled = distill_subnet(student, supernet, data, config, pretrain_tokens)
     else:
-        val = data.split("val")
-        device = next(student.parameters()).device
-        loss = evaluate_panel(
-            student, {"s": None}, val, config.batch_size, config.seq_len, config.eval_batches, device
-        )["s"]
+        loss = student_val_loss(student, data, config)
         distilled = DistillResult(0, 0.0, loss, loss)
     model_dir = save_model(student, Path(output_dir) / "subnet")
     (model_dir / "subnet_spec.json").write_text(spec.model_dump_json())

@@ -226,6 +226,12 @@ def cosine_with_warmup(optim: OptimConfig, max_steps: int):
     return factor
 
 
+def short_run_schedule(warmup_steps: int, total_steps: int):
+    """The pre-training schedule shape (warm-up, cosine to 10%) for a short fine-tuning run; the warm-up is
+    capped so that it ends before the run does."""
+    return cosine_with_warmup(OptimConfig(warmup_steps=min(warmup_steps, max(0, total_steps - 1))), total_steps)
+
+
 def build_optimizer(model: ElasticMoE, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains are not decayed)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
