@@ -105,6 +105,61 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(f"MLflow store: {workdir / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'})")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from serving.server import serve
+
+    try:
+        serve(args.workdir, args.model, None if args.version else args.alias, args.version, args.host, args.port,
+              args.api_key, args.poll_seconds, args.threads)  # fmt: skip
+    except LookupError as error:
+        raise SystemExit(f"cannot serve: {error}") from error
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from registry.promotion import promote
+
+    try:
+        version = promote(args.workdir, args.model, args.version, reason=args.reason)
+    except LookupError as error:
+        raise SystemExit(str(error)) from error
+    print(f"{args.model}@champion -> version {version}")
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from registry.promotion import rollback
+
+    try:
+        previous, current = rollback(args.workdir, args.model)
+    except LookupError as error:
+        raise SystemExit(str(error)) from error
+    print(f"{args.model}@champion -> version {current} (was {previous})")
+
+
+def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
+    """serve, promote, rollback: they act on a registry (a workdir's store, or MLFLOW_TRACKING_URI)."""
+    from registry.models import CHAT_MODEL
+
+    def registry_parser(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--workdir", default="runs/pipeline", help="the pipeline folder whose MLflow store to use")
+        sub.add_argument("--model", default=CHAT_MODEL, help="registered model name")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    serve = registry_parser("serve", cmd_serve, "OpenAI-compatible server over a registered chat model")
+    serve.add_argument("--alias", default="champion", help="alias to serve and follow as it moves")
+    serve.add_argument("--version", default=None, help="serve this fixed version instead of an alias")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this bearer key (or set TRAINONCE_API_KEY)")
+    serve.add_argument("--poll-seconds", type=float, default=5.0, help="how often to check whether the alias moved")
+    serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    promote = registry_parser("promote", cmd_promote, "point MODEL@champion at VERSION (which must exist)")
+    promote.add_argument("version", help="registered version number")
+    promote.add_argument("--reason", default="manual promotion", help="recorded on the version")
+    registry_parser("rollback", cmd_rollback, "move MODEL@champion back to the previous champion")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainonce", description="Train one elastic MoE, deploy many models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,13 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "pipeline",
         cmd_pipeline,
-        "run the whole Prefect pipeline on a preset (data, pre-training, registry)",
+        "run the whole Prefect pipeline on a preset (data -> pre-training -> ... -> champion)",
         workdir=True,
         default_workdir="runs/pipeline",
     )
     add("prepare-data", cmd_prepare_data, "tokenize the corpus into train/validation memmaps")
     add("pretrain", cmd_pretrain, "elastic pre-training of the supernet", workdir=True)
     add("info", cmd_info, "parameter and FLOP accounting of every sub-model in the elastic space")
+    _add_registry_commands(commands)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The `pipeline` Prefect flow: data, elastic pre-training, search, extraction, SFT and DPO.
+"""The `pipeline` Prefect flow: data, elastic pre-training, search, extraction, SFT and DPO, ONNX export and
+quantization, and the gate that promotes `trainonce-chat@champion`.
 
 Its parameter is the pydantic PipelineConfig, so the Prefect UI renders it as a form and rejects bad
 values before a run starts. Tasks pass paths and model URIs, never tensors.
@@ -11,9 +12,12 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from registry.models import CHAT_MODEL
 from tasks.align import align_task
 from tasks.data import prepare_data_task
+from tasks.export import export_task
 from tasks.extract import extract_task
+from tasks.gate import gate_task
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import pretrain_task
 from tasks.search import search_task
@@ -22,7 +26,8 @@ from tasks.search import search_task
 @flow(name="pipeline", log_prints=True)
 def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pipeline") -> dict:  # noqa: B008
     """Train once: prepare the corpus, pre-train the elastic supernet, search the family under budgets,
-    extract and distil the chosen sub-model; every model registered in MLflow."""
+    extract and distil the chosen sub-model, align it, export and quantize it, and promote it if it beats
+    the champion; every model registered in MLflow."""
     workdir = str(Path(workdir).resolve())
     data_dir = prepare_data_task(config.data)
     pretrained = pretrain_task(config.pretrain, data_dir, workdir)
@@ -78,4 +83,29 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         description="Held-out exact match per task",
     )  # fmt: skip
     print(f"aligned: SFT {aligned['sft_uri']}, DPO {aligned['dpo_uri']}; accuracy {aligned['accuracy']}")
-    return {"data_dir": data_dir, "pretrain": pretrained, "search": chosen, "extract": extracted, "align": aligned}
+    lineage = {
+        "parent_model": aligned["dpo_uri"], "parent_sft": aligned["sft_uri"], "parent_subnet": extracted["model_uri"],
+        "parent_supernet": pretrained["model_uri"], "subnet": extracted["subnet"],
+    }  # fmt: skip
+    exported = export_task(config.deploy, config.sft.tasks, aligned["dpo_dir"], data_dir, workdir, lineage)
+    create_markdown_artifact(
+        key="export",
+        markdown="\n".join([f"### {exported['model_uri']} (alias candidate): {exported['candidate']}", "",
+                            exported["table"]]),
+        description="ONNX variants measured with onnxruntime on the held-out evaluation",
+    )  # fmt: skip
+    print(f"exported {exported['model_uri']} ({exported['candidate']}) as candidate")
+    gated = gate_task(config.gate, config.deploy.evaluation, config.sft.tasks, exported["version"], data_dir, workdir)
+    create_markdown_artifact(
+        key="promotion",
+        markdown="\n".join(
+            [f"### {CHAT_MODEL}/{gated['candidate_version']}: {'promoted' if gated['promoted'] else 'not promoted'}",
+             f"champion now: version {gated['champion']} (before: {gated['previous_champion'] or 'none'})", "",
+             *[f"- {reason}" for reason in gated["reasons"]]]
+        ),
+        description="Gate decision: candidate vs champion on the same held-out evaluation",
+    )  # fmt: skip
+    verdict = "promoted" if gated["promoted"] else "kept the champion"
+    print(f"gate: {verdict}; {CHAT_MODEL}@champion = version {gated['champion']}")
+    return {"data_dir": data_dir, "pretrain": pretrained, "search": chosen, "extract": extracted, "align": aligned,
+            "export": exported, "gate": gated}  # fmt: skip

@@ -13,6 +13,7 @@ which is what an extracted model with a sliced router computes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -129,20 +130,32 @@ def experts_grouped_mm(
 
 
 def experts_export(
-    x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor | Sequence[torch.Tensor],
+    down: torch.Tensor | Sequence[torch.Tensor],
+    pre_transposed: bool = False,
 ) -> torch.Tensor:
     """ONNX-traceable path: a static loop over experts with nonzero + index_select/index_add.
 
-    No data-dependent Python control flow, no argsort/bincount/grouped GEMM (none of them export), and
-    each expert's weights are indexed with a Python int so exporters see constant 2-D matrices that
-    onnxruntime can quantize.
+    No data-dependent Python control flow and no argsort/bincount/grouped GEMM (none of them export).
+    `gate_up`/`down` are stacked tensors or sequences of per-expert 2-D matrices. With `pre_transposed`
+    they are given as (D, 2F) and (F, D) and applied with a plain matmul, which exporters emit as a MatMul
+    on a constant: the form onnxruntime's 4-bit quantizer rewrites (it skips Gemm). models/onnx_forward.py.
     """
     out = torch.zeros_like(x)
-    for e in range(gate_up.shape[0]):
+    for e in range(len(gate_up)):
         hit = expert_idx == e  # (T, k); an expert appears at most once per token
         tokens = torch.nonzero(hit.sum(dim=-1) > 0).squeeze(-1)
         token_weight = (weights * hit.to(weights.dtype)).sum(dim=-1).index_select(0, tokens)
-        y = swiglu(x.index_select(0, tokens), gate_up[e], down[e]) * token_weight[:, None].to(x.dtype)
+        h = x.index_select(0, tokens)
+        if pre_transposed:
+            gate, up = (h @ gate_up[e]).chunk(2, dim=-1)
+            y = F.silu(gate) * up @ down[e]
+        else:
+            y = swiglu(h, gate_up[e], down[e])
+        y = y * token_weight[:, None].to(x.dtype)
         out = out.index_add(0, tokens, y)
     return out
 

@@ -11,14 +11,18 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array, Object, Property
 
 from registry.tracking import active_store, configure_tracking, store_client
 
 SUPERNET_MODEL = "trainonce-supernet"
 SUBNET_MODEL = "trainonce-subnet"
-CHAT_TORCH_MODEL = "trainonce-chat-torch"  # aligned PyTorch checkpoints (SFT, DPO); the ONNX deployable comes later
+CHAT_TORCH_MODEL = "trainonce-chat-torch"  # aligned PyTorch checkpoints (SFT, DPO)
+CHAT_MODEL = "trainonce-chat"  # the deployable: ONNX (fp32 / INT8 / INT4) + tokenizer, served by alias
 _SCORER_CODE = Path(__file__).resolve().parent / "scorer_pyfunc.py"
+_CHAT_CODE = Path(__file__).resolve().parent / "chat_pyfunc.py"
+_PIP_REQUIREMENTS = ["trainonce", "torch", "onnxruntime", "safetensors", "tokenizers", "pandas"]
 _REF = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
 
 
@@ -31,6 +35,36 @@ class RegisteredVersion:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
+
+
+def _log_and_register(
+    workdir: str | Path,
+    run_id: str,
+    name: str,
+    artifact_name: str,
+    code: Path,
+    artifacts: dict[str, str],
+    signature: ModelSignature,
+    input_example: Any,
+    tags: dict[str, Any],
+) -> RegisteredVersion:
+    """Log a pyfunc "model from code" (no pickle) on `run_id`; register it as a new version of `name`."""
+    configure_tracking(workdir)
+    with active_store(workdir), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=artifact_name,
+            python_model=str(code),
+            artifacts=artifacts,
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=_PIP_REQUIREMENTS,
+            registered_model_name=name,
+        )
+    client = store_client(workdir)
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return RegisteredVersion(name, version, run_id)
 
 
 def register_checkpoint(
@@ -46,28 +80,43 @@ def register_checkpoint(
     `extra.json`) on `run_id` and register it as a new version of `name` carrying `tags` (lineage, metrics).
 
     Its `predict` scores texts under the model or any of its sub-models (registry/scorer_pyfunc.py)."""
-    configure_tracking(workdir)
     extra_file = checkpoint_dir.parent / f"{checkpoint_dir.name}_extra.json"
     extra_file.write_text(json.dumps(extra, indent=2))
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "text"), ColSpec("string", "subnet", required=False)]),
         outputs=Schema([ColSpec("double", "nll"), ColSpec("long", "tokens")]),
     )
-    with active_store(workdir), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=checkpoint_dir.name,
-            python_model=str(_SCORER_CODE),
-            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_path), "extra": str(extra_file)},
-            signature=signature,
-            input_example=pd.DataFrame({"text": ["To be, or not to be: that is the question."], "subnet": [""]}),
-            pip_requirements=["trainonce", "torch", "safetensors", "tokenizers", "pandas"],
-            registered_model_name=name,
-        )
-    client = store_client(workdir)
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    return RegisteredVersion(name, version, run_id)
+    artifacts = {"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_path), "extra": str(extra_file)}
+    example = pd.DataFrame({"text": ["To be, or not to be: that is the question."], "subnet": [""]})
+    return _log_and_register(
+        workdir, run_id, name, checkpoint_dir.name, _SCORER_CODE, artifacts, signature, example, tags
+    )
+
+
+def register_chat_package(
+    workdir: str | Path, run_id: str, package_dir: Path, tags: dict[str, Any]
+) -> RegisteredVersion:
+    """Register an exported chat package (ONNX + tokenizer + generation config) as a `trainonce-chat` version.
+
+    Its `predict` takes OpenAI-style chat messages and returns completions (registry/chat_pyfunc.py), so
+    `mlflow models serve -m models:/trainonce-chat@champion` answers chat requests."""
+    message = Object([Property("role", DataType.string), Property("content", DataType.string)])
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(Array(message), "messages"), ColSpec(DataType.long, "max_tokens", required=False)]),
+        outputs=Schema(
+            [ColSpec(DataType.string, "content"), ColSpec(DataType.string, "finish_reason"),
+             ColSpec(DataType.long, "prompt_tokens"), ColSpec(DataType.long, "completion_tokens")]
+        ),
+    )  # fmt: skip
+    example = pd.DataFrame({"messages": [[{"role": "user", "content": "Copy: to be or not"}]], "max_tokens": [8]})
+    return _log_and_register(
+        workdir, run_id, CHAT_MODEL, "chat", _CHAT_CODE, {"package": str(package_dir)}, signature, example, tags
+    )
+
+
+def set_alias(workdir: str | Path, name: str, alias: str, version: str) -> None:
+    """Point `name@alias` at `version` (one atomic update: the alias never points nowhere)."""
+    store_client(workdir).set_registered_model_alias(name, alias, version)
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -111,3 +160,11 @@ def download_model(workdir: str | Path, ref: str, destination: str | Path | None
 def version_tags(workdir: str | Path, version: RegisteredVersion) -> dict[str, str]:
     client = store_client(workdir)
     return dict(client.get_model_version(version.name, version.version).tags)
+
+
+def download_chat_package(workdir: str | Path, ref: str, destination: str | Path | None = None) -> Path:
+    """The chat package folder (model.onnx, tokenizer.json, generation_config.json) of a `trainonce-chat` ref."""
+    package = download_model(workdir, ref, destination) / "artifacts" / "package"
+    if not package.is_dir():
+        raise LookupError(f"{ref} is not a chat package (no artifacts/package in the model)")
+    return package

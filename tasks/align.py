@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from prefect import task
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from models.checkpoint import load_model, save_model
 from models.generate import greedy_generate
-from models.losses import IGNORE_INDEX, dpo_loss, masked_lm_loss, sequence_logprobs
+from models.losses import IGNORE_INDEX, causal_lm_loss, dpo_loss, masked_lm_loss, sequence_logprobs
 from models.moe import ElasticMoE
 from registry.models import CHAT_TORCH_MODEL, SUBNET_MODEL, register_checkpoint
 from registry.tracking import RunLogger, git_commit
@@ -42,7 +43,7 @@ from tasks.align_data import (
     read_sft_jsonl,
     render_chat,
 )
-from tasks.data import END_OF_TURN, PAD, PreparedData
+from tasks.data import END_OF_TURN, PAD, PreparedData, sample_batch
 from tasks.pretrain import short_run_schedule
 
 
@@ -61,6 +62,12 @@ class SFTConfig(BaseModel):
     lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW, warm-up then cosine).")
     warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit when measuring accuracy.")
+    replay_batch_size: int = Field(
+        0, ge=0, le=65_536,
+        description="Pre-training windows (of max_len tokens) per step trained on with the LM loss beside the "
+        "chat batch, so fine-tuning does not erase language modelling; 0 = no replay.",
+    )  # fmt: skip
+    replay_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the replay LM loss.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of batch order.")
 
     @model_validator(mode="after")
@@ -137,9 +144,13 @@ def run_sft(
     train: Sequence[Example],
     test: Sequence[Example],
     extra: Sequence[Conversation] = (),
+    replay_tokens: np.ndarray | None = None,
 ) -> SFTResult:
-    """Fine-tune `model` in place on the training examples (plus `extra` conversations); measure held-out
-    exact match before and after."""
+    """Fine-tune `model` in place on the training examples (plus `extra` conversations), replaying windows of
+    `replay_tokens` (pre-training data) when `config.replay_batch_size` > 0; measure held-out exact match
+    before and after."""
+    if config.replay_batch_size and replay_tokens is None:
+        raise ValueError("sft.replay_batch_size > 0 needs the pre-training tokens to replay")
     accelerator = Accelerator()
     before = exact_match(model, tokenizer, test, config.max_new_tokens)
     encoded = [encode(as_conversation(e), tokenizer, config.max_len) for e in train]
@@ -149,6 +160,7 @@ def run_sft(
     model, optimizer = accelerator.prepare(model, optimizer)
     factor = short_run_schedule(config.warmup_steps, config.steps)
     rng = random.Random(config.seed)
+    replay_rng = np.random.default_rng(config.seed)
     losses = []
     model.train()
     for step in tqdm(range(config.steps), desc="sft"):
@@ -157,7 +169,13 @@ def run_sft(
         tokens, targets = collate(rng.sample(encoded, min(config.batch_size, len(encoded))), pad)
         out = model(tokens.to(accelerator.device))
         loss = masked_lm_loss(out.logits, targets.to(accelerator.device))
-        accelerator.backward(loss + out.balancing_loss(accelerator.unwrap_model(model).config))
+        total = loss + out.balancing_loss(accelerator.unwrap_model(model).config)
+        if config.replay_batch_size and replay_tokens is not None:
+            window = sample_batch(replay_tokens, config.replay_batch_size, config.max_len, replay_rng)
+            window = window.to(accelerator.device)
+            replay = model(window)
+            total = total + config.replay_weight * causal_lm_loss(replay.logits, window)
+        accelerator.backward(total)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -354,7 +372,7 @@ def align_task(
     sft_logger.log_params({"sft": sft.model_dump(mode="json")})
     extra_conversations = read_sft_jsonl(sft.extra_jsonl) if sft.extra_jsonl else []
     extra_pairs = read_preference_jsonl(dpo.extra_jsonl) if dpo.extra_jsonl else []
-    sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations)
+    sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations, data.split("train"))
     _log_loss_curve(sft_logger, sft_result.losses)
     sft_logger.log_metrics(
         {**{f"accuracy_base/{k}": v for k, v in sft_result.accuracy_before.items()},

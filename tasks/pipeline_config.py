@@ -7,8 +7,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from registry.promotion import GateRules
 from tasks.align import DPOConfig, SFTConfig
 from tasks.data import DataConfig
+from tasks.export import DeployConfig
 from tasks.extract import ExtractConfig
 from tasks.pretrain import PretrainConfig
 from tasks.search import SearchConfig
@@ -27,6 +29,8 @@ class PipelineConfig(BaseModel):
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Extraction and distillation.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning on verifiable tasks.")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference optimisation after SFT.")
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="ONNX export, quantization, candidate.")
+    gate: GateRules = Field(default_factory=GateRules, description="When the candidate replaces the champion.")
 
     @model_validator(mode="after")
     def _vocab_matches(self) -> PipelineConfig:
@@ -40,6 +44,7 @@ class PipelineConfig(BaseModel):
             ("extract.seq_len", self.extract.seq_len),
             ("sft.max_len", self.sft.max_len),
             ("dpo.max_len", self.dpo.max_len),
+            ("deploy.evaluation.seq_len", self.deploy.evaluation.seq_len),
         ):
             if seq_len > self.pretrain.model.max_seq_len:
                 raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,33 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_data(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> PreparedData:
     """The small corpus prepared with a 400-token BPE vocabulary (chat special tokens included)."""
     return prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def chat_model(small_data: PreparedData) -> ElasticMoE:
+    """A small MoE briefly trained on the small corpus (so it is better than chance), for export and serving."""
+    from models.losses import causal_lm_loss
+    from tasks.data import sample_batch
+
+    torch.manual_seed(0)
+    config = MoEConfig(
+        vocab_size=400, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2, expert_ffn_dim=32,
+        n_shared_experts=1, max_seq_len=128,
+    )  # fmt: skip
+    model = ElasticMoE(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        batch = sample_batch(small_data.split("train"), 8, 64, rng)
+        causal_lm_loss(model(batch).logits, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def chat_packages(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE, small_data: PreparedData):
+    """fp32, INT8 and INT4 chat packages of `chat_model` (exported once per session)."""
+    from tasks.export import DeployConfig, build_packages
+
+    return build_packages(chat_model, small_data.tokenizer_path, tmp_path_factory.mktemp("packages"), DeployConfig())

@@ -1,0 +1,81 @@
+"""Which model the server runs: a registered `trainonce-chat` alias (or fixed version), followed as it moves.
+
+A background thread re-resolves the alias every `poll_seconds`. When it points at a new version, that
+version is downloaded and loaded *beside* the current one, then swapped in with one reference assignment:
+requests already running keep the model they started with, new requests get the new one, none is dropped.
+If the registry cannot be reached or the new version fails to load, the current model keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.models import download_chat_package, resolve_version
+from serving.engine import ChatPackage
+
+log = logging.getLogger("trainonce.serving")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: str
+    package: ChatPackage
+
+
+class ModelSource:
+    def __init__(
+        self, workdir: str | Path, name: str, alias: str | None, version: str | None, cache_dir: str | Path,
+        poll_seconds: float = 5.0, threads: int = 0,
+    ) -> None:  # fmt: skip
+        if (alias is None) == (version is None):
+            raise ValueError("give exactly one of alias and version")
+        self.workdir, self.name, self.alias, self.pinned_version = str(workdir), name, alias, version
+        self.cache_dir, self.poll_seconds, self.threads = Path(cache_dir), poll_seconds, threads
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.current = self._load(self._resolve())  # fails loudly at start-up: nothing to serve otherwise
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.pinned_version}"
+
+    def _resolve(self) -> str:
+        return resolve_version(self.workdir, self.reference).version
+
+    def _load(self, version: str) -> LoadedModel:
+        destination = self.cache_dir / self.name / version
+        package_dir = destination / "artifacts" / "package"
+        if not package_dir.is_dir():
+            package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
+        return LoadedModel(self.name, version, ChatPackage(package_dir, threads=self.threads))
+
+    def refresh(self) -> bool:
+        """Swap to the version the alias names now, if it moved; True if a swap happened."""
+        version = self._resolve()
+        if version == self.current.version:
+            return False
+        loaded = self._load(version)
+        previous, self.current = self.current.version, loaded
+        log.warning("%s moved: now serving version %s (was %s)", self.reference, version, previous)
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # registry down, download or load failed: keep serving what we have
+                log.exception("could not refresh %s; still serving version %s", self.reference, self.current.version)
+
+    def start(self) -> None:
+        if self.alias is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="alias-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.poll_seconds + 5)

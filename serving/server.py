@@ -1,0 +1,34 @@
+"""Start the OpenAI-compatible server: `trainonce serve --model trainonce-chat --alias champion --port 8000`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from serving.app import create_app
+from serving.model_source import ModelSource
+
+API_KEY_ENV = "TRAINONCE_API_KEY"
+
+
+def serve(
+    workdir: str, name: str, alias: str | None, version: str | None, host: str = "127.0.0.1", port: int = 8000,
+    api_key: str | None = None, poll_seconds: float = 5.0, threads: int = 0, cache_dir: str | None = None,
+) -> None:  # fmt: skip
+    """Load the model the registry names, follow its alias, and serve until interrupted.
+
+    Binds 127.0.0.1 unless told otherwise; with an API key (argument or TRAINONCE_API_KEY) every /v1 route
+    requires `Authorization: Bearer <key>`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    source = ModelSource(
+        workdir, name, alias, version, cache_dir or Path(workdir) / "serving-cache", poll_seconds, threads
+    )
+    source.start()
+    try:
+        uvicorn.run(create_app(source, api_key or os.environ.get(API_KEY_ENV) or None), host=host, port=port)
+    finally:
+        source.stop()

@@ -1,0 +1,101 @@
+"""Held-out evaluation of a deployable chat package, run with onnxruntime exactly as it is served.
+
+One function measures what the export stage compares variants on and what the gate compares candidate and
+champion on: validation perplexity on fixed windows of the validation split, exact match on the held-out
+instruction tasks (greedy, KV cache, stopping at end of turn), and greedy decode speed at batch 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.engine import MODEL_FILE, ChatPackage
+from tasks.align_data import Example, Message, TaskMixConfig, check, corpus_passages, generate_splits
+from tasks.data import PreparedData, sample_batch
+
+
+class EvaluationConfig(BaseModel):
+    """What every deployable is measured on (the same for all variants and for candidate vs champion)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    val_batches: int = Field(8, ge=1, le=10_000, description="Validation windows batches for perplexity.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Windows per validation batch.")
+    seq_len: int = Field(128, ge=2, le=1_048_576, description="Tokens per validation window.")
+    seed: int = Field(12345, ge=0, le=2**31 - 1, description="Seed that picks the validation windows.")
+    max_new_tokens: int = Field(32, ge=1, le=65_536, description="Longest reply to a held-out task prompt.")
+    speed_prompts: int = Field(4, ge=1, le=1000, description="Prompts whose greedy decoding is timed.")
+    speed_new_tokens: int = Field(64, ge=1, le=65_536, description="Tokens generated per timed prompt.")
+    threads: int = Field(2, ge=1, le=1024, description="onnxruntime intra-op threads for the speed figure.")
+
+
+@dataclass(frozen=True)
+class PackageEvaluation:
+    val_nll: float  # mean next-token NLL on the validation windows, nats
+    val_ppl: float
+    accuracy: dict[str, float]  # exact match per task and `overall`
+    tokens_per_second: float  # greedy decode, batch 1, `threads` threads, KV cache
+    size_bytes: int  # the ONNX file
+
+    def as_metrics(self, prefix: str = "") -> dict[str, float]:
+        metrics = {
+            f"{prefix}val_nll": self.val_nll,
+            f"{prefix}val_ppl": self.val_ppl,
+            f"{prefix}tokens_per_second": self.tokens_per_second,
+            f"{prefix}size_bytes": self.size_bytes,
+        }
+        return metrics | {f"{prefix}accuracy/{k}": v for k, v in self.accuracy.items()}  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def held_out_examples(data: PreparedData, tasks: TaskMixConfig) -> list[Example]:
+    """The alignment stage's held-out split (same seeds, same corpus passages)."""
+    return generate_splits(tasks, corpus_passages("\n".join(data.documents())))[1]
+
+
+def validation_windows(data: PreparedData, config: EvaluationConfig) -> list[np.ndarray]:
+    rng = np.random.default_rng(config.seed)
+    val = data.split("val")
+    return [sample_batch(val, config.batch_size, config.seq_len, rng).numpy() for _ in range(config.val_batches)]
+
+
+def package_accuracy(package: ChatPackage, examples: list[Example], max_new_tokens: int) -> dict[str, float]:
+    hits: dict[str, list[bool]] = {}
+    for example in examples:
+        prompt = package.chat_prompt([Message(role="user", content=example.prompt)])
+        reply = package.complete(prompt, min(max_new_tokens, package.room_for(prompt))).text
+        hits.setdefault(example.task, []).append(check(reply, example.answer))
+    accuracy = {task: sum(h) / len(h) for task, h in hits.items()}
+    accuracy["overall"] = sum(sum(h) for h in hits.values()) / max(1, sum(len(h) for h in hits.values()))
+    return accuracy
+
+
+def decode_speed(package: ChatPackage, prompts: list[list[int]], new_tokens: int) -> float:
+    """Greedy tokens/s over `prompts` (every token forced, no early stop), after one warm-up prompt."""
+    list(package.stream(prompts[0], 4, stop_at_eos=False))
+    generated, start = 0, time.perf_counter()
+    for prompt in prompts:
+        generated += sum(1 for _ in package.stream(prompt, min(new_tokens, package.room_for(prompt)), False))
+    return generated / (time.perf_counter() - start)
+
+
+def evaluate_package(
+    package_dir: str | Path, data: PreparedData, examples: list[Example], config: EvaluationConfig
+) -> PackageEvaluation:
+    """Perplexity, task accuracy and decode speed of the package in `package_dir`."""
+    package = ChatPackage(package_dir, threads=config.threads)
+    windows = validation_windows(data, config)
+    nll = sum(package.generator.mean_nll(w) for w in windows) / len(windows)
+    accuracy = package_accuracy(package, examples, config.max_new_tokens)
+    prompts = [package.chat_prompt([Message(role="user", content=e.prompt)]) for e in examples]
+    speed = decode_speed(package, prompts[: config.speed_prompts], config.speed_new_tokens)
+    size = (Path(package_dir) / MODEL_FILE).stat().st_size
+    return PackageEvaluation(nll, math.exp(nll), accuracy, speed, size)

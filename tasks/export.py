@@ -1,0 +1,243 @@
+"""Export stage: the aligned model to ONNX with a KV cache, quantized variants, and the candidate choice.
+
+Each variant (fp32, INT8 weights via `quantize_dynamic`, 4-bit weight-only via `MatMulNBitsQuantizer`) is a
+self-contained chat package (serving/engine.py) measured with onnxruntime on the same held-out evaluation:
+file size, validation perplexity, task accuracy, tokens/s. `DeployConfig` picks which becomes the
+candidate; the package is registered as a version of `trainonce-chat` with alias `candidate`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tokenizers import Tokenizer
+
+from models.checkpoint import load_model
+from models.moe import ElasticMoE
+from models.onnx_forward import ExportableDecoder, past_names, present_names
+from registry.models import CHAT_MODEL, register_chat_package, set_alias
+from registry.tracking import RunLogger, git_commit
+from serving.engine import MODEL_FILE, TOKENIZER_FILE, GenerationConfig
+from tasks.align_data import TaskMixConfig
+from tasks.data import END_OF_TURN, PreparedData
+from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
+
+Variant = Literal["fp32", "int8", "int4"]
+_SINGLE_FILE_LIMIT = 1_500_000_000  # bytes of fp32 weights above which ONNX needs external data (2 GB proto cap)
+
+
+class DeployConfig(BaseModel):
+    """Which ONNX variants to build and how the candidate is chosen among them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graph.")
+    variants: tuple[Variant, ...] = Field(
+        ("fp32", "int8", "int4"), min_length=1, description="Variants to build; fp32 is always built (reference)."
+    )
+    int4_block_size: int = Field(32, ge=16, le=256, description="Weights per 4-bit block (a power of two).")
+    int4_accuracy_level: int = Field(
+        4, ge=0, le=4, description="MatMulNBits compute type: 0 = fp32 activations, 4 = int8 activations (fastest)."
+    )
+    candidate: Literal["smallest_within_limits", "fp32", "int8", "int4"] = Field(
+        "smallest_within_limits",
+        description="Fixed variant, or the smallest whose perplexity and accuracy stay within the limits below.",
+    )
+    max_ppl_increase: float = Field(
+        0.02, ge=0.0, le=10.0, description="Largest relative validation perplexity increase vs fp32 (0.02 = +2%)."
+    )
+    max_accuracy_drop: float = Field(
+        0.02, ge=0.0, le=1.0, description="Largest drop in held-out exact match vs fp32 (absolute)."
+    )
+    default_max_new_tokens: int = Field(64, ge=1, le=65_536, description="Reply length when a request sets none.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out measurement.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DeployConfig:
+        if self.int4_block_size & (self.int4_block_size - 1):
+            raise ValueError(f"int4_block_size={self.int4_block_size} must be a power of two in [16, 256]")
+        if self.candidate not in ("smallest_within_limits", *self.variants):
+            raise ValueError(f"candidate={self.candidate!r} is not among variants={list(self.variants)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export and quantization
+
+
+def export_onnx(model: ElasticMoE, path: Path, opset: int = 18) -> Path:
+    """Export `model` as `(input_ids, *past) -> (logits, *present)` with dynamic batch, sequence and past axes."""
+    decoder = ExportableDecoder(model.eval()).eval()
+    config = model.config
+    n = config.n_layers
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=config.max_seq_len)
+    past_len = torch.export.Dim("past_len", min=0, max=config.max_seq_len)
+    # Sample sizes > 1 and distinct, so the exporter specialises none of the dynamic axes.
+    input_ids = torch.randint(0, config.vocab_size, (2, 5))
+    past = tuple(torch.zeros(2, config.n_kv_heads, 3, config.attn_head_dim) for _ in range(2 * n))
+    dynamic = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in range(2 * n)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = sum(p.numel() for p in decoder.parameters()) * 4 > _SINGLE_FILE_LIMIT
+    with torch.no_grad():
+        program = torch.onnx.export(
+            decoder, (input_ids, *past), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+            input_names=["input_ids", *past_names(n)], output_names=["logits", *present_names(n)],
+            optimize=True, verbose=False,
+        )  # fmt: skip
+    assert program is not None
+    proto = program.model_proto
+    # The exporter records intermediate shapes from the sample inputs; onnx's own shape inference (which the
+    # quantizers run) disagrees with some, so keep only the graph's declared inputs and outputs.
+    del proto.graph.value_info[:]
+    onnx.save_model(proto, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    return path
+
+
+def quantize_int8(source: Path, target: Path) -> Path:
+    """INT8 weights, activations quantized on the fly (onnxruntime `quantize_dynamic`), MatMuls only: the
+    routers stay fp32 Gemms, since a wrong expert choice costs more than the bytes saved."""
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+    return target
+
+
+def quantize_int4(source: Path, target: Path, block_size: int, accuracy_level: int) -> Path:
+    """4-bit weight-only, symmetric, per block (onnxruntime `MatMulNBitsQuantizer` -> MatMulNBits)."""
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(source)),
+        algo_config=DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",)
+        ),
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    return target
+
+
+def write_package(model: ElasticMoE, tokenizer_path: Path, directory: Path, quantization: str, max_new: int) -> Path:
+    """Complete the chat package whose `model.onnx` is in `directory`: tokenizer and generation config."""
+    shutil.copy(tokenizer_path, directory / TOKENIZER_FILE)
+    config = model.config
+    GenerationConfig(
+        n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.attn_head_dim,
+        max_seq_len=config.max_seq_len, vocab_size=config.vocab_size,
+        eos_token_id=Tokenizer.from_file(str(tokenizer_path)).token_to_id(END_OF_TURN),
+        default_max_new_tokens=max_new, quantization=quantization,
+    ).save(directory)  # fmt: skip
+    return directory
+
+
+def build_packages(model: ElasticMoE, tokenizer_path: Path, output: Path, config: DeployConfig) -> dict[str, Path]:
+    """fp32 package plus each requested quantized variant, one folder each under `output`."""
+    fp32_dir = output / "fp32"
+    export_onnx(model, fp32_dir / MODEL_FILE, config.opset)
+    packages = {"fp32": write_package(model, tokenizer_path, fp32_dir, "fp32", config.default_max_new_tokens)}
+    for variant in config.variants:
+        if variant == "fp32":
+            continue
+        target = output / variant / MODEL_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if variant == "int8":
+            quantize_int8(fp32_dir / MODEL_FILE, target)
+        else:
+            quantize_int4(fp32_dir / MODEL_FILE, target, config.int4_block_size, config.int4_accuracy_level)
+        packages[variant] = write_package(model, tokenizer_path, target.parent, variant, config.default_max_new_tokens)
+    return packages
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the candidate
+
+
+def within_limits(variant: PackageEvaluation, reference: PackageEvaluation, config: DeployConfig) -> bool:
+    ppl_ok = variant.val_ppl <= reference.val_ppl * (1 + config.max_ppl_increase)
+    accuracy_ok = variant.accuracy["overall"] >= reference.accuracy["overall"] - config.max_accuracy_drop
+    return ppl_ok and accuracy_ok
+
+
+def choose_candidate(evaluations: dict[str, PackageEvaluation], config: DeployConfig) -> str:
+    """The configured variant, or the smallest file within the limits (fp32 always qualifies)."""
+    if config.candidate != "smallest_within_limits":
+        return config.candidate
+    reference = evaluations["fp32"]
+    eligible = [v for v, e in evaluations.items() if within_limits(e, reference, config)]
+    return min(eligible, key=lambda v: evaluations[v].size_bytes)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    packages: dict[str, Path]
+    evaluations: dict[str, PackageEvaluation]
+    candidate: str
+
+
+def run_export(
+    model: ElasticMoE, data: PreparedData, tasks: TaskMixConfig, config: DeployConfig, output: Path
+) -> ExportResult:
+    """Build every variant, measure each on the held-out evaluation, choose the candidate."""
+    packages = build_packages(model, data.tokenizer_path, output, config)
+    examples = held_out_examples(data, tasks)
+    evaluations = {v: evaluate_package(p, data, examples, config.evaluation) for v, p in packages.items()}
+    return ExportResult(packages, evaluations, choose_candidate(evaluations, config))
+
+
+def variant_table(result: ExportResult) -> list[str]:
+    """Markdown rows: size, perplexity delta, accuracy and speed per variant."""
+    reference = result.evaluations["fp32"]
+    rows = ["| variant | size (KB) | val ppl | ppl delta | exact match | tokens/s |", "|---|---|---|---|---|---|"]
+    for variant, e in result.evaluations.items():
+        mark = " (candidate)" if variant == result.candidate else ""
+        rows.append(
+            f"| {variant}{mark} | {e.size_bytes / 1024:,.0f} | {e.val_ppl:.3f} | "
+            f"{e.val_ppl / reference.val_ppl - 1:+.2%} | {e.accuracy['overall']:.3f} | {e.tokens_per_second:,.0f} |"
+        )
+    return rows
+
+
+@task(name="export", retries=1, retry_delay_seconds=5)
+def export_task(
+    config: DeployConfig, tasks: TaskMixConfig, aligned_dir: str, data_dir: str, workdir: str, lineage: dict
+) -> dict:
+    """Export and quantize the aligned model; register the chosen variant in `trainonce-chat` as `candidate`."""
+    data = PreparedData.load(data_dir)
+    model = load_model(aligned_dir).eval()
+    logger = RunLogger(workdir, run_name="export", tags={"stage": "export"})
+    logger.log_params({"deploy": config.model_dump(mode="json")})
+    output = Path(workdir) / "export" / logger.run_id
+    result = run_export(model, data, tasks, config, output)
+    for variant, evaluation in result.evaluations.items():
+        logger.log_metrics(evaluation.as_metrics(f"{variant}/"), step=0)
+    table = "\n".join(variant_table(result))
+    (output / "variants.md").write_text(table + "\n")
+    logger.log_artifact(output / "variants.md")
+    chosen = result.evaluations[result.candidate]
+    reference = result.evaluations["fp32"]
+    tags = {
+        **lineage, "stage": "export", "quantization": result.candidate, "data_fingerprint": data.fingerprint,
+        "git_commit": git_commit(), "val_ppl": f"{chosen.val_ppl:.4f}",
+        "ppl_delta_vs_fp32": f"{chosen.val_ppl / reference.val_ppl - 1:.5f}",
+        "accuracy_overall": f"{chosen.accuracy['overall']:.4f}", "size_bytes": str(chosen.size_bytes),
+        "tokens_per_second": f"{chosen.tokens_per_second:.1f}",
+        "evaluation": json.dumps({v: e.to_dict() for v, e in result.evaluations.items()}),
+    }  # fmt: skip
+    version = register_chat_package(workdir, logger.run_id, result.packages[result.candidate], tags)
+    set_alias(workdir, CHAT_MODEL, "candidate", version.version)
+    logger.finish()
+    return {
+        "model_uri": version.uri,
+        "version": version.version,
+        "candidate": result.candidate,
+        "package_dir": str(result.packages[result.candidate]),
+        "table": table,
+        "evaluations": {v: e.to_dict() for v, e in result.evaluations.items()},
+    }

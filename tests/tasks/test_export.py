@@ -1,0 +1,114 @@
+"""ONNX export with KV cache: onnxruntime equals PyTorch; quantized variants; choosing the candidate."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from pydantic import ValidationError
+
+from models.generate import greedy_generate
+from models.moe import ElasticMoE
+from serving.engine import MODEL_FILE, ChatPackage
+from tasks.align_data import Message, TaskMixConfig
+from tasks.data import PreparedData
+from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
+from tasks.export import DeployConfig, choose_candidate
+
+
+def _ops(package: Path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(package / MODEL_FILE)).graph.node)
+
+
+def _weight_matmuls(package: Path) -> int:
+    """MatMuls whose right operand is a stored weight (the attention score/value MatMuls are not)."""
+    graph = onnx.load(str(package / MODEL_FILE)).graph
+    weights = {init.name for init in graph.initializer}
+    return sum(1 for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights)
+
+
+def test_onnxruntime_logits_equal_pytorch_for_prefill_and_cached_steps(chat_model, chat_packages) -> None:
+    generator = ChatPackage(chat_packages["fp32"]).generator
+    tokens = torch.randint(0, chat_model.config.vocab_size, (3, 17))  # batch and length unlike the export sample
+    with torch.no_grad():
+        expected = chat_model(tokens).logits.numpy()
+    logits, past = generator.forward(tokens[:, :9].numpy(), generator.empty_past(3))
+    steps = [logits]
+    for position in range(9, 17):
+        logits, past = generator.forward(tokens[:, position : position + 1].numpy(), past)
+        steps.append(logits)
+    diff = np.abs(np.concatenate(steps, axis=1) - expected).max()
+    assert diff <= 1e-4, f"max |logit diff| {diff}"
+    assert past[0].shape == (3, chat_model.config.n_kv_heads, 17, chat_model.config.attn_head_dim)
+
+
+def test_greedy_generation_matches_pytorch(chat_model: ElasticMoE, chat_packages) -> None:
+    package = ChatPackage(chat_packages["fp32"])
+    for prompt_text in ("To be, or not to be", "KING HENRY"):
+        prompt = package.text_prompt(prompt_text)
+        ours = [t.token_id for t in package.stream(prompt, 24, stop_at_eos=False)]
+        reference = greedy_generate(chat_model, torch.tensor([prompt]), 24)[0, len(prompt) :].tolist()
+        assert ours == reference
+
+
+def test_quantized_variants_are_smaller_and_close(chat_model, chat_packages) -> None:
+    assert _ops(chat_packages["int8"])["MatMulInteger"] > 0
+    assert _weight_matmuls(chat_packages["fp32"]) > 0
+    assert _ops(chat_packages["int4"])["MatMulNBits"] > 0
+    assert _weight_matmuls(chat_packages["int4"]) == _weight_matmuls(chat_packages["int8"]) == 0  # all quantized
+    assert _ops(chat_packages["fp32"])["Gemm"] == chat_model.config.n_layers  # routers stay fp32
+    sizes = {v: (p / MODEL_FILE).stat().st_size for v, p in chat_packages.items()}
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+    tokens = torch.randint(0, chat_model.config.vocab_size, (4, 32)).numpy()
+    reference = ChatPackage(chat_packages["fp32"]).generator
+    for variant in ("int8", "int4"):
+        generator = ChatPackage(chat_packages[variant]).generator
+        quantized, _ = generator.forward(tokens, generator.empty_past(4))
+        full, _ = reference.forward(tokens, reference.empty_past(4))
+        agreement = (quantized.argmax(-1) == full.argmax(-1)).mean()
+        assert agreement > 0.8, f"{variant}: top-1 agreement {agreement}"
+
+
+def test_evaluation_measures_every_figure(chat_packages, small_data: PreparedData) -> None:
+    examples = held_out_examples(small_data, TaskMixConfig(test_per_task=2))
+    config = EvaluationConfig(val_batches=2, batch_size=2, seq_len=32, speed_prompts=1, speed_new_tokens=8)
+    evaluation = evaluate_package(chat_packages["fp32"], small_data, examples, config)
+    assert 1 < evaluation.val_ppl < 400  # trained: better than a uniform guess over the vocabulary
+    assert set(evaluation.accuracy) == {"arithmetic", "copy", "reverse", "sort", "span", "overall"}
+    assert evaluation.tokens_per_second > 0 and evaluation.size_bytes > 0
+    again = evaluate_package(chat_packages["fp32"], small_data, examples, config)
+    assert again.val_nll == evaluation.val_nll  # fixed windows: comparable across variants and runs
+
+
+def test_chat_prompt_is_the_sft_template(chat_packages, small_data: PreparedData) -> None:
+    from tasks.align_data import render_chat
+
+    package = ChatPackage(chat_packages["fp32"])
+    messages = [Message(role="system", content="Be brief."), Message(role="user", content="Repeat: a b")]
+    assert package.chat_prompt(messages) == render_chat(messages, small_data.tokenizer(), True)[0]
+
+
+def _evaluation(ppl: float, accuracy: float, size: int) -> PackageEvaluation:
+    return PackageEvaluation(float(np.log(ppl)), ppl, {"overall": accuracy}, 100.0, size)
+
+
+def test_candidate_is_the_smallest_within_limits() -> None:
+    evaluations = {"fp32": _evaluation(10.0, 0.5, 300), "int8": _evaluation(10.1, 0.5, 100),
+                   "int4": _evaluation(10.5, 0.5, 60)}  # fmt: skip
+    assert choose_candidate(evaluations, DeployConfig(max_ppl_increase=0.02)) == "int8"  # int4 is +5%
+    assert choose_candidate(evaluations, DeployConfig(max_ppl_increase=0.06)) == "int4"
+    evaluations["int4"] = _evaluation(10.0, 0.4, 60)
+    assert choose_candidate(evaluations, DeployConfig(max_ppl_increase=0.06, max_accuracy_drop=0.05)) == "int8"
+    assert choose_candidate(evaluations, DeployConfig(candidate="int4")) == "int4"
+
+
+@pytest.mark.parametrize(
+    ("update", "field"),
+    [({"int4_block_size": 48}, "int4_block_size"), ({"variants": ("fp32",), "candidate": "int4"}, "candidate"),
+     ({"opset": 12}, "opset"), ({"max_ppl_increase": -0.1}, "max_ppl_increase")],
+)  # fmt: skip
+def test_bad_deploy_config_names_the_field(update: dict, field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        DeployConfig(**update)
