@@ -102,6 +102,12 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     for task in aligned["accuracy"]["base"]:
         row = [aligned["accuracy"][stage][task] for stage in ("base", "sft", "dpo")]
         print(f"  {task:<12}" + "".join(f"{value:>8.3f}" for value in row))
+    exported, gated = result["export"], result["gate"]
+    print(f"exported {exported['model_uri']} ({exported['candidate']}), alias candidate:")
+    for line in exported["table"].splitlines():
+        print(f"  {line}")
+    print(f"gate: {'promoted' if gated['promoted'] else 'not promoted'}; " + "; ".join(gated["reasons"]))
+    print(f"trainonce-chat@champion = version {gated['champion']}  (serve it: trainonce serve --workdir {workdir})")
     print(f"MLflow store: {workdir / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'})")
 
 

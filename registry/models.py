@@ -164,7 +164,8 @@ def version_tags(workdir: str | Path, version: RegisteredVersion) -> dict[str, s
 
 def download_chat_package(workdir: str | Path, ref: str, destination: str | Path | None = None) -> Path:
     """The chat package folder (model.onnx, tokenizer.json, generation_config.json) of a `trainonce-chat` ref."""
-    package = download_model(workdir, ref, destination) / "artifacts" / "package"
-    if not package.is_dir():
-        raise LookupError(f"{ref} is not a chat package (no artifacts/package in the model)")
-    return package
+    local = download_model(workdir, ref, destination)
+    artifacts = mlflow.models.Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
+    if "package" not in artifacts:
+        raise LookupError(f"{ref} is not a chat package (its pyfunc has no `package` artifact)")
+    return local / artifacts["package"]["path"]

@@ -48,9 +48,7 @@ class ModelSource:
 
     def _load(self, version: str) -> LoadedModel:
         destination = self.cache_dir / self.name / version
-        package_dir = destination / "artifacts" / "package"
-        if not package_dir.is_dir():
-            package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
+        package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
         return LoadedModel(self.name, version, ChatPackage(package_dir, threads=self.threads))
 
     def refresh(self) -> bool:

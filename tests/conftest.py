@@ -94,3 +94,21 @@ def chat_packages(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticM
     from tasks.export import DeployConfig, build_packages
 
     return build_packages(chat_model, small_data.tokenizer_path, tmp_path_factory.mktemp("packages"), DeployConfig())
+
+
+@pytest.fixture(scope="session")
+def make_chat_registry(tmp_path_factory: pytest.TempPathFactory, chat_packages):
+    """Factory: a fresh MLflow store (its own workdir) with the fp32, INT8 and INT4 packages registered as
+    `trainonce-chat` versions 1, 2 and 3, no aliases set. Each test module that moves aliases takes its own."""
+    from registry.models import register_chat_package
+    from registry.tracking import RunLogger
+
+    def make() -> Path:
+        workdir = tmp_path_factory.mktemp("chat-registry")
+        logger = RunLogger(workdir, run_name="export")
+        for variant in ("fp32", "int8", "int4"):
+            register_chat_package(workdir, logger.run_id, chat_packages[variant], {"quantization": variant})
+        logger.finish()
+        return workdir
+
+    return make

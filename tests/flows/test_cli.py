@@ -22,7 +22,7 @@ def _trainonce(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands() -> None:
     result = _trainonce("--help")
     assert result.returncode == 0
-    for command in ("pipeline", "prepare-data", "pretrain", "info"):
+    for command in ("pipeline", "prepare-data", "pretrain", "info", "serve", "promote", "rollback"):
         assert command in result.stdout
 
 
@@ -41,11 +41,12 @@ def test_bad_override_fails_naming_the_field() -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, small_corpus: Path) -> None:
+def test_pipeline_runs_prefect_flow_end_to_end(tmp_path: Path, small_corpus: Path) -> None:
     """The README's main command on a shortened tiny config: a real temporary Prefect server, a real MLflow
     store, a registered supernet version with its lineage and per-sub-model validation curves, and a
     registered sub-model within ERNIE 5.1's budgets (<= 34% of the parameters, <= 50% active), then SFT and
-    DPO versions of it with their lineage and per-task accuracies."""
+    DPO versions of it with their lineage and per-task accuracies, then the ONNX variants and a
+    `trainonce-chat` version that the gate made champion."""
     workdir = tmp_path / "pipeline"
     result = _trainonce(
         "pipeline",
@@ -76,7 +77,15 @@ def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, s
         "--set",
         "sft.tasks.test_per_task=4",
         "--set",
+        "sft.replay_batch_size=2",
+        "--set",
         "dpo.steps=5",
+        "--set",
+        "deploy.evaluation.val_batches=2",
+        "--set",
+        "deploy.evaluation.speed_prompts=1",
+        "--set",
+        "deploy.evaluation.speed_new_tokens=8",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "supernet registered as models:/trainonce-supernet/1" in result.stdout
@@ -111,3 +120,14 @@ def test_pipeline_runs_prefect_flow_and_registers_the_supernet(tmp_path: Path, s
     for task in ("arithmetic", "copy", "reverse", "sort", "span", "overall"):
         assert 0.0 <= float(dpo.tags[f"dpo_accuracy/{task}"]) <= 1.0
     assert 0.0 <= float(dpo.tags["reward_accuracy"]) <= 1.0
+
+    chat = client.get_model_version("trainonce-chat", "1")
+    assert set(client.get_registered_model("trainonce-chat").aliases) == {"candidate", "champion"}
+    assert chat.tags["parent_model"] == "models:/trainonce-chat-torch/2"
+    assert chat.tags["parent_subnet"] == "models:/trainonce-subnet/1"
+    assert chat.tags["parent_supernet"] == "models:/trainonce-supernet/1"
+    assert chat.tags["quantization"] in ("fp32", "int8", "int4")
+    assert chat.tags["gate.decision"] == "promoted" and chat.tags["gate.champion_version"] == "none"
+    evaluation = json.loads(chat.tags["evaluation"])
+    assert set(evaluation) == {"fp32", "int8", "int4"}
+    assert "trainonce-chat@champion = version 1" in result.stdout

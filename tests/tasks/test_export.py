@@ -58,6 +58,9 @@ def test_quantized_variants_are_smaller_and_close(chat_model, chat_packages) -> 
     assert _weight_matmuls(chat_packages["fp32"]) > 0
     assert _ops(chat_packages["int4"])["MatMulNBits"] > 0
     assert _weight_matmuls(chat_packages["int4"]) == _weight_matmuls(chat_packages["int8"]) == 0  # all quantized
+    int4_graph = onnx.load(str(chat_packages["int4"] / MODEL_FILE)).graph
+    head = next(node for node in int4_graph.node if "logits" in node.output)
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
     assert _ops(chat_packages["fp32"])["Gemm"] == chat_model.config.n_layers  # routers stay fp32
     sizes = {v: (p / MODEL_FILE).stat().st_size for v, p in chat_packages.items()}
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
