@@ -103,7 +103,10 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         row = [aligned["accuracy"][stage][task] for stage in ("base", "sft", "dpo")]
         print(f"  {task:<12}" + "".join(f"{value:>8.3f}" for value in row))
     exported, gated = result["export"], result["gate"]
-    print(f"exported {exported['model_uri']} ({exported['candidate']}), alias candidate:")
+    parity = exported["parity"]
+    print(f"exported {exported['model_uri']} ({exported['candidate']}), alias candidate; onnxruntime fp32 vs "
+          f"PyTorch max abs logit diff {parity['max_abs_logit_diff']:.2e}, same greedy tokens "
+          f"{parity['greedy_tokens_equal']}:")  # fmt: skip
     for line in exported["table"].splitlines():
         print(f"  {line}")
     print(f"gate: {'promoted' if gated['promoted'] else 'not promoted'}; " + "; ".join(gated["reasons"]))

@@ -90,8 +90,10 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
     exported = export_task(config.deploy, config.sft.tasks, aligned["dpo_dir"], data_dir, workdir, lineage)
     create_markdown_artifact(
         key="export",
-        markdown="\n".join([f"### {exported['model_uri']} (alias candidate): {exported['candidate']}", "",
-                            exported["table"]]),
+        markdown="\n".join([f"### {exported['model_uri']} (alias candidate): {exported['candidate']}",
+                            f"onnxruntime fp32 vs PyTorch: max abs logit diff "
+                            f"{exported['parity']['max_abs_logit_diff']:.2e}, same greedy tokens: "
+                            f"{exported['parity']['greedy_tokens_equal']}", "", exported["table"]]),
         description="ONNX variants measured with onnxruntime on the held-out evaluation",
     )  # fmt: skip
     print(f"exported {exported['model_uri']} ({exported['candidate']}) as candidate")

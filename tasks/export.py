@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -23,12 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
 from models.checkpoint import load_model
+from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from models.onnx_forward import ExportableDecoder, past_names, present_names
 from registry.models import CHAT_MODEL, register_chat_package, set_alias
 from registry.tracking import RunLogger, git_commit
-from serving.engine import MODEL_FILE, TOKENIZER_FILE, GenerationConfig
-from tasks.align_data import TaskMixConfig
+from serving.engine import MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig
+from tasks.align_data import Message, TaskMixConfig
 from tasks.data import END_OF_TURN, PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
 
@@ -201,20 +203,58 @@ def choose_candidate(evaluations: dict[str, PackageEvaluation], config: DeployCo
 
 
 @dataclass(frozen=True)
+class Parity:
+    max_abs_logit_diff: float  # onnxruntime fp32 vs PyTorch: a prefill, then cached single-token steps
+    greedy_tokens_equal: bool  # greedy continuations of the held-out prompts, token for token
+
+
+PARITY_TOLERANCE = 1e-3  # fp32 export differs by ~1e-6; beyond this something is wrong, not rounding
+
+
+@torch.no_grad()
+def check_parity(model: ElasticMoE, package_dir: Path, prompts: list[list[int]], new_tokens: int = 16) -> Parity:
+    """Compare the fp32 package with the PyTorch model it came from; raises (before anything is registered)
+    when the logits differ by more than PARITY_TOLERANCE."""
+    generator = ChatPackage(package_dir).generator
+    tokens = torch.tensor([prompts[0]])
+    expected = model(tokens).logits.numpy()
+    split = max(1, tokens.shape[1] // 2)
+    logits, past = generator.forward(tokens[:, :split].numpy(), generator.empty_past(1))
+    steps = [logits]
+    for position in range(split, tokens.shape[1]):
+        logits, past = generator.forward(tokens[:, position : position + 1].numpy(), past)
+        steps.append(logits)
+    diff = float(np.abs(np.concatenate(steps, axis=1) - expected).max())
+    if diff > PARITY_TOLERANCE:
+        raise ValueError(f"ONNX export differs from PyTorch by {diff:.2e} (max abs logit) > {PARITY_TOLERANCE}")
+    same = all(
+        list(generator.greedy(p, new_tokens, None))
+        == greedy_generate(model, torch.tensor([p]), new_tokens)[0, len(p) :].tolist()
+        for p in prompts
+    )
+    return Parity(diff, same)
+
+
+@dataclass(frozen=True)
 class ExportResult:
     packages: dict[str, Path]
     evaluations: dict[str, PackageEvaluation]
     candidate: str
+    parity: Parity
 
 
 def run_export(
     model: ElasticMoE, data: PreparedData, tasks: TaskMixConfig, config: DeployConfig, output: Path
 ) -> ExportResult:
-    """Build every variant, measure each on the held-out evaluation, choose the candidate."""
+    """Build every variant, check the fp32 graph against PyTorch, measure each variant on the held-out
+    evaluation, choose the candidate."""
     packages = build_packages(model, data.tokenizer_path, output, config)
     examples = held_out_examples(data, tasks)
+    reference = ChatPackage(packages["fp32"])
+    prompts = [reference.chat_prompt([Message(role="user", content=e.prompt)]) for e in examples[:4]]
+    parity = check_parity(model.eval(), packages["fp32"], prompts)
     evaluations = {v: evaluate_package(p, data, examples, config.evaluation) for v, p in packages.items()}
-    return ExportResult(packages, evaluations, choose_candidate(evaluations, config))
+    return ExportResult(packages, evaluations, choose_candidate(evaluations, config), parity)
 
 
 def variant_table(result: ExportResult) -> list[str]:
@@ -243,6 +283,8 @@ def export_task(
     result = run_export(model, data, tasks, config, output)
     for variant, evaluation in result.evaluations.items():
         logger.log_metrics(evaluation.as_metrics(f"{variant}/"), step=0)
+    logger.log_metrics({"parity/max_abs_logit_diff": result.parity.max_abs_logit_diff,
+                        "parity/greedy_tokens_equal": float(result.parity.greedy_tokens_equal)}, step=0)  # fmt: skip
     table = "\n".join(variant_table(result))
     (output / "variants.md").write_text(table + "\n")
     logger.log_artifact(output / "variants.md")
@@ -254,6 +296,8 @@ def export_task(
         "ppl_delta_vs_fp32": f"{chosen.val_ppl / reference.val_ppl - 1:.5f}",
         "accuracy_overall": f"{chosen.accuracy['overall']:.4f}", "size_bytes": str(chosen.size_bytes),
         "tokens_per_second": f"{chosen.tokens_per_second:.1f}",
+        "onnx_max_abs_logit_diff": f"{result.parity.max_abs_logit_diff:.3e}",
+        "onnx_greedy_tokens_equal": str(result.parity.greedy_tokens_equal),
         "evaluation": json.dumps({v: e.to_dict() for v, e in result.evaluations.items()}),
     }  # fmt: skip
     version = register_chat_package(workdir, logger.run_id, result.packages[result.candidate], tags)
@@ -265,5 +309,9 @@ def export_task(
         "candidate": result.candidate,
         "package_dir": str(result.packages[result.candidate]),
         "table": table,
+        "parity": {
+            "max_abs_logit_diff": result.parity.max_abs_logit_diff,
+            "greedy_tokens_equal": result.parity.greedy_tokens_equal,
+        },  # fmt: skip
         "evaluations": {v: e.to_dict() for v, e in result.evaluations.items()},
     }

@@ -15,7 +15,7 @@ from serving.engine import MODEL_FILE, ChatPackage
 from tasks.align_data import Message, TaskMixConfig
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
-from tasks.export import DeployConfig, choose_candidate
+from tasks.export import DeployConfig, check_parity, choose_candidate
 
 
 def _ops(package: Path) -> Counter:
@@ -115,3 +115,13 @@ def test_candidate_is_the_smallest_within_limits() -> None:
 def test_bad_deploy_config_names_the_field(update: dict, field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         DeployConfig(**update)
+
+
+def test_export_stage_parity_check_refuses_a_wrong_graph(chat_model: ElasticMoE, chat_packages) -> None:
+    package = ChatPackage(chat_packages["fp32"])
+    prompts = [package.chat_prompt([Message(role="user", content=t)]) for t in ("Repeat: a b", "Sort: c a")]
+    parity = check_parity(chat_model, chat_packages["fp32"], prompts)
+    assert parity.max_abs_logit_diff <= 1e-4 and parity.greedy_tokens_equal
+    other = ElasticMoE(chat_model.config).eval()  # different weights: the graph is not this model's
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        check_parity(other, chat_packages["fp32"], prompts)
