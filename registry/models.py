@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,38 @@ def version_tags(workdir: str | Path, version: RegisteredVersion) -> dict[str, s
     return dict(client.get_model_version(version.name, version.version).tags)
 
 
+def _artifact_dir(local: Path, key: str, ref: str) -> Path:
+    """Where the pyfunc artifact `key` lies in a downloaded model (MLflow names it after the logged folder)."""
+    artifacts = mlflow.models.Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
+    if key not in artifacts:
+        raise LookupError(f"{ref} has no `{key}` artifact (is it the right kind of model?)")
+    return local / artifacts[key]["path"]
+
+
 def download_chat_package(workdir: str | Path, ref: str, destination: str | Path | None = None) -> Path:
     """The chat package folder (model.onnx, tokenizer.json, generation_config.json) of a `trainonce-chat` ref."""
-    local = download_model(workdir, ref, destination)
-    artifacts = mlflow.models.Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
-    if "package" not in artifacts:
-        raise LookupError(f"{ref} is not a chat package (its pyfunc has no `package` artifact)")
-    return local / artifacts["package"]["path"]
+    return _artifact_dir(download_model(workdir, ref, destination), "package", ref)
+
+
+@dataclass(frozen=True)
+class DownloadedCheckpoint:
+    version: RegisteredVersion
+    checkpoint_dir: Path  # model.safetensors + config.json
+    extra: dict[str, Any]  # what was registered beside the weights (elastic space, subnet spec, ...)
+
+
+def download_checkpoint(workdir: str | Path, ref: str) -> DownloadedCheckpoint:
+    """A registered trainonce checkpoint as local files under `<workdir>/registry-cache/<name>/<version>`
+    (downloaded once: a version's files never change), so stages can start from any registered model."""
+    version = resolve_version(workdir, ref)
+    destination = Path(workdir) / "registry-cache" / version.name / version.version
+    if not (destination / "MLmodel").is_file():
+        partial = destination.with_name(destination.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        download_model(workdir, version.uri, partial)
+        shutil.rmtree(destination, ignore_errors=True)
+        partial.rename(destination)
+    extra_file = _artifact_dir(destination, "extra", ref)
+    return DownloadedCheckpoint(
+        version, _artifact_dir(destination, "checkpoint", ref), json.loads(extra_file.read_text())
+    )

@@ -364,7 +364,7 @@ def align_task(
     tokenizer = data.tokenizer()
     model = load_model(subnet_dir)
     train, test = generate_splits(sft.tasks, corpus_passages("\n".join(data.documents())))
-    out_dir = Path(workdir) / "align" / Path(subnet_dir).parent.name
+    out_dir = Path(workdir) / "align" / f"subnet-v{subnet_version}"
     lineage = {"parent_model": f"{SUBNET_MODEL}/{subnet_version}", "parent_subnet_version": subnet_version,
                "data_fingerprint": data.fingerprint, "git_commit": git_commit()}  # fmt: skip
 

@@ -503,7 +503,7 @@ def register_pretrained(
         SUPERNET_MODEL,
         result.checkpoint_dir,
         data.tokenizer_path,
-        {"elastic_space": config.elastic.model_dump(mode="json")},
+        {"elastic_space": config.elastic.model_dump(mode="json"), "pretrain_tokens": config.tokens_per_step() * result.steps},
         tags,
     )
 

@@ -8,6 +8,7 @@ search (mutation + crossover over sub-model genomes, as Once-for-All) with a fix
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -382,7 +383,10 @@ def search_task(
     """Rank importance on calibration data, then search the family; returns the ranked supernet and the spec."""
     data = PreparedData.load(data_dir)
     supernet = load_model(supernet_dir).eval()
-    out_dir = Path(workdir) / "search" / Path(supernet_dir).parent.name
+    # One folder per (supernet, data, settings): a cached later stage may still point into an earlier one.
+    key = json.dumps([search.model_dump(mode="json"), extract.model_dump(mode="json"),
+                      elastic.model_dump(mode="json"), supernet_dir, data_dir])  # fmt: skip
+    out_dir = Path(workdir) / "search" / hashlib.sha256(key.encode()).hexdigest()[:16]
     logger = RunLogger(workdir, run_name="search", tags={"stage": "search"})
     logger.log_params({"search": search.model_dump(mode="json"), "supernet_dir": supernet_dir})
     effect = None

@@ -1,0 +1,176 @@
+"""Stage flows, each usable on its own (from the Prefect UI, `prefect deployment run`, or Python) and as a
+subflow of `pipeline`. Parameters are the stages' pydantic configs plus the registered model a stage starts
+from (`NAME@ALIAS`, `NAME/VERSION`, `NAME/latest` or `models:/...`), so e.g. re-aligning and redeploying an
+existing sub-model is one run of `align` then `deploy`.
+
+Tasks cache on their inputs (configs, data folder = data fingerprint, upstream model URIs) with results
+persisted under `<workdir>/.prefect-results`: re-running the same pipeline skips finished stages, a crashed
+run resumes after its last finished stage, and changing one stage's config re-runs that stage and, because
+its outputs (new registered versions) change, everything after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from models.subnet import ElasticSpace
+from registry.models import CHAT_MODEL, SUPERNET_MODEL, download_checkpoint
+from registry.promotion import GateRules
+from tasks.align import DPOConfig, SFTConfig, align_task
+from tasks.align_data import TaskMixConfig
+from tasks.data import DataConfig, prepare_data_task
+from tasks.export import DeployConfig, export_task
+from tasks.extract import ExtractConfig, extract_task
+from tasks.gate import gate_task
+from tasks.pretrain import PretrainConfig, pretrain_task
+from tasks.search import SearchConfig, search_task
+
+
+def cached(task: Task, workdir: str) -> Task:
+    """`task` caching on its inputs and source, with JSON results persisted in the workdir (no pickle)."""
+    return task.with_options(
+        cache_policy=INPUTS + TASK_SOURCE,
+        persist_result=True,
+        result_storage=Path(workdir) / ".prefect-results",
+        result_serializer="json",
+    )
+
+
+@task(name="resolve-model", retries=2, retry_delay_seconds=[2, 10])
+def resolve_model_task(workdir: str, ref: str) -> dict[str, Any]:
+    """The registered model `ref` names, downloaded once into the workdir. Never cached: `NAME@ALIAS` and
+    `NAME/latest` move, and the download itself is skipped when the version's files are already there."""
+    downloaded = download_checkpoint(workdir, ref)
+    return {"version": downloaded.version.version, "uri": downloaded.version.uri,
+            "checkpoint_dir": str(downloaded.checkpoint_dir), "extra": downloaded.extra}  # fmt: skip
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain_flow(
+    data: DataConfig = DataConfig(),  # noqa: B008
+    pretrain: PretrainConfig = PretrainConfig(),  # noqa: B008
+    workdir: str = "runs/pipeline",
+) -> dict:
+    """Prepare the corpus and pre-train the elastic supernet; registers a `trainonce-supernet` version."""
+    workdir = str(Path(workdir).resolve())
+    data_dir = prepare_data_task(data)
+    pretrained = cached(pretrain_task, workdir)(pretrain, data_dir, workdir)
+    lines = [f"| {label} | {loss:.4f} |" for label, loss in pretrained["val_loss"].items()]
+    create_markdown_artifact(
+        key="pretrain-summary",
+        markdown="\n".join(
+            [f"### Supernet {pretrained['model_uri']}",
+             f"MLflow run `{pretrained['run_id']}`, {pretrained['tokens_per_second']:,.0f} tokens/s, "
+             f"MFU {pretrained['mfu']:.1%}", "", "| sub-model | validation loss |", "|---|---|", *lines]
+        ),
+        description="Elastic pre-training: validation loss of each panel sub-model",
+    )  # fmt: skip
+    print(f"registered {pretrained['model_uri']}; validation losses {pretrained['val_loss']}")
+    return {**pretrained, "data_dir": data_dir}
+
+
+@flow(name="extract", log_prints=True)
+def extract_flow(
+    supernet: str = f"{SUPERNET_MODEL}/latest",
+    data: DataConfig = DataConfig(),  # noqa: B008
+    search: SearchConfig = SearchConfig(),  # noqa: B008
+    extract: ExtractConfig = ExtractConfig(),  # noqa: B008
+    workdir: str = "runs/pipeline",
+) -> dict:
+    """Search the registered supernet's family under budgets, extract and distil the chosen sub-model;
+    registers a `trainonce-subnet` version."""
+    workdir = str(Path(workdir).resolve())
+    data_dir = prepare_data_task(data)
+    source = resolve_model_task(workdir, supernet)
+    if "pretrain_tokens" not in source["extra"]:
+        raise ValueError(f"{supernet}: registered before pre-training tokens were recorded; re-run pretrain")
+    elastic = ElasticSpace.model_validate(source["extra"]["elastic_space"])
+    chosen = cached(search_task, workdir)(search, extract, elastic, source["checkpoint_dir"], data_dir, workdir)
+    extracted = cached(extract_task, workdir)(
+        extract, chosen["ranked_supernet_dir"], chosen["spec_json"], data_dir, workdir, source["version"],
+        source["extra"]["pretrain_tokens"], chosen["limits"],
+    )  # fmt: skip
+    print(
+        f"registered {extracted['model_uri']} ({extracted['subnet']}): {extracted['total_fraction']:.1%} of the "
+        f"parameters, {extracted['active_fraction']:.1%} active; validation loss {extracted['val_loss_before']:.4f} "
+        f"-> {extracted['val_loss_after']:.4f} after {extracted['distill_steps']} distillation steps "
+        f"({extracted['distill_compute_fraction']:.1%} of from-scratch compute)"
+    )
+    return {**extracted, "search": chosen, "supernet_uri": source["uri"]}
+
+
+@flow(name="align", log_prints=True)
+def align_flow(
+    subnet: str = "trainonce-subnet/latest",
+    data: DataConfig = DataConfig(),  # noqa: B008
+    sft: SFTConfig = SFTConfig(),  # noqa: B008
+    dpo: DPOConfig = DPOConfig(),  # noqa: B008
+    workdir: str = "runs/pipeline",
+) -> dict:
+    """SFT then DPO of a registered sub-model; registers both in `trainonce-chat-torch`."""
+    workdir = str(Path(workdir).resolve())
+    data_dir = prepare_data_task(data)
+    source = resolve_model_task(workdir, subnet)
+    aligned = cached(align_task, workdir)(sft, dpo, source["checkpoint_dir"], data_dir, workdir, source["version"])
+    rows = [
+        f"| {task} | {aligned['accuracy']['base'][task]:.3f} | {aligned['accuracy']['sft'][task]:.3f} | "
+        f"{aligned['accuracy']['dpo'][task]:.3f} |"
+        for task in aligned["accuracy"]["base"]
+    ]
+    create_markdown_artifact(
+        key="alignment",
+        markdown="\n".join(
+            [f"### {aligned['sft_uri']} (SFT), {aligned['dpo_uri']} (DPO) from {source['uri']}",
+             f"held-out DPO reward accuracy {aligned['reward_accuracy']:.3f}; pairs {aligned['pairs']}", "",
+             "| task | base | SFT | DPO |", "|---|---|---|---|", *rows]
+        ),
+        description="Held-out exact match per task",
+    )  # fmt: skip
+    print(f"aligned: SFT {aligned['sft_uri']}, DPO {aligned['dpo_uri']}; accuracy {aligned['accuracy']}")
+    return {**aligned, "subnet_uri": source["uri"]}
+
+
+@flow(name="deploy", log_prints=True)
+def deploy_flow(
+    aligned: str = "trainonce-chat-torch/latest",
+    data: DataConfig = DataConfig(),  # noqa: B008
+    deploy: DeployConfig = DeployConfig(),  # noqa: B008
+    gate: GateRules = GateRules(),  # noqa: B008
+    tasks: TaskMixConfig = TaskMixConfig(),  # noqa: B008
+    lineage: dict[str, str] | None = None,
+    workdir: str = "runs/pipeline",
+) -> dict:
+    """Export and quantize a registered aligned model, register the candidate in `trainonce-chat`, and promote
+    it to `champion` if it passes the gate against the current champion."""
+    workdir = str(Path(workdir).resolve())
+    data_dir = prepare_data_task(data)
+    source = resolve_model_task(workdir, aligned)
+    lineage = {"parent_model": source["uri"], **(lineage or {})}
+    exported = cached(export_task, workdir)(deploy, tasks, source["checkpoint_dir"], data_dir, workdir, lineage)
+    parity = exported["parity"]
+    create_markdown_artifact(
+        key="export",
+        markdown="\n".join([f"### {exported['model_uri']} (alias candidate): {exported['candidate']}",
+                            f"onnxruntime fp32 vs PyTorch: max abs logit diff {parity['max_abs_logit_diff']:.2e}, "
+                            f"same greedy tokens: {parity['greedy_tokens_equal']}", "", exported["table"]]),
+        description="ONNX variants measured with onnxruntime on the held-out evaluation",
+    )  # fmt: skip
+    print(f"exported {exported['model_uri']} ({exported['candidate']}) as candidate")
+    gated = cached(gate_task, workdir)(gate, deploy.evaluation, tasks, exported["version"], data_dir, workdir)
+    verdict = "promoted" if gated["promoted"] else "not promoted"
+    create_markdown_artifact(
+        key="promotion",
+        markdown="\n".join(
+            [f"### {CHAT_MODEL}/{gated['candidate_version']}: {verdict}",
+             f"champion now: version {gated['champion']} (before: {gated['previous_champion'] or 'none'})", "",
+             *[f"- {reason}" for reason in gated["reasons"]]]
+        ),
+        description="Gate decision: candidate vs champion on the same held-out evaluation",
+    )  # fmt: skip
+    print(f"gate: {verdict}; {CHAT_MODEL}@champion = version {gated['champion']}")
+    return {"export": exported, "gate": gated}
