@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint prefect-server prefect-pool prefect-deploy prefect-worker
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,3 +26,21 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+# A local Prefect server, a process work pool, the deployments of prefect.yaml and a worker (README: "Running
+# on a Prefect server"). Run prefect-server in one terminal, the worker in another.
+PREFECT_PORT ?= 4200
+PREFECT_ENV := PREFECT_HOME=$(CURDIR)/runs/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api MLFLOW_DISABLE_TELEMETRY=true
+
+prefect-server: setup
+	$(PREFECT_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+prefect-pool: setup
+	$(PREFECT_ENV) $(VENV)/bin/prefect work-pool create local --type process --overwrite
+
+prefect-deploy: prefect-pool
+	TRAINONCE_REPO=$(CURDIR) $(PREFECT_ENV) $(VENV)/bin/prefect --no-prompt deploy --all
+
+prefect-worker: setup
+	$(PREFECT_ENV) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/prefect worker start --pool local

@@ -27,8 +27,11 @@ from tasks.data import DataConfig, prepare_data_task
 from tasks.export import DeployConfig, export_task
 from tasks.extract import ExtractConfig, extract_task
 from tasks.gate import gate_task
+from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import PretrainConfig, pretrain_task
 from tasks.search import SearchConfig, search_task
+
+DEFAULTS = PipelineConfig()  # the tiny preset: what a run with no parameters does
 
 
 def cached(task: Task, workdir: str) -> Task:
@@ -52,8 +55,8 @@ def resolve_model_task(workdir: str, ref: str) -> dict[str, Any]:
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(
-    data: DataConfig = DataConfig(),  # noqa: B008
-    pretrain: PretrainConfig = PretrainConfig(),  # noqa: B008
+    data: DataConfig = DEFAULTS.data,
+    pretrain: PretrainConfig = DEFAULTS.pretrain,
     workdir: str = "runs/pipeline",
 ) -> dict:
     """Prepare the corpus and pre-train the elastic supernet; registers a `trainonce-supernet` version."""
@@ -77,9 +80,9 @@ def pretrain_flow(
 @flow(name="extract", log_prints=True)
 def extract_flow(
     supernet: str = f"{SUPERNET_MODEL}/latest",
-    data: DataConfig = DataConfig(),  # noqa: B008
-    search: SearchConfig = SearchConfig(),  # noqa: B008
-    extract: ExtractConfig = ExtractConfig(),  # noqa: B008
+    data: DataConfig = DEFAULTS.data,
+    search: SearchConfig = DEFAULTS.search,
+    extract: ExtractConfig = DEFAULTS.extract,
     workdir: str = "runs/pipeline",
 ) -> dict:
     """Search the registered supernet's family under budgets, extract and distil the chosen sub-model;
@@ -107,9 +110,9 @@ def extract_flow(
 @flow(name="align", log_prints=True)
 def align_flow(
     subnet: str = "trainonce-subnet/latest",
-    data: DataConfig = DataConfig(),  # noqa: B008
-    sft: SFTConfig = SFTConfig(),  # noqa: B008
-    dpo: DPOConfig = DPOConfig(),  # noqa: B008
+    data: DataConfig = DEFAULTS.data,
+    sft: SFTConfig = DEFAULTS.sft,
+    dpo: DPOConfig = DEFAULTS.dpo,
     workdir: str = "runs/pipeline",
 ) -> dict:
     """SFT then DPO of a registered sub-model; registers both in `trainonce-chat-torch`."""
@@ -138,10 +141,10 @@ def align_flow(
 @flow(name="deploy", log_prints=True)
 def deploy_flow(
     aligned: str = "trainonce-chat-torch/latest",
-    data: DataConfig = DataConfig(),  # noqa: B008
-    deploy: DeployConfig = DeployConfig(),  # noqa: B008
-    gate: GateRules = GateRules(),  # noqa: B008
-    tasks: TaskMixConfig = TaskMixConfig(),  # noqa: B008
+    data: DataConfig = DEFAULTS.data,
+    deploy: DeployConfig = DEFAULTS.deploy,
+    gate: GateRules = DEFAULTS.gate,
+    tasks: TaskMixConfig = DEFAULTS.sft.tasks,
     lineage: dict[str, str] | None = None,
     workdir: str = "runs/pipeline",
 ) -> dict:

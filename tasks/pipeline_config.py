@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import yaml
@@ -18,19 +19,45 @@ from tasks.search import SearchConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+DEFAULT_PRESET = "tiny"
+
+
+@functools.cache
+def _default_sections() -> dict:
+    return yaml.safe_load((CONFIG_DIR / f"{DEFAULT_PRESET}.yaml").read_text())
+
+
+def _default(section: str):  # noqa: ANN202 - the section's own config type
+    """A field's default is its section of configs/tiny.yaml: `PipelineConfig()` (and so the Prefect form, and a
+    deployment run with no parameters) is the tiny CPU preset the README's main command runs."""
+    field = PipelineConfig.model_fields[section]
+    return field.annotation.model_validate(_default_sections().get(section, {}))  # type: ignore[union-attr]
+
+
 class PipelineConfig(BaseModel):
-    """All stages' settings; every field is validated before any compute starts."""
+    """All stages' settings; every field is validated before any compute starts. Unset sections (and a
+    config with none) take their values from configs/tiny.yaml."""
 
     model_config = ConfigDict(extra="forbid")
 
-    data: DataConfig = Field(default_factory=DataConfig, description="Corpus, tokenizer and split.")
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Elastic pre-training.")
-    search: SearchConfig = Field(default_factory=SearchConfig, description="Sub-model search under budgets.")
-    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Extraction and distillation.")
-    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning on verifiable tasks.")
-    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference optimisation after SFT.")
-    deploy: DeployConfig = Field(default_factory=DeployConfig, description="ONNX export, quantization, candidate.")
-    gate: GateRules = Field(default_factory=GateRules, description="When the candidate replaces the champion.")
+    data: DataConfig = Field(default_factory=lambda: _default("data"), description="Corpus, tokenizer and split.")
+    pretrain: PretrainConfig = Field(default_factory=lambda: _default("pretrain"), description="Elastic pre-training.")
+    search: SearchConfig = Field(
+        default_factory=lambda: _default("search"), description="Sub-model search under budgets."
+    )
+    extract: ExtractConfig = Field(
+        default_factory=lambda: _default("extract"), description="Extraction and distillation."
+    )
+    sft: SFTConfig = Field(
+        default_factory=lambda: _default("sft"), description="Supervised fine-tuning on verifiable tasks."
+    )
+    dpo: DPOConfig = Field(default_factory=lambda: _default("dpo"), description="Preference optimisation after SFT.")
+    deploy: DeployConfig = Field(
+        default_factory=lambda: _default("deploy"), description="ONNX export, quantization, candidate."
+    )
+    gate: GateRules = Field(
+        default_factory=lambda: _default("gate"), description="When the candidate replaces the champion."
+    )
 
     @model_validator(mode="after")
     def _vocab_matches(self) -> PipelineConfig:
