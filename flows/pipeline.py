@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import align_flow, deploy_flow, extract_flow, pretrain_flow
 from tasks.pipeline_config import PipelineConfig
+from tasks.pretrain import retrain_data_task
 
 
 @flow(name="pipeline", log_prints=True)
@@ -30,14 +31,15 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         markdown=f"### Pipeline configuration\nworkdir `{workdir}`\n\n```json\n{config.model_dump_json(indent=2)}\n```",
         description="The validated configuration of this run",
     )
-    pretrained = pretrain_flow(config.data, config.pretrain, workdir)
-    extracted = extract_flow(pretrained["model_uri"], config.data, config.search, config.extract, workdir)
-    aligned = align_flow(extracted["model_uri"], config.data, config.sft, config.dpo, workdir)
+    data = retrain_data_task(config.data, config.pretrain, workdir)  # a retrain keeps its supernet's tokenizer
+    pretrained = pretrain_flow(data, config.pretrain, workdir)
+    extracted = extract_flow(pretrained["model_uri"], data, config.search, config.extract, workdir)
+    aligned = align_flow(extracted["model_uri"], data, config.sft, config.dpo, workdir)
     lineage = {
         "parent_sft": aligned["sft_uri"], "parent_subnet": extracted["model_uri"],
         "parent_supernet": pretrained["model_uri"], "subnet": extracted["subnet"],
     }  # fmt: skip
-    deployed = deploy_flow(aligned["dpo_uri"], config.data, config.deploy, config.gate, config.sft.tasks, lineage,
+    deployed = deploy_flow(aligned["dpo_uri"], data, config.deploy, config.gate, config.sft.tasks, lineage,
                            workdir)  # fmt: skip
     return {"data_dir": pretrained["data_dir"], "pretrain": pretrained, "search": extracted["search"],
             "extract": extracted, "align": aligned, **deployed}  # fmt: skip

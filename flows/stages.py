@@ -28,7 +28,7 @@ from tasks.export import DeployConfig, export_task
 from tasks.extract import ExtractConfig, extract_task
 from tasks.gate import gate_task
 from tasks.pipeline_config import PipelineConfig
-from tasks.pretrain import PretrainConfig, pretrain_task
+from tasks.pretrain import PretrainConfig, pretrain_task, retrain_data_task
 from tasks.search import SearchConfig, search_task
 
 DEFAULTS = PipelineConfig()  # the tiny preset: what a run with no parameters does
@@ -59,9 +59,10 @@ def pretrain_flow(
     pretrain: PretrainConfig = DEFAULTS.pretrain,
     workdir: str = "runs/pipeline",
 ) -> dict:
-    """Prepare the corpus and pre-train the elastic supernet; registers a `trainonce-supernet` version."""
+    """Prepare the corpus and pre-train the elastic supernet (warm-started from the latest supernet when the
+    data changed); registers a `trainonce-supernet` version."""
     workdir = str(Path(workdir).resolve())
-    data_dir = prepare_data_task(data)
+    data_dir = prepare_data_task(retrain_data_task(data, pretrain, workdir))
     pretrained = cached(pretrain_task, workdir)(pretrain, data_dir, workdir)
     lines = [f"| {label} | {loss:.4f} |" for label, loss in pretrained["val_loss"].items()]
     create_markdown_artifact(
@@ -73,7 +74,10 @@ def pretrain_flow(
         ),
         description="Elastic pre-training: validation loss of each panel sub-model",
     )  # fmt: skip
-    print(f"registered {pretrained['model_uri']}; validation losses {pretrained['val_loss']}")
+    start = (
+        f"warm-started from {pretrained['warm_started_from']}" if pretrained["warm_started_from"] else "from scratch"
+    )
+    print(f"registered {pretrained['model_uri']} ({start}); validation losses {pretrained['val_loss']}")
     return {**pretrained, "data_dir": data_dir}
 
 

@@ -180,6 +180,7 @@ def download_chat_package(workdir: str | Path, ref: str, destination: str | Path
 class DownloadedCheckpoint:
     version: RegisteredVersion
     checkpoint_dir: Path  # model.safetensors + config.json
+    tokenizer_path: Path
     extra: dict[str, Any]  # what was registered beside the weights (elastic space, subnet spec, ...)
 
 
@@ -196,5 +197,6 @@ def download_checkpoint(workdir: str | Path, ref: str) -> DownloadedCheckpoint:
         partial.rename(destination)
     extra_file = _artifact_dir(destination, "extra", ref)
     return DownloadedCheckpoint(
-        version, _artifact_dir(destination, "checkpoint", ref), json.loads(extra_file.read_text())
-    )
+        version, _artifact_dir(destination, "checkpoint", ref), _artifact_dir(destination, "tokenizer", ref),
+        json.loads(extra_file.read_text()),
+    )  # fmt: skip

@@ -243,6 +243,11 @@ class DPOConfig(BaseModel):
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
     lr: float = Field(2e-4, gt=0, le=1, description="Learning rate (AdamW, constant after a short warm-up).")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit for on-policy pairs and accuracy.")
+    max_pairs: int | None = Field(
+        None, ge=1, le=10_000_000,
+        description="Training prompts (a seeded sample) turned into preference pairs; each costs one greedy "
+        "generation, so there is no point in many more than steps x batch_size. None: every training prompt.",
+    )  # fmt: skip
     extra_jsonl: str | None = Field(
         None, description='Your own preference pairs, one {"prompt", "chosen", "rejected"} per line.'
     )
@@ -311,7 +316,10 @@ def run_dpo(
     """DPO of `policy` (in place) against a frozen copy of itself; on-policy pairs from its own mistakes."""
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     pad = tokenizer.token_to_id(PAD)
-    train_pairs, kinds = preference_pairs(policy, tokenizer, train, config.max_new_tokens, config.seed)
+    prompts = list(train)
+    if config.max_pairs is not None and config.max_pairs < len(prompts):
+        prompts = random.Random(config.seed).sample(prompts, config.max_pairs)
+    train_pairs, kinds = preference_pairs(policy, tokenizer, prompts, config.max_new_tokens, config.seed)
     test_pairs, _ = preference_pairs(policy, tokenizer, test, config.max_new_tokens, config.seed + 1)
     encoded = [encode_pair(p, tokenizer, config.max_len) for p in [*train_pairs, *extra_pairs]]
     held_out = [encode_pair(p, tokenizer, config.max_len) for p in test_pairs]

@@ -47,6 +47,11 @@ class DataConfig(BaseModel):
         0.05, gt=0, lt=0.5, description="Tail fraction of every document held out for validation."
     )
     data_dir: Path = Field(Path("runs/data"), description="Folder holding prepared datasets, one per fingerprint.")
+    tokenizer_file: str | None = Field(
+        None,
+        description="Reuse this tokenizer.json instead of training one on the source (a retrain on new data keeps "
+        "its supernet's tokenizer); it must have vocab_size tokens and the special tokens at ids 0..5.",
+    )
 
 
 @dataclass(frozen=True)
@@ -139,19 +144,21 @@ def read_documents(files: list[Path], text_field: str = "text") -> list[str]:
     return documents
 
 
-def source_fingerprint(config: DataConfig, files: list[Path]) -> str:
-    """Hash of the source contents, the tokenizer settings and the split rule."""
+def source_digest(files: list[Path]) -> str:
+    """Hash of the source files' names and contents."""
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    settings = {
-        "format": FORMAT_VERSION,
-        "vocab_size": config.vocab_size,
-        "special_tokens": SPECIAL_TOKENS,
-        "val_fraction": config.val_fraction,
-        "text_field": config.text_field,
-    }
+    return digest.hexdigest()
+
+
+def data_fingerprint(config: DataConfig, source: str, tokenizer: Tokenizer) -> str:
+    """Hash of the source contents, the tokenizer itself (not how it was made: a trained tokenizer and the same
+    tokenizer reused from a registered model give the same fingerprint) and the split rule."""
+    settings = {"format": FORMAT_VERSION, "val_fraction": config.val_fraction, "text_field": config.text_field}
+    digest = hashlib.sha256(source.encode())
+    digest.update(hashlib.sha256(tokenizer.to_str().encode()).digest())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -186,10 +193,38 @@ def _write_tokens(path: Path, ids: list[int], dtype: np.dtype) -> None:
     array.flush()
 
 
+def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) -> Tokenizer:
+    """`tokenizer_file` if given (checked), else the tokenizer trained on this source with these settings, trained
+    once and kept under `<data_dir>/tokenizers/`."""
+    if config.tokenizer_file:
+        path = Path(config.tokenizer_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer_file: {path} does not exist")
+        tokenizer = Tokenizer.from_file(str(path))
+        if tokenizer.get_vocab_size() != config.vocab_size:
+            raise ValueError(f"tokenizer_file: {path} has {tokenizer.get_vocab_size()} tokens, vocab_size is "
+                             f"{config.vocab_size}")  # fmt: skip
+        wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
+        if wrong:
+            raise ValueError(f"tokenizer_file: {path} lacks the special tokens {wrong} at ids 0..5")
+        return tokenizer
+    key = hashlib.sha256(f"{source}|{config.vocab_size}|{SPECIAL_TOKENS}|{config.text_field}".encode()).hexdigest()
+    cached = config.data_dir / "tokenizers" / f"{key[:16]}.json"
+    if cached.is_file():
+        return Tokenizer.from_file(str(cached))
+    tokenizer = train_tokenizer(read_documents(files, config.text_field), config.vocab_size)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(cached.with_suffix(".tmp")))
+    cached.with_suffix(".tmp").replace(cached)
+    return Tokenizer.from_file(str(cached))
+
+
 def prepare_data(config: DataConfig) -> PreparedData:
     """Tokenize the source into `<data_dir>/<fingerprint[:16]>/`, reusing an earlier identical preparation."""
     files = resolve_source(config.source)
-    fingerprint = source_fingerprint(config, files)
+    source = source_digest(files)
+    tokenizer = load_or_train_tokenizer(config, files, source)
+    fingerprint = data_fingerprint(config, source, tokenizer)
     directory = config.data_dir / fingerprint[:16]
     if (directory / "meta.json").is_file():
         prepared = PreparedData.load(directory)
@@ -197,7 +232,6 @@ def prepare_data(config: DataConfig) -> PreparedData:
             return prepared
 
     documents = read_documents(files, config.text_field)
-    tokenizer = train_tokenizer(documents, config.vocab_size)
     eot = tokenizer.token_to_id(END_OF_TEXT)
     train_ids: list[int] = []
     val_ids: list[int] = []

@@ -18,25 +18,35 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from uuid import UUID
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from models.accounting import subnet_cost
-from models.checkpoint import save_model
+from models.checkpoint import load_config, load_model, save_model
 from models.config import MoEConfig
 from models.importance import measure_importance
 from models.losses import DistillationTarget, causal_lm_loss, distillation_loss
 from models.moe import ElasticMoE, RoutingStats
 from models.subnet import ElasticSpace, SubnetSpec
-from registry.models import SUPERNET_MODEL, RegisteredVersion, register_checkpoint
+from registry.models import (
+    SUPERNET_MODEL,
+    DownloadedCheckpoint,
+    RegisteredVersion,
+    download_checkpoint,
+    register_checkpoint,
+    version_tags,
+)
 from registry.tracking import RunLogger, git_commit
-from tasks.data import PreparedData, sample_batch
+from tasks.data import DataConfig, PreparedData, sample_batch
 from tasks.plots import plot_loss_curves, plot_routing_heatmap
 from tasks.throughput import device_peak_flops, training_flops
 from tasks.train_checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -90,6 +100,14 @@ class PretrainConfig(BaseModel):
     )
     max_tokens: int | None = Field(
         None, ge=1, le=10**15, description="Budget in training tokens over all processes (instead of max_steps)."
+    )
+    warm_start: Literal["never", "on_new_data"] = Field(
+        "on_new_data",
+        description="on_new_data: when the latest registered supernet has this architecture but was trained on "
+        "other data (a retrain), start from its weights and tokenizer; never: always from scratch.",
+    )
+    warm_start_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Steps of continued pre-training when warm-starting (None: max_steps)."
     )
     precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="accelerate mixed precision: `no` (fp32, CPU), `bf16` (GPU)."
@@ -337,13 +355,23 @@ class MetricsHistory:
         return train, val
 
 
+def prefect_progress(description: str, done: int, total: int) -> UUID | None:
+    """A Prefect progress artifact (a bar in the UI) when running inside a Prefect task, else None."""
+    if TaskRunContext.get() is None:
+        return None
+    return create_progress_artifact(100.0 * done / total, description=description)
+
+
 def run_pretrain(
     config: PretrainConfig,
     data: PreparedData,
     output_dir: str | Path,
     tracking_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    init_label: str = "",
 ) -> PretrainResult:
-    """Train the supernet; resume from the newest checkpoint in `output_dir` if there is one.
+    """Train the supernet; resume from the newest checkpoint in `output_dir` if there is one. `init_from` (a saved
+    model of this architecture, named `init_label` in the run's identity) gives the starting weights.
 
     Saves the final supernet to `output_dir/supernet` and, with `tracking_dir`, logs params, metrics and
     the loss-curve PNG to an MLflow run (the same run again after a resume).
@@ -354,7 +382,7 @@ def run_pretrain(
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_hash = config.config_hash(data.fingerprint)
+    config_hash = config.config_hash(data.fingerprint + init_label)
     accelerator = Accelerator(
         mixed_precision=config.precision,
         gradient_accumulation_steps=config.grad_accum,
@@ -363,6 +391,8 @@ def run_pretrain(
     )
     set_seed(config.seed)
     model = ElasticMoE(config.model)
+    if init_from is not None:
+        model.load_state_dict(load_model(init_from).state_dict())  # shapes checked against its config first
     optimizer = build_optimizer(model, config.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     core: ElasticMoE = accelerator.unwrap_model(model)
@@ -391,6 +421,11 @@ def run_pretrain(
         total=total_steps,
         desc="pretrain",
         disable=not accelerator.is_main_process,
+    )
+    ui_progress = (
+        prefect_progress(f"pre-training, {total_steps} steps", start_step, total_steps)
+        if accelerator.is_main_process
+        else None
     )
     model.train()
     window_start, window_flops, window_tokens = time.perf_counter(), 0.0, 0
@@ -441,6 +476,8 @@ def run_pretrain(
                 }
             )
             progress.set_postfix(loss=f"{losses.full:.3f}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.1%}")
+            if ui_progress is not None:
+                update_progress_artifact(ui_progress, 100.0 * done / total_steps)
             window_start, window_flops, window_tokens = time.perf_counter(), 0.0, 0
         if done % config.eval_interval == 0 or done == total_steps:
             val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
@@ -453,6 +490,8 @@ def run_pretrain(
             run_id = logger.run_id if logger else (state.mlflow_run_id if state else None)
             save_checkpoint(accelerator, output_dir, TrainerState(done, config_hash, run_id), config.keep_checkpoints)
 
+    if ui_progress is not None:
+        update_progress_artifact(ui_progress, 100.0)
     heatmap_rows = full_model_routing(core, val_tokens, config, accelerator.device)
     if not val_loss:  # resumed at the very end: nothing trained, validate what was restored
         val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
@@ -484,12 +523,22 @@ def run_pretrain(
 
 
 def register_pretrained(
-    result: PretrainResult, config: PretrainConfig, data: PreparedData, tracking_dir: str | Path
+    result: PretrainResult,
+    config: PretrainConfig,
+    data: PreparedData,
+    tracking_dir: str | Path,
+    parent: DownloadedCheckpoint | None = None,
 ) -> RegisteredVersion:
-    """Register the trained supernet as a new `trainonce-supernet` version with its lineage and metrics."""
+    """Register the trained supernet as a new `trainonce-supernet` version with its lineage and metrics
+    (and the supernet it was warm-started from, if any)."""
     if result.mlflow_run_id is None:
         raise ValueError("register_pretrained needs a run trained with tracking_dir set")
+    tokens = config.tokens_per_step() * result.steps + (parent.extra.get("pretrain_tokens", 0) if parent else 0)
+    lineage = (
+        {"warm_started_from": parent.version.uri, "parent_supernet_version": parent.version.version} if parent else {}
+    )
     tags = {
+        **lineage,
         "stage": "pretrain",
         "data_fingerprint": data.fingerprint,
         "config_hash": result.config_hash,
@@ -503,18 +552,63 @@ def register_pretrained(
         SUPERNET_MODEL,
         result.checkpoint_dir,
         data.tokenizer_path,
-        {"elastic_space": config.elastic.model_dump(mode="json"), "pretrain_tokens": config.tokens_per_step() * result.steps},
+        {
+            "elastic_space": config.elastic.model_dump(mode="json"),
+            "pretrain_tokens": tokens,  # incl. the warm-start parent's: what this supernet has seen
+        },
         tags,
     )
 
 
+def latest_supernet(workdir: str | Path) -> DownloadedCheckpoint | None:
+    try:
+        return download_checkpoint(workdir, f"{SUPERNET_MODEL}/latest")
+    except LookupError:  # nothing registered yet
+        return None
+
+
+def warm_start_source(config: PretrainConfig, data: PreparedData, workdir: str | Path) -> DownloadedCheckpoint | None:
+    """The latest registered supernet, when `warm_start` is on, it has this architecture and it was trained on
+    other data than `data` (a retrain); else None (train from scratch)."""
+    if config.warm_start == "never":
+        return None
+    parent = latest_supernet(workdir)
+    if parent is None or version_tags(workdir, parent.version).get("data_fingerprint") == data.fingerprint:
+        return None
+    return parent if load_config(parent.checkpoint_dir) == config.model else None
+
+
+def retrain_data_config(data: DataConfig, config: PretrainConfig, workdir: str | Path) -> DataConfig:
+    """With warm starts on, prepare data with the latest supernet's tokenizer: a warm start needs the token ids
+    the weights were trained on. Unchanged data then gets its old fingerprint back (it hashes the tokenizer
+    itself), so every stage stays cached; new data gets a new one."""
+    if config.warm_start == "never" or data.tokenizer_file:
+        return data
+    parent = latest_supernet(workdir)
+    if parent is None or load_config(parent.checkpoint_dir) != config.model:
+        return data
+    return data.model_copy(update={"tokenizer_file": str(parent.tokenizer_path)})
+
+
+@task(name="retrain-data", retries=2, retry_delay_seconds=[2, 10])
+def retrain_data_task(data: DataConfig, config: PretrainConfig, workdir: str) -> DataConfig:
+    """The data config this run prepares with (see retrain_data_config); reads the registry, so never cached."""
+    return retrain_data_config(data, config, workdir)
+
+
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
 def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str) -> dict:
-    """Elastic pre-training, then registration; a retry resumes from the last checkpoint."""
+    """Elastic pre-training (warm-started on new data, see warm_start_source), then registration; a retry
+    resumes from the last checkpoint."""
     data = PreparedData.load(data_dir)
-    output_dir = Path(workdir) / "pretrain" / config.config_hash(data.fingerprint)[:16]
-    result = run_pretrain(config, data, output_dir, tracking_dir=workdir)
-    version = register_pretrained(result, config, data, workdir)
+    parent = warm_start_source(config, data, workdir)
+    if parent is not None and config.warm_start_steps is not None:
+        config = config.model_copy(update={"max_steps": config.warm_start_steps, "max_tokens": None})
+    init_label = parent.version.uri if parent else ""
+    output_dir = Path(workdir) / "pretrain" / config.config_hash(data.fingerprint + init_label)[:16]
+    init_from = parent.checkpoint_dir if parent else None
+    result = run_pretrain(config, data, output_dir, tracking_dir=workdir, init_from=init_from, init_label=init_label)
+    version = register_pretrained(result, config, data, workdir, parent)
     return {
         "model_uri": version.uri,
         "version": version.version,
@@ -523,6 +617,7 @@ def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str) -> dict:
         "val_loss": result.val_loss,
         "tokens_per_second": result.tokens_per_second,
         "mfu": result.mfu,
+        "warm_started_from": init_label or None,
     }
 
 

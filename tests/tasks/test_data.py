@@ -1,6 +1,7 @@
 """Data stage: real corpus, BPE tokenizer with special tokens, memmapped splits, fingerprints, errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,31 @@ def test_sample_batch_windows(tmp_path: Path) -> None:
     assert ((batch[:, 1:] - batch[:, :-1]) == 1).all()  # contiguous windows
     with pytest.raises(ValueError, match="seq_len=1000 must be <"):
         sample_batch(tokens, 1, 1000, np.random.default_rng(0))
+
+
+def test_a_reused_tokenizer_keeps_the_fingerprint_and_new_data_keeps_the_token_ids(
+    tmp_path: Path, small_corpus: Path
+) -> None:
+    """What a retrain relies on: the same tokenizer reused from a registered model gives the same fingerprint
+    as training it (so unchanged data stays cached), and new data is tokenized with the old ids."""
+    source = tmp_path / "src"
+    shutil.copytree(small_corpus, source)
+    config = DataConfig(source=str(source), vocab_size=400, data_dir=tmp_path / "data")
+    trained = prepare_data(config)
+    copy = tmp_path / "registered_tokenizer.json"
+    shutil.copy(trained.tokenizer_path, copy)
+    reused = prepare_data(config.model_copy(update={"tokenizer_file": str(copy)}))
+    assert reused.fingerprint == trained.fingerprint and reused.directory == trained.directory
+    (source / "new.txt").write_text("Enter a messenger with news of the battle. " * 200)
+    grown = prepare_data(config.model_copy(update={"tokenizer_file": str(copy)}))
+    assert grown.fingerprint != trained.fingerprint
+    assert grown.tokenizer_path.read_text() == trained.tokenizer_path.read_text()
+
+
+def test_a_mismatched_tokenizer_file_is_refused_naming_the_field(tmp_path: Path, small_corpus: Path) -> None:
+    config = DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path / "data")
+    other = prepare_data(config.model_copy(update={"vocab_size": 450}))
+    with pytest.raises(ValueError, match="tokenizer_file: .* has 450 tokens, vocab_size is 400"):
+        prepare_data(config.model_copy(update={"tokenizer_file": str(other.tokenizer_path)}))
+    with pytest.raises(FileNotFoundError, match="tokenizer_file"):
+        prepare_data(config.model_copy(update={"tokenizer_file": str(tmp_path / "none.json")}))
