@@ -19,8 +19,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from models.subnet import ElasticSpace
-from registry.models import CHAT_MODEL, SUPERNET_MODEL, download_checkpoint
+from registry.models import CHAT_MODEL, SUPERNET_MODEL, download_checkpoint, version_link
 from registry.promotion import GateRules
+from registry.tracking import run_link
 from tasks.align import DPOConfig, SFTConfig, align_task
 from tasks.align_data import TaskMixConfig
 from tasks.data import DataConfig, prepare_data_task
@@ -68,8 +69,8 @@ def pretrain_flow(
     create_markdown_artifact(
         key="pretrain-summary",
         markdown="\n".join(
-            [f"### Supernet {pretrained['model_uri']}",
-             f"MLflow run `{pretrained['run_id']}`, {pretrained['tokens_per_second']:,.0f} tokens/s, "
+            [f"### Supernet {version_link(pretrained['model_uri'])}",
+             f"MLflow {run_link(workdir, pretrained['run_id'])}, {pretrained['tokens_per_second']:,.0f} tokens/s, "
              f"MFU {pretrained['mfu']:.1%}", "", "| sub-model | validation loss |", "|---|---|", *lines]
         ),
         description="Elastic pre-training: validation loss of each panel sub-model",
@@ -102,6 +103,19 @@ def extract_flow(
         extract, chosen["ranked_supernet_dir"], chosen["spec_json"], data_dir, workdir, source["version"],
         source["extra"]["pretrain_tokens"], chosen["limits"],
     )  # fmt: skip
+    summary = (
+        f"### {version_link(extracted['model_uri'])}: {extracted['subnet']} from {version_link(source['uri'])}\n"
+        f"{extracted['total_params']:,} parameters ({extracted['total_fraction']:.1%}), "
+        f"{extracted['active_params']:,} active ({extracted['active_fraction']:.1%}); validation loss "
+        f"{extracted['val_loss_before']:.4f} extracted -> {extracted['val_loss_after']:.4f} after "
+        f"{extracted['distill_steps']} distillation steps ({extracted['distill_compute_fraction']:.1%} of "
+        f"from-scratch compute); search {run_link(workdir, chosen['run_id'])}"
+    )
+    create_markdown_artifact(
+        key="extraction",
+        markdown=summary,
+        description="The extracted sub-model and what distillation recovered",
+    )
     print(
         f"registered {extracted['model_uri']} ({extracted['subnet']}): {extracted['total_fraction']:.1%} of the "
         f"parameters, {extracted['active_fraction']:.1%} active; validation loss {extracted['val_loss_before']:.4f} "
@@ -132,7 +146,8 @@ def align_flow(
     create_markdown_artifact(
         key="alignment",
         markdown="\n".join(
-            [f"### {aligned['sft_uri']} (SFT), {aligned['dpo_uri']} (DPO) from {source['uri']}",
+            [f"### {version_link(aligned['sft_uri'])} (SFT), {version_link(aligned['dpo_uri'])} (DPO) from "
+             f"{version_link(source['uri'])}",
              f"held-out DPO reward accuracy {aligned['reward_accuracy']:.3f}; pairs {aligned['pairs']}", "",
              "| task | base | SFT | DPO |", "|---|---|---|---|", *rows]
         ),
@@ -162,7 +177,7 @@ def deploy_flow(
     parity = exported["parity"]
     create_markdown_artifact(
         key="export",
-        markdown="\n".join([f"### {exported['model_uri']} (alias candidate): {exported['candidate']}",
+        markdown="\n".join([f"### {version_link(exported['model_uri'])} (alias candidate): {exported['candidate']}",
                             f"onnxruntime fp32 vs PyTorch: max abs logit diff {parity['max_abs_logit_diff']:.2e}, "
                             f"same greedy tokens: {parity['greedy_tokens_equal']}", "", exported["table"]]),
         description="ONNX variants measured with onnxruntime on the held-out evaluation",
@@ -170,11 +185,13 @@ def deploy_flow(
     print(f"exported {exported['model_uri']} ({exported['candidate']}) as candidate")
     gated = cached(gate_task, workdir)(gate, deploy.evaluation, tasks, exported["version"], data_dir, workdir)
     verdict = "promoted" if gated["promoted"] else "not promoted"
+    candidate_link = version_link(f"{CHAT_MODEL}/{gated['candidate_version']}")
+    champion_link = version_link(f"{CHAT_MODEL}/{gated['champion']}") if gated["champion"] else "none"
     create_markdown_artifact(
         key="promotion",
         markdown="\n".join(
-            [f"### {CHAT_MODEL}/{gated['candidate_version']}: {verdict}",
-             f"champion now: version {gated['champion']} (before: {gated['previous_champion'] or 'none'})", "",
+            [f"### {candidate_link}: {verdict}",
+             f"champion now: {champion_link} (before: {gated['previous_champion'] or 'none'})", "",
              *[f"- {reason}" for reason in gated["reasons"]]]
         ),
         description="Gate decision: candidate vs champion on the same held-out evaluation",

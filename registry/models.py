@@ -15,7 +15,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array, Object, Property
 
-from registry.tracking import active_store, configure_tracking, store_client
+from registry.tracking import active_store, configure_tracking, store_client, ui_base_url
 
 SUPERNET_MODEL = "trainonce-supernet"
 SUBNET_MODEL = "trainonce-subnet"
@@ -113,6 +113,12 @@ def register_chat_package(
     return _log_and_register(
         workdir, run_id, CHAT_MODEL, "chat", _CHAT_CODE, {"package": str(package_dir)}, signature, example, tags
     )
+
+
+def version_link(ref: str) -> str:
+    """A markdown link to a registered version (`models:/NAME/VERSION`) in the MLflow UI, for Prefect artifacts."""
+    name, _, version = parse_model_ref(ref)
+    return f"[{name}/{version}]({ui_base_url()}/#/models/{name}/versions/{version})"
 
 
 def set_alias(workdir: str | Path, name: str, alias: str, version: str) -> None:

@@ -136,3 +136,16 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def ui_base_url() -> str:
+    """Where the MLflow UI of the active store is: the tracking server itself, or for the embedded store the
+    address `mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db` serves on by default."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_link(workdir: str | Path, run_id: str) -> str:
+    """A markdown link to an MLflow run, for Prefect artifacts."""
+    experiment = store_client(workdir).get_run(run_id).info.experiment_id
+    return f"[run {run_id[:8]}]({ui_base_url()}/#/experiments/{experiment}/runs/{run_id})"

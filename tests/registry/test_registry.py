@@ -99,3 +99,16 @@ def test_active_store_leaves_no_global_tracking_uri_behind(tmp_path: Path) -> No
     with active_store(tmp_path) as uri:
         assert os.environ["MLFLOW_TRACKING_URI"] == uri == tracking_uri(tmp_path)
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
+
+
+def test_ui_links_point_at_the_store_ui(monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry.models import version_link
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert version_link("models:/trainonce-chat/3") == (
+        "[trainonce-chat/3](http://127.0.0.1:5000/#/models/trainonce-chat/versions/3)"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000/")
+    assert version_link("trainonce-subnet/1").endswith(
+        "(http://mlflow.internal:5000/#/models/trainonce-subnet/versions/1)"
+    )
