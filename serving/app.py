@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.engine import ChatPackage
+from serving.engine import ChatPackage, finish_reason
 from serving.model_source import LoadedModel, ModelSource
 from serving.protocol import ChatCompletionRequest, CompletionRequest, Usage, error_body, new_id, now
 from tasks.align_data import Message
@@ -110,8 +110,7 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
                 _chat_stream(package, prompt, budget, base, include_usage), media_type="text/event-stream"
             )
         result = package.complete(prompt, budget)
-        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                      total_tokens=result.prompt_tokens + result.completion_tokens)  # fmt: skip
+        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "logprobs": None, "finish_reason": result.finish_reason}],
@@ -133,8 +132,7 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
         if request.stream:
             return StreamingResponse(_completion_stream(package, prompt, budget, base), media_type="text/event-stream")
         result = package.complete(prompt, budget)
-        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                      total_tokens=result.prompt_tokens + result.completion_tokens)  # fmt: skip
+        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
         return {**base, "object": "text_completion",
                 "choices": [{"index": 0, "text": result.text, "logprobs": None,
                              "finish_reason": result.finish_reason}],
@@ -154,10 +152,10 @@ def _chat_stream(
         generated += 1
         if token.text:
             yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": token.text}, "finish_reason": None}]})
-    finish = "length" if generated >= budget else "stop"
+    finish = finish_reason(generated, budget)
     yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
     if include_usage:
-        usage = Usage(prompt_tokens=len(prompt), completion_tokens=generated, total_tokens=len(prompt) + generated)
+        usage = Usage.of(len(prompt), generated)
         yield _sse({**chunk, "choices": [], "usage": usage.model_dump()})
     yield _sse("[DONE]")
 
@@ -170,6 +168,6 @@ def _completion_stream(package: ChatPackage, prompt: list[int], budget: int, bas
         if token.text:
             yield _sse({**chunk, "choices": [{"index": 0, "text": token.text, "logprobs": None,
                                               "finish_reason": None}]})  # fmt: skip
-    finish = "length" if generated >= budget else "stop"
+    finish = finish_reason(generated, budget)
     yield _sse({**chunk, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": finish}]})
     yield _sse("[DONE]")

@@ -45,6 +45,11 @@ class GenerationConfig:
         return cls(**json.loads((directory / GENERATION_CONFIG_FILE).read_text()))
 
 
+def finish_reason(generated: int, budget: int) -> str:
+    """OpenAI's finish_reason: `length` when the token budget ran out, else `stop` (the model ended its turn)."""
+    return "length" if generated >= budget else "stop"
+
+
 @dataclass(frozen=True)
 class GeneratedToken:
     token_id: int
@@ -140,8 +145,7 @@ class ChatPackage:
     def complete(self, prompt: Sequence[int], max_new_tokens: int, stop_at_eos: bool = True) -> Completion:
         tokens = list(self.stream(prompt, max_new_tokens, stop_at_eos))
         text = "".join(t.text for t in tokens)
-        finish = "length" if len(tokens) >= max_new_tokens else "stop"
-        return Completion(text, finish, len(prompt), len(tokens))
+        return Completion(text, finish_reason(len(tokens), max_new_tokens), len(prompt), len(tokens))
 
 
 @dataclass(frozen=True)

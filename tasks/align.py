@@ -38,6 +38,7 @@ from tasks.align_data import (
     check,
     corpus_passages,
     corrupt,
+    exact_match_by_task,
     generate_splits,
     read_preference_jsonl,
     read_sft_jsonl,
@@ -120,13 +121,8 @@ def exact_match(
     """Held-out accuracy per task (and `overall`): the generated reply must equal the answer."""
     was_training = model.training
     model.eval()
-    hits: dict[str, list[bool]] = {}
-    for example in examples:
-        reply = generate_reply(model, tokenizer, example.prompt, max_new_tokens)
-        hits.setdefault(example.task, []).append(check(reply, example.answer))
+    accuracy = exact_match_by_task(examples, lambda prompt: generate_reply(model, tokenizer, prompt, max_new_tokens))
     model.train(was_training)
-    accuracy = {task: sum(h) / len(h) for task, h in hits.items()}
-    accuracy["overall"] = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
     return accuracy
 
 

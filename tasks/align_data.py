@@ -138,6 +138,17 @@ def check(answer: str, expected: str) -> bool:
     return answer.strip() == expected.strip()
 
 
+def exact_match_by_task(examples: Sequence[Example], reply: Callable[[str], str]) -> dict[str, float]:
+    """Held-out accuracy per task (and `overall`) of the replies `reply(prompt)` gives; one scorer for every
+    runtime (PyTorch during alignment, onnxruntime for deployables), so their numbers compare."""
+    hits: dict[str, list[bool]] = {}
+    for example in examples:
+        hits.setdefault(example.task, []).append(check(reply(example.prompt), example.answer))
+    accuracy = {task: sum(h) / len(h) for task, h in hits.items()}
+    accuracy["overall"] = sum(sum(h) for h in hits.values()) / max(1, sum(len(h) for h in hits.values()))
+    return accuracy
+
+
 def corpus_passages(text: str, n_words: int = 12, limit: int = 2000) -> list[str]:
     """Short passages (consecutive words of single lines) cut from the corpus for span questions."""
     passages = []

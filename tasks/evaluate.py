@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.engine import MODEL_FILE, ChatPackage
-from tasks.align_data import Example, Message, TaskMixConfig, check, corpus_passages, generate_splits
+from tasks.align_data import Example, Message, TaskMixConfig, corpus_passages, exact_match_by_task, generate_splits
 from tasks.data import PreparedData, sample_batch
 
 
@@ -68,14 +68,11 @@ def validation_windows(data: PreparedData, config: EvaluationConfig) -> list[np.
 
 
 def package_accuracy(package: ChatPackage, examples: list[Example], max_new_tokens: int) -> dict[str, float]:
-    hits: dict[str, list[bool]] = {}
-    for example in examples:
-        prompt = package.chat_prompt([Message(role="user", content=example.prompt)])
-        reply = package.complete(prompt, min(max_new_tokens, package.room_for(prompt))).text
-        hits.setdefault(example.task, []).append(check(reply, example.answer))
-    accuracy = {task: sum(h) / len(h) for task, h in hits.items()}
-    accuracy["overall"] = sum(sum(h) for h in hits.values()) / max(1, sum(len(h) for h in hits.values()))
-    return accuracy
+    def reply(text: str) -> str:
+        prompt = package.chat_prompt([Message(role="user", content=text)])
+        return package.complete(prompt, min(max_new_tokens, package.room_for(prompt))).text
+
+    return exact_match_by_task(examples, reply)
 
 
 def decode_speed(package: ChatPackage, prompts: list[list[int]], new_tokens: int) -> float:

@@ -29,7 +29,7 @@ from models.moe import ElasticMoE
 from models.onnx_forward import ExportableDecoder, past_names, present_names
 from registry.models import CHAT_MODEL, register_chat_package, set_alias
 from registry.tracking import RunLogger, git_commit
-from serving.engine import MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig
+from serving.engine import MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig, OnnxGenerator
 from tasks.align_data import Message, TaskMixConfig
 from tasks.data import END_OF_TURN, PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
@@ -212,10 +212,9 @@ PARITY_TOLERANCE = 1e-3  # fp32 export differs by ~1e-6; beyond this something i
 
 
 @torch.no_grad()
-def check_parity(model: ElasticMoE, package_dir: Path, prompts: list[list[int]], new_tokens: int = 16) -> Parity:
+def check_parity(model: ElasticMoE, generator: OnnxGenerator, prompts: list[list[int]], new_tokens: int = 16) -> Parity:
     """Compare the fp32 package with the PyTorch model it came from; raises (before anything is registered)
     when the logits differ by more than PARITY_TOLERANCE."""
-    generator = ChatPackage(package_dir).generator
     tokens = torch.tensor([prompts[0]])
     expected = model(tokens).logits.numpy()
     split = max(1, tokens.shape[1] // 2)
@@ -252,7 +251,7 @@ def run_export(
     examples = held_out_examples(data, tasks)
     reference = ChatPackage(packages["fp32"])
     prompts = [reference.chat_prompt([Message(role="user", content=e.prompt)]) for e in examples[:4]]
-    parity = check_parity(model.eval(), packages["fp32"], prompts)
+    parity = check_parity(model.eval(), reference.generator, prompts)
     evaluations = {v: evaluate_package(p, data, examples, config.evaluation) for v, p in packages.items()}
     return ExportResult(packages, evaluations, choose_candidate(evaluations, config), parity)
 

@@ -120,8 +120,8 @@ def test_bad_deploy_config_names_the_field(update: dict, field: str) -> None:
 def test_export_stage_parity_check_refuses_a_wrong_graph(chat_model: ElasticMoE, chat_packages) -> None:
     package = ChatPackage(chat_packages["fp32"])
     prompts = [package.chat_prompt([Message(role="user", content=t)]) for t in ("Repeat: a b", "Sort: c a")]
-    parity = check_parity(chat_model, chat_packages["fp32"], prompts)
+    parity = check_parity(chat_model, package.generator, prompts)
     assert parity.max_abs_logit_diff <= 1e-4 and parity.greedy_tokens_equal
     other = ElasticMoE(chat_model.config).eval()  # different weights: the graph is not this model's
     with pytest.raises(ValueError, match="differs from PyTorch"):
-        check_parity(other, chat_packages["fp32"], prompts)
+        check_parity(other, package.generator, prompts)
