@@ -15,14 +15,14 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 from uuid import UUID
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -47,6 +47,7 @@ from registry.models import (
 )
 from registry.tracking import RunLogger, git_commit
 from tasks.data import DataConfig, PreparedData, sample_batch
+from tasks.launch import LaunchConfig, run_launched
 from tasks.plots import plot_loss_curves, plot_routing_heatmap
 from tasks.throughput import device_peak_flops, training_flops
 from tasks.train_checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -92,7 +93,13 @@ class PretrainConfig(BaseModel):
     elastic: ElasticSpace = Field(default_factory=ElasticSpace, description="The sub-model family trained.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sub-models per step.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
-    batch_size: int = Field(16, ge=1, le=65_536, description="Sequences per micro-batch per process.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        le=65_536,
+        description="Sequences per micro-batch over all processes, split evenly across them: the same config trains "
+        "on the same batches with 1 process or N (it must be a multiple of N).",
+    )
     seq_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per training sequence.")
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches accumulated per optimiser step.")
     max_steps: int | None = Field(
@@ -134,6 +141,11 @@ class PretrainConfig(BaseModel):
         None, gt=0, le=100_000, description="Device peak for MFU; default: known GPU bf16 peak or measured CPU."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, batches and sub-model sampling.")
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig,
+        description="Processes that train (accelerate launch); not part of the run's identity: the batches are the "
+        "same with any process count.",
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PretrainConfig:
@@ -149,17 +161,28 @@ class PretrainConfig(BaseModel):
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be < max_steps={self.max_steps}")
         return self
 
-    def tokens_per_step(self, num_processes: int = 1) -> int:
-        return self.batch_size * self.seq_len * self.grad_accum * num_processes
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimiser step over all processes."""
+        return self.batch_size * self.seq_len * self.grad_accum
 
-    def total_steps(self, num_processes: int = 1) -> int:
+    def total_steps(self) -> int:
         if self.max_steps is not None:
             return self.max_steps
-        return max(1, math.ceil(self.max_tokens / self.tokens_per_step(num_processes)))  # type: ignore[operator]
+        return max(1, math.ceil(self.max_tokens / self.tokens_per_step()))  # type: ignore[operator]
+
+    def rows_of_process(self, num_processes: int, process_index: int) -> slice:
+        """This process's share of every micro-batch; a clear error when the batch does not split evenly."""
+        if self.batch_size % num_processes:
+            raise ValueError(
+                f"pretrain.batch_size={self.batch_size} must be a multiple of the {num_processes} processes "
+                "(it is the batch over all of them)"
+            )
+        share = self.batch_size // num_processes
+        return slice(process_index * share, (process_index + 1) * share)
 
     def config_hash(self, data_fingerprint: str) -> str:
         """Identity of a run: this config on that data. Checkpoints and registry tags carry it."""
-        return hashlib.sha256((self.model_dump_json() + data_fingerprint).encode()).hexdigest()
+        return hashlib.sha256((self.model_dump_json(exclude={"launch"}) + data_fingerprint).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -230,6 +253,25 @@ def elastic_forward_backward(
         losses.routing.extend(out.routing)
         backward(loss)
     return losses
+
+
+def mean_over_processes(accelerator: Accelerator, routing: list[RoutingStats]) -> list[RoutingStats]:
+    """Routing loads averaged over processes (one all-reduce), so every process moves its selection biases alike
+    and by the global batch's load, as one process would."""
+    if accelerator.num_processes == 1 or not routing:
+        return routing
+    flat = accelerator.reduce(torch.cat([s.expert_load for s in routing]), reduction="mean")
+    sizes = [s.expert_load.numel() for s in routing]
+    return [replace(s, expert_load=load) for s, load in zip(routing, flat.split(sizes), strict=True)]
+
+
+def losses_over_processes(accelerator: Accelerator, losses: StepLosses) -> StepLosses:
+    """The step's losses averaged over processes: the global batch's losses (each process holds equal rows)."""
+    if accelerator.num_processes == 1:
+        return losses
+    local = torch.tensor([losses.full, losses.aux, losses.z, *losses.subnets], device=accelerator.device)
+    full, aux, z, *subnets = accelerator.reduce(local, reduction="mean").tolist()
+    return StepLosses(full=full, subnets=subnets, aux=aux, z=z, routing=losses.routing)
 
 
 def cosine_with_warmup(optim: OptimConfig, max_steps: int):
@@ -389,6 +431,7 @@ def run_pretrain(
         # sub-models leave layers and experts unused, which DDP must be told about
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    rows = config.rows_of_process(accelerator.num_processes, accelerator.process_index)
     set_seed(config.seed)
     model = ElasticMoE(config.model)
     if init_from is not None:
@@ -408,12 +451,12 @@ def run_pretrain(
         logger.set_tags({"config_hash": config_hash, "data_fingerprint": data.fingerprint})
     history = MetricsHistory(output_dir / "metrics.jsonl", start_step)
 
-    total_steps = config.total_steps(accelerator.num_processes)
+    total_steps = config.total_steps()
     lr_factor = cosine_with_warmup(config.optim, total_steps)
     panel = evaluation_panel(config, core)
     eval_shape = (config.batch_size, config.seq_len, config.eval_batches)
     train_tokens, val_tokens = data.split("train"), data.split("val")
-    tokens_per_step = config.tokens_per_step(accelerator.num_processes)
+    tokens_per_step = config.tokens_per_step()
     peak = device_peak_flops(accelerator.device, config.precision, config.peak_tflops)
     progress = tqdm(
         range(start_step, total_steps),
@@ -437,8 +480,10 @@ def run_pretrain(
         specs = subnets_for_step(config, core, random.Random(config.seed * 1_000_003 + step))
         routing: list[RoutingStats] = []
         for micro in range(config.grad_accum):
-            rng = np.random.default_rng([config.seed, step, micro, accelerator.process_index])
-            batch = sample_batch(train_tokens, config.batch_size, config.seq_len, rng).to(accelerator.device)
+            # Every process draws the same global batch and trains on its rows, so N processes see exactly what
+            # one would. (The trailing 0 keeps the stream of earlier single-process runs: same figures, resumes.)
+            rng = np.random.default_rng([config.seed, step, micro, 0])
+            batch = sample_batch(train_tokens, config.batch_size, config.seq_len, rng)[rows].to(accelerator.device)
             with accelerator.accumulate(model):
                 losses = elastic_forward_backward(model, config, batch, specs, accelerator.backward)
                 routing.extend(losses.routing)
@@ -447,7 +492,7 @@ def run_pretrain(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if core.config.load_balancing == "bias":
-            core.update_routing_bias(routing)
+            core.update_routing_bias(mean_over_processes(accelerator, routing))
         if config.rerank_interval and (step + 1) % config.rerank_interval == 0:
             # the same batches on every process, so every rank derives the same order and samples alike
             rng = np.random.default_rng([config.seed, step, 1_000_003])
@@ -461,6 +506,7 @@ def run_pretrain(
         done = step + 1
         record: dict = {}
         if done % config.log_interval == 0 or done == total_steps:
+            losses = losses_over_processes(accelerator, losses)
             elapsed = time.perf_counter() - window_start
             tokens_per_second, mfu = window_tokens / elapsed, window_flops / elapsed / peak
             record.update(
@@ -607,7 +653,8 @@ def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str) -> dict:
     init_label = parent.version.uri if parent else ""
     output_dir = Path(workdir) / "pretrain" / config.config_hash(data.fingerprint + init_label)[:16]
     init_from = parent.checkpoint_dir if parent else None
-    result = run_pretrain(config, data, output_dir, tracking_dir=workdir, init_from=init_from, init_label=init_label)
+    train = run_pretrain if config.launch.in_process else run_pretrain_launched
+    result = train(config, data, output_dir, tracking_dir=workdir, init_from=init_from, init_label=init_label)
     version = register_pretrained(result, config, data, workdir, parent)
     return {
         "model_uri": version.uri,
@@ -621,8 +668,48 @@ def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str) -> dict:
     }
 
 
+def run_pretrain_launched(
+    config: PretrainConfig,
+    data: PreparedData,
+    output_dir: str | Path,
+    tracking_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    init_label: str = "",
+) -> PretrainResult:
+    """`run_pretrain` in `config.launch.num_processes` processes (accelerate launch), for a caller that is one
+    process (a Prefect task). The job and its result travel as JSON files in `output_dir`."""
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job = {
+        "pretrain": config.model_dump(mode="json"),
+        "data_dir": str(data.directory.resolve()),
+        "tracking_dir": str(Path(tracking_dir).resolve()) if tracking_dir is not None else None,
+        "init_from": str(init_from) if init_from is not None else None,
+        "init_label": init_label,
+    }
+    (output_dir / "job.json").write_text(json.dumps(job, indent=2))
+    (output_dir / "result.json").unlink(missing_ok=True)
+    command = config.launch.command("tasks.pretrain", ["--job", str(output_dir / "job.json")])
+    run_launched(command, output_dir / "launch.log")
+    result = json.loads((output_dir / "result.json").read_text())
+    return PretrainResult(**{**result, "checkpoint_dir": Path(result["checkpoint_dir"]),
+                             "loss_curve": Path(result["loss_curve"]) if result["loss_curve"] else None})  # fmt: skip
+
+
+def _run_job(path: Path) -> None:
+    """One process of `run_pretrain_launched`: the main process writes the result next to the job."""
+    job = json.loads(path.read_text())
+    config = PretrainConfig.model_validate(job["pretrain"])
+    data = PreparedData.load(job["data_dir"])
+    result = run_pretrain(config, data, path.parent, job["tracking_dir"], job["init_from"], job["init_label"])
+    if PartialState().is_main_process:
+        payload = {**asdict(result), "checkpoint_dir": str(result.checkpoint_dir),
+                   "loss_curve": str(result.loss_curve) if result.loss_curve else None}  # fmt: skip
+        (path.parent / "result.json").write_text(json.dumps(payload, indent=2))
+
+
 def main() -> None:
-    """Entry point for `accelerate launch -m tasks.pretrain --config tiny`."""
+    """Entry point for `accelerate launch -m tasks.pretrain --config tiny` (and for `--job`, see above)."""
     # Imported here: tasks.pipeline_config imports this module for PretrainConfig.
     from tasks.data import prepare_data
     from tasks.pipeline_config import load_pipeline_config, parse_overrides
@@ -632,10 +719,18 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     parser.add_argument("--output-dir", default="runs/pretrain", help="checkpoints and the final supernet")
     parser.add_argument("--tracking-dir", default=None, help="MLflow embedded store folder (default: no MLflow)")
+    parser.add_argument("--job", type=Path, default=None, help="a job.json written by run_pretrain_launched")
     args = parser.parse_args()
+    if args.job is not None:
+        _run_job(args.job)
+        return
     config = load_pipeline_config(args.config, parse_overrides(args.set))
-    result = run_pretrain(config.pretrain, prepare_data(config.data), args.output_dir, args.tracking_dir)
-    print(json.dumps({"steps": result.steps, "resumed_from": result.resumed_from, "val_loss": result.val_loss}))
+    state = PartialState()
+    with state.main_process_first():  # one process tokenizes; the others then find its dataset on disk
+        data = prepare_data(config.data)
+    result = run_pretrain(config.pretrain, data, args.output_dir, args.tracking_dir)
+    if state.is_main_process:
+        print(json.dumps({"steps": result.steps, "resumed_from": result.resumed_from, "val_loss": result.val_loss}))
 
 
 if __name__ == "__main__":

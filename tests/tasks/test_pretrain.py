@@ -94,7 +94,9 @@ def test_short_run_learns_and_saves_a_loadable_supernet(tmp_path: Path, small_da
 def test_token_budget_sets_the_step_count() -> None:
     config = _tiny_pretrain(max_steps=None, max_tokens=10_000, batch_size=4, seq_len=64, grad_accum=2)
     assert config.tokens_per_step() == 512 and config.total_steps() == 20  # ceil(10000 / 512)
-    assert config.total_steps(num_processes=2) == 10
+    assert config.rows_of_process(2, 1) == slice(2, 4)  # the batch is global: 2 of its 4 rows on process 1
+    with pytest.raises(ValueError, match="pretrain.batch_size=4 must be a multiple of the 3 processes"):
+        config.rows_of_process(3, 0)
     with pytest.raises(ValidationError, match="set exactly one of max_steps and max_tokens"):
         _tiny_pretrain(max_steps=10, max_tokens=1000)
 
