@@ -10,12 +10,10 @@ finished stage (flows/stages.py).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.stages import align_flow, deploy_flow, extract_flow, pretrain_flow
+from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import retrain_data_task
 
@@ -25,7 +23,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
     """Train once: prepare the corpus, pre-train the elastic supernet, search the family under budgets,
     extract and distil the chosen sub-model, align it, export and quantize it, and promote it if it beats
     the champion; every model registered in MLflow."""
-    workdir = str(Path(workdir).resolve())
+    workdir = checked_workdir(workdir)
     create_markdown_artifact(
         key="pipeline-config",
         markdown=f"### Pipeline configuration\nworkdir `{workdir}`\n\n```json\n{config.model_dump_json(indent=2)}\n```",

