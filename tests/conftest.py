@@ -74,6 +74,20 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def short_pipeline() -> list[str]:
+    """`--set` overrides that shorten the tiny preset to a pipeline run of about a minute (on the small corpus's
+    400-token vocabulary); each stage still does real work."""
+    return [
+        "data.vocab_size=400", "pretrain.model.vocab_size=400", "pretrain.max_steps=20",
+        "pretrain.optim.warmup_steps=2", "pretrain.eval_interval=10",
+        "extract.distill_compute_fraction=0.3",  # 6% of 20 steps' compute would be less than one step
+        "sft.steps=20", "sft.tasks.train_per_task=20", "sft.tasks.test_per_task=4", "sft.replay_batch_size=2",
+        "dpo.steps=5", "deploy.evaluation.val_batches=2", "deploy.evaluation.speed_prompts=1",
+        "deploy.evaluation.speed_new_tokens=8",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> PreparedData:
     """The small corpus prepared with a 400-token BPE vocabulary (chat special tokens included)."""
     return prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("data")))

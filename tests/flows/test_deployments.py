@@ -14,13 +14,6 @@ from registry.tracking import store_client
 from tasks.data import builtin_shakespeare_files
 from tasks.pipeline_config import load_pipeline_config, parse_overrides
 
-SHORT = [
-    "data.vocab_size=400", "pretrain.model.vocab_size=400", "pretrain.max_steps=20", "pretrain.optim.warmup_steps=2",
-    "pretrain.eval_interval=10", "extract.distill_compute_fraction=0.3", "sft.steps=20", "sft.tasks.train_per_task=20",
-    "sft.tasks.test_per_task=4", "sft.replay_batch_size=2", "dpo.steps=5", "deploy.evaluation.val_batches=2",
-    "deploy.evaluation.speed_prompts=1", "deploy.evaluation.speed_new_tokens=8",
-]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
@@ -30,33 +23,37 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         yield env
 
 
-def _params(tmp_path: Path, small_corpus: Path, workdir: Path, *extra: str) -> dict:
-    overrides = [*SHORT, f"data.source={small_corpus}", f"data.data_dir={tmp_path / 'data'}", *extra]
+def _params(tmp_path: Path, small_corpus: Path, workdir: Path, short: list[str], *extra: str) -> dict:
+    overrides = [*short, f"data.source={small_corpus}", f"data.data_dir={tmp_path / 'data'}", *extra]
     config = load_pipeline_config("tiny", parse_overrides(overrides))
     return {"config": config.model_dump(mode="json"), "workdir": str(workdir)}
 
 
 @pytest.mark.slow
 def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_starts(
-    prefect: dict[str, str], tmp_path: Path, small_corpus: Path
+    prefect: dict[str, str], tmp_path: Path, small_corpus: Path, short_pipeline: list[str]
 ) -> None:
     workdir = tmp_path / "pipeline"
     source = tmp_path / "source"  # a data folder the retrain can grow
     shutil.copytree(small_corpus, source)
     small_corpus = source
-    cold, cold_seconds = run_deployment(prefect, "pipeline/manual", _params(tmp_path, small_corpus, workdir))
+
+    def params(*extra: str) -> dict:
+        return _params(tmp_path, small_corpus, workdir, short_pipeline, *extra)
+
+    cold, cold_seconds = run_deployment(prefect, "pipeline/manual", params())
     assert cold.returncode == 0 and "Completed" in cold.stdout, cold.stdout[-3000:] + cold.stderr[-3000:]
     client = store_client(workdir)
     assert str(client.get_model_version_by_alias("trainonce-chat", "champion").version) == "1"
 
-    cached, cached_seconds = run_deployment(prefect, "pipeline/manual", _params(tmp_path, small_corpus, workdir))
+    cached, cached_seconds = run_deployment(prefect, "pipeline/manual", params())
     assert cached.returncode == 0 and "Completed" in cached.stdout
     assert cached_seconds < cold_seconds / 2, (cold_seconds, cached_seconds)
     for name in ("trainonce-supernet", "trainonce-subnet", "trainonce-chat-torch", "trainonce-chat"):
         assert len(client.search_model_versions(f"name='{name}'")) == (2 if name == "trainonce-chat-torch" else 1)
 
     # a changed DPO config re-runs DPO (align) and deploy, not pre-training or extraction
-    changed, _ = run_deployment(prefect, "pipeline/manual", _params(tmp_path, small_corpus, workdir, "dpo.steps=6"))
+    changed, _ = run_deployment(prefect, "pipeline/manual", params("dpo.steps=6"))
     assert changed.returncode == 0, changed.stdout[-3000:]
     counts = {n: len(client.search_model_versions(f"name='{n}'")) for n in
               ("trainonce-supernet", "trainonce-subnet", "trainonce-chat-torch", "trainonce-chat")}  # fmt: skip
@@ -68,8 +65,8 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
     champion = str(client.get_model_version_by_alias("trainonce-chat", "champion").version)
     new_play = builtin_shakespeare_files()[5]
     (source / new_play.name).write_text(new_play.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    params = _params(tmp_path, small_corpus, workdir, "dpo.steps=6", "pretrain.warm_start_steps=10")
-    retrain, _ = run_deployment(prefect, "pipeline/nightly-retrain", params)
+    retrain_params = params("dpo.steps=6", "pretrain.warm_start_steps=10")
+    retrain, _ = run_deployment(prefect, "pipeline/nightly-retrain", retrain_params)
     assert retrain.returncode == 0, retrain.stdout[-3000:] + retrain.stderr[-3000:]
     first, second = (client.get_model_version("trainonce-supernet", v).tags for v in ("1", "2"))
     assert second["warm_started_from"] == "models:/trainonce-supernet/1" and second["steps"] == "10"
