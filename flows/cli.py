@@ -68,6 +68,12 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_params(args: argparse.Namespace) -> None:
+    """Print the validated configuration as the pipeline deployment's parameters, for
+    `prefect deployment run 'pipeline/...' --params "$(trainonce params --config small --set ...)"`."""
+    print(json.dumps({"config": _load(args).model_dump(mode="json"), "workdir": args.workdir}))
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """Run the Prefect pipeline flow in-process (Prefect's temporary local server when none is set)."""
     workdir = Path(args.workdir).resolve()
@@ -191,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline",
         cmd_pipeline,
         "run the whole Prefect pipeline on a preset (data -> pre-training -> ... -> champion)",
+        workdir=True,
+        default_workdir="runs/pipeline",
+    )
+    add(
+        "params",
+        cmd_params,
+        "print a preset with overrides as the JSON parameters of a pipeline deployment run",
         workdir=True,
         default_workdir="runs/pipeline",
     )

@@ -16,12 +16,12 @@ from typing import Any
 
 from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 from models.subnet import ElasticSpace
 from registry.models import CHAT_MODEL, SUPERNET_MODEL, download_checkpoint, version_link
 from registry.promotion import GateRules
-from registry.tracking import check_artifact_store, run_link
+from registry.tracking import check_artifact_store, run_link, tracking_uri
 from tasks.align import DPOConfig, SFTConfig, align_task
 from tasks.align_data import TaskMixConfig
 from tasks.data import DataConfig, prepare_data_task
@@ -36,9 +36,12 @@ DEFAULTS = PipelineConfig()  # the tiny preset: what a run with no parameters do
 
 
 def cached(task: Task, workdir: str) -> Task:
-    """`task` caching on its inputs and source, with JSON results persisted in the workdir (no pickle)."""
+    """`task` caching on its inputs, its source and the MLflow store it registers in (the same workdir pointed at
+    a tracking server must not reuse results naming versions of the embedded store), with JSON results persisted
+    in the workdir (no pickle)."""
+    store = tracking_uri(workdir)
     return task.with_options(
-        cache_policy=INPUTS + TASK_SOURCE,
+        cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda _context, _parameters: store),
         persist_result=True,
         result_storage=Path(workdir) / ".prefect-results",
         result_serializer="json",

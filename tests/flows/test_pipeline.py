@@ -40,3 +40,23 @@ def test_parameter_schema_carries_descriptions_for_the_ui() -> None:
     assert schema["properties"]["config"]["$ref"].endswith("PipelineConfig")
     assert definitions["MoEConfig"]["properties"]["top_k"]["description"].startswith("Experts each token")
     assert definitions["SamplingConfig"]["properties"]["policy"]["enum"] == ["full", "random", "sandwich"]
+
+
+def test_cached_results_belong_to_the_mlflow_store(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workdir first used with the embedded store, then pointed at a tracking server, must not reuse cached
+    results: they name registered versions of the other store."""
+    from prefect.cache_policies import CacheKeyFnPolicy
+
+    from flows.stages import cached
+    from tasks.pretrain import pretrain_task
+
+    def store_key() -> str:
+        policies = cached(pretrain_task, str(tmp_path)).cache_policy.policies
+        (store,) = [policy for policy in policies if isinstance(policy, CacheKeyFnPolicy)]
+        return store.compute_key(None, {}, {})
+
+    embedded = store_key()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert store_key() != embedded
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert store_key() == embedded

@@ -1,6 +1,7 @@
-"""Data-parallel pre-training: with `pretrain.launch.num_processes=2` the task runs `accelerate launch
---num_processes 2 --cpu -m tasks.pretrain` (gloo, two real processes) on the same global batches as one process,
-so losses and weights after N steps match the single-process run."""
+"""Data-parallel pre-training: with `pretrain.launch` = 2 processes and infra/accelerate/multi-cpu.yaml the task
+runs `accelerate launch --config_file infra/accelerate/multi-cpu.yaml --num_processes 2 -m tasks.pretrain` (gloo,
+two real processes) on the same global batches as one process, so losses and weights after N steps match the
+single-process run."""
 
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from tasks.data import PreparedData
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain import PretrainConfig, run_pretrain, run_pretrain_launched
 
+MULTI_CPU = Path(__file__).resolve().parents[2] / "infra" / "accelerate" / "multi-cpu.yaml"
+
 
 def _config(processes: int) -> PretrainConfig:
     base = load_pipeline_config("tiny").pretrain.model_dump()
@@ -21,7 +24,8 @@ def _config(processes: int) -> PretrainConfig:
     base["elastic"].update(depths=[2, 3, 4], expert_counts=[2, 4, 6, 8])
     base.update(batch_size=8, seq_len=64, max_steps=10, log_interval=5, eval_interval=10, checkpoint_interval=10)
     base["optim"]["warmup_steps"] = 2
-    base["launch"] = {"num_processes": processes}
+    if processes > 1:
+        base["launch"] = {"num_processes": processes, "config_file": str(MULTI_CPU)}
     return PretrainConfig.model_validate(base)
 
 
@@ -30,7 +34,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path: Path
     one = run_pretrain(_config(1), small_data, tmp_path / "one")
     two = run_pretrain_launched(_config(2), small_data, tmp_path / "two")
     assert one.config_hash == two.config_hash  # the process count is not part of the run's identity
-    assert "--num_processes 2 --cpu -m tasks.pretrain" in (tmp_path / "two" / "launch.log").read_text()
+    launched = (tmp_path / "two" / "launch.log").read_text()
+    assert f"--config_file {MULTI_CPU} --num_processes 2 -m tasks.pretrain" in launched
     assert two.steps == 10 and two.checkpoint_dir == (tmp_path / "two" / "supernet").resolve()
 
     assert two.train_loss == pytest.approx(one.train_loss, abs=1e-4)
