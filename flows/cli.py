@@ -117,7 +117,11 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print(f"  {line}")
     print(f"gate: {'promoted' if gated['promoted'] else 'not promoted'}; " + "; ".join(gated["reasons"]))
     print(f"trainonce-chat@champion = version {gated['champion']}  (serve it: trainonce serve --workdir {workdir})")
-    print(f"MLflow store: {workdir / 'mlflow.db'}  (mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'})")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        print(f"MLflow tracking server: {os.environ['MLFLOW_TRACKING_URI']}")
+    else:
+        store = workdir / "mlflow.db"
+        print(f"MLflow store: {store}  (mlflow ui --backend-store-uri sqlite:///{store})")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -104,6 +104,7 @@ def test_pipeline_end_to_end_on_a_tracking_server_with_s3_artifacts(
     done = _pipeline(env, workdir, *overrides)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "trainonce-chat@champion = version 1" in done.stdout
+    assert f"MLflow tracking server: {mlflow_server}" in done.stdout
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlartifacts").exists()  # all on the server
     assert "supernet registered as models:/trainonce-supernet/1" in done.stdout
     version = client.get_model_version("trainonce-supernet", "1")
