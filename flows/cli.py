@@ -84,6 +84,12 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     config = _load(args)  # validated before Prefect or any compute starts
+    from registry.tracking import check_artifact_store
+
+    try:  # the flow checks again (deployment runs start there); here it fails before Prefect even starts
+        check_artifact_store(workdir)
+    except RuntimeError as error:
+        raise SystemExit(f"cannot run the pipeline: {error}") from error
     from flows.pipeline import pipeline
 
     result = pipeline(config=config, workdir=str(workdir))
@@ -115,6 +121,9 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
           f"{parity['greedy_tokens_equal']}:")  # fmt: skip
     for line in exported["table"].splitlines():
         print(f"  {line}")
+    if result["hugging_face"]:
+        print(f"transformers directory registered as {result['hugging_face']['model_uri']} "
+              f"(mlflow.transformers.load_model; files in {result['hugging_face']['directory']})")  # fmt: skip
     print(f"gate: {'promoted' if gated['promoted'] else 'not promoted'}; " + "; ".join(gated["reasons"]))
     print(f"trainonce-chat@champion = version {gated['champion']}  (serve it: trainonce serve --workdir {workdir})")
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -154,8 +163,44 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     print(f"{args.model}@champion -> version {current} (was {previous})")
 
 
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    """A registered checkpoint as a Hugging Face directory; `trainonce-chat` refs (ONNX packages) export the
+    PyTorch model they were exported from (their `parent_model` tag)."""
+    from registry.models import CHAT_MODEL, download_checkpoint, resolve_version, version_tags
+    from tasks.export_hf import export_hf
+
+    try:
+        ref = args.model
+        version = resolve_version(args.workdir, ref)
+        if version.name == CHAT_MODEL:
+            ref = version_tags(args.workdir, version)["parent_model"]
+        checkpoint = download_checkpoint(args.workdir, ref)
+        out = export_hf(checkpoint.checkpoint_dir, checkpoint.tokenizer_path, args.out)
+    except (LookupError, ValueError, FileExistsError) as error:
+        raise SystemExit(f"export-hf: {error}") from error
+    print(f"{checkpoint.version.uri} -> {out} (AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    """A local transformers ERNIE 4.5 MoE checkpoint as a new `trainonce-supernet` version."""
+    from models.subnet import ElasticSpace
+    from tasks.import_hf import import_hf
+
+    lists = {"depths": args.depths, "expert_counts": args.expert_counts, "top_ks": args.top_ks}
+    try:
+        elastic = ElasticSpace(**{k: v for k, v in lists.items() if v}) if any(lists.values()) else None
+        version = import_hf(args.directory, Path(args.workdir).resolve(), elastic)
+    except (ValueError, FileNotFoundError, ValidationError) as error:
+        raise SystemExit(f"import-hf: {error}") from error
+    print(f"{args.directory} -> {version.uri}")
+
+
 def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
-    """serve, promote, rollback: they act on a registry (a workdir's store, or MLFLOW_TRACKING_URI)."""
+    """serve, promote, rollback, export-hf: they act on a registry (a workdir's store, or MLFLOW_TRACKING_URI)."""
     from registry.models import CHAT_MODEL
 
     def registry_parser(name: str, handler, help_text: str) -> argparse.ArgumentParser:
@@ -177,6 +222,22 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     promote.add_argument("version", help="registered version number")
     promote.add_argument("--reason", default="manual promotion", help="recorded on the version")
     registry_parser("rollback", cmd_rollback, "move MODEL@champion back to the previous champion")
+    export = registry_parser(
+        "export-hf", cmd_export_hf, "write a registered model (NAME@ALIAS or NAME/VERSION) as a Hugging Face directory"
+    )
+    export.add_argument("--out", required=True, help="the folder to write (new, empty, or an earlier export)")
+    export.set_defaults(model=f"{CHAT_MODEL}@champion")
+    imported = commands.add_parser(
+        "import-hf",
+        help="register a local transformers ERNIE 4.5 MoE checkpoint as a trainonce-supernet version",
+        description="register a local transformers ERNIE 4.5 MoE checkpoint as a trainonce-supernet version",
+    )
+    imported.add_argument("directory", help="folder with config.json, *.safetensors and tokenizer.json")
+    imported.add_argument("--workdir", default="runs/pipeline", help="the pipeline folder whose MLflow store to use")
+    imported.add_argument("--depths", type=_int_list, default=None, help="elastic depths, e.g. 14,21,28")
+    imported.add_argument("--expert-counts", type=_int_list, default=None, help="experts per layer, e.g. 16,32,64")
+    imported.add_argument("--top-ks", type=_int_list, default=None, help="routing top-k values, e.g. 2,4,6")
+    imported.set_defaults(handler=cmd_import_hf)
 
 
 def build_parser() -> argparse.ArgumentParser:

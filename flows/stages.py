@@ -26,6 +26,7 @@ from tasks.align import DPOConfig, SFTConfig, align_task
 from tasks.align_data import TaskMixConfig
 from tasks.data import DataConfig, prepare_data_task
 from tasks.export import DeployConfig, export_task
+from tasks.export_hf import export_hf_task
 from tasks.extract import ExtractConfig, extract_task
 from tasks.gate import gate_task
 from tasks.pipeline_config import PipelineConfig
@@ -194,6 +195,13 @@ def deploy_flow(
         description="ONNX variants measured with onnxruntime on the held-out evaluation",
     )  # fmt: skip
     print(f"exported {exported['model_uri']} ({exported['candidate']}) as candidate")
+    hugging_face = (
+        cached(export_hf_task, workdir)(source["checkpoint_dir"], data_dir, workdir, lineage)
+        if deploy.hugging_face
+        else None
+    )
+    if hugging_face:
+        print(f"registered {hugging_face['model_uri']}, a transformers directory of {source['uri']}")
     gated = cached(gate_task, workdir)(gate, deploy.evaluation, tasks, exported["version"], data_dir, workdir)
     verdict = "promoted" if gated["promoted"] else "not promoted"
     candidate_link = version_link(f"{CHAT_MODEL}/{gated['candidate_version']}")
@@ -208,4 +216,4 @@ def deploy_flow(
         description="Gate decision: candidate vs champion on the same held-out evaluation",
     )  # fmt: skip
     print(f"gate: {verdict}; {CHAT_MODEL}@champion = version {gated['champion']}")
-    return {"export": exported, "gate": gated}
+    return {"export": exported, "gate": gated, "hugging_face": hugging_face}

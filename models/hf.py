@@ -7,6 +7,8 @@ only needed by whoever loads the result.
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,8 @@ HF_MODEL_TYPE = "ernie4_5_moe"
 _OUR_BUFFERS = ("layer_order", "expert_order")
 _BIAS = "mlp.gate.e_score_correction_bias"
 _HF_BIAS = "mlp.gate.moe_statics.e_score_correction_bias"
+_FILE_BIAS = "mlp.moe_statics.e_score_correction_bias"  # where checkpoint files keep it
+_FILE_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<index>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
 def hf_config_dict(config: MoEConfig) -> dict[str, Any]:
@@ -107,3 +111,38 @@ def from_hf_state_dict(hf_config: Mapping[str, Any], state_dict: Mapping[str, to
         raise ValueError(f"state dict does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(ours, strict=True)
     return model
+
+
+def hf_expected_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes an HF checkpoint of this config must hold (built on the meta device: no
+    memory), to check a checkpoint's files before loading them."""
+    with torch.device("meta"):
+        model = ElasticMoE(config_from_hf(hf_config))
+    return {name: tuple(tensor.shape) for name, tensor in to_hf_state_dict(model).items()}
+
+
+def from_checkpoint_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as checkpoint files hold them (one `experts.N.{gate,up,down}_proj.weight` per expert and
+    `mlp.moe_statics.e_score_correction_bias`: how Baidu publishes ERNIE 4.5 and how transformers saves it) ->
+    the stacked names of transformers' in-memory model, which `from_hf_state_dict` takes. Stacked tensors pass
+    through; works on meta tensors too (to check shapes from file headers)."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = defaultdict(dict)
+    for name, tensor in tensors.items():
+        match = _FILE_EXPERT.match(name)
+        if match:
+            experts[match["prefix"]][(int(match["index"]), match["proj"])] = tensor
+        elif name.endswith(_FILE_BIAS):
+            out[name.replace(_FILE_BIAS, _HF_BIAS)] = tensor
+        else:
+            out[name] = tensor
+    for prefix, parts in experts.items():
+        count = 1 + max(index for index, _ in parts)
+        missing = [f"{e}.{p}_proj" for e in range(count) for p in ("gate", "up", "down") if (e, p) not in parts]
+        if missing:
+            raise ValueError(f"{prefix}: the files lack experts {missing[:5]}")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(count)]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down")] for e in range(count)])
+    return out

@@ -21,6 +21,7 @@ SUPERNET_MODEL = "trainonce-supernet"
 SUBNET_MODEL = "trainonce-subnet"
 CHAT_TORCH_MODEL = "trainonce-chat-torch"  # aligned PyTorch checkpoints (SFT, DPO)
 CHAT_MODEL = "trainonce-chat"  # the deployable: ONNX (fp32 / INT8 / INT4) + tokenizer, served by alias
+HF_MODEL = "trainonce-chat-hf"  # the same aligned model as a transformers directory (transformers flavor)
 _SCORER_CODE = Path(__file__).resolve().parent / "scorer_pyfunc.py"
 _CHAT_CODE = Path(__file__).resolve().parent / "chat_pyfunc.py"
 _PIP_REQUIREMENTS = ["trainonce", "torch", "onnxruntime", "safetensors", "tokenizers", "pandas"]
@@ -61,11 +62,14 @@ def _log_and_register(
             pip_requirements=_PIP_REQUIREMENTS,
             registered_model_name=name,
         )
+    return _tagged(workdir, RegisteredVersion(name, str(info.registered_model_version), run_id), tags)
+
+
+def _tagged(workdir: str | Path, version: RegisteredVersion, tags: dict[str, Any]) -> RegisteredVersion:
     client = store_client(workdir)
-    version = str(info.registered_model_version)
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    return RegisteredVersion(name, version, run_id)
+        client.set_model_version_tag(version.name, version.version, key, str(value))
+    return version
 
 
 def register_checkpoint(
@@ -113,6 +117,31 @@ def register_chat_package(
     return _log_and_register(
         workdir, run_id, CHAT_MODEL, "chat", _CHAT_CODE, {"package": str(package_dir)}, signature, example, tags
     )
+
+
+def register_hf_model(workdir: str | Path, run_id: str, hf_dir: Path, tags: dict[str, Any]) -> RegisteredVersion:
+    """Register a transformers directory (tasks/export_hf.py) as an MLflow `transformers` model, a version of
+    `trainonce-chat-hf`: `mlflow.transformers.load_model("models:/trainonce-chat-hf/N")` gives a text-generation
+    pipeline, and the logged folder is what transformers, vLLM or SGLang load.
+
+    Logged as a pipeline object built from the local folder (MLflow 3.17's path form fails on transformers 5's
+    task registry) with explicit requirements (its inference would import torchvision); offline throughout."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    generator = pipeline(
+        "text-generation",
+        model=AutoModelForCausalLM.from_pretrained(hf_dir),
+        tokenizer=AutoTokenizer.from_pretrained(hf_dir),
+    )
+    configure_tracking(workdir)
+    with active_store(workdir), mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=generator,
+            name="hf",
+            pip_requirements=["transformers", "torch", "safetensors", "tokenizers"],
+            registered_model_name=HF_MODEL,
+        )
+    return _tagged(workdir, RegisteredVersion(HF_MODEL, str(info.registered_model_version), run_id), tags)
 
 
 def version_link(ref: str) -> str:

@@ -200,6 +200,16 @@ def _write_tokens(path: Path, ids: list[int], dtype: np.dtype) -> None:
     array.flush()
 
 
+def check_tokenizer(tokenizer: Tokenizer, path: Path, vocab_size: int, field: str) -> None:
+    """A tokenizer the pipeline can use: `vocab_size` tokens, and the chat-role and end-of-text special tokens
+    at ids 0..5 (data preparation, the SFT template and serving rely on them); ValueError naming `field`."""
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise ValueError(f"{field}: {path} has {tokenizer.get_vocab_size()} tokens, vocab_size is {vocab_size}")
+    wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
+    if wrong:
+        raise ValueError(f"{field}: {path} lacks the special tokens {wrong} at ids 0..5")
+
+
 def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) -> Tokenizer:
     """`tokenizer_file` if given (checked), else the tokenizer trained on this source with these settings, trained
     once and kept under `<data_dir>/tokenizers/`."""
@@ -208,12 +218,7 @@ def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) 
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer_file: {path} does not exist")
         tokenizer = Tokenizer.from_file(str(path))
-        if tokenizer.get_vocab_size() != config.vocab_size:
-            raise ValueError(f"tokenizer_file: {path} has {tokenizer.get_vocab_size()} tokens, vocab_size is "
-                             f"{config.vocab_size}")  # fmt: skip
-        wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
-        if wrong:
-            raise ValueError(f"tokenizer_file: {path} lacks the special tokens {wrong} at ids 0..5")
+        check_tokenizer(tokenizer, path, config.vocab_size, "tokenizer_file")
         return tokenizer
     key = hashlib.sha256(f"{source}|{config.vocab_size}|{SPECIAL_TOKENS}|{config.text_field}".encode()).hexdigest()
     cached = config.data_dir / "tokenizers" / f"{key[:16]}.json"

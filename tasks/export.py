@@ -68,6 +68,11 @@ class DeployConfig(BaseModel):
         0.02, ge=0.0, le=1.0, description="Largest drop in held-out exact match vs fp32 (absolute)."
     )
     default_max_new_tokens: int = Field(64, ge=1, le=65_536, description="Reply length when a request sets none.")
+    hugging_face: bool = Field(
+        True,
+        description="Also register the aligned model as a transformers directory (`trainonce-chat-hf`, MLflow "
+        "transformers flavor) for transformers, vLLM, SGLang and FastDeploy.",
+    )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out measurement.")
 
     @model_validator(mode="after")

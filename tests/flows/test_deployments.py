@@ -24,7 +24,8 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 
 
 def _params(tmp_path: Path, small_corpus: Path, workdir: Path, short: list[str], *extra: str) -> dict:
-    overrides = [*short, f"data.source={small_corpus}", f"data.data_dir={tmp_path / 'data'}", *extra]
+    overrides = [*short, "deploy.variants=[fp32,int8]", "deploy.hugging_face=false", f"data.source={small_corpus}",
+                 f"data.data_dir={tmp_path / 'data'}", *extra]  # fmt: skip
     config = load_pipeline_config("tiny", parse_overrides(overrides))
     return {"config": config.model_dump(mode="json"), "workdir": str(workdir)}
 

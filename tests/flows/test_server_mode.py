@@ -168,3 +168,17 @@ def test_pipeline_end_to_end_on_a_tracking_server_with_s3_artifacts(
     answer = chat.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "Repeat: king queen"}]],
                                         "max_tokens": [4]}))  # fmt: skip
     assert answer.loc[0, "finish_reason"] in ("stop", "length") and 1 <= answer.loc[0, "completion_tokens"] <= 4
+
+    # The same aligned model as a transformers directory (trainonce-chat-hf), with the ONNX candidate's lineage,
+    # loaded back through the server as a text-generation pipeline that computes what the checkpoint computes.
+    assert "transformers directory registered as models:/trainonce-chat-hf/1" in done.stdout
+    hf_version = client.get_model_version("trainonce-chat-hf", "1")
+    onnx_version = client.get_model_version("trainonce-chat", "1")
+    assert hf_version.tags["parent_model"] == "models:/trainonce-chat-torch/2" == onnx_version.tags["parent_model"]
+    assert hf_version.tags["parent_supernet"] == "models:/trainonce-supernet/1"
+    with active_store(tmp_path / "client"):
+        generator = mlflow.transformers.load_model("models:/trainonce-chat-hf/1")
+    aligned = load_model(download_checkpoint(tmp_path / "client", "trainonce-chat-torch/2").checkpoint_dir).eval()
+    tokens = torch.randint(6, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (generator.model(tokens).logits - aligned(tokens).logits).abs().max().item() <= 1e-4

@@ -1,0 +1,93 @@
+"""Hugging Face export: a trainonce checkpoint as a directory that `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load offline, and so transformers, vLLM, SGLang and FastDeploy serve.
+
+The weights are written by transformers' own `Ernie4_5_MoeForCausalLM.save_pretrained` (config.json,
+generation_config.json, safetensors, weight tying as transformers expects it) and the tokenizer by
+`PreTrainedTokenizerFast.save_pretrained`, with a chat template that renders exactly the token ids SFT
+trained on (`tasks.align_data.render_chat`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from prefect import task
+from tokenizers import Tokenizer
+from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+from models.checkpoint import load_model
+from models.hf import HF_ARCHITECTURE, hf_config_dict, to_hf_state_dict
+from registry.models import register_hf_model
+from registry.tracking import RunLogger
+from tasks.align_data import ROLE_TOKENS
+from tasks.data import ASSISTANT, END_OF_TEXT, END_OF_TURN, PAD, PreparedData
+
+# `<|role|>content<|end|>` per message, then `<|assistant|>` when a reply is asked for: the SFT format.
+CHAT_TEMPLATE = (
+    "{% set roles = " + json.dumps(ROLE_TOKENS) + " %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in roles %}"
+    "{{ raise_exception('role must be one of system, user, assistant; got ' + message['role']) }}"
+    "{% endif %}"
+    "{{ roles[message['role']] + message['content'] + '" + END_OF_TURN + "' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+)
+
+
+def export_hf(checkpoint_dir: str | Path, tokenizer_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the checkpoint (supernet, sub-model or aligned model) as a transformers model directory.
+
+    A sub-model transformers cannot express (different expert counts per layer) fails before anything is
+    written, naming the layer. The directory is assembled beside `out_dir` and renamed into place, so a
+    failure never leaves a half-written model under that name; an earlier export there is replaced, any other
+    non-empty folder is refused."""
+    model = load_model(checkpoint_dir).eval()
+    config = hf_config_dict(model.config)  # raises, naming the layer, before any file is written
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    end_of_turn, end_of_text, pad = (tokenizer.token_to_id(t) for t in (END_OF_TURN, END_OF_TEXT, PAD))
+    config.update(eos_token_id=end_of_text, pad_token_id=pad, bos_token_id=None)
+
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FileExistsError(f"out: {out_dir} exists and is not a model directory; give a new or empty folder")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with torch.device("meta"):  # no second copy of the weights: load_state_dict(assign=True) adopts ours
+        hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**config))
+    result = hf.load_state_dict(to_hf_state_dict(model), strict=False, assign=True)
+    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+        raise ValueError(f"weights do not match Ernie4_5_MoeForCausalLM: {result}")
+    if config["tie_word_embeddings"]:
+        hf.tie_weights()
+    # A chat reply ends with <|end|>, plain text with <|endoftext|>: generation stops at either.
+    hf.generation_config = GenerationConfig(eos_token_id=[end_of_turn, end_of_text], pad_token_id=pad, do_sample=False)
+    hf.save_pretrained(partial, safe_serialization=True)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=END_OF_TEXT,
+        pad_token=PAD,
+        additional_special_tokens=[t for t in (*ROLE_TOKENS.values(), END_OF_TURN)],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=model.config.max_seq_len,
+    ).save_pretrained(partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+    return out_dir
+
+
+@task(name="export-hf", retries=1, retry_delay_seconds=5)
+def export_hf_task(aligned_dir: str, data_dir: str, workdir: str, lineage: dict) -> dict:
+    """The aligned model as a transformers directory, registered in `trainonce-chat-hf` with the lineage of the
+    ONNX candidate exported from the same model."""
+    logger = RunLogger(workdir, run_name="export-hf", tags={"stage": "export-hf"})
+    out = export_hf(
+        aligned_dir, PreparedData.load(data_dir).tokenizer_path, Path(workdir) / "export-hf" / logger.run_id
+    )
+    version = register_hf_model(workdir, logger.run_id, out, {**lineage, "stage": "export-hf",
+                                                               "architecture": HF_ARCHITECTURE})  # fmt: skip
+    logger.finish()
+    return {"model_uri": version.uri, "version": version.version, "directory": str(out)}

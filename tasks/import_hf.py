@@ -1,0 +1,112 @@
+"""Hugging Face import: a local transformers checkpoint of ERNIE 4.5 MoE (`Ernie4_5_MoeForCausalLM`) becomes a
+`trainonce-supernet` version, so a pretrained MoE enters the pipeline where elastic pre-training would have
+left one: search, extraction, distillation, alignment and deployment start from it.
+
+Everything that can be wrong is checked before a weight is loaded: the architecture and its options
+(`models.hf.config_from_hf`), every tensor's name and shape against the safetensors headers, the tokenizer
+(`tasks.data.check_tokenizer`), and the elastic space against the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from models.checkpoint import save_model
+from models.config import MoEConfig
+from models.hf import config_from_hf, from_checkpoint_layout, from_hf_state_dict, hf_expected_shapes
+from models.subnet import ElasticSpace
+from registry.models import SUPERNET_MODEL, RegisteredVersion, register_checkpoint
+from registry.tracking import RunLogger, git_commit
+from tasks.data import check_tokenizer
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (sharded via model.safetensors.index.json, or one file)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / shard for shard in shards]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors weights (pytorch_model.bin is not read: no pickle)")
+    return files
+
+
+def files_sha256(directory: Path) -> str:
+    """Hash of the checkpoint's files (names and contents): the identity an imported supernet is tagged with."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_weights(directory: Path, hf_config: dict) -> None:
+    """Every tensor the architecture needs is there with its shape (read from the safetensors headers only)."""
+    expected = hf_expected_shapes(hf_config)
+    headers: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                headers[name] = torch.empty(handle.get_slice(name).get_shape(), device="meta")
+    found = {name: tuple(tensor.shape) for name, tensor in from_checkpoint_layout(headers).items()}
+    missing = sorted(set(expected) - set(found))
+    wrong = [f"{name}: {found[name]} in the files, {expected[name]} in config.json"
+             for name in sorted(expected) if name in found and found[name] != expected[name]]  # fmt: skip
+    if missing or wrong:
+        raise ValueError(f"{directory}: weights do not match config.json: missing {missing[:5]}, shapes {wrong[:5]}")
+
+
+def default_elastic_space(config: MoEConfig) -> ElasticSpace:
+    """A sub-model family for an imported model: 1/2 to all of its layers, 1/4 to all of its experts per layer,
+    top-k 1 up to its own."""
+    depths = sorted({max(1, math.ceil(config.n_layers * f)) for f in (0.5, 2 / 3, 5 / 6, 1.0)})
+    counts = sorted({max(config.top_k, round(config.n_experts * f)) for f in (0.25, 0.5, 0.75, 1.0)})
+    return ElasticSpace(depths=tuple(depths), expert_counts=tuple(counts), top_ks=tuple(range(1, config.top_k + 1)))
+
+
+def import_hf(directory: str | Path, workdir: str | Path, elastic: ElasticSpace | None = None) -> RegisteredVersion:
+    """Register the checkpoint in `directory` as a new `trainonce-supernet` version (tags: source, files hash;
+    extra: the elastic space its sub-models are searched in, 0 pre-training tokens seen here)."""
+    directory = Path(directory).resolve()
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (a transformers checkpoint folder is expected)")
+    hf_config = json.loads(config_file.read_text())
+    config = config_from_hf(hf_config)
+    tokenizer_path = directory / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{directory}: no tokenizer.json (the fast tokenizer file is needed)")
+    check_tokenizer(Tokenizer.from_file(str(tokenizer_path)), tokenizer_path, config.vocab_size, "tokenizer")
+    elastic = elastic or default_elastic_space(config)
+    try:
+        elastic.check_fits(config)
+    except ValueError as error:
+        raise ValueError(f"elastic: {error}") from error
+    check_weights(directory, hf_config)
+
+    digest = files_sha256(directory)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        state.update(load_file(path))
+    state = from_checkpoint_layout(state)
+    model = from_hf_state_dict(hf_config, {name: tensor.float() for name, tensor in state.items()})
+    logger = RunLogger(workdir, run_name="import-hf", tags={"stage": "import-hf"})
+    logger.log_params({"source": str(directory), "files_sha256": digest, "model": config.model_dump(mode="json")})
+    checkpoint = save_model(model, Path(workdir) / "imports" / digest[:16] / "supernet")
+    extra = {"elastic_space": elastic.model_dump(mode="json"), "pretrain_tokens": 0, "source": f"hf:{directory}"}
+    tags = {"stage": "import-hf", "source": f"hf:{directory}", "files_sha256": digest, "git_commit": git_commit(),
+            "architecture": hf_config.get("architectures", ["?"])[0]}  # fmt: skip
+    version = register_checkpoint(workdir, logger.run_id, SUPERNET_MODEL, checkpoint, tokenizer_path, extra, tags)
+    logger.finish()
+    return version

@@ -1,0 +1,124 @@
+"""Hugging Face export: transformers loads the directory offline and computes what we compute (logits, greedy
+tokens), and its chat template renders the token ids SFT trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.checkpoint import save_model
+from models.extract import extract_subnet
+from models.generate import greedy_generate
+from models.moe import ElasticMoE
+from models.subnet import SubnetSpec
+from tasks.align_data import Message, render_chat
+from tasks.data import END_OF_TURN, PreparedData
+from tasks.export_hf import export_hf
+
+MESSAGES = [
+    Message(role="system", content="Answer briefly."),
+    Message(role="user", content="Copy: king queen crown"),
+    Message(role="assistant", content="king queen crown"),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE, small_data: PreparedData) -> Path:
+    folder = tmp_path_factory.mktemp("hf")
+    checkpoint = save_model(chat_model, folder / "checkpoint")
+    return export_hf(checkpoint, small_data.tokenizer_path, folder / "export")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_transformers_computes_our_logits_and_greedy_tokens(exported: Path, chat_model: ElasticMoE) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(hf).__name__ == "Ernie4_5_MoeForCausalLM" and hf.dtype == torch.float32
+    tokens = torch.randint(6, chat_model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = chat_model(tokens).logits, hf(tokens).logits
+    assert theirs.std() > 0.1
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+    prompt = tokens[:1, :12]
+    with torch.no_grad():
+        generated = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=1)
+    assert torch.equal(generated, greedy_generate(chat_model, prompt, 20))
+
+
+def test_chat_template_renders_the_sft_token_ids_and_generation_stops_at_end_of_turn(
+    exported: Path, chat_model: ElasticMoE, small_data: PreparedData
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ours = small_data.tokenizer()
+    as_dicts = [m.model_dump() for m in MESSAGES]
+    assert tokenizer.apply_chat_template(as_dicts, tokenize=True, return_dict=False) == render_chat(MESSAGES, ours)[0]
+    prompt_ids, _ = render_chat(MESSAGES[:2], ours, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(as_dicts[:2], add_generation_prompt=True, return_dict=False)
+    assert rendered == prompt_ids
+    with pytest.raises(Exception, match="role must be one of system, user, assistant; got tool"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], return_dict=False)
+
+    hf = AutoModelForCausalLM.from_pretrained(exported).eval()
+    prompt = torch.tensor([prompt_ids])
+    end = ours.token_to_id(END_OF_TURN)
+    with torch.no_grad():
+        reply = hf.generate(prompt, max_new_tokens=16, do_sample=False)  # generation_config: stop at <|end|>
+    expected = greedy_generate(chat_model, prompt, 16, eos_id=end)
+    assert reply[0].tolist() == expected[0, : reply.shape[1]].tolist()
+    assert tokenizer.decode(reply[0, len(prompt_ids) :], skip_special_tokens=True) == ours.decode(
+        [t for t in expected[0, len(prompt_ids) :].tolist() if t != end]
+    )
+
+
+def test_an_extracted_sub_model_exports_and_one_hf_cannot_express_is_refused(
+    tmp_path: Path, chat_model: ElasticMoE, small_data: PreparedData
+) -> None:
+    uniform = extract_subnet(chat_model, SubnetSpec(layers=(1,), experts=((0, 2),), top_k=1)).eval()
+    out = export_hf(save_model(uniform, tmp_path / "uniform"), small_data.tokenizer_path, tmp_path / "uniform-hf")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(6, 400, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(tokens).logits - uniform(tokens).logits).abs().max().item() <= 1e-4
+    assert hf.config.num_hidden_layers == 1 and hf.config.moe_num_experts == 2 and hf.config.moe_k == 1
+
+    ragged = extract_subnet(chat_model, SubnetSpec(layers=(0, 1), experts=((0, 1, 2), (0, 3)), top_k=1))
+    with pytest.raises(ValueError, match="layer 1 has 2 experts but layer 0 has 3"):
+        export_hf(save_model(ragged, tmp_path / "ragged"), small_data.tokenizer_path, tmp_path / "ragged-hf")
+    assert not (tmp_path / "ragged-hf").exists() and not (tmp_path / "ragged-hf.partial").exists()
+
+
+def test_cli_exports_a_registered_model_by_reference(
+    tmp_path: Path, chat_model: ElasticMoE, small_data: PreparedData, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+    from registry.models import register_checkpoint
+    from registry.tracking import RunLogger
+
+    workdir = tmp_path / "registry"
+    logger = RunLogger(workdir, run_name="align")
+    checkpoint = save_model(chat_model, tmp_path / "dpo")
+    register_checkpoint(workdir, logger.run_id, "trainonce-chat-torch", checkpoint, small_data.tokenizer_path, {},
+                        {"stage": "dpo"})  # fmt: skip
+    logger.finish()
+    main(["export-hf", "--workdir", str(workdir), "--model", "trainonce-chat-torch/1", "--out", str(tmp_path / "hf")])
+    assert "models:/trainonce-chat-torch/1 -> " in capsys.readouterr().out
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(6, 400, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf(tokens).logits - chat_model(tokens).logits).abs().max().item() <= 1e-4
+
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="export-hf: out: .*occupied exists and is not a model directory"):
+        main(["export-hf", "--workdir", str(workdir), "--model", "trainonce-chat-torch/1",
+              "--out", str(tmp_path / "occupied")])  # fmt: skip
+    with pytest.raises(SystemExit, match="export-hf: .*trainonce-chat"):
+        main(["export-hf", "--workdir", str(workdir), "--out", str(tmp_path / "none")])  # no champion registered
+    assert (tmp_path / "occupied" / "notes.txt").read_text() == "mine"

@@ -1,0 +1,116 @@
+"""Hugging Face import: a tiny randomly initialised transformers ERNIE 4.5 MoE saved to a folder (nothing is
+downloaded) becomes a registered supernet that computes what transformers computes; a sub-model extracted
+from it leaves as a transformers directory again; what cannot be imported is refused before any weight loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+)
+
+from flows.cli import main
+from models.checkpoint import load_model, save_model
+from models.extract import extract_subnet
+from models.subnet import ElasticSpace, Importance
+from registry.models import download_checkpoint
+from registry.tracking import store_client
+from tasks.data import PreparedData
+from tasks.export_hf import export_hf
+from tasks.import_hf import default_elastic_space, import_hf
+
+HF_CONFIG = dict(
+    vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+    max_position_embeddings=128, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_data: PreparedData) -> Path:
+    """A random Ernie4_5_MoeForCausalLM saved by transformers, with a trainonce tokenizer beside it."""
+    torch.manual_seed(0)
+    model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**HF_CONFIG)).eval()
+    with torch.no_grad():  # a non-zero selection bias, so the import must carry it
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):  # the MoE layers (ERNIE's first layer is dense)
+                layer.mlp.gate.moe_statics.e_score_correction_bias.normal_(0, 0.01)
+    folder = tmp_path_factory.mktemp("ernie-tiny")
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_file=str(small_data.tokenizer_path)).save_pretrained(folder)
+    return folder
+
+
+def test_import_registers_a_supernet_that_computes_what_transformers_computes(
+    hf_checkpoint: Path, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "registry"
+    version = import_hf(hf_checkpoint, workdir)
+    assert version.uri == "models:/trainonce-supernet/1"
+    tags = store_client(workdir).get_model_version("trainonce-supernet", "1").tags
+    assert tags["source"] == f"hf:{hf_checkpoint.resolve()}" and len(tags["files_sha256"]) == 64
+    assert tags["architecture"] == "Ernie4_5_MoeForCausalLM"
+
+    downloaded = download_checkpoint(workdir, "trainonce-supernet/1")
+    ours = load_model(downloaded.checkpoint_dir).eval()
+    assert ElasticSpace.model_validate(downloaded.extra["elastic_space"]) == default_elastic_space(ours.config)
+    assert downloaded.extra["pretrain_tokens"] == 0
+    hf = AutoModelForCausalLM.from_pretrained(hf_checkpoint).eval()
+    tokens = torch.randint(6, 400, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(tokens).logits - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-5
+
+    # extract a sub-model (3 layers, 4 experts, top-1), export it, load it back in transformers
+    space = default_elastic_space(ours.config)
+    spec = space.smallest(ours.config, Importance.identity(ours.config))
+    sub = extract_subnet(ours, spec).eval()
+    out = export_hf(save_model(sub, tmp_path / "sub"), downloaded.tokenizer_path, tmp_path / "sub-hf")
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (back(tokens).logits - sub(tokens).logits).abs().max().item() <= 1e-4
+        assert (back(tokens).logits - ours(tokens, subnet=spec).logits).abs().max().item() <= 1e-4
+    assert back.config.num_hidden_layers == len(spec.layers) < 4
+
+
+def test_what_cannot_be_imported_is_refused_before_anything_is_registered(
+    hf_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workdir = tmp_path / "registry"
+
+    def refused(folder: Path, message: str, *extra: str) -> None:
+        with pytest.raises(SystemExit, match=message):
+            main(["import-hf", str(folder), "--workdir", str(workdir), *extra])
+
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps(Qwen3MoeConfig(num_hidden_layers=2).to_dict()))
+    refused(qwen, "model_type: expected 'ernie4_5_moe', got 'qwen3_moe'")
+
+    wrong_shape = tmp_path / "wrong-shape"
+    shutil.copytree(hf_checkpoint, wrong_shape)
+    config = json.loads((wrong_shape / "config.json").read_text())
+    (wrong_shape / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 48}))
+    refused(wrong_shape, r"weights do not match config.json: .*mlp.experts.gate_up_proj: \(8, 64, 64\) in the files, "
+                         r"\(8, 96, 64\) in config.json")  # fmt: skip
+
+    refused(hf_checkpoint, "elastic: .*", "--depths", "2,9")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(hf_checkpoint, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    refused(no_tokenizer, "no tokenizer.json")
+    assert not (workdir / "mlflow.db").exists() or store_client(workdir).search_registered_models() == []
+
+    main(["import-hf", str(hf_checkpoint), "--workdir", str(workdir), "--depths", "2,4", "--top-ks", "1"])
+    assert "-> models:/trainonce-supernet/1" in capsys.readouterr().out
+    extra = download_checkpoint(workdir, "trainonce-supernet/1").extra["elastic_space"]
+    assert (extra["depths"], extra["top_ks"]) == ([2, 4], [1])
