@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from flows.cli import main
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -15,21 +19,20 @@ def _trainonce(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def test_help_lists_the_commands() -> None:
-    result = _trainonce("--help")
+    result = _trainonce("--help")  # the installed console script, in its own process
     assert result.returncode == 0
-    for command in ("pipeline", "prepare-data", "pretrain", "info", "serve", "promote", "rollback"):
+    for command in ("pipeline", "prepare-data", "pretrain", "info", "serve", "promote", "rollback", "export-hf",
+                    "import-hf", "params"):  # fmt: skip
         assert command in result.stdout
 
 
-def test_info_prints_the_family_accounting() -> None:
-    result = _trainonce("info", "--config", "tiny")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_info_prints_the_family_accounting(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["info", "--config", "tiny"])
+    lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:3] == ["supernet", "1,399,616", "367,424"]
     assert len(lines) == 2 + 4 * 4 * 2  # header + supernet + depths x expert counts x top-k
 
 
 def test_bad_override_fails_naming_the_field() -> None:
-    result = _trainonce("info", "--set", "pretrain.model.top_k=99")
-    assert result.returncode != 0
-    assert "top_k=99 must be <= the experts of layer 0 (16)" in result.stderr
+    with pytest.raises(SystemExit, match=r"top_k=99 must be <= the experts of layer 0 \(16\)"):
+        main(["info", "--set", "pretrain.model.top_k=99"])
