@@ -74,6 +74,8 @@ def export_hf(checkpoint_dir: str | Path, tokenizer_path: str | Path, out_dir: s
         chat_template=CHAT_TEMPLATE,
         model_max_length=model.config.max_seq_len,
     ).save_pretrained(partial)
+    for written in partial.iterdir():  # save_pretrained leaves the weights owner-only (0600); serving containers
+        written.chmod(0o644)  # often run as another user
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
     return out_dir

@@ -38,6 +38,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_transformers_computes_our_logits_and_greedy_tokens(exported: Path, chat_model: ElasticMoE) -> None:
+    assert all(path.stat().st_mode & 0o044 == 0o044 for path in exported.iterdir())  # readable by a serving user
     hf = AutoModelForCausalLM.from_pretrained(exported).eval()
     assert type(hf).__name__ == "Ernie4_5_MoeForCausalLM" and hf.dtype == torch.float32
     tokens = torch.randint(6, chat_model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
