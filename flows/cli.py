@@ -94,7 +94,10 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
     result = pipeline(config=config, workdir=str(workdir))
     pretrained = result["pretrain"]
-    print(f"supernet registered as {pretrained['model_uri']} (MLflow run {pretrained['run_id']})")
+    if pretrained["run_id"] is None:
+        print(f"supernet {pretrained['model_uri']} (init_from {config.init_from}, no continued pre-training)")
+    else:
+        print(f"supernet registered as {pretrained['model_uri']} (MLflow run {pretrained['run_id']})")
     for label, loss in pretrained["val_loss"].items():
         print(f"  val loss {label:<12} {loss:.4f}")
     extracted = result["extract"]

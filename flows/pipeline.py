@@ -14,6 +14,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
+from tasks.data import prepare_data_task
+from tasks.init_from import adapt_config, init_source_task
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import retrain_data_task
 
@@ -29,8 +31,15 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         markdown=f"### Pipeline configuration\nworkdir `{workdir}`\n\n```json\n{config.model_dump_json(indent=2)}\n```",
         description="The validated configuration of this run",
     )
+    source = None
+    if config.init_from:  # a pretrained MoE: its architecture, elastic space and tokenizer from here on
+        source = init_source_task(config.init_from, workdir)
+        config = adapt_config(config, source, workdir)
     data = retrain_data_task(config.data, config.pretrain, workdir)  # a retrain keeps its supernet's tokenizer
-    pretrained = pretrain_flow(data, config.pretrain, workdir)
+    if source and config.init_steps == 0:
+        pretrained = {"model_uri": source, "data_dir": prepare_data_task(data), "run_id": None, "val_loss": {}}
+    else:
+        pretrained = pretrain_flow(data, config.pretrain, workdir, parent=source)
     extracted = extract_flow(pretrained["model_uri"], data, config.search, config.extract, workdir)
     aligned = align_flow(extracted["model_uri"], data, config.sft, config.dpo, workdir)
     lineage = {

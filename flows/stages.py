@@ -71,12 +71,13 @@ def pretrain_flow(
     data: DataConfig = DEFAULTS.data,
     pretrain: PretrainConfig = DEFAULTS.pretrain,
     workdir: str = "runs/pipeline",
+    parent: str | None = None,
 ) -> dict:
     """Prepare the corpus and pre-train the elastic supernet (warm-started from the latest supernet when the
-    data changed); registers a `trainonce-supernet` version."""
+    data changed, or continued from `parent`, a registered supernet); registers a `trainonce-supernet` version."""
     workdir = checked_workdir(workdir)
     data_dir = prepare_data_task(retrain_data_task(data, pretrain, workdir))
-    pretrained = cached(pretrain_task, workdir)(pretrain, data_dir, workdir)
+    pretrained = cached(pretrain_task, workdir)(pretrain, data_dir, workdir, parent)
     lines = [f"| {label} | {loss:.4f} |" for label, loss in pretrained["val_loss"].items()]
     create_markdown_artifact(
         key="pretrain-summary",

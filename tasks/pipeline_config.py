@@ -58,6 +58,16 @@ class PipelineConfig(BaseModel):
     gate: GateRules = Field(
         default_factory=lambda: _default("gate"), description="When the candidate replaces the champion."
     )
+    init_from: str | None = Field(
+        None,
+        pattern=r"^(hf:.+|(models:/)?[\w.-]+(@[\w-]+|/(\d+|latest)))$",
+        description="Start from a pretrained MoE instead of pre-training: `hf:<dir>` (a transformers ERNIE 4.5 MoE "
+        "checkpoint, imported once) or a registered supernet (NAME@ALIAS, NAME/VERSION). Its architecture, elastic "
+        "space and tokenizer replace pretrain.model, pretrain.elastic and the data tokenizer.",
+    )
+    init_steps: int = Field(
+        0, ge=0, le=10_000_000, description="Elastic continued pre-training steps after init_from (0: none)."
+    )
 
     @model_validator(mode="after")
     def _vocab_matches(self) -> PipelineConfig:

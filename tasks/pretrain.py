@@ -643,11 +643,12 @@ def retrain_data_task(data: DataConfig, config: PretrainConfig, workdir: str) ->
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
-def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str) -> dict:
-    """Elastic pre-training (warm-started on new data, see warm_start_source), then registration; a retry
-    resumes from the last checkpoint."""
+def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str, parent_ref: str | None = None) -> dict:
+    """Elastic pre-training (warm-started on new data, see warm_start_source, or continued from `parent_ref`,
+    a registered supernet such as an imported checkpoint), then registration; a retry resumes from the last
+    checkpoint."""
     data = PreparedData.load(data_dir)
-    parent = warm_start_source(config, data, workdir)
+    parent = download_checkpoint(workdir, parent_ref) if parent_ref else warm_start_source(config, data, workdir)
     if parent is not None and config.warm_start_steps is not None:
         config = config.model_copy(update={"max_steps": config.warm_start_steps, "max_tokens": None})
     init_label = parent.version.uri if parent else ""

@@ -114,3 +114,30 @@ def test_what_cannot_be_imported_is_refused_before_anything_is_registered(
     assert "-> models:/trainonce-supernet/1" in capsys.readouterr().out
     extra = download_checkpoint(workdir, "trainonce-supernet/1").extra["elastic_space"]
     assert (extra["depths"], extra["top_ks"]) == ([2, 4], [1])
+
+
+def test_init_from_imports_once_and_hands_later_stages_the_sources_shape_and_tokenizer(
+    hf_checkpoint: Path, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from tasks.init_from import adapt_config, resolve_init_source
+    from tasks.pipeline_config import load_pipeline_config
+
+    workdir = tmp_path / "registry"
+    first = resolve_init_source(f"hf:{hf_checkpoint}", workdir)
+    assert first == "models:/trainonce-supernet/1"
+    assert resolve_init_source(f"hf:{hf_checkpoint}", workdir) == first  # same files hash: no second import
+    assert resolve_init_source("trainonce-supernet/1", workdir) == first
+
+    preset = load_pipeline_config("tiny", {"init_from": f"hf:{hf_checkpoint}", "init_steps": 7})
+    adapted = adapt_config(preset, first, workdir)
+    source = download_checkpoint(workdir, first)
+    assert adapted.pretrain.model == load_model(source.checkpoint_dir).config != preset.pretrain.model
+    assert adapted.pretrain.elastic == ElasticSpace.model_validate(source.extra["elastic_space"])
+    assert adapted.data.vocab_size == 400 and adapted.data.tokenizer_file == str(source.tokenizer_path)
+    assert (adapted.pretrain.max_steps, adapted.pretrain.warm_start) == (7, "never")
+    with pytest.raises(ValidationError, match="init_from"):
+        load_pipeline_config("tiny", {"init_from": "not a reference"})
+    with pytest.raises(FileNotFoundError, match="init_from: .* is not a folder"):
+        resolve_init_source(f"hf:{tmp_path / 'missing'}", workdir)
