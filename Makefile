@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup demo test lint prefect-server prefect-pool prefect-deploy prefect-worker
+.PHONY: setup demo test test-slow lint prefect-server prefect-pool prefect-deploy prefect-worker
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,8 +24,13 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy models
 
+# The default suite: everything but the end-to-end runs marked `slow` (minutes each), which `make test-slow`
+# runs; CI (.ci/run) runs both.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # A local Prefect server, a process work pool, the deployments of prefect.yaml and a worker (README: "Running
 # on a Prefect server"). Run prefect-server in one terminal, the worker in another.

@@ -25,6 +25,7 @@ from models.generate import greedy_generate
 from models.hf import hf_config_dict, to_hf_state_dict
 from models.moe import ElasticMoE
 from serving.engine import MODEL_FILE, ChatPackage
+from tasks.chat_format import SPECIAL_TOKENS, ChatFormat
 from tasks.export import DeployConfig, build_packages
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     sizes = {}
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = Path(args.tokenizer) if args.tokenizer else _byte_tokenizer(Path(folder) / "tokenizer.json")
-        packages = build_packages(model, tokenizer, Path(folder), DeployConfig())
+        packages = build_packages(model, tokenizer, ChatFormat(), Path(folder), DeployConfig())
         for variant, directory in packages.items():
             package = ChatPackage(directory, threads=args.threads)
             sizes[variant] = (directory / MODEL_FILE).stat().st_size
@@ -112,8 +113,6 @@ def main() -> None:
 def _byte_tokenizer(path: Path) -> Path:
     """A throwaway tokenizer with our special tokens, for packaging a random-weight model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from tasks.data import SPECIAL_TOKENS
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))

@@ -170,6 +170,7 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     """A registered checkpoint as a Hugging Face directory; `trainonce-chat` refs (ONNX packages) export the
     PyTorch model they were exported from (their `parent_model` tag)."""
     from registry.models import CHAT_MODEL, download_checkpoint, resolve_version, version_tags
+    from tasks.chat_format import chat_format_of
     from tasks.export_hf import export_hf
 
     try:
@@ -178,7 +179,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
         if version.name == CHAT_MODEL:
             ref = version_tags(args.workdir, version)["parent_model"]
         checkpoint = download_checkpoint(args.workdir, ref)
-        out = export_hf(checkpoint.checkpoint_dir, checkpoint.tokenizer_path, args.out)
+        chat_format = chat_format_of(checkpoint.extra)
+        out = export_hf(checkpoint.checkpoint_dir, checkpoint.tokenizer_path, chat_format, args.out)
     except (LookupError, ValueError, FileExistsError) as error:
         raise SystemExit(f"export-hf: {error}") from error
     print(f"{checkpoint.version.uri} -> {out} (AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained)")
@@ -196,7 +198,8 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     lists = {"depths": args.depths, "expert_counts": args.expert_counts, "top_ks": args.top_ks}
     try:
         elastic = ElasticSpace(**{k: v for k, v in lists.items() if v}) if any(lists.values()) else None
-        version = import_hf(args.directory, Path(args.workdir).resolve(), elastic)
+        version = import_hf(args.directory, Path(args.workdir).resolve(), elastic, args.pretrain_tokens,
+                            Path(args.chat_template) if args.chat_template else None)  # fmt: skip
     except (ValueError, FileNotFoundError, ValidationError) as error:
         raise SystemExit(f"import-hf: {error}") from error
     print(f"{args.directory} -> {version.uri}")
@@ -240,6 +243,16 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     imported.add_argument("--depths", type=_int_list, default=None, help="elastic depths, e.g. 14,21,28")
     imported.add_argument("--expert-counts", type=_int_list, default=None, help="experts per layer, e.g. 16,32,64")
     imported.add_argument("--top-ks", type=_int_list, default=None, help="routing top-k values, e.g. 2,4,6")
+    imported.add_argument(
+        "--pretrain-tokens", type=int, default=0,
+        help="tokens the checkpoint was pre-trained on (ERNIE 4.5: published in its report); sizes the distillation "
+        "budget of extracted sub-models (0: extraction without distillation unless init_steps continues training)",
+    )  # fmt: skip
+    imported.add_argument(
+        "--chat-template",
+        default=None,
+        help="Jinja chat template file to use instead of the checkpoint's own (a base model without one)",
+    )
     imported.set_defaults(handler=cmd_import_hf)
 
 

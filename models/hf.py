@@ -86,30 +86,46 @@ def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
     )
 
 
+def our_name(hf_name: str) -> str | None:
+    """Our parameter name for a transformers one; None for tensors the causal LM does not use (ERNIE's
+    multi-token-prediction head)."""
+    if hf_name.startswith("mtp"):
+        return None
+    if hf_name == "lm_head.weight":
+        return hf_name
+    local = hf_name.removeprefix("model.")
+    return local.replace(_HF_BIAS, _BIAS) if local.endswith(_HF_BIAS) else local
+
+
+@torch.no_grad()
+def copy_hf_tensors(model: ElasticMoE, tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    """Copy transformers-named tensors (any dtype) into `model`'s parameters in place, converting to their
+    dtype; returns the names filled. Called once per group of tensors, so a large checkpoint never has a
+    second full copy in memory."""
+    state = model.state_dict()
+    filled = set()
+    for hf_name, tensor in tensors.items():
+        name = our_name(hf_name)
+        if name is None or (name == "lm_head.weight" and model.lm_head is None):
+            continue  # tied embeddings: transformers may still list the head
+        if name not in state:
+            raise ValueError(f"state dict does not match the config: unexpected {hf_name}")
+        target = state[name]
+        value = tensor.reshape(target.shape) if name.endswith(_BIAS) else tensor
+        if value.shape != target.shape:  # copy_ would broadcast silently
+            raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)}, the config needs {tuple(target.shape)}")
+        target.copy_(value)
+        filled.add(name)
+    return filled
+
+
 def from_hf_state_dict(hf_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> ElasticMoE:
     """Build our model from an HF config dict and state dict (importance orders start as identity)."""
     model = ElasticMoE(config_from_hf(hf_config))
-    ours: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        if name == "lm_head.weight":
-            if model.lm_head is not None:
-                ours[name] = tensor
-            continue
-        if name.startswith("mtp"):
-            continue  # ERNIE's multi-token-prediction head is not part of the causal LM
-        local = name.removeprefix("model.")
-        if local.endswith(_HF_BIAS):
-            ours[local.replace(_HF_BIAS, _BIAS)] = tensor.reshape(-1)
-        else:
-            ours[local] = tensor
-    for name, tensor in model.state_dict().items():
-        if name.endswith(_OUR_BUFFERS):
-            ours[name] = tensor
-    missing = sorted(set(model.state_dict()) - set(ours))
-    unexpected = sorted(set(ours) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"state dict does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(ours, strict=True)
+    filled = copy_hf_tensors(model, state_dict)
+    missing = sorted(name for name in model.state_dict() if name not in filled and not name.endswith(_OUR_BUFFERS))
+    if missing:
+        raise ValueError(f"state dict does not match the config: missing {missing[:5]}")
     return model
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from serving.engine import ChatPackage, finish_reason
 from serving.model_source import LoadedModel, ModelSource
 from serving.protocol import ChatCompletionRequest, CompletionRequest, Usage, error_body, new_id, now
-from tasks.align_data import Message
+from tasks.chat_format import Message
 
 
 class ApiError(Exception):

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from tasks.align_data import Message, render_chat
+from tasks.chat_format import ChatFormat, ChatTokenizer, Message
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -26,7 +26,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """What a runtime needs besides the graph: cache shapes, context length and the stop token."""
+    """What a runtime needs besides the graph: cache shapes, context length, the stop token and the chat format."""
 
     n_layers: int
     n_kv_heads: int
@@ -36,6 +36,7 @@ class GenerationConfig:
     eos_token_id: int
     default_max_new_tokens: int
     quantization: str
+    chat_format: dict = field(default_factory=dict)  # tasks.chat_format.ChatFormat; {}: trainonce's own
 
     def save(self, directory: Path) -> None:
         (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(self.__dict__, indent=2))
@@ -112,11 +113,12 @@ class ChatPackage:
         self.directory = directory
         self.config = GenerationConfig.load(directory)
         self.tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        self.chat_tokenizer = ChatTokenizer(self.tokenizer, ChatFormat.model_validate(self.config.chat_format))
         self.generator = OnnxGenerator(directory / MODEL_FILE, self.config, threads)
 
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """The token ids SFT trained on, ending in the `<|assistant|>` that asks for a reply."""
-        return render_chat(messages, self.tokenizer, add_generation_prompt=True)[0]
+        """The token ids SFT trained on, ending in the generation prompt that asks for a reply."""
+        return self.chat_tokenizer.render(messages, add_generation_prompt=True)[0]
 
     def text_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

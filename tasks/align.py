@@ -19,7 +19,6 @@ import torch
 from accelerate import Accelerator
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from models.checkpoint import load_model, save_model
@@ -42,9 +41,9 @@ from tasks.align_data import (
     generate_splits,
     read_preference_jsonl,
     read_sft_jsonl,
-    render_chat,
 )
-from tasks.data import END_OF_TURN, PAD, PreparedData, sample_batch
+from tasks.chat_format import ChatTokenizer
+from tasks.data import PreparedData, sample_batch
 from tasks.pretrain import short_run_schedule
 
 
@@ -84,9 +83,9 @@ class EncodedConversation:
     targets: list[int]  # targets[t] = tokens[t + 1] where that token is trained, else IGNORE_INDEX
 
 
-def encode(conversation: Conversation, tokenizer: Tokenizer, max_len: int) -> EncodedConversation:
+def encode(conversation: Conversation, tokenizer: ChatTokenizer, max_len: int) -> EncodedConversation:
     """Tokens and next-token targets that count only the assistant's reply (and its end-of-turn)."""
-    ids, mask = render_chat(conversation.messages, tokenizer)
+    ids, mask = tokenizer.render(conversation.messages)
     ids, mask = ids[:max_len], mask[:max_len]
     targets = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
     return EncodedConversation(ids, targets)
@@ -104,10 +103,10 @@ def collate(batch: Sequence[EncodedConversation], pad_id: int) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def generate_reply(model: ElasticMoE, tokenizer: Tokenizer, prompt: str, max_new_tokens: int) -> str:
+def generate_reply(model: ElasticMoE, tokenizer: ChatTokenizer, prompt: str, max_new_tokens: int) -> str:
     """The model's greedy reply to one user turn, up to its end-of-turn token."""
-    end = tokenizer.token_to_id(END_OF_TURN)
-    ids, _ = render_chat([Message(role="user", content=prompt)], tokenizer, add_generation_prompt=True)
+    end = tokenizer.end_of_turn_id
+    ids, _ = tokenizer.render([Message(role="user", content=prompt)], add_generation_prompt=True)
     device = next(model.parameters()).device
     room = model.config.max_seq_len - len(ids)
     out = greedy_generate(model, torch.tensor([ids], device=device), min(max_new_tokens, room), eos_id=end)
@@ -116,7 +115,7 @@ def generate_reply(model: ElasticMoE, tokenizer: Tokenizer, prompt: str, max_new
 
 
 def exact_match(
-    model: ElasticMoE, tokenizer: Tokenizer, examples: Sequence[Example], max_new_tokens: int
+    model: ElasticMoE, tokenizer: ChatTokenizer, examples: Sequence[Example], max_new_tokens: int
 ) -> dict[str, float]:
     """Held-out accuracy per task (and `overall`): the generated reply must equal the answer."""
     was_training = model.training
@@ -136,7 +135,7 @@ class SFTResult:
 def run_sft(
     config: SFTConfig,
     model: ElasticMoE,
-    tokenizer: Tokenizer,
+    tokenizer: ChatTokenizer,
     train: Sequence[Example],
     test: Sequence[Example],
     extra: Sequence[Conversation] = (),
@@ -151,7 +150,7 @@ def run_sft(
     before = exact_match(model, tokenizer, test, config.max_new_tokens)
     encoded = [encode(as_conversation(e), tokenizer, config.max_len) for e in train]
     encoded += [encode(c, tokenizer, config.max_len) for c in extra]
-    pad = tokenizer.token_to_id(PAD)
+    pad = tokenizer.pad_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     factor = short_run_schedule(config.warmup_steps, config.steps)
@@ -186,7 +185,7 @@ def run_sft(
 
 
 def preference_pairs(
-    model: ElasticMoE, tokenizer: Tokenizer, examples: Sequence[Example], max_new_tokens: int, seed: int
+    model: ElasticMoE, tokenizer: ChatTokenizer, examples: Sequence[Example], max_new_tokens: int, seed: int
 ) -> tuple[list[PreferencePair], dict[str, int]]:
     """chosen = the correct answer; rejected = the model's own wrong greedy answer (on-policy) when it has
     one, else a corrupted answer. Returns the pairs and how many of each kind."""
@@ -209,7 +208,7 @@ def preference_pairs(
 
 
 def encode_pair(
-    pair: PreferencePair, tokenizer: Tokenizer, max_len: int
+    pair: PreferencePair, tokenizer: ChatTokenizer, max_len: int
 ) -> tuple[EncodedConversation, EncodedConversation]:
     user = Message(role="user", content=pair.prompt)
 
@@ -304,14 +303,14 @@ def preference_metrics(
 def run_dpo(
     config: DPOConfig,
     policy: ElasticMoE,
-    tokenizer: Tokenizer,
+    tokenizer: ChatTokenizer,
     train: Sequence[Example],
     test: Sequence[Example],
     extra_pairs: Sequence[PreferencePair] = (),
 ) -> DPOResult:
     """DPO of `policy` (in place) against a frozen copy of itself; on-policy pairs from its own mistakes."""
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    pad = tokenizer.token_to_id(PAD)
+    pad = tokenizer.pad_id
     prompts = list(train)
     if config.max_pairs is not None and config.max_pairs < len(prompts):
         prompts = random.Random(config.seed).sample(prompts, config.max_pairs)
@@ -365,7 +364,7 @@ def align_task(
 ) -> dict:
     """SFT then DPO of the extracted sub-model; both versions registered in `trainonce-chat-torch`."""
     data = PreparedData.load(data_dir)
-    tokenizer = data.tokenizer()
+    tokenizer = data.chat_tokenizer()
     model = load_model(subnet_dir)
     train, test = generate_splits(sft.tasks, corpus_passages("\n".join(data.documents())))
     out_dir = Path(workdir) / "align" / f"subnet-v{subnet_version}"
@@ -384,7 +383,8 @@ def align_task(
     )  # fmt: skip
     sft_dir = save_model(model, out_dir / "sft")
     sft_version = register_checkpoint(
-        workdir, sft_logger.run_id, CHAT_TORCH_MODEL, sft_dir, data.tokenizer_path, {"stage": "sft"},
+        workdir, sft_logger.run_id, CHAT_TORCH_MODEL, sft_dir, data.tokenizer_path,
+        {"stage": "sft", "chat_format": data.chat_format.model_dump(mode="json")},
         {**lineage, "stage": "sft", **_accuracy_tags("base", sft_result.accuracy_before),
          **_accuracy_tags("sft", sft_result.accuracy_after)},
     )  # fmt: skip
@@ -403,7 +403,8 @@ def align_task(
     )  # fmt: skip
     dpo_dir = save_model(model, out_dir / "dpo")
     dpo_version = register_checkpoint(
-        workdir, dpo_logger.run_id, CHAT_TORCH_MODEL, dpo_dir, data.tokenizer_path, {"stage": "dpo"},
+        workdir, dpo_logger.run_id, CHAT_TORCH_MODEL, dpo_dir, data.tokenizer_path,
+        {"stage": "dpo", "chat_format": data.chat_format.model_dump(mode="json")},
         {**lineage, "stage": "dpo", "parent_sft_version": sft_version.version,
          **_accuracy_tags("sft", sft_result.accuracy_after), **_accuracy_tags("dpo", dpo_result.accuracy_after),
          "reward_accuracy": f"{held_out.reward_accuracy:.4f}", "pairs": json.dumps(dpo_result.train_pair_kinds)},

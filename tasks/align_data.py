@@ -1,4 +1,4 @@
-"""Alignment data: the chat template, instruction tasks with checkable answers, preference pairs, user files.
+"""Alignment data: instruction tasks with checkable answers, preference pairs, user files.
 
 Every generated example comes from a seed, so train and held-out splits are reproducible and disjoint; every
 task has a checker, so accuracy is exact match on what the model generated, not a judge's opinion.
@@ -14,18 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from tokenizers import Tokenizer
 
-from tasks.data import ASSISTANT, END_OF_TURN, SYSTEM, USER
-
-ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    role: Literal["system", "user", "assistant"]
-    content: str
+from tasks.chat_format import Message
 
 
 class Conversation(BaseModel):
@@ -51,30 +41,6 @@ class PreferencePair(BaseModel):
     chosen: str
     rejected: str
     rejected_source: Literal["on_policy", "corrupted", "user"] = "user"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Chat template
-
-
-def render_chat(
-    messages: Sequence[Message], tokenizer: Tokenizer, add_generation_prompt: bool = False
-) -> tuple[list[int], list[int]]:
-    """Token ids of `<|role|>content<|end|>` per message, and a loss mask that is 1 exactly on the
-    assistant's content and its `<|end|>` (what SFT trains on). With `add_generation_prompt`, a trailing
-    `<|assistant|>` asks the model to reply."""
-    end = tokenizer.token_to_id(END_OF_TURN)
-    ids: list[int] = []
-    mask: list[int] = []
-    for message in messages:
-        content = tokenizer.encode(message.content).ids
-        trained = 1 if message.role == "assistant" else 0
-        ids += [tokenizer.token_to_id(ROLE_TOKENS[message.role]), *content, end]
-        mask += [0, *([trained] * len(content)), trained]
-    if add_generation_prompt:
-        ids.append(tokenizer.token_to_id(ASSISTANT))
-        mask.append(0)
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,11 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from registry.s3 import download_prefix
+from tasks.chat_format import SPECIAL_TOKENS, ChatFormat, ChatTokenizer
 
-END_OF_TEXT = "<|endoftext|>"
-PAD = "<|pad|>"
-SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-SPECIAL_TOKENS = (END_OF_TEXT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN)
 BUILTIN_SOURCES = ("shakespeare",)
 FORMAT_VERSION = 1  # bump when the on-disk layout or the split rule changes
 
@@ -53,7 +50,13 @@ class DataConfig(BaseModel):
     tokenizer_file: str | None = Field(
         None,
         description="Reuse this tokenizer.json instead of training one on the source (a retrain on new data keeps "
-        "its supernet's tokenizer); it must have vocab_size tokens and the special tokens at ids 0..5.",
+        "its supernet's tokenizer, an imported model keeps its own); it must have at most vocab_size tokens and "
+        "the tokens chat_format names.",
+    )
+    chat_format: ChatFormat = Field(
+        default_factory=ChatFormat,
+        description="Chat template and end-of-turn / end-of-text / pad tokens (default: trainonce's role tokens; "
+        "an imported model's own format comes with init_from).",
     )
 
 
@@ -73,6 +76,15 @@ class PreparedData:
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(str(self.tokenizer_path))
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        """The chat format this dataset was prepared with (trainonce's own for datasets that predate it)."""
+        meta = json.loads((self.directory / "meta.json").read_text())
+        return ChatFormat.model_validate(meta.get("chat_format", {}))
+
+    def chat_tokenizer(self) -> ChatTokenizer:
+        return ChatTokenizer(self.tokenizer(), self.chat_format)
 
     def split(self, name: str) -> np.ndarray:
         """The token ids of `train` or `val` as a read-only memmap."""
@@ -162,8 +174,10 @@ def source_digest(files: list[Path]) -> str:
 
 def data_fingerprint(config: DataConfig, source: str, tokenizer: Tokenizer) -> str:
     """Hash of the source contents, the tokenizer itself (not how it was made: a trained tokenizer and the same
-    tokenizer reused from a registered model give the same fingerprint) and the split rule."""
-    settings = {"format": FORMAT_VERSION, "val_fraction": config.val_fraction, "text_field": config.text_field}
+    tokenizer reused from a registered model give the same fingerprint), the chat format (its end-of-text token
+    separates documents; SFT renders with it) and the split rule."""
+    settings = {"format": FORMAT_VERSION, "val_fraction": config.val_fraction, "text_field": config.text_field,
+                "chat_format": config.chat_format.model_dump(mode="json")}  # fmt: skip
     digest = hashlib.sha256(source.encode())
     digest.update(hashlib.sha256(tokenizer.to_str().encode()).digest())
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -200,14 +214,16 @@ def _write_tokens(path: Path, ids: list[int], dtype: np.dtype) -> None:
     array.flush()
 
 
-def check_tokenizer(tokenizer: Tokenizer, path: Path, vocab_size: int, field: str) -> None:
-    """A tokenizer the pipeline can use: `vocab_size` tokens, and the chat-role and end-of-text special tokens
-    at ids 0..5 (data preparation, the SFT template and serving rely on them); ValueError naming `field`."""
-    if tokenizer.get_vocab_size() != vocab_size:
+def check_tokenizer(tokenizer: Tokenizer, path: Path, vocab_size: int, chat_format: ChatFormat, field: str) -> None:
+    """A tokenizer the pipeline can use with a model of `vocab_size` rows: no id beyond them (a checkpoint may pad
+    its embedding past the tokenizer), and the chat format's tokens and template work with it; ValueError naming
+    `field`."""
+    if tokenizer.get_vocab_size() > vocab_size:
         raise ValueError(f"{field}: {path} has {tokenizer.get_vocab_size()} tokens, vocab_size is {vocab_size}")
-    wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
-    if wrong:
-        raise ValueError(f"{field}: {path} lacks the special tokens {wrong} at ids 0..5")
+    try:
+        chat_format.check(tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{field}: {path}: {error}") from error
 
 
 def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) -> Tokenizer:
@@ -218,13 +234,16 @@ def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) 
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer_file: {path} does not exist")
         tokenizer = Tokenizer.from_file(str(path))
-        check_tokenizer(tokenizer, path, config.vocab_size, "tokenizer_file")
+        check_tokenizer(tokenizer, path, config.vocab_size, config.chat_format, "tokenizer_file")
         return tokenizer
     key = hashlib.sha256(f"{source}|{config.vocab_size}|{SPECIAL_TOKENS}|{config.text_field}".encode()).hexdigest()
     cached = config.data_dir / "tokenizers" / f"{key[:16]}.json"
     if cached.is_file():
-        return Tokenizer.from_file(str(cached))
+        tokenizer = Tokenizer.from_file(str(cached))
+        check_tokenizer(tokenizer, cached, config.vocab_size, config.chat_format, "chat_format")
+        return tokenizer
     tokenizer = train_tokenizer(read_documents(files, config.text_field), config.vocab_size)
+    check_tokenizer(tokenizer, cached, config.vocab_size, config.chat_format, "chat_format")
     cached.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(cached.with_suffix(".tmp")))
     cached.with_suffix(".tmp").replace(cached)
@@ -244,7 +263,7 @@ def prepare_data(config: DataConfig) -> PreparedData:
             return prepared
 
     documents = read_documents(files, config.text_field)
-    eot = tokenizer.token_to_id(END_OF_TEXT)
+    eot = config.chat_format.token_ids(tokenizer)["end_of_text"]
     train_ids: list[int] = []
     val_ids: list[int] = []
     for encoding in tokenizer.encode_batch(documents):
@@ -275,7 +294,8 @@ def prepare_data(config: DataConfig) -> PreparedData:
         "train_tokens": len(train_ids),
         "val_tokens": len(val_ids),
         "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
-        "special_tokens": {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS},
+        "chat_format": config.chat_format.model_dump(mode="json"),
+        "special_tokens": config.chat_format.token_ids(tokenizer),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if directory.exists():

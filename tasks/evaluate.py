@@ -16,7 +16,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.engine import MODEL_FILE, ChatPackage
-from tasks.align_data import Example, Message, TaskMixConfig, corpus_passages, exact_match_by_task, generate_splits
+from tasks.align_data import Example, TaskMixConfig, corpus_passages, exact_match_by_task, generate_splits
+from tasks.chat_format import Message
 from tasks.data import PreparedData, sample_batch
 
 

@@ -30,8 +30,9 @@ from models.onnx_forward import ExportableDecoder, past_names, present_names
 from registry.models import CHAT_MODEL, register_chat_package, set_alias
 from registry.tracking import RunLogger, git_commit
 from serving.engine import MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig, OnnxGenerator
-from tasks.align_data import Message, TaskMixConfig
-from tasks.data import END_OF_TURN, PreparedData
+from tasks.align_data import TaskMixConfig
+from tasks.chat_format import ChatFormat, Message
+from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
 
 Variant = Literal["fp32", "int8", "int4"]
@@ -156,24 +157,31 @@ def quantize_int4(source: Path, target: Path, block_size: int, accuracy_level: i
     return target
 
 
-def write_package(model: ElasticMoE, tokenizer_path: Path, directory: Path, quantization: str, max_new: int) -> Path:
-    """Complete the chat package whose `model.onnx` is in `directory`: tokenizer and generation config."""
+def write_package(
+    model: ElasticMoE, tokenizer_path: Path, chat_format: ChatFormat, directory: Path, quantization: str, max_new: int
+) -> Path:
+    """Complete the chat package whose `model.onnx` is in `directory`: tokenizer and generation config (with
+    the chat format, so the server renders prompts as SFT did and stops at its end-of-turn token)."""
     shutil.copy(tokenizer_path, directory / TOKENIZER_FILE)
     config = model.config
     GenerationConfig(
         n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.attn_head_dim,
         max_seq_len=config.max_seq_len, vocab_size=config.vocab_size,
-        eos_token_id=Tokenizer.from_file(str(tokenizer_path)).token_to_id(END_OF_TURN),
-        default_max_new_tokens=max_new, quantization=quantization,
+        eos_token_id=chat_format.token_ids(Tokenizer.from_file(str(tokenizer_path)))["end_of_turn"],
+        default_max_new_tokens=max_new, quantization=quantization, chat_format=chat_format.model_dump(mode="json"),
     ).save(directory)  # fmt: skip
     return directory
 
 
-def build_packages(model: ElasticMoE, tokenizer_path: Path, output: Path, config: DeployConfig) -> dict[str, Path]:
+def build_packages(
+    model: ElasticMoE, tokenizer_path: Path, chat_format: ChatFormat, output: Path, config: DeployConfig
+) -> dict[str, Path]:
     """fp32 package plus each requested quantized variant, one folder each under `output`."""
     fp32_dir = output / "fp32"
     export_onnx(model, fp32_dir / MODEL_FILE, config.opset)
-    packages = {"fp32": write_package(model, tokenizer_path, fp32_dir, "fp32", config.default_max_new_tokens)}
+    packages = {
+        "fp32": write_package(model, tokenizer_path, chat_format, fp32_dir, "fp32", config.default_max_new_tokens)
+    }
     for variant in config.variants:
         if variant == "fp32":
             continue
@@ -184,7 +192,9 @@ def build_packages(model: ElasticMoE, tokenizer_path: Path, output: Path, config
         else:
             quantize_int4(fp32_dir / MODEL_FILE, target, config.int4_block_size, config.int4_accuracy_level,
                           config.int4_output_bits)  # fmt: skip
-        packages[variant] = write_package(model, tokenizer_path, target.parent, variant, config.default_max_new_tokens)
+        packages[variant] = write_package(
+            model, tokenizer_path, chat_format, target.parent, variant, config.default_max_new_tokens
+        )
     return packages
 
 
@@ -252,7 +262,7 @@ def run_export(
 ) -> ExportResult:
     """Build every variant, check the fp32 graph against PyTorch, measure each variant on the held-out
     evaluation, choose the candidate."""
-    packages = build_packages(model, data.tokenizer_path, output, config)
+    packages = build_packages(model, data.tokenizer_path, data.chat_format, output, config)
     examples = held_out_examples(data, tasks)
     reference = ChatPackage(packages["fp32"])
     prompts = [reference.chat_prompt([Message(role="user", content=e.prompt)]) for e in examples[:4]]

@@ -3,13 +3,12 @@
 
 The weights are written by transformers' own `Ernie4_5_MoeForCausalLM.save_pretrained` (config.json,
 generation_config.json, safetensors, weight tying as transformers expects it) and the tokenizer by
-`PreTrainedTokenizerFast.save_pretrained`, with a chat template that renders exactly the token ids SFT
-trained on (`tasks.align_data.render_chat`).
+`PreTrainedTokenizerFast.save_pretrained`, with the chat template SFT rendered its data with
+(`tasks.chat_format`), so `apply_chat_template` yields exactly the token ids the model was trained on.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -22,23 +21,13 @@ from models.checkpoint import load_model
 from models.hf import HF_ARCHITECTURE, hf_config_dict, to_hf_state_dict
 from registry.models import register_hf_model
 from registry.tracking import RunLogger
-from tasks.align_data import ROLE_TOKENS
-from tasks.data import ASSISTANT, END_OF_TEXT, END_OF_TURN, PAD, PreparedData
-
-# `<|role|>content<|end|>` per message, then `<|assistant|>` when a reply is asked for: the SFT format.
-CHAT_TEMPLATE = (
-    "{% set roles = " + json.dumps(ROLE_TOKENS) + " %}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in roles %}"
-    "{{ raise_exception('role must be one of system, user, assistant; got ' + message['role']) }}"
-    "{% endif %}"
-    "{{ roles[message['role']] + message['content'] + '" + END_OF_TURN + "' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
-)
+from tasks.chat_format import ChatFormat
+from tasks.data import PreparedData
 
 
-def export_hf(checkpoint_dir: str | Path, tokenizer_path: str | Path, out_dir: str | Path) -> Path:
+def export_hf(
+    checkpoint_dir: str | Path, tokenizer_path: str | Path, chat_format: ChatFormat, out_dir: str | Path
+) -> Path:
     """Write the checkpoint (supernet, sub-model or aligned model) as a transformers model directory.
 
     A sub-model transformers cannot express (different expert counts per layer) fails before anything is
@@ -48,7 +37,8 @@ def export_hf(checkpoint_dir: str | Path, tokenizer_path: str | Path, out_dir: s
     model = load_model(checkpoint_dir).eval()
     config = hf_config_dict(model.config)  # raises, naming the layer, before any file is written
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    end_of_turn, end_of_text, pad = (tokenizer.token_to_id(t) for t in (END_OF_TURN, END_OF_TEXT, PAD))
+    ids = chat_format.token_ids(tokenizer)
+    end_of_turn, end_of_text, pad = ids["end_of_turn"], ids["end_of_text"], ids["pad"]
     config.update(eos_token_id=end_of_text, pad_token_id=pad, bos_token_id=None)
 
     out_dir = Path(out_dir)
@@ -63,16 +53,23 @@ def export_hf(checkpoint_dir: str | Path, tokenizer_path: str | Path, out_dir: s
         raise ValueError(f"weights do not match Ernie4_5_MoeForCausalLM: {result}")
     if config["tie_word_embeddings"]:
         hf.tie_weights()
-    # A chat reply ends with <|end|>, plain text with <|endoftext|>: generation stops at either.
-    hf.generation_config = GenerationConfig(eos_token_id=[end_of_turn, end_of_text], pad_token_id=pad, do_sample=False)
+    # A chat reply ends with the end-of-turn token, plain text with end-of-text: generation stops at either.
+    stops = list(dict.fromkeys([end_of_turn, end_of_text]))
+    hf.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad, do_sample=False)
     hf.save_pretrained(partial, safe_serialization=True)
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        eos_token=END_OF_TEXT,
-        pad_token=PAD,
-        additional_special_tokens=[t for t in (*ROLE_TOKENS.values(), END_OF_TURN)],
-        chat_template=CHAT_TEMPLATE,
+        eos_token=chat_format.end_of_text,
+        pad_token=chat_format.pad,
+        # every special token the tokenizer itself declares (our role tokens, an imported model's markers)
+        additional_special_tokens=[
+            v.content
+            for v in tokenizer.get_added_tokens_decoder().values()
+            if v.special and v.content not in (chat_format.end_of_text, chat_format.pad)
+        ],
+        chat_template=chat_format.template,
         model_max_length=model.config.max_seq_len,
+        **{k: v for k, v in chat_format.variables.items() if k in ("bos_token", "unk_token")},
     ).save_pretrained(partial)
     for written in partial.iterdir():  # save_pretrained leaves the weights owner-only (0600); serving containers
         written.chmod(0o644)  # often run as another user
@@ -86,9 +83,8 @@ def export_hf_task(aligned_dir: str, data_dir: str, workdir: str, lineage: dict)
     """The aligned model as a transformers directory, registered in `trainonce-chat-hf` with the lineage of the
     ONNX candidate exported from the same model."""
     logger = RunLogger(workdir, run_name="export-hf", tags={"stage": "export-hf"})
-    out = export_hf(
-        aligned_dir, PreparedData.load(data_dir).tokenizer_path, Path(workdir) / "export-hf" / logger.run_id
-    )
+    data = PreparedData.load(data_dir)
+    out = export_hf(aligned_dir, data.tokenizer_path, data.chat_format, Path(workdir) / "export-hf" / logger.run_id)
     version = register_hf_model(workdir, logger.run_id, out, {**lineage, "stage": "export-hf",
                                                                "architecture": HF_ARCHITECTURE})  # fmt: skip
     logger.finish()

@@ -263,7 +263,7 @@ def extract_task(
         SUBNET_MODEL,
         result.model_dir,
         data.tokenizer_path,
-        {"subnet_spec": spec.model_dump(mode="json")},
+        {"subnet_spec": spec.model_dump(mode="json"), "chat_format": data.chat_format.model_dump(mode="json")},
         tags,
     )
     logger.finish()

@@ -3,8 +3,12 @@
 left one: search, extraction, distillation, alignment and deployment start from it.
 
 Everything that can be wrong is checked before a weight is loaded: the architecture and its options
-(`models.hf.config_from_hf`), every tensor's name and shape against the safetensors headers, the tokenizer
-(`tasks.data.check_tokenizer`), and the elastic space against the model.
+(`models.hf.config_from_hf`), every tensor's name and shape against the safetensors headers, the tokenizer and
+the model's own chat format (`tasks.chat_format.chat_format_from_hf`), and the elastic space against the model.
+
+Weights are read one decoder layer at a time from the memory-mapped files into the fp32 model, so host memory
+peaks at the fp32 model plus the copy safetensors makes while writing it (2 x 4 bytes per parameter), not at
+the several copies a whole-state-dict load makes.
 """
 
 from __future__ import annotations
@@ -12,20 +16,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from models.checkpoint import save_model
 from models.config import MoEConfig
-from models.hf import config_from_hf, from_checkpoint_layout, from_hf_state_dict, hf_expected_shapes
+from models.hf import config_from_hf, copy_hf_tensors, from_checkpoint_layout, hf_expected_shapes
+from models.moe import ElasticMoE
 from models.subnet import ElasticSpace
 from registry.models import SUPERNET_MODEL, RegisteredVersion, register_checkpoint
 from registry.tracking import RunLogger, git_commit
+from tasks.chat_format import chat_format_from_hf
 from tasks.data import check_tokenizer
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -51,6 +61,15 @@ def files_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def tensor_files(directory: Path) -> dict[str, Path]:
+    """Which file holds each tensor (read from the safetensors headers only)."""
+    where = {}
+    for path in weight_files(directory):
+        with safe_open(str(path), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), path))
+    return where
+
+
 def check_weights(directory: Path, hf_config: dict) -> None:
     """Every tensor the architecture needs is there with its shape (read from the safetensors headers only)."""
     expected = hf_expected_shapes(hf_config)
@@ -67,6 +86,27 @@ def check_weights(directory: Path, hf_config: dict) -> None:
         raise ValueError(f"{directory}: weights do not match config.json: missing {missing[:5]}, shapes {wrong[:5]}")
 
 
+def load_hf_weights(directory: Path, hf_config: dict) -> ElasticMoE:
+    """Our fp32 model with the checkpoint's weights, read one decoder layer at a time (a layer's experts are
+    stacked from their per-expert tensors, wherever the shards keep them)."""
+    model = ElasticMoE(config_from_hf(hf_config))
+    groups: dict[str, dict[str, Path]] = defaultdict(dict)
+    for name, path in tensor_files(directory).items():
+        match = _LAYER.match(name)
+        groups[match.group(1) if match else "embeddings, norm, head"][name] = path
+    filled: set[str] = set()
+    for group in tqdm(groups.values(), desc="import-hf: layers", unit="layer"):
+        tensors = {}
+        for name, path in group.items():
+            with safe_open(str(path), framework="pt") as handle:
+                tensors[name] = handle.get_tensor(name)
+        filled |= copy_hf_tensors(model, from_checkpoint_layout(tensors))
+    missing = sorted(name for name, _ in model.named_parameters() if name not in filled)
+    if missing:
+        raise ValueError(f"{directory}: the files lack {missing[:5]}")
+    return model
+
+
 def default_elastic_space(config: MoEConfig) -> ElasticSpace:
     """A sub-model family for an imported model: 1/2 to all of its layers, 1/4 to all of its experts per layer,
     top-k 1 up to its own."""
@@ -75,19 +115,34 @@ def default_elastic_space(config: MoEConfig) -> ElasticSpace:
     return ElasticSpace(depths=tuple(depths), expert_counts=tuple(counts), top_ks=tuple(range(1, config.top_k + 1)))
 
 
-def import_hf(directory: str | Path, workdir: str | Path, elastic: ElasticSpace | None = None) -> RegisteredVersion:
+def import_hf(
+    directory: str | Path,
+    workdir: str | Path,
+    elastic: ElasticSpace | None = None,
+    pretrain_tokens: int = 0,
+    chat_template: Path | None = None,
+) -> RegisteredVersion:
     """Register the checkpoint in `directory` as a new `trainonce-supernet` version (tags: source, files hash;
-    extra: the elastic space its sub-models are searched in, 0 pre-training tokens seen here)."""
+    extra: the elastic space its sub-models are searched in, its chat format, and `pretrain_tokens`: what the
+    source was trained on, which sizes the distillation budget of sub-models extracted without continued
+    pre-training)."""
     directory = Path(directory).resolve()
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (a transformers checkpoint folder is expected)")
+    if pretrain_tokens < 0:
+        raise ValueError(f"pretrain_tokens: must be >= 0, got {pretrain_tokens}")
     hf_config = json.loads(config_file.read_text())
     config = config_from_hf(hf_config)
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"{directory}: no tokenizer.json (the fast tokenizer file is needed)")
-    check_tokenizer(Tokenizer.from_file(str(tokenizer_path)), tokenizer_path, config.vocab_size, "tokenizer")
+        raise FileNotFoundError(
+            f"{directory}: no tokenizer.json (the fast tokenizer file is needed; a sentencepiece-only checkpoint "
+            "gets one from `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`)"
+        )
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    chat_format = chat_format_from_hf(directory, tokenizer, chat_template)
+    check_tokenizer(tokenizer, tokenizer_path, config.vocab_size, chat_format, "tokenizer")
     elastic = elastic or default_elastic_space(config)
     try:
         elastic.check_fits(config)
@@ -96,15 +151,14 @@ def import_hf(directory: str | Path, workdir: str | Path, elastic: ElasticSpace 
     check_weights(directory, hf_config)
 
     digest = files_sha256(directory)
-    state: dict[str, torch.Tensor] = {}
-    for path in weight_files(directory):
-        state.update(load_file(path))
-    state = from_checkpoint_layout(state)
-    model = from_hf_state_dict(hf_config, {name: tensor.float() for name, tensor in state.items()})
+    model = load_hf_weights(directory, hf_config)
     logger = RunLogger(workdir, run_name="import-hf", tags={"stage": "import-hf"})
-    logger.log_params({"source": str(directory), "files_sha256": digest, "model": config.model_dump(mode="json")})
+    logger.log_params({"source": str(directory), "files_sha256": digest, "model": config.model_dump(mode="json"),
+                       "pretrain_tokens": pretrain_tokens})  # fmt: skip
     checkpoint = save_model(model, Path(workdir) / "imports" / digest[:16] / "supernet")
-    extra = {"elastic_space": elastic.model_dump(mode="json"), "pretrain_tokens": 0, "source": f"hf:{directory}"}
+    del model
+    extra = {"elastic_space": elastic.model_dump(mode="json"), "pretrain_tokens": pretrain_tokens,
+             "source": f"hf:{directory}", "chat_format": chat_format.model_dump(mode="json")}  # fmt: skip
     tags = {"stage": "import-hf", "source": f"hf:{directory}", "files_sha256": digest, "git_commit": git_commit(),
             "architecture": hf_config.get("architectures", ["?"])[0]}  # fmt: skip
     version = register_checkpoint(workdir, logger.run_id, SUPERNET_MODEL, checkpoint, tokenizer_path, extra, tags)

@@ -11,6 +11,7 @@ from models.checkpoint import load_config
 from models.subnet import ElasticSpace
 from registry.models import SUPERNET_MODEL, download_checkpoint
 from registry.tracking import store_client
+from tasks.chat_format import chat_format_of
 from tasks.import_hf import files_sha256, import_hf
 from tasks.pipeline_config import PipelineConfig
 
@@ -37,8 +38,8 @@ def init_source_task(init_from: str, workdir: str) -> str:
 
 
 def adapt_config(config: PipelineConfig, source_ref: str, workdir: str | Path) -> PipelineConfig:
-    """The pipeline configuration for a run starting from `source_ref`: its architecture, elastic space and
-    tokenizer; `init_steps` of continued pre-training, never a warm start from another supernet."""
+    """The pipeline configuration for a run starting from `source_ref`: its architecture, elastic space,
+    tokenizer and chat format; `init_steps` of continued pre-training, never a warm start from another supernet."""
     source = download_checkpoint(workdir, source_ref)
     model = load_config(source.checkpoint_dir)
     elastic = ElasticSpace.model_validate(source.extra["elastic_space"])
@@ -46,6 +47,9 @@ def adapt_config(config: PipelineConfig, source_ref: str, workdir: str | Path) -
         update={"model": model, "elastic": elastic, "max_steps": max(config.init_steps, 1), "max_tokens": None,
                 "warm_start": "never", "warm_start_steps": None}
     )  # fmt: skip
-    data = config.data.model_copy(update={"vocab_size": model.vocab_size, "tokenizer_file": str(source.tokenizer_path)})
+    data = config.data.model_copy(
+        update={"vocab_size": model.vocab_size, "tokenizer_file": str(source.tokenizer_path),
+                "chat_format": chat_format_of(source.extra)}
+    )  # fmt: skip
     return PipelineConfig.model_validate({**config.model_dump(), "pretrain": pretrain.model_dump(),
                                           "data": data.model_dump()})  # fmt: skip

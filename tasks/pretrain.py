@@ -46,6 +46,7 @@ from registry.models import (
     version_tags,
 )
 from registry.tracking import RunLogger, git_commit
+from tasks.chat_format import chat_format_of
 from tasks.data import DataConfig, PreparedData, sample_batch
 from tasks.launch import LaunchConfig, run_launched
 from tasks.plots import plot_loss_curves, plot_routing_heatmap
@@ -601,6 +602,7 @@ def register_pretrained(
         {
             "elastic_space": config.elastic.model_dump(mode="json"),
             "pretrain_tokens": tokens,  # incl. the warm-start parent's: what this supernet has seen
+            "chat_format": data.chat_format.model_dump(mode="json"),
         },
         tags,
     )
@@ -633,7 +635,9 @@ def retrain_data_config(data: DataConfig, config: PretrainConfig, workdir: str |
     parent = latest_supernet(workdir)
     if parent is None or load_config(parent.checkpoint_dir) != config.model:
         return data
-    return data.model_copy(update={"tokenizer_file": str(parent.tokenizer_path)})
+    return data.model_copy(
+        update={"tokenizer_file": str(parent.tokenizer_path), "chat_format": chat_format_of(parent.extra)}
+    )
 
 
 @task(name="retrain-data", retries=2, retry_delay_seconds=[2, 10])

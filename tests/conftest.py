@@ -93,6 +93,64 @@ def small_data(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> 
     return prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("data")))
 
 
+# A text-only chat template in the style of ERNIE 4.5's (`User: ...\nAssistant: ...<|end_of_sentence|>`): a
+# model whose chat format uses none of our role tokens.
+ERNIE_STYLE_TEMPLATE = (
+    "{{- bos_token + '<|begin_of_sentence|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- message['content'] + '\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- 'User: ' + message['content'] + '\\n' -}}"
+    "{%- else -%}{{- 'Assistant: ' + message['content'] + '<|end_of_sentence|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}{%- endif -%}"
+)
+ERNIE_STYLE_TOKENS = ["<unk>", "<s>", "</s>", "<|begin_of_sentence|>", "<|end_of_sentence|>"]
+
+
+@pytest.fixture(scope="session")
+def foreign_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, small_data: PreparedData) -> Path:
+    """Tokenizer files as a Hugging Face checkpoint ships them (tokenizer.json, tokenizer_config.json with its
+    chat template, generation_config.json with its eos ids) for a model with an ERNIE-style chat format: the
+    small-corpus BPE plus 5 special tokens (ids 400..404)."""
+    tokenizer = small_data.tokenizer()
+    tokenizer.add_special_tokens(ERNIE_STYLE_TOKENS)
+    folder = tmp_path_factory.mktemp("foreign-tokenizer")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"chat_template": ERNIE_STYLE_TEMPLATE, "bos_token": "<s>", "eos_token": {"content": "</s>"},
+              "pad_token": "<unk>", "unk_token": "<unk>"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    eos = [tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<|end_of_sentence|>")]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return folder
+
+
+TINY_HF_CONFIG = dict(
+    vocab_size=408, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+    max_position_embeddings=128, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory, foreign_tokenizer_dir: Path) -> Path:
+    """A random Ernie4_5_MoeForCausalLM saved by transformers, with the tokenizer files and chat format of a
+    model that is not ours (ERNIE-style turns, 405 tokens in a 408-row embedding) beside it."""
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**TINY_HF_CONFIG)).eval()
+    with torch.no_grad():  # a non-zero selection bias, so the import must carry it
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):  # the MoE layers (ERNIE's first layer is dense)
+                layer.mlp.gate.moe_statics.e_score_correction_bias.normal_(0, 0.01)
+    folder = tmp_path_factory.mktemp("ernie-tiny")
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(foreign_tokenizer_dir / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def chat_model(small_data: PreparedData) -> ElasticMoE:
     """A small MoE briefly trained on the small corpus (so it is better than chance), for export and serving."""
@@ -120,7 +178,8 @@ def chat_packages(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticM
     """fp32, INT8 and INT4 chat packages of `chat_model` (exported once per session)."""
     from tasks.export import DeployConfig, build_packages
 
-    return build_packages(chat_model, small_data.tokenizer_path, tmp_path_factory.mktemp("packages"), DeployConfig())
+    output = tmp_path_factory.mktemp("packages")
+    return build_packages(chat_model, small_data.tokenizer_path, small_data.chat_format, output, DeployConfig())
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from registry.promotion import (
 )
 from registry.tracking import active_store
 from serving.engine import ChatPackage
-from tasks.align_data import Message
+from tasks.chat_format import Message
 
 
 def test_first_candidate_is_promoted_only_if_configured() -> None:

@@ -12,7 +12,7 @@ from registry.models import CHAT_MODEL
 from registry.promotion import promote
 from registry.tracking import tracking_uri
 from serving.engine import ChatPackage
-from tasks.align_data import Message
+from tasks.chat_format import Message
 
 from .test_server import REPO, free_port, wait_healthy
 

@@ -16,7 +16,7 @@ import pytest
 from registry.models import CHAT_MODEL
 from registry.promotion import promote
 from serving.engine import ChatPackage
-from tasks.align_data import Message
+from tasks.chat_format import Message
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-trainonce-test"

@@ -26,7 +26,7 @@ from tasks.data import PreparedData
 
 @pytest.fixture(scope="module")
 def tokenizer(small_data: PreparedData):
-    return small_data.tokenizer()
+    return small_data.chat_tokenizer()
 
 
 def _model() -> ElasticMoE:

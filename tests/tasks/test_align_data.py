@@ -1,4 +1,4 @@
-"""Alignment data: chat template and loss mask, seeded task splits, checkers, corruptions, user jsonl."""
+"""Alignment data: seeded task splits, checkers, corruptions, user jsonl."""
 
 import json
 import random
@@ -10,7 +10,6 @@ from pydantic import ValidationError
 from tasks.align_data import (
     Conversation,
     Example,
-    Message,
     TaskMixConfig,
     as_conversation,
     check,
@@ -19,43 +18,12 @@ from tasks.align_data import (
     generate_splits,
     read_preference_jsonl,
     read_sft_jsonl,
-    render_chat,
 )
-from tasks.data import PreparedData
-
-
-@pytest.fixture(scope="module")
-def tokenizer(small_data: PreparedData):
-    return small_data.tokenizer()
 
 
 @pytest.fixture(scope="module")
 def passages(small_corpus: Path) -> list[str]:
     return corpus_passages("\n".join(p.read_text() for p in sorted(small_corpus.iterdir())))
-
-
-def test_template_masks_exactly_the_assistant_reply(tokenizer) -> None:
-    messages = [
-        Message(role="system", content="Be brief."),
-        Message(role="user", content="What is 2 + 2?"),
-        Message(role="assistant", content="4"),
-    ]
-    ids, mask = render_chat(messages, tokenizer)
-    assert len(ids) == len(mask)
-    special = {tokenizer.token_to_id(t): t for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")}
-    assert [special[i] for i in ids if i in special] == [
-        "<|system|>",
-        "<|end|>",
-        "<|user|>",
-        "<|end|>",
-        "<|assistant|>",
-        "<|end|>",
-    ]
-    trained = [i for i, m in zip(ids, mask, strict=True) if m]
-    assert tokenizer.decode(trained, skip_special_tokens=False) == "4<|end|>"
-    prompt_ids, prompt_mask = render_chat(messages[:2], tokenizer, add_generation_prompt=True)
-    assert prompt_ids[-1] == tokenizer.token_to_id("<|assistant|>") and sum(prompt_mask) == 0
-    assert ids[: len(prompt_ids)] == prompt_ids  # generation continues exactly where training data does
 
 
 def test_splits_are_seeded_disjoint_and_checkable(passages: list[str]) -> None:

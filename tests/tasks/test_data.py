@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.chat_format import SPECIAL_TOKENS
 from tasks.data import (
-    SPECIAL_TOKENS,
     DataConfig,
     builtin_shakespeare_files,
     prepare_data,

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from serving.engine import MODEL_FILE, ChatPackage
-from tasks.align_data import Message, TaskMixConfig
+from tasks.align_data import TaskMixConfig
+from tasks.chat_format import Message
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
 from tasks.export import DeployConfig, check_parity, choose_candidate
@@ -86,11 +87,9 @@ def test_evaluation_measures_every_figure(chat_packages, small_data: PreparedDat
 
 
 def test_chat_prompt_is_the_sft_template(chat_packages, small_data: PreparedData) -> None:
-    from tasks.align_data import render_chat
-
     package = ChatPackage(chat_packages["fp32"])
     messages = [Message(role="system", content="Be brief."), Message(role="user", content="Repeat: a b")]
-    assert package.chat_prompt(messages) == render_chat(messages, small_data.tokenizer(), True)[0]
+    assert package.chat_prompt(messages) == small_data.chat_tokenizer().render(messages, True)[0]
 
 
 def _evaluation(ppl: float, accuracy: float, size: int) -> PackageEvaluation:

@@ -14,8 +14,8 @@ from models.extract import extract_subnet
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from models.subnet import SubnetSpec
-from tasks.align_data import Message, render_chat
-from tasks.data import END_OF_TURN, PreparedData
+from tasks.chat_format import ChatFormat, Message
+from tasks.data import PreparedData
 from tasks.export_hf import export_hf
 
 MESSAGES = [
@@ -29,7 +29,7 @@ MESSAGES = [
 def exported(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE, small_data: PreparedData) -> Path:
     folder = tmp_path_factory.mktemp("hf")
     checkpoint = save_model(chat_model, folder / "checkpoint")
-    return export_hf(checkpoint, small_data.tokenizer_path, folder / "export")
+    return export_hf(checkpoint, small_data.tokenizer_path, small_data.chat_format, folder / "export")
 
 
 @pytest.fixture(autouse=True)
@@ -57,10 +57,10 @@ def test_chat_template_renders_the_sft_token_ids_and_generation_stops_at_end_of_
     exported: Path, chat_model: ElasticMoE, small_data: PreparedData
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(exported)
-    ours = small_data.tokenizer()
+    ours = small_data.chat_tokenizer()
     as_dicts = [m.model_dump() for m in MESSAGES]
-    assert tokenizer.apply_chat_template(as_dicts, tokenize=True, return_dict=False) == render_chat(MESSAGES, ours)[0]
-    prompt_ids, _ = render_chat(MESSAGES[:2], ours, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(as_dicts, tokenize=True, return_dict=False) == ours.render(MESSAGES)[0]
+    prompt_ids, _ = ours.render(MESSAGES[:2], add_generation_prompt=True)
     rendered = tokenizer.apply_chat_template(as_dicts[:2], add_generation_prompt=True, return_dict=False)
     assert rendered == prompt_ids
     with pytest.raises(Exception, match="role must be one of system, user, assistant; got tool"):
@@ -68,7 +68,7 @@ def test_chat_template_renders_the_sft_token_ids_and_generation_stops_at_end_of_
 
     hf = AutoModelForCausalLM.from_pretrained(exported).eval()
     prompt = torch.tensor([prompt_ids])
-    end = ours.token_to_id(END_OF_TURN)
+    end = ours.end_of_turn_id
     with torch.no_grad():
         reply = hf.generate(prompt, max_new_tokens=16, do_sample=False)  # generation_config: stop at <|end|>
     expected = greedy_generate(chat_model, prompt, 16, eos_id=end)
@@ -82,7 +82,8 @@ def test_an_extracted_sub_model_exports_and_one_hf_cannot_express_is_refused(
     tmp_path: Path, chat_model: ElasticMoE, small_data: PreparedData
 ) -> None:
     uniform = extract_subnet(chat_model, SubnetSpec(layers=(1,), experts=((0, 2),), top_k=1)).eval()
-    out = export_hf(save_model(uniform, tmp_path / "uniform"), small_data.tokenizer_path, tmp_path / "uniform-hf")
+    checkpoint = save_model(uniform, tmp_path / "uniform")
+    out = export_hf(checkpoint, small_data.tokenizer_path, ChatFormat(), tmp_path / "uniform-hf")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     tokens = torch.randint(6, 400, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -91,7 +92,8 @@ def test_an_extracted_sub_model_exports_and_one_hf_cannot_express_is_refused(
 
     ragged = extract_subnet(chat_model, SubnetSpec(layers=(0, 1), experts=((0, 1, 2), (0, 3)), top_k=1))
     with pytest.raises(ValueError, match="layer 1 has 2 experts but layer 0 has 3"):
-        export_hf(save_model(ragged, tmp_path / "ragged"), small_data.tokenizer_path, tmp_path / "ragged-hf")
+        checkpoint = save_model(ragged, tmp_path / "ragged")
+        export_hf(checkpoint, small_data.tokenizer_path, ChatFormat(), tmp_path / "ragged-hf")
     assert not (tmp_path / "ragged-hf").exists() and not (tmp_path / "ragged-hf.partial").exists()
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import (
     AutoModelForCausalLM,
-    Ernie4_5_MoeConfig,
-    Ernie4_5_MoeForCausalLM,
-    PreTrainedTokenizerFast,
+    AutoTokenizer,
     Qwen3MoeConfig,
 )
 
@@ -24,37 +23,16 @@ from models.extract import extract_subnet
 from models.subnet import ElasticSpace, Importance
 from registry.models import download_checkpoint
 from registry.tracking import store_client
-from tasks.data import PreparedData
+from tasks.chat_format import ChatTokenizer, Message, chat_format_of
 from tasks.export_hf import export_hf
 from tasks.import_hf import default_elastic_space, import_hf
-
-HF_CONFIG = dict(
-    vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
-    max_position_embeddings=128, tie_word_embeddings=True,
-)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_data: PreparedData) -> Path:
-    """A random Ernie4_5_MoeForCausalLM saved by transformers, with a trainonce tokenizer beside it."""
-    torch.manual_seed(0)
-    model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**HF_CONFIG)).eval()
-    with torch.no_grad():  # a non-zero selection bias, so the import must carry it
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate"):  # the MoE layers (ERNIE's first layer is dense)
-                layer.mlp.gate.moe_statics.e_score_correction_bias.normal_(0, 0.01)
-    folder = tmp_path_factory.mktemp("ernie-tiny")
-    model.save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_file=str(small_data.tokenizer_path)).save_pretrained(folder)
-    return folder
 
 
 def test_import_registers_a_supernet_that_computes_what_transformers_computes(
     hf_checkpoint: Path, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "registry"
-    version = import_hf(hf_checkpoint, workdir)
+    version = import_hf(hf_checkpoint, workdir, pretrain_tokens=15_000_000_000_000)
     assert version.uri == "models:/trainonce-supernet/1"
     tags = store_client(workdir).get_model_version("trainonce-supernet", "1").tags
     assert tags["source"] == f"hf:{hf_checkpoint.resolve()}" and len(tags["files_sha256"]) == 64
@@ -63,7 +41,9 @@ def test_import_registers_a_supernet_that_computes_what_transformers_computes(
     downloaded = download_checkpoint(workdir, "trainonce-supernet/1")
     ours = load_model(downloaded.checkpoint_dir).eval()
     assert ElasticSpace.model_validate(downloaded.extra["elastic_space"]) == default_elastic_space(ours.config)
-    assert downloaded.extra["pretrain_tokens"] == 0
+    assert downloaded.extra["pretrain_tokens"] == 15_000_000_000_000
+    chat_format = chat_format_of(downloaded.extra)  # the source's own turns, not our role tokens
+    assert (chat_format.end_of_turn, chat_format.end_of_text) == ("<|end_of_sentence|>", "</s>")
     hf = AutoModelForCausalLM.from_pretrained(hf_checkpoint).eval()
     tokens = torch.randint(6, 400, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -74,8 +54,15 @@ def test_import_registers_a_supernet_that_computes_what_transformers_computes(
     space = default_elastic_space(ours.config)
     spec = space.smallest(ours.config, Importance.identity(ours.config))
     sub = extract_subnet(ours, spec).eval()
-    out = export_hf(save_model(sub, tmp_path / "sub"), downloaded.tokenizer_path, tmp_path / "sub-hf")
+    out = export_hf(save_model(sub, tmp_path / "sub"), downloaded.tokenizer_path, chat_format, tmp_path / "sub-hf")
     back = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert back.generation_config.eos_token_id == [404, 402]  # <|end_of_sentence|>, </s>
+    messages = [Message(role="user", content="Name a king."), Message(role="assistant", content="Lear")]
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template([m.model_dump() for m in messages],
+                                                                      return_dict=False)  # fmt: skip
+    assert (
+        rendered == ChatTokenizer(Tokenizer.from_file(str(downloaded.tokenizer_path)), chat_format).render(messages)[0]
+    )
     with torch.no_grad():
         assert (back(tokens).logits - sub(tokens).logits).abs().max().item() <= 1e-4
         assert (back(tokens).logits - ours(tokens, subnet=spec).logits).abs().max().item() <= 1e-4
@@ -135,7 +122,8 @@ def test_init_from_imports_once_and_hands_later_stages_the_sources_shape_and_tok
     source = download_checkpoint(workdir, first)
     assert adapted.pretrain.model == load_model(source.checkpoint_dir).config != preset.pretrain.model
     assert adapted.pretrain.elastic == ElasticSpace.model_validate(source.extra["elastic_space"])
-    assert adapted.data.vocab_size == 400 and adapted.data.tokenizer_file == str(source.tokenizer_path)
+    assert adapted.data.vocab_size == 408 and adapted.data.tokenizer_file == str(source.tokenizer_path)
+    assert adapted.data.chat_format == chat_format_of(source.extra) != preset.data.chat_format
     assert (adapted.pretrain.max_steps, adapted.pretrain.warm_start) == (7, "never")
     with pytest.raises(ValidationError, match="init_from"):
         load_pipeline_config("tiny", {"init_from": "not a reference"})
