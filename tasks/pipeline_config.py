@@ -14,7 +14,7 @@ from tasks.data import DataConfig
 from tasks.export import DeployConfig
 from tasks.extract import ExtractConfig
 from tasks.pretrain import PretrainConfig
-from tasks.search import SearchConfig
+from tasks.search import SearchConfig, check_parameter_budgets
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -87,6 +87,14 @@ class PipelineConfig(BaseModel):
                 raise ValueError(
                     f"{field}={seq_len} exceeds pretrain.model.max_seq_len={self.pretrain.model.max_seq_len}"
                 )
+        if self.init_from and self.init_steps and self.pretrain.optim.warmup_steps >= self.init_steps:
+            raise ValueError(  # continued pre-training runs init_steps steps with the preset's schedule
+                f"pretrain.optim.warmup_steps={self.pretrain.optim.warmup_steps} must be < init_steps={self.init_steps}"
+            )
+        try:  # an unreachable budget would otherwise fail only at the search, after pre-training
+            check_parameter_budgets(self.search, self.pretrain.model, self.pretrain.elastic)
+        except ValueError as error:
+            raise ValueError(f"search: {error} in pretrain.elastic (raise the budget or widen the space)") from error
         return self
 
 

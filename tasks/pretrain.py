@@ -419,9 +419,10 @@ def run_pretrain(
     Saves the final supernet to `output_dir/supernet` and, with `tracking_dir`, logs params, metrics and
     the loss-curve PNG to an MLflow run (the same run again after a resume).
     """
-    if data.vocab_size != config.model.vocab_size:
+    if data.vocab_size > config.model.vocab_size:  # fewer is fine: an imported model may pad its embedding
         raise ValueError(
-            f"model.vocab_size={config.model.vocab_size} must equal the tokenizer's vocabulary ({data.vocab_size})"
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({data.vocab_size}): its token ids would not fit the embedding"
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

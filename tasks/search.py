@@ -331,6 +331,18 @@ def _absolute_limits(
     return limits
 
 
+def check_parameter_budgets(config: SearchConfig, model_config: MoEConfig, space: ElasticSpace) -> None:
+    """Before any compute: each parameter budget admits some sub-model of `space` (counts depend on how many
+    layers and experts are kept, not which). ValueError naming the budget and the smallest achievable value."""
+    importance = Importance.identity(model_config)
+    genomes = SearchSpace(space, model_config, importance).genomes()
+    costs = {g: subnet_cost(model_config, g.spec(model_config, importance)) for g in genomes}
+    full = subnet_cost(model_config)
+    limits = _absolute_limits(config, full.total_params, full.active_params, None)
+    parameter_limits = {k: v for k, v in limits.items() if k in ("total_params", "active_params")}
+    _check_budgets_reachable(parameter_limits, genomes, costs, latency_of=lambda genome: 0.0)
+
+
 def _check_budgets_reachable(
     limits: dict[str, float], genomes: list[Genome], costs: dict, latency_of: Callable[[Genome], float]
 ) -> None:

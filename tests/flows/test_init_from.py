@@ -1,6 +1,7 @@
-"""The pipeline from a pretrained transformers checkpoint (`init_from: hf:<dir>`, no continued pre-training):
-the import becomes the supernet, and the model's own chat format (ERNIE-style turns, not our role tokens)
-carries through SFT, DPO, the ONNX package the server loads and the Hugging Face export."""
+"""The pipeline from a pretrained transformers checkpoint (`init_from: hf:<dir>`, 3 steps of continued
+pre-training): the import and its continuation become supernets, and the model's own chat format (ERNIE-style
+turns, not our role tokens) carries through SFT, DPO, the ONNX package the server loads and the Hugging Face
+export."""
 
 from __future__ import annotations
 
@@ -28,22 +29,24 @@ def test_pipeline_from_an_imported_checkpoint_keeps_its_chat_format_to_serving(
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     overrides = [*short_pipeline, f"data.source={small_corpus}", f"data.data_dir={tmp_path / 'data'}",
-                 f"init_from=hf:{hf_checkpoint}", "init_steps=0", "search.max_evaluations=4", "sft.steps=8",
+                 f"init_from=hf:{hf_checkpoint}", "init_steps=3", "search.max_evaluations=4", "sft.steps=8",
                  "sft.tasks.train_per_task=8", "sft.tasks.test_per_task=2", "sft.max_new_tokens=8", "dpo.steps=2",
                  "dpo.max_pairs=8", "dpo.max_new_tokens=8", "deploy.variants=[fp32]",
                  "deploy.hugging_face=true"]  # fmt: skip
     with prefect_test_harness():  # Prefect's own test server, stopped (and its logs flushed) when the run ends
         main(["pipeline", "--config", "tiny", "--workdir", str(workdir), *(f"--set={o}" for o in overrides)])
     out = capsys.readouterr().out
-    assert "supernet models:/trainonce-supernet/1 (init_from hf:" in out and "no continued pre-training" in out
+    assert "supernet registered as models:/trainonce-supernet/2" in out
 
     client = store_client(workdir)
-    assert len(client.search_model_versions("name='trainonce-supernet'")) == 1  # imported, not trained
-    supernet = download_checkpoint(workdir, "trainonce-supernet/1")
-    ernie = chat_format_of(supernet.extra)
+    imported = download_checkpoint(workdir, "trainonce-supernet/1")
+    ernie = chat_format_of(imported.extra)
     assert (ernie.end_of_turn, ernie.end_of_text) == ("<|end_of_sentence|>", "</s>")
+    continued = download_checkpoint(workdir, "trainonce-supernet/2")  # trained on the source's tokenizer and format
+    assert client.get_model_version("trainonce-supernet", "2").tags["warm_started_from"] == imported.version.uri
+    assert chat_format_of(continued.extra) == ernie and continued.extra["pretrain_tokens"] > 0
     subnet = client.get_model_version("trainonce-subnet", "1").tags
-    assert subnet["parent_model"] == "trainonce-supernet/1"
+    assert subnet["parent_model"] == "trainonce-supernet/2"
     dpo = download_checkpoint(workdir, "trainonce-chat-torch/2")
     assert chat_format_of(dpo.extra) == ernie  # SFT and DPO trained on the model's own turns
 

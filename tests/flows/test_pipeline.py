@@ -20,6 +20,7 @@ def test_valid_preset_passes_prefect_parameter_validation() -> None:
         (("pretrain", "model", "top_k"), 99, "top_k=99 must be <="),
         (("pretrain", "optim", "lr"), -1.0, "greater than 0"),
         (("data", "vocab_size"), 10, "greater than or equal to 300"),
+        (("search", "active_params_fraction"), 0.05, "search: active_params budget .* is infeasible: the smallest"),
     ],
 )
 def test_bad_values_are_rejected_before_a_run(path: tuple[str, ...], value: object, message: str) -> None:

@@ -127,5 +127,7 @@ def test_init_from_imports_once_and_hands_later_stages_the_sources_shape_and_tok
     assert (adapted.pretrain.max_steps, adapted.pretrain.warm_start) == (7, "never")
     with pytest.raises(ValidationError, match="init_from"):
         load_pipeline_config("tiny", {"init_from": "not a reference"})
+    with pytest.raises(ValidationError, match="pretrain.optim.warmup_steps=5 must be < init_steps=3"):
+        load_pipeline_config("tiny", {"init_from": "trainonce-supernet/1", "init_steps": 3})
     with pytest.raises(FileNotFoundError, match="init_from: .* is not a folder"):
         resolve_init_source(f"hf:{tmp_path / 'missing'}", workdir)

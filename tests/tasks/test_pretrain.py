@@ -111,8 +111,8 @@ def test_panel_is_fixed_and_ordered_by_size(tiny_config) -> None:
 
 
 def test_vocab_mismatch_with_prepared_data_fails_before_training(tmp_path: Path, small_corpus: Path) -> None:
-    data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=300, data_dir=tmp_path))
-    with pytest.raises(ValueError, match=r"model.vocab_size=400 must equal the tokenizer's vocabulary \(300\)"):
+    data = prepare_data(DataConfig(source=str(small_corpus), vocab_size=500, data_dir=tmp_path))
+    with pytest.raises(ValueError, match=r"model.vocab_size=400 is smaller than the tokenizer's vocabulary \(500\)"):
         run_pretrain(_tiny_pretrain(), data, tmp_path / "run")
 
 
