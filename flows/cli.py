@@ -245,7 +245,7 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     imported.add_argument("--top-ks", type=_int_list, default=None, help="routing top-k values, e.g. 2,4,6")
     imported.add_argument(
         "--pretrain-tokens", type=int, default=0,
-        help="tokens the checkpoint was pre-trained on (ERNIE 4.5: published in its report); sizes the distillation "
+        help="tokens the checkpoint was pre-trained on (from its model card or report); sizes the distillation "
         "budget of extracted sub-models (0: extraction without distillation unless init_steps continues training)",
     )  # fmt: skip
     imported.add_argument(
