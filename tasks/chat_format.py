@@ -118,11 +118,7 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self.format = chat_format
         ids = chat_format.token_ids(tokenizer)
-        self.end_of_turn_id, self.end_of_text_id, self.pad_id = ids["end_of_turn"], ids["end_of_text"], ids["pad"]
-
-    def encode(self, text: str) -> list[int]:
-        """Plain text to ids (no special tokens added: a template or a document separator adds those)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        self.end_of_turn_id, self.pad_id = ids["end_of_turn"], ids["pad"]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
