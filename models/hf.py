@@ -122,11 +122,15 @@ def copy_hf_tensors(model: ElasticMoE, tensors: Mapping[str, torch.Tensor]) -> s
 def from_hf_state_dict(hf_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> ElasticMoE:
     """Build our model from an HF config dict and state dict (importance orders start as identity)."""
     model = ElasticMoE(config_from_hf(hf_config))
-    filled = copy_hf_tensors(model, state_dict)
-    missing = sorted(name for name in model.state_dict() if name not in filled and not name.endswith(_OUR_BUFFERS))
+    missing = unfilled(model, copy_hf_tensors(model, state_dict))
     if missing:
         raise ValueError(f"state dict does not match the config: missing {missing[:5]}")
     return model
+
+
+def unfilled(model: ElasticMoE, filled: set[str]) -> list[str]:
+    """What `copy_hf_tensors` calls have not filled yet (our importance orders are not in HF checkpoints)."""
+    return sorted(name for name in model.state_dict() if name not in filled and not name.endswith(_OUR_BUFFERS))
 
 
 def hf_expected_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -104,9 +104,9 @@ class ChatFormat(BaseModel):
     def check(self, tokenizer: Tokenizer) -> None:
         """Usable with `tokenizer`: its tokens exist, and rendering a probe conversation grows turn by turn with
         the end-of-turn token closing every reply (what masking the assistant's tokens relies on)."""
-        self.token_ids(tokenizer)
+        chat = ChatTokenizer(tokenizer, self)  # raises naming the token field
         try:
-            ChatTokenizer(tokenizer, self).render(_PROBE)
+            chat.render(_PROBE)
         except Exception as error:  # a template error from Jinja has many types; name the field either way
             raise ValueError(f"chat_format.template: {error}") from error
 

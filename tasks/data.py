@@ -238,16 +238,14 @@ def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) 
         return tokenizer
     key = hashlib.sha256(f"{source}|{config.vocab_size}|{SPECIAL_TOKENS}|{config.text_field}".encode()).hexdigest()
     cached = config.data_dir / "tokenizers" / f"{key[:16]}.json"
-    if cached.is_file():
-        tokenizer = Tokenizer.from_file(str(cached))
-        check_tokenizer(tokenizer, cached, config.vocab_size, config.chat_format, "chat_format")
-        return tokenizer
-    tokenizer = train_tokenizer(read_documents(files, config.text_field), config.vocab_size)
+    if not cached.is_file():
+        tokenizer = train_tokenizer(read_documents(files, config.text_field), config.vocab_size)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(cached.with_suffix(".tmp")))
+        cached.with_suffix(".tmp").replace(cached)
+    tokenizer = Tokenizer.from_file(str(cached))
     check_tokenizer(tokenizer, cached, config.vocab_size, config.chat_format, "chat_format")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(cached.with_suffix(".tmp")))
-    cached.with_suffix(".tmp").replace(cached)
-    return Tokenizer.from_file(str(cached))
+    return tokenizer
 
 
 def prepare_data(config: DataConfig) -> PreparedData:
@@ -263,7 +261,8 @@ def prepare_data(config: DataConfig) -> PreparedData:
             return prepared
 
     documents = read_documents(files, config.text_field)
-    eot = config.chat_format.token_ids(tokenizer)["end_of_text"]
+    special_tokens = config.chat_format.token_ids(tokenizer)
+    eot = special_tokens["end_of_text"]
     train_ids: list[int] = []
     val_ids: list[int] = []
     for encoding in tokenizer.encode_batch(documents):
@@ -295,7 +294,7 @@ def prepare_data(config: DataConfig) -> PreparedData:
         "val_tokens": len(val_ids),
         "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
         "chat_format": config.chat_format.model_dump(mode="json"),
-        "special_tokens": config.chat_format.token_ids(tokenizer),
+        "special_tokens": special_tokens,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if directory.exists():

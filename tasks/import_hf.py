@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from models.checkpoint import save_model
 from models.config import MoEConfig
-from models.hf import config_from_hf, copy_hf_tensors, from_checkpoint_layout, hf_expected_shapes
+from models.hf import config_from_hf, copy_hf_tensors, from_checkpoint_layout, hf_expected_shapes, unfilled
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace
 from registry.models import SUPERNET_MODEL, RegisteredVersion, register_checkpoint
@@ -36,6 +36,7 @@ from tasks.chat_format import chat_format_from_hf
 from tasks.data import check_tokenizer
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+Headers = dict[str, tuple[Path, tuple[int, ...]]]  # tensor name -> (its safetensors file, its shape)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -61,24 +62,21 @@ def files_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def tensor_files(directory: Path) -> dict[str, Path]:
-    """Which file holds each tensor (read from the safetensors headers only)."""
-    where = {}
-    for path in weight_files(directory):
-        with safe_open(str(path), framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), path))
-    return where
-
-
-def check_weights(directory: Path, hf_config: dict) -> None:
-    """Every tensor the architecture needs is there with its shape (read from the safetensors headers only)."""
-    expected = hf_expected_shapes(hf_config)
-    headers: dict[str, torch.Tensor] = {}
+def tensor_headers(directory: Path) -> Headers:
+    """Each tensor's file and shape, read from the safetensors headers only."""
+    headers = {}
     for path in weight_files(directory):
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                headers[name] = torch.empty(handle.get_slice(name).get_shape(), device="meta")
-    found = {name: tuple(tensor.shape) for name, tensor in from_checkpoint_layout(headers).items()}
+                headers[name] = (path, tuple(handle.get_slice(name).get_shape()))
+    return headers
+
+
+def check_weights(directory: Path, hf_config: dict, headers: Headers) -> None:
+    """Every tensor the architecture needs is there with its shape (`headers`: `tensor_headers(directory)`)."""
+    expected = hf_expected_shapes(hf_config)
+    meta = {name: torch.empty(shape, device="meta") for name, (_, shape) in headers.items()}
+    found = {name: tuple(tensor.shape) for name, tensor in from_checkpoint_layout(meta).items()}
     missing = sorted(set(expected) - set(found))
     wrong = [f"{name}: {found[name]} in the files, {expected[name]} in config.json"
              for name in sorted(expected) if name in found and found[name] != expected[name]]  # fmt: skip
@@ -86,22 +84,22 @@ def check_weights(directory: Path, hf_config: dict) -> None:
         raise ValueError(f"{directory}: weights do not match config.json: missing {missing[:5]}, shapes {wrong[:5]}")
 
 
-def load_hf_weights(directory: Path, hf_config: dict) -> ElasticMoE:
+def load_hf_weights(directory: Path, hf_config: dict, headers: Headers) -> ElasticMoE:
     """Our fp32 model with the checkpoint's weights, read one decoder layer at a time (a layer's experts are
-    stacked from their per-expert tensors, wherever the shards keep them)."""
+    stacked from their per-expert tensors, wherever the shards keep them; each shard opened once per layer)."""
     model = ElasticMoE(config_from_hf(hf_config))
-    groups: dict[str, dict[str, Path]] = defaultdict(dict)
-    for name, path in tensor_files(directory).items():
+    groups: dict[str, dict[Path, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for name, (path, _) in headers.items():
         match = _LAYER.match(name)
-        groups[match.group(1) if match else "embeddings, norm, head"][name] = path
+        groups[match.group(1) if match else "embeddings, norm, head"][path].append(name)
     filled: set[str] = set()
     for group in tqdm(groups.values(), desc="import-hf: layers", unit="layer"):
         tensors = {}
-        for name, path in group.items():
+        for path, names in group.items():
             with safe_open(str(path), framework="pt") as handle:
-                tensors[name] = handle.get_tensor(name)
+                tensors.update({name: handle.get_tensor(name) for name in names})
         filled |= copy_hf_tensors(model, from_checkpoint_layout(tensors))
-    missing = sorted(name for name, _ in model.named_parameters() if name not in filled)
+    missing = unfilled(model, filled)
     if missing:
         raise ValueError(f"{directory}: the files lack {missing[:5]}")
     return model
@@ -148,10 +146,11 @@ def import_hf(
         elastic.check_fits(config)
     except ValueError as error:
         raise ValueError(f"elastic: {error}") from error
-    check_weights(directory, hf_config)
+    headers = tensor_headers(directory)
+    check_weights(directory, hf_config, headers)
 
     digest = files_sha256(directory)
-    model = load_hf_weights(directory, hf_config)
+    model = load_hf_weights(directory, hf_config, headers)
     logger = RunLogger(workdir, run_name="import-hf", tags={"stage": "import-hf"})
     logger.log_params({"source": str(directory), "files_sha256": digest, "model": config.model_dump(mode="json"),
                        "pretrain_tokens": pretrain_tokens})  # fmt: skip

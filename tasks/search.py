@@ -24,7 +24,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.accounting import subnet_cost
+from models.accounting import ModelCost, subnet_cost
 from models.checkpoint import load_model, save_model
 from models.config import MoEConfig
 from models.generate import greedy_generate
@@ -220,10 +220,7 @@ def run_search(
     Raises ValueError naming the budget and the smallest achievable value when no sub-model fits, before
     any objective evaluation. Latency is measured only for sub-models that pass the parameter budgets.
     """
-    search_space = SearchSpace(space, model_config, importance)
-    genomes = search_space.genomes()
-    specs = {g: g.spec(model_config, importance) for g in genomes}
-    costs = {g: subnet_cost(model_config, specs[g]) for g in genomes}
+    search_space, genomes, specs, costs = _family_costs(model_config, space, importance)
     full = subnet_cost(model_config)
     if config.needs_latency and latency is None:
         raise ValueError("latency budget set but no latency probe given")
@@ -235,7 +232,8 @@ def run_search(
         return latency_cache[g]
 
     limits = _absolute_limits(config, full.total_params, full.active_params, latency)
-    _check_budgets_reachable(limits, genomes, costs, latency_of)
+    _check_parameter_budgets_reachable(limits, genomes, costs)
+    _check_latency_budget_reachable(limits, genomes, costs, latency_of)
 
     def fits_params(g: Genome) -> bool:
         cost = costs[g]
@@ -334,19 +332,26 @@ def _absolute_limits(
 def check_parameter_budgets(config: SearchConfig, model_config: MoEConfig, space: ElasticSpace) -> None:
     """Before any compute: each parameter budget admits some sub-model of `space` (counts depend on how many
     layers and experts are kept, not which). ValueError naming the budget and the smallest achievable value."""
-    importance = Importance.identity(model_config)
-    genomes = SearchSpace(space, model_config, importance).genomes()
-    costs = {g: subnet_cost(model_config, g.spec(model_config, importance)) for g in genomes}
+    _, genomes, _, costs = _family_costs(model_config, space, Importance.identity(model_config))
     full = subnet_cost(model_config)
-    limits = _absolute_limits(config, full.total_params, full.active_params, None)
-    parameter_limits = {k: v for k, v in limits.items() if k in ("total_params", "active_params")}
-    _check_budgets_reachable(parameter_limits, genomes, costs, latency_of=lambda genome: 0.0)
+    _check_parameter_budgets_reachable(_absolute_limits(config, full.total_params, full.active_params, None),
+                                       genomes, costs)  # fmt: skip
 
 
-def _check_budgets_reachable(
-    limits: dict[str, float], genomes: list[Genome], costs: dict, latency_of: Callable[[Genome], float]
+def _family_costs(
+    model_config: MoEConfig, space: ElasticSpace, importance: Importance
+) -> tuple[SearchSpace, list[Genome], dict[Genome, SubnetSpec], dict[Genome, ModelCost]]:
+    """The search space, its genomes, their sub-model specs and their parameter/FLOP accounting."""
+    search_space = SearchSpace(space, model_config, importance)
+    genomes = search_space.genomes()
+    specs = {g: g.spec(model_config, importance) for g in genomes}
+    return search_space, genomes, specs, {g: subnet_cost(model_config, specs[g]) for g in genomes}
+
+
+def _check_parameter_budgets_reachable(
+    limits: dict[str, float], genomes: list[Genome], costs: dict[Genome, ModelCost]
 ) -> None:
-    """Each budget on its own must admit some sub-model; name the smallest achievable value otherwise."""
+    """Each parameter budget on its own must admit some sub-model; name the smallest achievable value otherwise."""
     for key in ("total_params", "active_params"):
         if key in limits:
             smallest = min(getattr(costs[g], key) for g in genomes)
@@ -354,6 +359,15 @@ def _check_budgets_reachable(
                 raise ValueError(
                     f"{key} budget {limits[key]:,.0f} is infeasible: the smallest sub-model has {smallest:,}"
                 )
+
+
+def _check_latency_budget_reachable(
+    limits: dict[str, float],
+    genomes: list[Genome],
+    costs: dict[Genome, ModelCost],
+    latency_of: Callable[[Genome], float],
+) -> None:
+    """The latency budget must admit the cheapest sub-model (by FLOPs), measured."""
     if "latency_ms" in limits:
         fastest_candidate = min(genomes, key=lambda g: costs[g].forward_flops_per_token)
         fastest = latency_of(fastest_candidate)
