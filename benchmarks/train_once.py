@@ -1,121 +1,374 @@
-"""The train-once claim, measured: sub-models cut from one elastic run vs the same shapes trained from scratch.
+"""The train-once claim, measured: a family cut from one elastic run vs its members trained alone.
 
-    .venv/bin/python benchmarks/train_once.py                 # tiny preset, CPU, about 6 minutes
-    .venv/bin/python benchmarks/train_once.py --config small  # one GPU
+    .venv/bin/python benchmarks/train_once.py --config claim --recipe nested --seeds 0 1 2   # CPU, 2 arms at a time
+    .venv/bin/python benchmarks/train_once.py --config small --recipe nested --seeds 0        # one GPU, arms in turn
+    .venv/bin/python benchmarks/train_once.py --config claim --report                       # table + PNG of all runs
 
-Same data, same tokens. (a) the elastic supernet run; for the chosen sub-model (the preset's search budgets)
-and three more family members (active-parameter budgets 60/75/90% of the supernet's): (b) that architecture
-trained from scratch on the supernet's token count; (c) the extracted sub-model, as cut and after
-distillation at the preset's fraction (6%) of (b)'s compute. Prints the table; nothing is asserted.
+Rows, every model trained on the same number of tokens of the same data, every figure the validation loss
+(nats/token) on the same 65,536 held-out tokens:
+  (a) the elastic run of the recipe: its full model;
+  (f) the full model trained alone (is the elastic run's full model as good?);
+  for each of 4 members picked by the search on (a) (ERNIE 5.1's cut: <= 34% of the parameters and <= 50%
+  active; and <= 60%, 75%, 90% of the active parameters):
+  (b) the member's architecture trained alone (its twin);
+  (c) the member extracted from (a), as cut and after distillation from (a) at extract.distill_compute_fraction
+      (6%) of (b)'s compute;
+  (m) Minitron: the same architecture pruned from (f) by measured importance, distilled from (f) with the same
+      budget.
+Training FLOPs are counted for every row (the elastic run replays every sub-model its sampler drew). Arms run
+in parallel with one thread each on CPU; finished arms are cached under --cache by their config, so the twins
+and (f) of one seed serve every recipe. Nothing is asserted: it is a benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
-import tempfile
+import hashlib
+import json
+import os
+import statistics
+import sys
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
-from models.accounting import subnet_cost
-from models.checkpoint import load_model
-from models.extract import extract_subnet, subnet_config
-from models.moe import ElasticMoE
-from models.subnet import ElasticSpace, SubnetSpec
-from tasks.data import PreparedData, prepare_data
-from tasks.extract import distill_subnet, rank_importance
-from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides
-from tasks.pretrain import PretrainConfig, evaluate_panel, run_pretrain, subnets_for_step
-from tasks.search import run_search
-from tasks.throughput import training_flops
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models.accounting import subnet_cost  # noqa: E402
+from models.checkpoint import load_model  # noqa: E402
+from models.extract import extract_subnet, subnet_config  # noqa: E402
+from models.moe import ElasticMoE  # noqa: E402
+from models.subnet import ElasticSpace, Importance, SubnetSpec  # noqa: E402
+from registry.tracking import RunLogger  # noqa: E402
+from tasks.data import PreparedData, prepare_data  # noqa: E402
+from tasks.elastic_sampling import SamplingConfig, plan_step  # noqa: E402
+from tasks.extract import ExtractConfig, distill_subnet, rank_importance  # noqa: E402
+from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides  # noqa: E402
+from tasks.plots import plot_claim  # noqa: E402
+from tasks.pretrain import PretrainConfig, evaluate_panel, run_pretrain  # noqa: E402
+from tasks.search import SearchConfig, run_search  # noqa: E402
+from tasks.throughput import training_flops  # noqa: E402
+
+# Each recipe is a set of config overrides (KEY=VALUE as --set takes them): no code forks.
+RECIPES: dict[str, dict[str, object]] = {
+    # what the presets did before the claim was measured: random layers and experts from step 0, equal weights
+    "random": {},
+    # nested, importance-ordered prefixes for layers and experts (MatFormer, Once-for-All, Nemotron Elastic)
+    "nested": {"pretrain.elastic.layer_sampling": "nested", "pretrain.elastic.expert_sampling": "nested"},
+    # ... re-ranked by REAP saliency during training
+    "nested_reap": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.elastic.expert_ranking": "reap",
+        "pretrain.rerank_interval": 500,
+    },
+    # delayed shrinking: the full model alone for half the run, sub-models ramped in (DepS)
+    "nested_delayed": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.ramp": 0.1,
+    },
+    # ... opening top-k, then experts, then depth (Once-for-All's progressive shrinking)
+    "nested_progressive": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.dimension_order": "progressive",
+    },
+    # the full model favoured: half-weight sub-model LM loss, larger members drawn more often (Nemotron Elastic)
+    "nested_favour_full": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.subnet_lm_weight": 0.5,
+        "pretrain.sampling.size_skew": 1.0,
+    },
+    # elastify a trained parent: the full model alone for 90% of the tokens, then a 10% elastic phase with its own
+    # learning-rate schedule (Flextron: 7.63%)
+    "elastify": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.9,
+        "pretrain.sampling.elastic_lr": 0.3,
+    },
+}
+MEMBER_BUDGETS = {
+    "ERNIE 5.1 cut": {"total_params_fraction": 0.34, "active_params_fraction": 0.5},
+    "active <= 60%": {"active_params_fraction": 0.6},
+    "active <= 75%": {"active_params_fraction": 0.75},
+    "active <= 90%": {"active_params_fraction": 0.9},
+}
+
+
+def _use_one_thread() -> None:
+    """Arms share 2 cores: one thread each, or OpenMP threads spin against each other."""
+    torch.set_num_threads(1)
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_arm(pretrain_json: str, data_dir: str, output_dir: str) -> dict:
+    """One pre-training run (resumed, or read back when finished): its checkpoint and learning curve."""
+    config = PretrainConfig.model_validate_json(pretrain_json)
+    result = run_pretrain(config, PreparedData.load(data_dir), output_dir)
+    curve = [
+        (r["step"], r["val_loss/full"])
+        for r in map(json.loads, (Path(output_dir) / "metrics.jsonl").read_text().splitlines())
+        if "val_loss/full" in r
+    ]
+    return {"checkpoint_dir": str(result.checkpoint_dir), "curve": curve}
+
+
+class Arms:
+    """The process pool that trains arms, with one future per distinct arm: recipes run side by side share their
+    seed's (f) and twins instead of training them twice into the same folder."""
+
+    def __init__(self, pool: ProcessPoolExecutor, cache: Path, data: PreparedData) -> None:
+        self.pool, self.cache, self.data = pool, cache, data
+        self.futures: dict[str, Future] = {}
+        self.lock = threading.Lock()
+
+    def train(self, config: PretrainConfig) -> Future:
+        key = _key(config.model_dump(mode="json", exclude={"launch"}), self.data.fingerprint)
+        with self.lock:
+            if key not in self.futures:
+                out = str(self.cache / "arms" / key)
+                self.futures[key] = self.pool.submit(train_arm, config.model_dump_json(), str(self.data.directory), out)
+            return self.futures[key]
+
+    def distill(self, teacher_dir: str, spec: SubnetSpec, extract: ExtractConfig, tokens: int) -> Future:
+        args = (teacher_dir, spec.model_dump_json(), extract.model_dump_json(), str(self.data.directory), tokens)
+        return self.pool.submit(distill_arm, *args)
+
+
+def val_loss(model: ElasticMoE, data: PreparedData, extract: ExtractConfig, spec: SubnetSpec | None = None) -> float:
+    """The one validation figure every row is compared on: extract.eval_batches fixed batches."""
+    shape = (extract.batch_size, extract.seq_len, extract.eval_batches, next(model.parameters()).device)
+    return evaluate_panel(model, {"m": spec}, data.split("val"), *shape)["m"]
+
+
+def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: str, tokens: int) -> dict:
+    """Cut `spec` from the teacher, then distil it from the teacher (tasks.extract) for its share of `tokens`."""
+    teacher = load_model(teacher_dir).eval()
+    spec = SubnetSpec.model_validate_json(spec_json)
+    extract = ExtractConfig.model_validate_json(extract_json)
+    data = PreparedData.load(data_dir)
+    student = extract_subnet(teacher, spec)
+    cut = val_loss(student, data, extract)
+    result = distill_subnet(student, teacher, data, extract, tokens)
+    return {"cut": cut, "distilled": val_loss(student.eval(), data, extract), "fraction": result.compute_fraction}
 
 
 def elastic_run_flops(config: PretrainConfig) -> float:
-    """Training FLOPs of the elastic run: the sub-models its sampler drew at every step (replayed)."""
-    model = ElasticMoE(config.model)  # importance is the identity during pre-training, as in the run
-    tokens = config.tokens_per_step()
+    """Training FLOPs of an elastic run: every member its sampler drew at every step, replayed."""
+    importance, total = Importance.identity(config.model), config.total_steps()
     return sum(
         training_flops(
             config.model,
-            subnets_for_step(config, model, random.Random(config.seed * 1_000_003 + step)),
+            plan_step(config.sampling, config.elastic, config.model, importance, config.seed, step, total).members,
             config.seq_len,
-            tokens,
+            config.tokens_per_step(),
         )
-        for step in range(config.total_steps())
+        for step in range(total)
     )
 
 
-def from_scratch(pipeline: PipelineConfig, spec: SubnetSpec, data: PreparedData, workdir: Path):
-    """The same pre-training loop on the sub-model's architecture alone (policy `full`), same tokens."""
-    arch = subnet_config(pipeline.pretrain.model, spec)
-    depth = arch.n_layers
-    pretrain = pipeline.pretrain.model_copy(
-        update={
-            "model": arch,
-            "elastic": ElasticSpace(depths=(depth,), expert_counts=(arch.n_experts,), top_ks=(arch.top_k,)),
-            "sampling": pipeline.pretrain.sampling.model_copy(update={"policy": "full"}),
-        }
+def alone(config: PretrainConfig, arch) -> PretrainConfig:
+    """`config`'s loop on architecture `arch` alone (policy `full`): a twin, or the full model for (f)."""
+    space = ElasticSpace(depths=(arch.n_layers,), expert_counts=(arch.n_experts,), top_ks=(arch.top_k,))
+    return config.model_copy(
+        update={"model": arch, "elastic": space, "sampling": SamplingConfig(policy="full"), "rerank_interval": None}
     )
-    return run_pretrain(PretrainConfig.model_validate(pretrain.model_dump()), data, workdir)
+
+
+def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> dict:
+    """Every row for one seed of one recipe; returns them as a JSON-able dict."""
+    pipeline = pipeline.model_copy(
+        update={"pretrain": pipeline.pretrain.model_copy(update={"seed": seed}),
+                "extract": pipeline.extract.model_copy(update={"seed": seed})}
+    )  # fmt: skip
+    pretrain, extract, data = pipeline.pretrain, pipeline.extract, arms.data
+    tokens = pretrain.tokens_per_step() * pretrain.total_steps()
+    elastic_future, full_future = arms.train(pretrain), arms.train(alone(pretrain, pretrain.model))
+    elastic = elastic_future.result()
+    supernet = load_model(elastic["checkpoint_dir"]).eval()
+    rank_importance(supernet, data, extract, pretrain.elastic, pipeline.search.seq_len)  # nested orders are kept
+
+    def objective(spec: SubnetSpec) -> float:
+        shape = (pipeline.search.eval_batch_size, pipeline.search.seq_len, pipeline.search.eval_batches)
+        return evaluate_panel(supernet, {"s": spec}, data.split("val"), *shape, torch.device("cpu"))["s"]
+
+    members: dict[str, SubnetSpec] = {}
+    for label, budget in MEMBER_BUDGETS.items():
+        search = SearchConfig.model_validate({**pipeline.search.model_dump(), "total_params_fraction": None,
+                                              "active_params_fraction": None, **budget})  # fmt: skip
+        found = run_search(search, supernet.config, pretrain.elastic, supernet.importance(), objective)
+        members[label] = found.chosen.spec
+    twins = {
+        label: arms.train(alone(pretrain, subnet_config(supernet.config, spec))) for label, spec in members.items()
+    }
+    cuts = {label: arms.distill(elastic["checkpoint_dir"], spec, extract, tokens) for label, spec in members.items()}
+    full_dir = full_future.result()
+    parent = load_model(full_dir["checkpoint_dir"]).eval()
+    # Minitron ranks the trained parent's own layers and experts (no nesting to respect)
+    unnested = pretrain.elastic.model_copy(update={"layer_sampling": "random", "expert_sampling": "random"})
+    rank_importance(parent, data, extract, unnested, pipeline.search.seq_len)
+    prunes = {}
+    for label, spec in members.items():
+        same_shape = parent.importance().spec(parent.config, len(spec.layers), spec.moe_expert_counts[0], spec.top_k)
+        prunes[label] = arms.distill(full_dir["checkpoint_dir"], same_shape, extract, tokens)
+
+    full_cost, full_flops = (
+        subnet_cost(pretrain.model),
+        training_flops(pretrain.model, [None], pretrain.seq_len, tokens),
+    )
+    rows = {
+        "elastic": {"flops": elastic_run_flops(pretrain), "val": val_loss(supernet, data, extract),
+                    "curve": elastic["curve"], "params": full_cost.total_params, "active": full_cost.active_params},
+        "full_alone": {"flops": full_flops, "val": val_loss(parent, data, extract), "curve": full_dir["curve"],
+                       "params": full_cost.total_params, "active": full_cost.active_params},
+        "members": {},
+    }  # fmt: skip
+    for label, spec in members.items():
+        arch, cost = subnet_config(pretrain.model, spec), subnet_cost(pretrain.model, spec)
+        twin = twins[label].result()
+        twin_flops = training_flops(arch, [None], pretrain.seq_len, tokens)
+        cut, prune = cuts[label].result(), prunes[label].result()
+        rows["members"][label] = {
+            "spec": spec.describe(), "layers": list(spec.layers), "params": cost.total_params,
+            "active": cost.active_params, "twin_flops": twin_flops, "twin_curve": twin["curve"],
+            "twin": val_loss(load_model(twin["checkpoint_dir"]).eval(), data, extract),
+            "cut": cut["cut"], "distilled": cut["distilled"], "distill_flops": cut["fraction"] * twin_flops,
+            "minitron_cut": prune["cut"], "minitron": prune["distilled"],
+            "minitron_flops": prune["fraction"] * twin_flops,
+        }  # fmt: skip
+    return {"recipe": recipe, "seed": seed, "tokens": tokens, "rows": rows,
+            "tokens_per_active_param": tokens / full_cost.active_params}  # fmt: skip
+
+
+def _stats(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ±{statistics.stdev(values):.4f}"
+
+
+def _row(name: str, params: int, active: int, flops: float, values: list[float], twin: list[float] | None = None):
+    """One table row; `twin` adds the relative gap of the means."""
+    gap = "" if twin is None else f"{100 * (statistics.mean(values) / statistics.mean(twin) - 1):+.2f}%"
+    return f"| {name} | {params:,} | {active:,} | {flops / 1e12:.3f} | {_stats(values)} | {gap} |"
+
+
+def family_costs(run: dict) -> dict[str, float]:
+    """The family's cost (elastic run + every distillation) vs training each member and the full model alone."""
+    members = run["rows"]["members"].values()
+    family = run["rows"]["elastic"]["flops"] + sum(m["distill_flops"] for m in members)
+    separate = run["rows"]["full_alone"]["flops"] + sum(m["twin_flops"] for m in members)
+    minitron = run["rows"]["full_alone"]["flops"] + sum(m["minitron_flops"] for m in members)
+    return {"family": family, "separate": separate, "minitron": minitron}
+
+
+def report(runs: list[dict]) -> str:
+    """Markdown table per recipe: mean ± standard deviation over seeds, relative gaps to the twins."""
+    lines = []
+    for recipe in sorted({r["recipe"] for r in runs}):
+        mine = [r for r in runs if r["recipe"] == recipe]
+        first = mine[0]
+        lines += [
+            f"### Recipe `{recipe}`: seeds {sorted(r['seed'] for r in mine)}, {first['tokens']:,} tokens "
+            f"({first['tokens_per_active_param']:.1f} per active parameter of the full model)",
+            "",
+            "| row | params | active | train TFLOP | val loss | vs twin |",
+            "|---|---|---|---|---|---|",
+        ]
+        e, f = first["rows"]["elastic"], first["rows"]["full_alone"]
+        full_alone = [r["rows"]["full_alone"]["val"] for r in mine]
+        elastic = [r["rows"]["elastic"]["val"] for r in mine]
+        lines.append(_row("(a) elastic run, full model", e["params"], e["active"], e["flops"], elastic, full_alone))
+        lines.append(_row("(f) full model alone", f["params"], f["active"], f["flops"], full_alone))
+        for label, m in first["rows"]["members"].items():
+            v = {key: [r["rows"]["members"][label][key] for r in mine]
+                 for key in ("twin", "cut", "distilled", "minitron_cut", "minitron")}  # fmt: skip
+            specs = " / ".join(sorted({r["rows"]["members"][label]["spec"] for r in mine}))
+            size = (m["params"], m["active"])
+            lines += [
+                f"| **{label}**: {specs} | | | | | |",
+                _row("(b) twin, trained alone", *size, m["twin_flops"], v["twin"]),
+                _row("(c) cut from (a)", *size, 0, v["cut"], v["twin"]),
+                _row("(c) cut + distilled", *size, m["distill_flops"], v["distilled"], v["twin"]),
+                _row("(m) pruned from (f)", *size, 0, v["minitron_cut"], v["twin"]),
+                _row("(m) pruned + distilled", *size, m["minitron_flops"], v["minitron"], v["twin"]),
+            ]
+        costs = [family_costs(r) for r in mine]
+        ratio = statistics.mean(c["family"] / c["separate"] for c in costs)
+        minitron = statistics.mean(c["minitron"] / c["separate"] for c in costs)
+        lines += [
+            "",
+            f"Family cost (elastic run + distillations) / separate cost (the 4 twins + the full model alone): "
+            f"**{ratio:.2f}**; Minitron family (full alone + distillations): {minitron:.2f}.",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--config", default="claim")
+    parser.add_argument("--recipe", action="append", choices=sorted(RECIPES), default=[])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every recipe")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "claim", help="arms, results, report")
+    parser.add_argument("--workers", type=int, default=None, help="parallel arms (default: 2 on CPU, 1 on GPU)")
+    parser.add_argument("--report", action="store_true", help="only print the table and write the PNG")
     args = parser.parse_args()
-    pipeline = load_pipeline_config(args.config, parse_overrides(args.set))
-    data = prepare_data(pipeline.data)
-    workdir = Path(tempfile.mkdtemp(prefix="train_once_"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    elastic = run_pretrain(pipeline.pretrain, data, workdir / "supernet")
-    supernet = load_model(elastic.checkpoint_dir, device).eval()
-    rank_importance(supernet, data, pipeline.extract, pipeline.pretrain.elastic, pipeline.search.seq_len)
-    search, val = pipeline.search, data.split("val")
-
-    def objective(spec: SubnetSpec) -> float:
-        shape = (search.eval_batch_size, search.seq_len, search.eval_batches, device)
-        return evaluate_panel(supernet, {"s": spec}, val, *shape)["s"]
-
-    budgets = {"chosen (preset budgets)": search}
-    for fraction in (0.6, 0.75, 0.9):
-        budgets[f"active <= {fraction:.0%}"] = search.model_copy(
-            update={"total_params_fraction": None, "active_params_fraction": fraction}
-        )
-    tokens = pipeline.pretrain.tokens_per_step() * pipeline.pretrain.total_steps()
-    full = subnet_cost(supernet.config)
-    rows = [
-        ("(a) elastic supernet run", full.total_params, full.active_params, elastic_run_flops(pipeline.pretrain),
-         elastic.val_loss["full"]),
-    ]  # fmt: skip
-    for label, budget in budgets.items():
-        spec = run_search(
-            budget, supernet.config, pipeline.pretrain.elastic, supernet.importance(), objective
-        ).chosen.spec
-        cost = subnet_cost(supernet.config, spec)
-        scratch = from_scratch(pipeline, spec, data, workdir / f"scratch_{len(rows)}")
-        scratch_flops = training_flops(subnet_config(supernet.config, spec), [None], pipeline.pretrain.seq_len, tokens)
-        student = extract_subnet(supernet, spec)
-        distilled = distill_subnet(student, supernet, data, pipeline.extract, tokens)
-        name = f"{label}: {spec.describe()} layers {list(spec.layers)}"
-        rows += [
-            (f"{name}\n  (b) from scratch, same tokens", cost.total_params, cost.active_params, scratch_flops,
-             scratch.val_loss["full"]),
-            ("  (c) extracted, no distillation", cost.total_params, cost.active_params, 0.0,
-             distilled.val_loss_before),
-            (f"  (c) extracted + distilled ({distilled.compute_fraction:.1%} of b)", cost.total_params,
-             cost.active_params, distilled.compute_fraction * scratch_flops, distilled.val_loss_after),
-        ]  # fmt: skip
-
-    print(f"\n{args.config}: {tokens:,} training tokens, validation loss in nats/token on the held-out split")
-    print(f"{'model':<64}{'params':>12}{'active':>12}{'train TFLOP':>13}{'val loss':>10}")
-    for name, total, active, flops, loss in rows:
-        head, _, last = name.rpartition("\n")
-        if head:
-            print(head)
-        print(f"{last:<64}{total:>12,}{active:>12,}{flops / 1e12:>13.3f}{loss:>10.4f}")
+    results = args.cache / args.config / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or (1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))
+    if not torch.cuda.is_available():
+        _use_one_thread()
+    jobs = [(recipe, seed) for recipe in ([] if args.report else (args.recipe or ["random"])) for seed in args.seeds]
+    pipelines = {recipe: load_pipeline_config(args.config, {**RECIPES[recipe], **parse_overrides(args.set)})
+                 for recipe, _ in jobs}  # fmt: skip
+    if jobs:
+        data = prepare_data(next(iter(pipelines.values())).data)
+        with ProcessPoolExecutor(workers, initializer=_use_one_thread) as pool, ThreadPoolExecutor(len(jobs)) as runs:
+            arms = Arms(pool, args.cache / args.config, data)
+            futures = {runs.submit(run_seed, pipelines[recipe], recipe, seed, arms): (recipe, seed)
+                       for recipe, seed in jobs}  # fmt: skip
+            for future in as_completed(futures):
+                recipe, seed = futures[future]
+                run = future.result()
+                (results / f"{recipe}-seed{seed}.json").write_text(json.dumps(run, indent=1))
+                print(report([run]), flush=True)
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    if not runs:
+        return
+    table = report(runs)
+    png = plot_claim(runs, args.cache / args.config / "claim.png")
+    (args.cache / args.config / "report.md").write_text(table)
+    logger = RunLogger(args.cache / args.config, run_name="train-once-claim", tags={"benchmark": "train_once"})
+    for run in runs:
+        costs = family_costs(run)
+        prefix = f"{run['recipe']}/seed{run['seed']}/"
+        metrics = {prefix + "elastic_full": run["rows"]["elastic"]["val"],
+                   prefix + "full_alone": run["rows"]["full_alone"]["val"],
+                   prefix + "family_cost_ratio": costs["family"] / costs["separate"]}  # fmt: skip
+        for label, m in run["rows"]["members"].items():
+            name = label.replace(" ", "_").replace("<=", "le").replace("%", "pct").replace(".", "_")
+            for key in ("twin", "cut", "distilled", "minitron"):
+                metrics[f"{prefix}{name}/{key}"] = m[key]
+        logger.log_metrics(metrics, step=0)
+    logger.log_artifact(png, "plots")
+    logger.log_artifact(args.cache / args.config / "report.md", "report")
+    logger.finish()
+    print(f"\n{args.config}: validation loss in nats/token on the held-out split; command: "
+          f"{' '.join(['benchmarks/train_once.py', *sys.argv[1:]])}\n")  # fmt: skip
+    print(table)
+    print(f"\nPNG: {png}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ same threads, batch and optimizer, so the figures compare; they are printed, nev
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from collections.abc import Callable
 
@@ -21,8 +20,9 @@ import torch
 from models.accounting import subnet_cost
 from models.config import MoEConfig
 from models.moe import ElasticMoE
+from tasks.optim import build_optimizer
 from tasks.pipeline_config import load_pipeline_config
-from tasks.pretrain import PretrainConfig, build_optimizer, elastic_forward_backward, subnets_for_step
+from tasks.pretrain import PretrainConfig, elastic_forward_backward, plan_for_step
 from tasks.throughput import device_peak_flops, training_flops
 
 PEER_SHAPE = MoEConfig(
@@ -53,14 +53,13 @@ def our_step(config: PretrainConfig, policy: str, device: torch.device, dtype: t
     model = ElasticMoE(config.model).to(device)
     optimizer = build_optimizer(model, config.optim)
     batch = torch.randint(0, config.model.vocab_size, (config.batch_size, config.seq_len), device=device)
-    rng = random.Random(0)
     specs_seen: list[list] = []
 
     def step() -> None:
-        specs = subnets_for_step(config, model, rng)
-        specs_seen.append(specs)
+        plan = plan_for_step(config, model, len(specs_seen))
+        specs_seen.append(plan.members)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            elastic_forward_backward(model, config, batch, specs, lambda loss: loss.backward())
+            elastic_forward_backward(model, config, batch, plan, lambda loss: loss.backward())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

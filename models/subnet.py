@@ -152,6 +152,15 @@ class Importance(BaseModel):
 
 LayerSampling = Literal["random", "keep_ends", "nested"]
 ExpertSampling = Literal["random", "nested"]
+ExpertRanking = Literal["routing_mass", "reap"]
+
+
+def _skewed_choice(values: tuple[int, ...] | list[int], rng: random.Random, skew: float) -> int:
+    """The i-th smallest value with probability proportional to (i + 1)^skew; skew 0 is `rng.choice` itself, so
+    uniform sampling keeps the random stream earlier runs drew."""
+    if skew == 0:
+        return rng.choice(values)
+    return rng.choices(values, weights=[(i + 1) ** skew for i in range(len(values))])[0]
 
 
 class ElasticSpace(BaseModel):
@@ -173,6 +182,12 @@ class ElasticSpace(BaseModel):
         "random",
         description="`random`: a random expert subset per layer, so every subset trains; `nested`: the most "
         "important prefix (MatFormer style), so extraction keeps exactly what was trained.",
+    )
+    expert_ranking: ExpertRanking = Field(
+        "routing_mass",
+        description="How experts are ranked (re-ranking during training, calibration before the search): "
+        "`routing_mass`, the mean gate probability; `reap`, router-weighted activation saliency, the mean of "
+        "gate weight x expert output norm over the tokens routed to the expert (REAP).",
     )
 
     @field_validator("depths", "expert_counts", "top_ks")
@@ -221,11 +236,12 @@ class ElasticSpace(BaseModel):
             for k in self._top_ks_for(n)
         ]
 
-    def sample(self, config: MoEConfig, importance: Importance, rng: random.Random) -> SubnetSpec:
-        """A random member: random depth, kept layers, expert count, expert subset and top-k."""
-        depth = rng.choice(self.depths)
-        n_experts = rng.choice(self.expert_counts)
-        top_k = rng.choice(self._top_ks_for(n_experts))
+    def sample(self, config: MoEConfig, importance: Importance, rng: random.Random, skew: float = 0.0) -> SubnetSpec:
+        """A random member: random depth, kept layers, expert count, expert subset and top-k; `skew` > 0 favours
+        the larger values of each dimension (see `_skewed_choice`)."""
+        depth = _skewed_choice(self.depths, rng, skew)
+        n_experts = _skewed_choice(self.expert_counts, rng, skew)
+        top_k = _skewed_choice(self._top_ks_for(n_experts), rng, skew)
         layers = self._sample_layers(config, importance, depth, rng)
         experts: list[tuple[int, ...]] = []
         for layer in layers:
@@ -236,6 +252,14 @@ class ElasticSpace(BaseModel):
             else:
                 experts.append(tuple(rng.sample(range(config.experts_in_layer(layer)), n_experts)))
         return SubnetSpec(layers=tuple(layers), experts=tuple(experts), top_k=top_k)
+
+    def trained_order(self, stored: Importance, measured: Importance) -> Importance:
+        """The order to cut sub-models by after training: a nested dimension keeps the order training used
+        (`stored`: its prefixes are what was trained), the others take the `measured` one."""
+        return Importance(
+            layer_order=stored.layer_order if self.layer_sampling == "nested" else measured.layer_order,
+            expert_order=stored.expert_order if self.expert_sampling == "nested" else measured.expert_order,
+        )
 
     def _sample_layers(self, config: MoEConfig, importance: Importance, depth: int, rng: random.Random) -> list[int]:
         n = config.n_layers

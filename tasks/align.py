@@ -44,7 +44,7 @@ from tasks.align_data import (
 )
 from tasks.chat_format import ChatTokenizer
 from tasks.data import PreparedData, sample_batch
-from tasks.pretrain import short_run_schedule
+from tasks.optim import short_run_schedule
 
 
 class SFTConfig(BaseModel):

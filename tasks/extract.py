@@ -31,7 +31,8 @@ from models.subnet import ElasticSpace, Importance, SubnetSpec
 from registry.models import SUBNET_MODEL, SUPERNET_MODEL, register_checkpoint
 from registry.tracking import RunLogger, git_commit
 from tasks.data import PreparedData, sample_batch
-from tasks.pretrain import evaluate_panel, short_run_schedule
+from tasks.optim import short_run_schedule
+from tasks.pretrain import evaluate_panel
 from tasks.throughput import training_flops
 
 
@@ -75,17 +76,17 @@ class RankingEffect:
 def rank_importance(
     model: ElasticMoE, data: PreparedData, config: ExtractConfig, space: ElasticSpace, seq_len: int
 ) -> tuple[ImportanceScores, RankingEffect]:
-    """Measure importance on calibration batches, store the orders in `model`, and show their effect on the
-    smallest sub-model of the space."""
+    """Measure importance on calibration batches, store the orders in `model` (a nested dimension keeps the order
+    it was trained in), and show their effect on the smallest sub-model of the space."""
     rng = np.random.default_rng(config.seed)
     device = next(model.parameters()).device
     train = data.split("train")
     batches = [
         sample_batch(train, config.batch_size, seq_len, rng).to(device) for _ in range(config.calibration_batches)
     ]
-    scores = measure_importance(model, batches)
+    scores = measure_importance(model, batches, space.expert_ranking)
     identity = Importance.identity(model.config)
-    measured = scores.importance()
+    measured = space.trained_order(model.importance(), scores.importance())
     smallest_identity = space.smallest(model.config, identity)
     smallest_measured = space.smallest(model.config, measured)
     model.set_importance(measured)

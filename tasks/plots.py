@@ -69,3 +69,42 @@ def plot_routing_heatmap(load: Sequence[Sequence[float]], path: Path, title: str
     ax.set_ylabel("MoE layer")
     ax.set_title(title)
     return _write(fig, path)
+
+
+def plot_claim(runs: Sequence[Mapping], path: Path) -> Path:
+    """The train-once claim at a glance (runs as benchmarks/train_once.py stores them): validation loss against
+    training FLOPs. Each member's twin trained alone is a learning curve (seed 0 or the first seed); the family's
+    members (cut from the elastic run and distilled) are points at what the whole family cost, one marker per
+    recipe, averaged over its seeds."""
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    first = min(runs, key=lambda r: r["seed"])
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def curve(points: Sequence, flops: float, label: str, colour: str) -> None:
+        last = max(s for s, _ in points)
+        ax.plot([s / last * flops for s, _ in points], [v for _, v in points], color=colour, label=label, lw=1.4)
+
+    members = list(first["rows"]["members"].items())
+    curve(first["rows"]["full_alone"]["curve"], first["rows"]["full_alone"]["flops"], "full model alone", "black")
+    for i, (label, m) in enumerate(members):
+        curve(m["twin_curve"], m["twin_flops"], f"twin: {m['spec']} ({label})", colours[i % len(colours)])
+    markers = "o^sDvP*X"
+    for j, recipe in enumerate(sorted({r["recipe"] for r in runs})):
+        mine = [r for r in runs if r["recipe"] == recipe]
+        cost = sum(r["rows"]["elastic"]["flops"] + sum(m["distill_flops"] for m in r["rows"]["members"].values())
+                   for r in mine) / len(mine)  # fmt: skip
+        marker = markers[j % len(markers)]
+        full = sum(r["rows"]["elastic"]["val"] for r in mine) / len(mine)
+        ax.scatter([cost], [full], marker=marker, color="black", s=60, zorder=5, label=f"family `{recipe}`")
+        for i, (label, _) in enumerate(members):
+            value = sum(r["rows"]["members"][label]["distilled"] for r in mine) / len(mine)
+            ax.scatter([cost], [value], marker=marker, color=colours[i % len(colours)], s=60, zorder=5,
+                       edgecolors="black")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (log): a twin's own; the whole family's for its points")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"Train once: family members (points) vs the same architectures trained alone (lines), "
+                 f"{first['tokens']:,} tokens", fontsize=10)  # fmt: skip
+    final = [m["twin"] for _, m in members] + [first["rows"]["full_alone"]["val"]]
+    ax.set_ylim(min(final) - 0.15, max(final) + 0.6)
+    return _save(fig, ax, path)

@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,41 +47,12 @@ from registry.models import (
 from registry.tracking import RunLogger, git_commit
 from tasks.chat_format import chat_format_of
 from tasks.data import DataConfig, PreparedData, sample_batch
+from tasks.elastic_sampling import SamplingConfig, StepPlan, elastic_lr_schedule, plan_step
 from tasks.launch import LaunchConfig, run_launched
+from tasks.optim import OptimConfig, build_optimizer
 from tasks.plots import plot_loss_curves, plot_routing_heatmap
 from tasks.throughput import device_peak_flops, training_flops
 from tasks.train_checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-
-
-class SamplingConfig(BaseModel):
-    """Which sub-models train at each step."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    policy: Literal["full", "random", "sandwich"] = Field(
-        "sandwich",
-        description="`full`: only the full model (baseline); `random`: full + one random sub-model (ERNIE 5.0); "
-        "`sandwich`: largest + smallest + n_random random sub-models (BigNAS / Universally Slimmable Networks).",
-    )
-    n_random: int = Field(1, ge=0, le=16, description="Random sub-models per step under `sandwich`.")
-    distill_weight: float = Field(
-        1.0, ge=0, le=100, description="Weight of in-place distillation from the full model (Once-for-All: 1.0)."
-    )
-    distill_temperature: float = Field(1.0, gt=0, le=20, description="Softmax temperature of distillation.")
-
-
-class OptimConfig(BaseModel):
-    """AdamW with linear warm-up and cosine decay, and gradient clipping."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lr: float = Field(3e-3, gt=0, le=1, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
-    warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
-    weight_decay: float = Field(0.1, ge=0, le=1, description="AdamW decoupled weight decay (matrices only).")
-    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
-    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm.")
 
 
 class PretrainConfig(BaseModel):
@@ -211,46 +181,46 @@ class StepLosses:
     routing: list[RoutingStats] = field(default_factory=list)
 
 
-def subnets_for_step(config: PretrainConfig, model: ElasticMoE, rng: random.Random) -> list[SubnetSpec | None]:
-    """The sub-models trained this step; None (the full model) always comes first as the teacher."""
-    space, cfg, importance = config.elastic, model.config, model.importance()
-    policy = config.sampling.policy
-    if policy == "full":
-        return [None]
-    if policy == "random":
-        return [None, space.sample(cfg, importance, rng)]
-    randoms = [space.sample(cfg, importance, rng) for _ in range(config.sampling.n_random)]
-    return [None, space.smallest(cfg, importance), *randoms]
+def plan_for_step(config: PretrainConfig, model: ElasticMoE, step: int) -> StepPlan:
+    """The members `step` trains under the run's elastic recipe (see tasks.elastic_sampling)."""
+    return plan_step(
+        config.sampling, config.elastic, model.config, model.importance(), config.seed, step, config.total_steps()
+    )
 
 
 def elastic_forward_backward(
     model: torch.nn.Module,
     config: PretrainConfig,
     batch: torch.Tensor,
-    specs: list[SubnetSpec | None],
+    plan: StepPlan,
     backward,
 ) -> StepLosses:
-    """Forward and backward of every sampled sub-model on one batch (one graph alive at a time).
+    """Forward and backward of every member of the step's plan on one batch (one graph alive at a time).
 
-    The full model runs first; under `sandwich` the others also distil from its detached logits.
-    Every sub-model adds its own load-balancing loss.
+    The full model runs first with weight 1; every sub-model's loss (its own LM loss times subnet_lm_weight, its
+    load balancing and, under `sandwich`, distillation from the full model's detached logits) is multiplied by
+    the plan's ramp factor.
     """
+    sampling = config.sampling
     losses = StepLosses()
     teacher: DistillationTarget | None = None
-    distill = config.sampling.policy == "sandwich" and config.sampling.distill_weight > 0 and len(specs) > 1
-    for spec in specs:
+    distill = sampling.policy == "sandwich" and sampling.distill_weight > 0 and len(plan.members) > 1
+    for spec in plan.members:
         out = model(batch, subnet=spec)
         lm = causal_lm_loss(out.logits, batch)
-        loss = lm + out.balancing_loss(config.model)
+        balancing = out.balancing_loss(config.model)
         if spec is None:
+            loss = lm + balancing
             losses.full = lm.item()
             losses.aux, losses.z = out.aux_loss.item(), out.z_loss.item()
             if distill:
-                teacher = DistillationTarget.from_logits(out.logits, config.sampling.distill_temperature)
+                teacher = DistillationTarget.from_logits(out.logits, sampling.distill_temperature)
         else:
-            losses.subnets.append(lm.item())
+            loss = sampling.subnet_lm_weight * lm + balancing
             if teacher is not None:
-                loss = loss + config.sampling.distill_weight * distillation_loss(out.logits, teacher)
+                loss = loss + sampling.distill_weight * distillation_loss(out.logits, teacher)
+            loss = plan.subnet_scale * loss
+            losses.subnets.append(lm.item())
         losses.routing.extend(out.routing)
         backward(loss)
     return losses
@@ -273,35 +243,6 @@ def losses_over_processes(accelerator: Accelerator, losses: StepLosses) -> StepL
     local = torch.tensor([losses.full, losses.aux, losses.z, *losses.subnets], device=accelerator.device)
     full, aux, z, *subnets = accelerator.reduce(local, reduction="mean").tolist()
     return StepLosses(full=full, subnets=subnets, aux=aux, z=z, routing=losses.routing)
-
-
-def cosine_with_warmup(optim: OptimConfig, max_steps: int):
-    """Learning-rate multiplier per step: linear warm-up, then cosine decay to min_lr_ratio."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def short_run_schedule(warmup_steps: int, total_steps: int):
-    """The pre-training schedule shape (warm-up, cosine to 10%) for a short fine-tuning run; the warm-up is
-    capped so that it ends before the run does."""
-    return cosine_with_warmup(OptimConfig(warmup_steps=min(warmup_steps, max(0, total_steps - 1))), total_steps)
-
-
-def build_optimizer(model: ElasticMoE, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.lr,
-        betas=(optim.beta1, optim.beta2),
-    )
 
 
 def evaluation_panel(config: PretrainConfig, model: ElasticMoE) -> dict[str, SubnetSpec | None]:
@@ -454,7 +395,7 @@ def run_pretrain(
     history = MetricsHistory(output_dir / "metrics.jsonl", start_step)
 
     total_steps = config.total_steps()
-    lr_factor = cosine_with_warmup(config.optim, total_steps)
+    lr_factor = elastic_lr_schedule(config.optim, config.sampling, total_steps)
     panel = evaluation_panel(config, core)
     eval_shape = (config.batch_size, config.seq_len, config.eval_batches)
     train_tokens, val_tokens = data.split("train"), data.split("val")
@@ -479,7 +420,7 @@ def run_pretrain(
         for group in optimizer.param_groups:
             group["lr"] = config.optim.lr * lr_factor(step)
         # Per-step generators derived from (seed, step): a resumed run draws exactly what it would have.
-        specs = subnets_for_step(config, core, random.Random(config.seed * 1_000_003 + step))
+        plan = plan_for_step(config, core, step)
         routing: list[RoutingStats] = []
         for micro in range(config.grad_accum):
             # Every process draws the same global batch and trains on its rows, so N processes see exactly what
@@ -487,7 +428,7 @@ def run_pretrain(
             rng = np.random.default_rng([config.seed, step, micro, 0])
             batch = sample_batch(train_tokens, config.batch_size, config.seq_len, rng)[rows].to(accelerator.device)
             with accelerator.accumulate(model):
-                losses = elastic_forward_backward(model, config, batch, specs, accelerator.backward)
+                losses = elastic_forward_backward(model, config, batch, plan, accelerator.backward)
                 routing.extend(losses.routing)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
@@ -502,9 +443,9 @@ def run_pretrain(
                 sample_batch(train_tokens, config.batch_size, config.seq_len, rng).to(accelerator.device)
                 for _ in range(config.rerank_batches)
             ]
-            core.set_importance(measure_importance(core, calibration).importance())
+            core.set_importance(measure_importance(core, calibration, config.elastic.expert_ranking).importance())
         window_tokens += tokens_per_step
-        window_flops += training_flops(core.config, specs, config.seq_len, tokens_per_step)
+        window_flops += training_flops(core.config, plan.members, config.seq_len, tokens_per_step)
         done = step + 1
         record: dict = {}
         if done % config.log_interval == 0 or done == total_steps:

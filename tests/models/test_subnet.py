@@ -117,3 +117,17 @@ def test_space_that_does_not_fit_is_rejected(tiny_config: MoEConfig, space: dict
 def test_space_whose_smallest_cannot_route_is_rejected() -> None:
     with pytest.raises(ValidationError, match="smallest top-k 3 exceeds the smallest expert count 2"):
         ElasticSpace(depths=(2,), expert_counts=(2, 4), top_ks=(3,))
+
+
+def test_nested_dimensions_keep_the_order_they_were_trained_in(tiny_config) -> None:
+    from models.subnet import ElasticSpace, Importance
+
+    stored = Importance.identity(tiny_config)
+    measured = Importance(
+        layer_order=(3, 2, 1, 0), expert_order=((),) + tuple(tuple(range(5, -1, -1)) for _ in range(3))
+    )
+    nested = ElasticSpace(depths=(2, 4), expert_counts=(2, 6), expert_sampling="nested").trained_order(stored, measured)
+    assert nested.expert_order == stored.expert_order and nested.layer_order == measured.layer_order
+    both = ElasticSpace(depths=(2, 4), expert_counts=(2, 6), layer_sampling="nested", expert_sampling="nested")
+    assert both.trained_order(stored, measured) == stored
+    assert ElasticSpace(depths=(2, 4), expert_counts=(2, 6)).trained_order(stored, measured) == measured

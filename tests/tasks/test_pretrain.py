@@ -1,18 +1,19 @@
 """Elastic pre-training: config validation before compute, and a short real run that learns."""
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 
+from models.accounting import subnet_cost
 from models.checkpoint import load_model
 from models.moe import ElasticMoE
 from models.subnet import Importance
 from tasks.data import DataConfig, PreparedData, prepare_data
+from tasks.optim import cosine_with_warmup
 from tasks.pipeline_config import load_pipeline_config
-from tasks.pretrain import PretrainConfig, cosine_with_warmup, evaluation_panel, run_pretrain, subnets_for_step
+from tasks.pretrain import PretrainConfig, evaluation_panel, plan_for_step, run_pretrain
 
 
 def _tiny_pretrain(**overrides) -> PretrainConfig:
@@ -45,23 +46,25 @@ def test_pipeline_rejects_vocab_mismatch() -> None:
 
 
 def test_presets_are_valid() -> None:
-    for preset in ("tiny", "small"):
+    for preset in ("tiny", "small", "claim"):
         config = load_pipeline_config(preset)
         assert config.data.vocab_size == config.pretrain.model.vocab_size
-    with pytest.raises(FileNotFoundError, match="available: \\['small', 'tiny'\\]"):
+    claim = load_pipeline_config("claim").pretrain
+    tokens = claim.tokens_per_step() * claim.total_steps()
+    assert tokens >= 20 * subnet_cost(claim.model).active_params  # the compute-optimal regime the claim needs
+    with pytest.raises(FileNotFoundError, match="available: \\['claim', 'small', 'tiny'\\]"):
         load_pipeline_config("huge")
 
 
 def test_sampling_policies(tiny_config) -> None:
     model = ElasticMoE(tiny_config)
     elastic = {"depths": [2, 4], "expert_counts": [2, 6], "top_ks": [1, 2]}
-    rng = random.Random(0)
-    full = subnets_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "full"}), model, rng)
+    full = plan_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "full"}), model, 0).members
     assert full == [None]
-    rand = subnets_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "random"}), model, rng)
+    rand = plan_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "random"}), model, 0).members
     assert rand[0] is None and len(rand) == 2
     config = _tiny_pretrain(elastic=elastic, sampling={"policy": "sandwich", "n_random": 3})
-    sandwich = subnets_for_step(config, model, rng)
+    sandwich = plan_for_step(config, model, 0).members
     assert sandwich[0] is None and len(sandwich) == 5
     assert sandwich[1] == config.elastic.smallest(tiny_config, model.importance())
 
