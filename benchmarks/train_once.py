@@ -95,12 +95,33 @@ RECIPES: dict[str, dict[str, object]] = {
         "pretrain.sampling.elastic_lr": 0.3,
     },
 }
+# Distillation after extraction; combine with a training recipe as `--recipe nested+kl_only` (the elastic run is
+# the cached one of `nested`, only the distillations run again).
+RECIPES.update(
+    {
+        "kl_only": {"extract.ce_weight": 0.0},  # Minitron distils with logit KL alone
+        "kd_t2": {"extract.temperature": 2.0},
+        "distill_lr_low": {"extract.lr": 3.0e-4},  # NVIDIA's guidance: about 1/5 of the pre-training peak
+    }
+)
+# Compute fractions of a twin's training at which distillation also measures the member: the budget curve.
+BUDGET_CURVE = (0.005, 0.01, 0.02, 0.03, 0.04)
 MEMBER_BUDGETS = {
     "ERNIE 5.1 cut": {"total_params_fraction": 0.34, "active_params_fraction": 0.5},
     "active <= 60%": {"active_params_fraction": 0.6},
     "active <= 75%": {"active_params_fraction": 0.75},
     "active <= 90%": {"active_params_fraction": 0.9},
 }
+
+
+def recipe_overrides(name: str) -> dict[str, object]:
+    """The config overrides of a recipe name such as `nested_delayed+kl_only`."""
+    overrides: dict[str, object] = {}
+    for part in name.split("+"):
+        if part not in RECIPES:
+            raise SystemExit(f"--recipe: unknown recipe {part!r}; known: {', '.join(sorted(RECIPES))}")
+        overrides.update(RECIPES[part])
+    return overrides
 
 
 def _use_one_thread() -> None:
@@ -160,8 +181,9 @@ def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: s
     data = PreparedData.load(data_dir)
     student = extract_subnet(teacher, spec)
     cut = val_loss(student, data, extract)
-    result = distill_subnet(student, teacher, data, extract, tokens)
-    return {"cut": cut, "distilled": val_loss(student.eval(), data, extract), "fraction": result.compute_fraction}
+    result = distill_subnet(student, teacher, data, extract, tokens, curve_at=BUDGET_CURVE)
+    return {"cut": cut, "distilled": result.val_loss_after, "fraction": result.compute_fraction,
+            "curve": [(0.0, cut), *result.curve]}  # fmt: skip
 
 
 def elastic_run_flops(config: PretrainConfig) -> float:
@@ -244,6 +266,7 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
             "active": cost.active_params, "twin_flops": twin_flops, "twin_curve": twin["curve"],
             "twin": val_loss(load_model(twin["checkpoint_dir"]).eval(), data, extract),
             "cut": cut["cut"], "distilled": cut["distilled"], "distill_flops": cut["fraction"] * twin_flops,
+            "distill_curve": cut["curve"], "minitron_curve": prune["curve"],
             "minitron_cut": prune["cut"], "minitron": prune["distilled"],
             "minitron_flops": prune["fraction"] * twin_flops,
         }  # fmt: skip
@@ -261,6 +284,15 @@ def _row(name: str, params: int, active: int, flops: float, values: list[float],
     """One table row; `twin` adds the relative gap of the means."""
     gap = "" if twin is None else f"{100 * (statistics.mean(values) / statistics.mean(twin) - 1):+.2f}%"
     return f"| {name} | {params:,} | {active:,} | {flops / 1e12:.3f} | {_stats(values)} | {gap} |"
+
+
+def budget_to_reach(member: dict) -> str | None:
+    """The smallest measured distillation budget (fraction of the twin's compute) at which the cut member's
+    validation loss is at or below its twin's; None for runs stored without a budget curve."""
+    if "distill_curve" not in member:
+        return None
+    reached = [f for f, loss in member["distill_curve"] if loss <= member["twin"]]
+    return f"{min(reached):.1%}" if reached else f"not within {member['distill_curve'][-1][0]:.1%}"
 
 
 def family_costs(run: dict) -> dict[str, float]:
@@ -303,6 +335,10 @@ def report(runs: list[dict]) -> str:
                 _row("(m) pruned from (f)", *size, 0, v["minitron_cut"], v["twin"]),
                 _row("(m) pruned + distilled", *size, m["minitron_flops"], v["minitron"], v["twin"]),
             ]
+            reach = [b for r in mine if (b := budget_to_reach(r["rows"]["members"][label])) is not None]
+            if reach:
+                lines.append(f"| distillation compute at which (c) first reaches (b), per seed: {', '.join(reach)} "
+                             "| | | | | |")  # fmt: skip
         costs = [family_costs(r) for r in mine]
         ratio = statistics.mean(c["family"] / c["separate"] for c in costs)
         minitron = statistics.mean(c["minitron"] / c["separate"] for c in costs)
@@ -318,7 +354,8 @@ def report(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="claim")
-    parser.add_argument("--recipe", action="append", choices=sorted(RECIPES), default=[])
+    parser.add_argument("--recipe", action="append", default=[], help=f"one of {sorted(RECIPES)}, or several "
+                        "joined by '+' (later ones override earlier ones)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every recipe")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "claim", help="arms, results, report")
@@ -331,13 +368,16 @@ def main() -> None:
     if not torch.cuda.is_available():
         _use_one_thread()
     jobs = [(recipe, seed) for recipe in ([] if args.report else (args.recipe or ["random"])) for seed in args.seeds]
-    pipelines = {recipe: load_pipeline_config(args.config, {**RECIPES[recipe], **parse_overrides(args.set)})
+    pipelines = {recipe: load_pipeline_config(args.config, {**recipe_overrides(recipe), **parse_overrides(args.set)})
                  for recipe, _ in jobs}  # fmt: skip
     if jobs:
         data = prepare_data(next(iter(pipelines.values())).data)
-        with ProcessPoolExecutor(workers, initializer=_use_one_thread) as pool, ThreadPoolExecutor(len(jobs)) as runs:
+        with (
+            ProcessPoolExecutor(workers, initializer=_use_one_thread) as pool,
+            ThreadPoolExecutor(len(jobs)) as threads,
+        ):
             arms = Arms(pool, args.cache / args.config, data)
-            futures = {runs.submit(run_seed, pipelines[recipe], recipe, seed, arms): (recipe, seed)
+            futures = {threads.submit(run_seed, pipelines[recipe], recipe, seed, arms): (recipe, seed)
                        for recipe, seed in jobs}  # fmt: skip
             for future in as_completed(futures):
                 recipe, seed = futures[future]

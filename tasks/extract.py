@@ -115,6 +115,8 @@ class DistillResult:
     compute_fraction: float  # distillation FLOPs / from-scratch pre-training FLOPs of this architecture
     val_loss_before: float
     val_loss_after: float
+    # (compute fraction, validation loss) at the fractions asked for with `curve_at`: how the loss falls with budget
+    curve: tuple[tuple[float, float], ...] = ()
 
 
 def distill_subnet(
@@ -123,11 +125,14 @@ def distill_subnet(
     data: PreparedData,
     config: ExtractConfig,
     pretrain_tokens: int,
+    curve_at: tuple[float, ...] = (),
 ) -> DistillResult:
     """Train `student` with KL to `teacher` plus CE for `distill_compute_fraction` of its from-scratch cost.
 
     From-scratch cost = 3 x forward FLOPs x `pretrain_tokens` of the student's architecture; one distillation
-    step costs the student's forward + backward and the teacher's forward on the same batch.
+    step costs the student's forward + backward and the teacher's forward on the same batch. `curve_at` lists
+    compute fractions (within the budget) at which the validation loss is also measured: one run gives the
+    budget curve (under this run's learning-rate schedule, which spans the whole budget).
     """
     device = next(student.parameters()).device
     tokens_per_step = config.batch_size * config.seq_len
@@ -143,7 +148,12 @@ def distill_subnet(
     teacher.eval()
     student.train()
     train = data.split("train")
+    curve_steps = {max(1, round(f * scratch / per_step)): f for f in curve_at if f <= config.distill_compute_fraction}
+    curve: list[tuple[float, float]] = []
     for step in tqdm(range(steps), desc="distill"):
+        if step in curve_steps:
+            curve.append((step * per_step / scratch, student_val_loss(student, data, config)))
+            student.train()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * factor(step)
         batch = sample_batch(train, config.batch_size, config.seq_len, np.random.default_rng([config.seed, step]))
@@ -159,7 +169,7 @@ def distill_subnet(
         optimizer.step()
     student.eval()
     after = student_val_loss(student, data, config)
-    return DistillResult(steps, steps * per_step / scratch, before, after)
+    return DistillResult(steps, steps * per_step / scratch, before, after, (*curve, (steps * per_step / scratch, after)))
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def test_distillation_spends_its_compute_budget_and_trains_the_student(data: Pre
     before = {k: v.clone() for k, v in student.state_dict().items()}
     config = ExtractConfig(distill_compute_fraction=0.06, batch_size=4, seq_len=32, eval_batches=1)
     pretrain_tokens = 50_000
-    result = distill_subnet(student, supernet, data, config, pretrain_tokens)
+    result = distill_subnet(student, supernet, data, config, pretrain_tokens, curve_at=(0.02, 0.04, 0.5))
     tokens = config.batch_size * config.seq_len
     scratch = training_flops(student.config, [None], config.seq_len, pretrain_tokens)
     per_step = (
@@ -67,4 +67,9 @@ def test_distillation_spends_its_compute_budget_and_trains_the_student(data: Pre
     )
     assert result.steps == int(0.06 * scratch // per_step) > 0
     assert 0.06 - per_step / scratch < result.compute_fraction <= 0.06
+    # the budget curve: 2% and 4% (0.5 is beyond the budget), then the end; the last point is the final figure
+    fractions = [f for f, _ in result.curve]
+    assert len(fractions) == 3 and fractions[0] == pytest.approx(0.02, abs=per_step / scratch)
+    assert fractions[1] == pytest.approx(0.04, abs=per_step / scratch) and fractions[2] == result.compute_fraction
+    assert result.curve[-1][1] == result.val_loss_after
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
