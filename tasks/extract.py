@@ -169,7 +169,8 @@ def distill_subnet(
         optimizer.step()
     student.eval()
     after = student_val_loss(student, data, config)
-    return DistillResult(steps, steps * per_step / scratch, before, after, (*curve, (steps * per_step / scratch, after)))
+    spent = steps * per_step / scratch
+    return DistillResult(steps, spent, before, after, (*curve, (spent, after)))
 
 
 @dataclass(frozen=True)

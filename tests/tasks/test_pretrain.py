@@ -46,13 +46,13 @@ def test_pipeline_rejects_vocab_mismatch() -> None:
 
 
 def test_presets_are_valid() -> None:
-    for preset in ("tiny", "small", "claim"):
+    for preset in ("tiny", "small", "claim", "elastify"):
         config = load_pipeline_config(preset)
         assert config.data.vocab_size == config.pretrain.model.vocab_size
     claim = load_pipeline_config("claim").pretrain
     tokens = claim.tokens_per_step() * claim.total_steps()
     assert tokens >= 20 * subnet_cost(claim.model).active_params  # the compute-optimal regime the claim needs
-    with pytest.raises(FileNotFoundError, match="available: \\['claim', 'small', 'tiny'\\]"):
+    with pytest.raises(FileNotFoundError, match="available: \\['claim', 'elastify', 'small', 'tiny'\\]"):
         load_pipeline_config("huge")
 
 
