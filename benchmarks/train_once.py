@@ -86,6 +86,30 @@ RECIPES: dict[str, dict[str, object]] = {
         "pretrain.sampling.subnet_lm_weight": 0.5,
         "pretrain.sampling.size_skew": 1.0,
     },
+    # the full model protected: sub-model losses (LM and in-place distillation) at 0.3 of the full model's, from step
+    # 0 or after a delayed start (with Adam, equal weights leave the full model a third of each shared update)
+    "nested_light": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.subnet_lm_weight": 0.3,
+        "pretrain.sampling.distill_weight": 0.3,
+    },
+    "nested_delayed_light": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.ramp": 0.1,
+        "pretrain.sampling.subnet_lm_weight": 0.3,
+        "pretrain.sampling.distill_weight": 0.3,
+    },
+    # gradient surgery for the full model (NASViT): the sub-models' conflicting gradient components are removed
+    "nested_delayed_surgery": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.ramp": 0.1,
+        "pretrain.sampling.project_conflicts": True,
+    },
     # elastify a trained parent: the full model alone for 90% of the tokens, then a 10% elastic phase with its own
     # learning-rate schedule (Flextron: 7.63%)
     "elastify": {
@@ -136,6 +160,8 @@ def _key(*parts: object) -> str:
 def train_arm(pretrain_json: str, data_dir: str, output_dir: str) -> dict:
     """One pre-training run (resumed, or read back when finished): its checkpoint and learning curve."""
     config = PretrainConfig.model_validate_json(pretrain_json)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "pretrain.json").write_text(config.model_dump_json(indent=1))  # what this arm is
     result = run_pretrain(config, PreparedData.load(data_dir), output_dir)
     curve = [
         (r["step"], r["val_loss/full"])

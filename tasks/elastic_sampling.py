@@ -89,6 +89,12 @@ class SamplingConfig(BaseModel):
         description="Random sub-models draw each dimension's i-th smallest value with probability proportional "
         "to (i + 1)^size_skew: 0 is uniform, larger favours bigger members (Nemotron Elastic's second stage).",
     )
+    project_conflicts: bool = Field(
+        False,
+        description="Gradient surgery in favour of the full model (NASViT): per weight tensor, the part of the "
+        "sub-models' gradient that points against the full model's is removed, so they never undo its step. "
+        "One process only.",
+    )
     elastic_lr: float | None = Field(
         None,
         gt=0,

@@ -205,6 +205,10 @@ def elastic_forward_backward(
     losses = StepLosses()
     teacher: DistillationTarget | None = None
     distill = sampling.policy == "sandwich" and sampling.distill_weight > 0 and len(plan.members) > 1
+    surgery = sampling.project_conflicts and len(plan.members) > 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    earlier = take_grads(params) if surgery else []  # earlier micro-batches' gradients, kept aside
+    full_grads: list[torch.Tensor | None] = []
     for spec in plan.members:
         out = model(batch, subnet=spec)
         lm = causal_lm_loss(out.logits, batch)
@@ -223,7 +227,38 @@ def elastic_forward_backward(
             losses.subnets.append(lm.item())
         losses.routing.extend(out.routing)
         backward(loss)
+        if surgery and spec is None:
+            full_grads = take_grads(params)
+    if surgery:
+        for param, before, full in zip(params, earlier, full_grads, strict=True):
+            param.grad = sum_grads(before, full, project_conflict(param.grad, full))
     return losses
+
+
+def take_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    """The parameters' gradients, which are then cleared so the next backward writes only its own."""
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def project_conflict(grad: torch.Tensor | None, reference: torch.Tensor | None) -> torch.Tensor | None:
+    """`grad` without its component along `reference` when the two point against each other (PCGrad / NASViT)."""
+    if grad is None or reference is None:
+        return grad
+    dot = (grad * reference).sum()
+    if dot >= 0:
+        return grad
+    return grad - dot / reference.pow(2).sum().clamp(min=1e-30) * reference
+
+
+def sum_grads(*grads: torch.Tensor | None) -> torch.Tensor | None:
+    total = None
+    for grad in grads:
+        if grad is not None:
+            total = grad if total is None else total + grad
+    return total
 
 
 def mean_over_processes(accelerator: Accelerator, routing: list[RoutingStats]) -> list[RoutingStats]:
@@ -375,6 +410,8 @@ def run_pretrain(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     rows = config.rows_of_process(accelerator.num_processes, accelerator.process_index)
+    if config.sampling.project_conflicts and accelerator.num_processes > 1:
+        raise ValueError("pretrain.sampling.project_conflicts needs one process: it edits gradients between backwards")
     set_seed(config.seed)
     model = ElasticMoE(config.model)
     if init_from is not None:
@@ -415,7 +452,7 @@ def run_pretrain(
     )
     model.train()
     window_start, window_flops, window_tokens = time.perf_counter(), 0.0, 0
-    losses, val_loss, tokens_per_second, mfu = StepLosses(), {}, 0.0, 0.0
+    losses, val_loss, tokens_per_second, mfu, grad_norm = StepLosses(), {}, 0.0, 0.0, 0.0
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = config.optim.lr * lr_factor(step)
@@ -431,7 +468,7 @@ def run_pretrain(
                 losses = elastic_forward_backward(model, config, batch, plan, accelerator.backward)
                 routing.extend(losses.routing)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if core.config.load_balancing == "bias":
@@ -460,6 +497,7 @@ def run_pretrain(
                     "train/z_loss": losses.z,
                     "train/routing_entropy": routing_entropy([r for r in routing if r.kept.all()]),
                     "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/grad_norm": grad_norm,  # before clipping: above optim.grad_clip, the step was scaled down
                     "perf/tokens_per_second": tokens_per_second,
                     "perf/mfu": mfu,
                 }
