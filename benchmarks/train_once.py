@@ -414,7 +414,8 @@ def main() -> None:
     if not runs:
         return
     table = report(runs)
-    png = plot_claim(runs, args.cache / args.config / "claim.png")
+    pngs = [plot_claim(runs, recipe, args.cache / args.config / f"claim-{recipe}.png")
+            for recipe in sorted({r["recipe"] for r in runs})]  # fmt: skip
     (args.cache / args.config / "report.md").write_text(table)
     logger = RunLogger(args.cache / args.config, run_name="train-once-claim", tags={"benchmark": "train_once"})
     for run in runs:
@@ -428,13 +429,14 @@ def main() -> None:
             for key in ("twin", "cut", "distilled", "minitron"):
                 metrics[f"{prefix}{name}/{key}"] = m[key]
         logger.log_metrics(metrics, step=0)
-    logger.log_artifact(png, "plots")
+    for png in pngs:
+        logger.log_artifact(png, "plots")
     logger.log_artifact(args.cache / args.config / "report.md", "report")
     logger.finish()
     print(f"\n{args.config}: validation loss in nats/token on the held-out split; command: "
           f"{' '.join(['benchmarks/train_once.py', *sys.argv[1:]])}\n")  # fmt: skip
     print(table)
-    print(f"\nPNG: {png}")
+    print("\nPNG: " + ", ".join(str(p) for p in pngs))
 
 
 if __name__ == "__main__":

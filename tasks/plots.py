@@ -71,40 +71,47 @@ def plot_routing_heatmap(load: Sequence[Sequence[float]], path: Path, title: str
     return _write(fig, path)
 
 
-def plot_claim(runs: Sequence[Mapping], path: Path) -> Path:
-    """The train-once claim at a glance (runs as benchmarks/train_once.py stores them): validation loss against
-    training FLOPs. Each member's twin trained alone is a learning curve (seed 0 or the first seed); the family's
-    members (cut from the elastic run and distilled) are points at what the whole family cost, one marker per
-    recipe, averaged over its seeds."""
+def plot_claim(runs: Sequence[Mapping], recipe: str, path: Path) -> Path:
+    """The train-once claim for one recipe at a glance (runs as benchmarks/train_once.py stores them): validation
+    loss against training FLOPs. The full model and each member's twin trained alone are learning curves (the first
+    seed's, ending at the mean over seeds); the family cut from the elastic run and distilled is a column of points at
+    what the whole family cost; a dashed line marks what training the five models separately costs."""
+    mine = sorted((r for r in runs if r["recipe"] == recipe), key=lambda r: r["seed"])
+    first, n = mine[0], len(mine)
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
-    first = min(runs, key=lambda r: r["seed"])
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    def curve(points: Sequence, flops: float, label: str, colour: str) -> None:
-        last = max(s for s, _ in points)
-        ax.plot([s / last * flops for s, _ in points], [v for _, v in points], color=colour, label=label, lw=1.4)
+    def mean(get) -> float:
+        return sum(get(r) for r in mine) / n
 
+    def curve(points: Sequence, flops: float, final: float, label: str, colour: str) -> None:
+        last = max(s for s, _ in points)
+        xs = [s / last * flops for s, _ in points]
+        ys = [v for _, v in points][:-1] + [final]  # the in-run validation, ending at the benchmark's figure
+        ax.plot(xs, ys, color=colour, label=label, lw=1.4)
+        ax.hlines(final, flops, family_cost, color=colour, linestyle=":", lw=1)  # carried over to the family's column
+
+    family_cost = mean(
+        lambda r: r["rows"]["elastic"]["flops"] + sum(m["distill_flops"] for m in r["rows"]["members"].values())
+    )
+    full = first["rows"]["full_alone"]
+    curve(full["curve"], full["flops"], mean(lambda r: r["rows"]["full_alone"]["val"]), "full model alone", "black")
     members = list(first["rows"]["members"].items())
-    curve(first["rows"]["full_alone"]["curve"], first["rows"]["full_alone"]["flops"], "full model alone", "black")
     for i, (label, m) in enumerate(members):
-        curve(m["twin_curve"], m["twin_flops"], f"twin: {m['spec']} ({label})", colours[i % len(colours)])
-    markers = "o^sDvP*X"
-    for j, recipe in enumerate(sorted({r["recipe"] for r in runs})):
-        mine = [r for r in runs if r["recipe"] == recipe]
-        cost = sum(r["rows"]["elastic"]["flops"] + sum(m["distill_flops"] for m in r["rows"]["members"].values())
-                   for r in mine) / len(mine)  # fmt: skip
-        marker = markers[j % len(markers)]
-        full = sum(r["rows"]["elastic"]["val"] for r in mine) / len(mine)
-        ax.scatter([cost], [full], marker=marker, color="black", s=60, zorder=5, label=f"family `{recipe}`")
-        for i, (label, _) in enumerate(members):
-            value = sum(r["rows"]["members"][label]["distilled"] for r in mine) / len(mine)
-            ax.scatter([cost], [value], marker=marker, color=colours[i % len(colours)], s=60, zorder=5,
-                       edgecolors="black")  # fmt: skip
+        twin = mean(lambda r, label=label: r["rows"]["members"][label]["twin"])
+        curve(m["twin_curve"], m["twin_flops"], twin, f"{m['spec']} alone ({label})", colours[i % len(colours)])
+    separate = full["flops"] + sum(m["twin_flops"] for _, m in members)
+    ax.scatter([family_cost], [mean(lambda r: r["rows"]["elastic"]["val"])], color="black", s=70, zorder=5,
+               label=f"family `{recipe}`: full model and members (cut + distilled)")  # fmt: skip
+    for i, (label, _) in enumerate(members):
+        value = mean(lambda r, label=label: r["rows"]["members"][label]["distilled"])
+        ax.scatter([family_cost], [value], color=colours[i % len(colours)], s=70, zorder=5, edgecolors="black")
+    ax.axvline(separate, color="0.5", linestyle="--", lw=1, label="cost of training the five separately")
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (log): a twin's own; the whole family's for its points")
+    ax.set_xlabel("training FLOPs (log): each model's own; the whole family's for the points")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Train once: family members (points) vs the same architectures trained alone (lines), "
-                 f"{first['tokens']:,} tokens", fontsize=10)  # fmt: skip
-    final = [m["twin"] for _, m in members] + [first["rows"]["full_alone"]["val"]]
-    ax.set_ylim(min(final) - 0.15, max(final) + 0.6)
+    ax.set_title(f"Train once (`{recipe}`, {n} seed{'s' if n > 1 else ''}, {first['tokens']:,} tokens): the family "
+                 "cut from one run vs each model trained alone", fontsize=10)  # fmt: skip
+    finals = [m["twin"] for _, m in members] + [full["val"]]
+    ax.set_ylim(min(finals) - 0.15, max(finals) + 0.5)
     return _save(fig, ax, path)
