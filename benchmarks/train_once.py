@@ -52,7 +52,23 @@ from tasks.pretrain import PretrainConfig, evaluate_panel, run_pretrain  # noqa:
 from tasks.search import SearchConfig, run_search  # noqa: E402
 from tasks.throughput import training_flops  # noqa: E402
 
-# Each recipe is a set of config overrides (KEY=VALUE as --set takes them): no code forks.
+# Each recipe is a set of config overrides (KEY=VALUE as --set takes them): no code forks. Every recipe starts from
+# NEUTRAL, so that it means the same whatever the preset's own recipe is.
+NEUTRAL: dict[str, object] = {
+    "pretrain.elastic.layer_sampling": "random",
+    "pretrain.elastic.expert_sampling": "random",
+    "pretrain.elastic.expert_ranking": "routing_mass",
+    "pretrain.rerank_interval": None,
+    "pretrain.sampling.policy": "sandwich",
+    "pretrain.sampling.distill_weight": 1.0,
+    "pretrain.sampling.subnet_lm_weight": 1.0,
+    "pretrain.sampling.elastic_start": 0.0,
+    "pretrain.sampling.ramp": 0.0,
+    "pretrain.sampling.dimension_order": "together",
+    "pretrain.sampling.size_skew": 0.0,
+    "pretrain.sampling.project_conflicts": False,
+    "pretrain.sampling.elastic_lr": None,
+}
 RECIPES: dict[str, dict[str, object]] = {
     # what the presets did before the claim was measured: random layers and experts from step 0, equal weights
     "random": {},
@@ -140,7 +156,7 @@ MEMBER_BUDGETS = {
 
 def recipe_overrides(name: str) -> dict[str, object]:
     """The config overrides of a recipe name such as `nested_delayed+kl_only`."""
-    overrides: dict[str, object] = {}
+    overrides: dict[str, object] = dict(NEUTRAL)
     for part in name.split("+"):
         if part not in RECIPES:
             raise SystemExit(f"--recipe: unknown recipe {part!r}; known: {', '.join(sorted(RECIPES))}")
