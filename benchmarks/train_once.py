@@ -1,8 +1,8 @@
 """The train-once claim, measured: a family cut from one elastic run vs its members trained alone.
 
-    .venv/bin/python benchmarks/train_once.py --config claim --recipe nested --seeds 0 1 2   # CPU, 2 arms at a time
-    .venv/bin/python benchmarks/train_once.py --config small --recipe nested --seeds 0        # one GPU, arms in turn
-    .venv/bin/python benchmarks/train_once.py --config claim --report                       # table + PNG of all runs
+    .venv/bin/python benchmarks/train_once.py --config claim --recipe nested_delayed --seeds 0 1 2  # CPU, 2 arms at once
+    .venv/bin/python benchmarks/train_once.py --config small --recipe nested_delayed --seeds 0     # one GPU, in turn
+    .venv/bin/python benchmarks/train_once.py --config claim --report --results docs/claim-results  # stored runs
 
 Rows, every model trained on the same number of tokens of the same data, every figure the validation loss
 (nats/token) on the same 65,536 held-out tokens:
@@ -403,8 +403,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "claim", help="arms, results, report")
     parser.add_argument("--workers", type=int, default=None, help="parallel arms (default: 2 on CPU, 1 on GPU)")
     parser.add_argument("--report", action="store_true", help="only print the table and write the PNG")
+    parser.add_argument("--results", type=Path, default=None, help="per-seed JSON (default: CACHE/CONFIG/results)")
     args = parser.parse_args()
-    results = args.cache / args.config / "results"
+    results = args.results or args.cache / args.config / "results"
     results.mkdir(parents=True, exist_ok=True)
     workers = args.workers or (1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))
     if not torch.cuda.is_available():
