@@ -1,7 +1,7 @@
 """The train-once claim, measured: a family cut from one elastic run vs its members trained alone.
 
-    .venv/bin/python benchmarks/train_once.py --config claim --recipe nested_delayed --seeds 0 1 2  # CPU, 2 arms at once
-    .venv/bin/python benchmarks/train_once.py --config small --recipe nested_delayed --seeds 0     # one GPU, in turn
+    .venv/bin/python benchmarks/train_once.py --config claim --recipe nested_delayed --seeds 0 1 2  # CPU, 2 at once
+    .venv/bin/python benchmarks/train_once.py --config small --recipe nested_delayed --seeds 0      # one GPU
     .venv/bin/python benchmarks/train_once.py --config claim --report --results docs/claim-results  # stored runs
 
 Rows, every model trained on the same number of tokens of the same data, every figure the validation loss
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -154,6 +155,9 @@ MEMBER_BUDGETS = {
 }
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def recipe_overrides(name: str) -> dict[str, object]:
     """The config overrides of a recipe name such as `nested_delayed+kl_only`."""
     overrides: dict[str, object] = dict(NEUTRAL)
@@ -217,7 +221,7 @@ def val_loss(model: ElasticMoE, data: PreparedData, extract: ExtractConfig, spec
 
 def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: str, tokens: int) -> dict:
     """Cut `spec` from the teacher, then distil it from the teacher (tasks.extract) for its share of `tokens`."""
-    teacher = load_model(teacher_dir).eval()
+    teacher = load_model(teacher_dir, DEVICE).eval()
     spec = SubnetSpec.model_validate_json(spec_json)
     extract = ExtractConfig.model_validate_json(extract_json)
     data = PreparedData.load(data_dir)
@@ -260,12 +264,12 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
     tokens = pretrain.tokens_per_step() * pretrain.total_steps()
     elastic_future, full_future = arms.train(pretrain), arms.train(alone(pretrain, pretrain.model))
     elastic = elastic_future.result()
-    supernet = load_model(elastic["checkpoint_dir"]).eval()
+    supernet = load_model(elastic["checkpoint_dir"], DEVICE).eval()
     rank_importance(supernet, data, extract, pretrain.elastic, pipeline.search.seq_len)  # nested orders are kept
 
     def objective(spec: SubnetSpec) -> float:
         shape = (pipeline.search.eval_batch_size, pipeline.search.seq_len, pipeline.search.eval_batches)
-        return evaluate_panel(supernet, {"s": spec}, data.split("val"), *shape, torch.device("cpu"))["s"]
+        return evaluate_panel(supernet, {"s": spec}, data.split("val"), *shape, DEVICE)["s"]
 
     members: dict[str, SubnetSpec] = {}
     for label, budget in MEMBER_BUDGETS.items():
@@ -278,7 +282,7 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
     }
     cuts = {label: arms.distill(elastic["checkpoint_dir"], spec, extract, tokens) for label, spec in members.items()}
     full_dir = full_future.result()
-    parent = load_model(full_dir["checkpoint_dir"]).eval()
+    parent = load_model(full_dir["checkpoint_dir"], DEVICE).eval()
     # Minitron ranks the trained parent's own layers and experts (no nesting to respect)
     unnested = pretrain.elastic.model_copy(update={"layer_sampling": "random", "expert_sampling": "random"})
     rank_importance(parent, data, extract, unnested, pipeline.search.seq_len)
@@ -306,7 +310,7 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
         rows["members"][label] = {
             "spec": spec.describe(), "layers": list(spec.layers), "params": cost.total_params,
             "active": cost.active_params, "twin_flops": twin_flops, "twin_curve": twin["curve"],
-            "twin": val_loss(load_model(twin["checkpoint_dir"]).eval(), data, extract),
+            "twin": val_loss(load_model(twin["checkpoint_dir"], DEVICE).eval(), data, extract),
             "cut": cut["cut"], "distilled": cut["distilled"], "distill_flops": cut["fraction"] * twin_flops,
             "distill_curve": cut["curve"], "minitron_curve": prune["curve"],
             "minitron_cut": prune["cut"], "minitron": prune["distilled"],
@@ -415,8 +419,9 @@ def main() -> None:
                  for recipe, _ in jobs}  # fmt: skip
     if jobs:
         data = prepare_data(next(iter(pipelines.values())).data)
+        spawn = multiprocessing.get_context("spawn")  # a forked worker cannot use CUDA once the parent has
         with (
-            ProcessPoolExecutor(workers, initializer=_use_one_thread) as pool,
+            ProcessPoolExecutor(workers, spawn, initializer=_use_one_thread) as pool,
             ThreadPoolExecutor(len(jobs)) as threads,
         ):
             arms = Arms(pool, args.cache / args.config, data)
