@@ -27,6 +27,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import threading
@@ -69,6 +70,7 @@ NEUTRAL: dict[str, object] = {
     "pretrain.sampling.size_skew": 0.0,
     "pretrain.sampling.project_conflicts": False,
     "pretrain.sampling.elastic_lr": None,
+    "extract.lr": 1.0e-3,  # the distillation learning rate before the claim was measured
 }
 RECIPES: dict[str, dict[str, object]] = {
     # what the presets did before the claim was measured: random layers and experts from step 0, equal weights
@@ -442,12 +444,12 @@ def main() -> None:
     logger = RunLogger(args.cache / args.config, run_name="train-once-claim", tags={"benchmark": "train_once"})
     for run in runs:
         costs = family_costs(run)
-        prefix = f"{run['recipe']}/seed{run['seed']}/"
+        prefix = re.sub(r"[^\w\-. :/]", "_", f"{run['recipe']}/seed{run['seed']}/")  # MLflow's metric-name rules
         metrics = {prefix + "elastic_full": run["rows"]["elastic"]["val"],
                    prefix + "full_alone": run["rows"]["full_alone"]["val"],
                    prefix + "family_cost_ratio": costs["family"] / costs["separate"]}  # fmt: skip
         for label, m in run["rows"]["members"].items():
-            name = label.replace(" ", "_").replace("<=", "le").replace("%", "pct").replace(".", "_")
+            name = re.sub(r"[^\w\-.]", "_", label.replace("<=", "le").replace("%", "pct"))
             for key in ("twin", "cut", "distilled", "minitron"):
                 metrics[f"{prefix}{name}/{key}"] = m[key]
         logger.log_metrics(metrics, step=0)
