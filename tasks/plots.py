@@ -110,8 +110,8 @@ def plot_claim(runs: Sequence[Mapping], recipe: str, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (log): each model's own; the whole family's for the points")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Train once (`{recipe}`, {n} seed{'s' if n > 1 else ''}, {first['tokens']:,} tokens): the family "
-                 "cut from one run vs each model trained alone", fontsize=10)  # fmt: skip
+    ax.set_title(f"Train once: the family cut from one run vs each model trained alone\n`{recipe}`, {n} "
+                 f"seed{'s' if n > 1 else ''}, {first['tokens']:,} tokens each", fontsize=10)  # fmt: skip
     finals = [m["twin"] for _, m in members] + [full["val"]]
     ax.set_ylim(min(finals) - 0.15, max(finals) + 0.5)
     return _save(fig, ax, path)
