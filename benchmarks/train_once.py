@@ -42,12 +42,11 @@ sys.path.insert(0, str(ROOT))
 from models.accounting import subnet_cost  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from models.extract import extract_subnet, subnet_config  # noqa: E402
-from models.moe import ElasticMoE  # noqa: E402
 from models.subnet import ElasticSpace, Importance, SubnetSpec  # noqa: E402
 from registry.tracking import RunLogger  # noqa: E402
 from tasks.data import PreparedData, prepare_data  # noqa: E402
 from tasks.elastic_sampling import SamplingConfig, plan_step  # noqa: E402
-from tasks.extract import ExtractConfig, distill_subnet, rank_importance  # noqa: E402
+from tasks.extract import ExtractConfig, distill_subnet, rank_importance, student_val_loss  # noqa: E402
 from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides  # noqa: E402
 from tasks.plots import plot_claim  # noqa: E402
 from tasks.pretrain import PretrainConfig, evaluate_panel, run_pretrain  # noqa: E402
@@ -215,12 +214,6 @@ class Arms:
         return self.pool.submit(distill_arm, *args)
 
 
-def val_loss(model: ElasticMoE, data: PreparedData, extract: ExtractConfig, spec: SubnetSpec | None = None) -> float:
-    """The one validation figure every row is compared on: extract.eval_batches fixed batches."""
-    shape = (extract.batch_size, extract.seq_len, extract.eval_batches, next(model.parameters()).device)
-    return evaluate_panel(model, {"m": spec}, data.split("val"), *shape)["m"]
-
-
 def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: str, tokens: int) -> dict:
     """Cut `spec` from the teacher, then distil it from the teacher (tasks.extract) for its share of `tokens`."""
     teacher = load_model(teacher_dir, DEVICE).eval()
@@ -228,8 +221,8 @@ def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: s
     extract = ExtractConfig.model_validate_json(extract_json)
     data = PreparedData.load(data_dir)
     student = extract_subnet(teacher, spec)
-    cut = val_loss(student, data, extract)
     result = distill_subnet(student, teacher, data, extract, tokens, curve_at=BUDGET_CURVE)
+    cut = result.val_loss_before  # measured by student_val_loss, like every other row
     return {"cut": cut, "distilled": result.val_loss_after, "fraction": result.compute_fraction,
             "curve": [(0.0, cut), *result.curve]}  # fmt: skip
 
@@ -298,9 +291,9 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
         training_flops(pretrain.model, [None], pretrain.seq_len, tokens),
     )
     rows = {
-        "elastic": {"flops": elastic_run_flops(pretrain), "val": val_loss(supernet, data, extract),
+        "elastic": {"flops": elastic_run_flops(pretrain), "val": student_val_loss(supernet, data, extract),
                     "curve": elastic["curve"], "params": full_cost.total_params, "active": full_cost.active_params},
-        "full_alone": {"flops": full_flops, "val": val_loss(parent, data, extract), "curve": full_dir["curve"],
+        "full_alone": {"flops": full_flops, "val": student_val_loss(parent, data, extract), "curve": full_dir["curve"],
                        "params": full_cost.total_params, "active": full_cost.active_params},
         "members": {},
     }  # fmt: skip
@@ -312,7 +305,7 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
         rows["members"][label] = {
             "spec": spec.describe(), "layers": list(spec.layers), "params": cost.total_params,
             "active": cost.active_params, "twin_flops": twin_flops, "twin_curve": twin["curve"],
-            "twin": val_loss(load_model(twin["checkpoint_dir"], DEVICE).eval(), data, extract),
+            "twin": student_val_loss(load_model(twin["checkpoint_dir"], DEVICE).eval(), data, extract),
             "cut": cut["cut"], "distilled": cut["distilled"], "distill_flops": cut["fraction"] * twin_flops,
             "distill_curve": cut["curve"], "minitron_curve": prune["curve"],
             "minitron_cut": prune["cut"], "minitron": prune["distilled"],
