@@ -39,13 +39,16 @@ PREFECT_ENV := PREFECT_HOME=$(CURDIR)/runs/prefect PREFECT_SERVER_ANALYTICS_ENAB
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api MLFLOW_DISABLE_TELEMETRY=true
 
 prefect-server: setup
+	mkdir -p runs/prefect  # PREFECT_HOME: Prefect cannot create its database in a folder that does not exist
 	$(PREFECT_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 prefect-pool: setup
+	mkdir -p runs/prefect
 	$(PREFECT_ENV) $(VENV)/bin/prefect work-pool create local --type process --overwrite
 
 prefect-deploy: prefect-pool
 	TRAINONCE_REPO=$(CURDIR) $(PREFECT_ENV) $(VENV)/bin/prefect --no-prompt deploy --all
 
 prefect-worker: setup
+	mkdir -p runs/prefect
 	$(PREFECT_ENV) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/prefect worker start --pool local

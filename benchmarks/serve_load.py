@@ -18,8 +18,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
+
+from flows.readiness import http_ok, wait_until_ready
 
 PROMPTS = ["Repeat: king queen crown", "Reverse: one two three", "Sort: pear apple fig", "What is 12 + 30?",
            "Copy: to be or not to be"]  # fmt: skip
@@ -36,15 +37,8 @@ def start_server(workdir: str, threads: int) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            httpx.get(f"{url}/health", timeout=1).raise_for_status()
-            return process, url
-        except httpx.HTTPError:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with {process.returncode}") from None
-            time.sleep(0.3)
-    raise SystemExit("server did not become healthy in 90 s")
+    wait_until_ready(http_ok(f"{url}/health"), f"the server at {url}", process)
+    return process, url
 
 
 def main() -> None:

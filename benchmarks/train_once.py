@@ -120,6 +120,22 @@ RECIPES: dict[str, dict[str, object]] = {
         "pretrain.sampling.subnet_lm_weight": 0.3,
         "pretrain.sampling.distill_weight": 0.3,
     },
+    # a later start (the last quarter elastic), with equal or light sub-model weights: how much elastic training do
+    # the members need, and how much does the full model recover?
+    "nested_late": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.75,
+        "pretrain.sampling.ramp": 0.1,
+    },
+    "nested_late_light": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.75,
+        "pretrain.sampling.ramp": 0.1,
+        "pretrain.sampling.subnet_lm_weight": 0.3,
+        "pretrain.sampling.distill_weight": 0.3,
+    },
     # gradient surgery for the full model (NASViT): the sub-models' conflicting gradient components are removed
     "nested_delayed_surgery": {
         "pretrain.elastic.layer_sampling": "nested",

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -74,14 +76,33 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(json.dumps({"config": _load(args).model_dump(mode="json"), "workdir": args.workdir}))
 
 
+# Prefect's temporary server migrates a fresh SQLite database before it answers; its start-up budget (20 s by
+# default) is not met on a busy machine. Ten minutes is a deadline for a server that will not start, not a wait.
+EPHEMERAL_STARTUP_SECONDS = 600
+
+
+@contextmanager
+def local_prefect_settings(workdir: Path) -> Iterator[None]:
+    """Prefect's home (its database) in the workdir, no analytics, a start-up budget for a loaded machine; a value
+    the user set in the environment or a profile wins. Prefect reads its environment once, when it is imported (our
+    stages import it), so setting os.environ here would be ignored: this enters a settings context instead."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    (workdir / ".prefect").mkdir(parents=True, exist_ok=True)
+    defaults = {PREFECT_HOME: workdir / ".prefect", PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_SECONDS}  # fmt: skip
+    with temporary_settings(set_defaults=defaults):
+        yield
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """Run the Prefect pipeline flow in-process (Prefect's temporary local server when none is set)."""
     workdir = Path(args.workdir).resolve()
-    (workdir / ".prefect").mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server migrates a fresh SQLite database on first use: 20 s (the default) is too tight.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     config = _load(args)  # validated before Prefect or any compute starts
     from registry.tracking import check_artifact_store
@@ -92,7 +113,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         raise SystemExit(f"cannot run the pipeline: {error}") from error
     from flows.pipeline import pipeline
 
-    result = pipeline(config=config, workdir=str(workdir))
+    with local_prefect_settings(workdir):
+        result = pipeline(config=config, workdir=str(workdir))
     pretrained = result["pretrain"]
     if pretrained["run_id"] is None:
         print(f"supernet {pretrained['model_uri']} (init_from {config.init_from}, no continued pre-training)")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from flows.readiness import http_ok, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,15 +55,7 @@ def local_prefect(home: Path, scheduler_seconds: int = 60) -> Iterator[dict[str,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     worker = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).raise_for_status()
-                break
-            except httpx.HTTPError as error:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the Prefect server did not become healthy") from error
-                time.sleep(0.5)
+        wait_until_ready(http_ok(f"http://127.0.0.1:{port}/api/health"), "the Prefect server", server)
         for command in (["work-pool", "create", "local", "--type", "process", "--overwrite"],
                         ["--no-prompt", "deploy", "--all"]):  # fmt: skip
             done = subprocess.run([prefect, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)

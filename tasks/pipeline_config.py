@@ -34,9 +34,20 @@ def _default(section: str):  # noqa: ANN202 - the section's own config type
     return field.annotation.model_validate(_default_sections().get(section, {}))  # type: ignore[union-attr]
 
 
+def merge_sections(base: dict, changes: dict) -> dict:
+    """`changes` over `base`, field by field: a nested section merges with the base's, any other value (a list
+    too) replaces it. A section that sets one field keeps the base's other fields instead of code defaults."""
+    merged = dict(base)
+    for key, value in changes.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = merge_sections(base[key], value) if nested else value
+    return merged
+
+
 class PipelineConfig(BaseModel):
-    """All stages' settings; every field is validated before any compute starts. Unset sections (and a
-    config with none) take their values from configs/tiny.yaml."""
+    """All stages' settings; every field is validated before any compute starts. What a config leaves unset, a
+    whole section or one field of it, takes its value from configs/tiny.yaml (a preset file can name another base
+    with `base:`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +79,12 @@ class PipelineConfig(BaseModel):
     init_steps: int = Field(
         0, ge=0, le=10_000_000, description="Elastic continued pre-training steps after init_from (0: none)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_the_default_preset(cls, data: object) -> object:
+        """Deployment parameters and `model_validate` get the same field-by-field merge as a YAML file."""
+        return merge_sections(_default_sections(), data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _vocab_matches(self) -> PipelineConfig:
@@ -123,9 +140,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
+def read_preset(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A preset's fields merged over its `base:` preset's (recursively), without the `base` key."""
+    path = preset_path(name_or_path).resolve()
+    if path in seen:
+        raise ValueError(f"base: presets form a cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config file is a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    return merge_sections(read_preset(base, (*seen, path)), raw) if base else raw
+
+
 def load_pipeline_config(name_or_path: str | Path, overrides: dict | None = None) -> PipelineConfig:
     """Validate a YAML preset (plus optional nested overrides) into a PipelineConfig."""
-    raw = yaml.safe_load(preset_path(name_or_path).read_text()) or {}
+    raw = read_preset(name_or_path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ import boto3
 import numpy as np
 import pytest
 import torch
-from botocore.exceptions import BotoCoreError, ClientError
 
+from flows.readiness import wait_until_ready
 from models.config import MoEConfig
 from models.moe import ElasticMoE
 from tasks.data import DataConfig, PreparedData, builtin_shakespeare_files, prepare_data
@@ -262,15 +261,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     log = open(folder / "weed.log", "w")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     server = S3Server(f"http://127.0.0.1:{base}", admin, pipeline)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            server.client().list_buckets()
-            break
-        except (BotoCoreError, ClientError):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"SeaweedFS did not start:\n{(folder / 'weed.log').read_text()[-3000:]}") from None
-            time.sleep(0.3)
+    wait_until_ready(lambda: server.client().list_buckets(), "SeaweedFS", process,
+                     log=lambda: (folder / "weed.log").read_text()[-3000:])  # fmt: skip
     yield server
     process.terminate()
     try:

@@ -36,3 +36,26 @@ def test_info_prints_the_family_accounting(capsys: pytest.CaptureFixture[str]) -
 def test_bad_override_fails_naming_the_field() -> None:
     with pytest.raises(SystemExit, match=r"top_k=99 must be <= the experts of layer 0 \(16\)"):
         main(["info", "--set", "pretrain.model.top_k=99"])
+
+
+def test_pipeline_prefect_settings_reach_prefect_after_it_is_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect is imported with our stages, before the command knows its workdir: the temporary server's home and
+    start-up budget must still be the ones the command chose (os.environ set after the import was ignored), and a
+    user's own environment value must still win."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+    )
+
+    from flows.cli import EPHEMERAL_STARTUP_SECONDS, local_prefect_settings
+
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    with local_prefect_settings(tmp_path):
+        assert PREFECT_HOME.value() == tmp_path / ".prefect"
+        assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() == EPHEMERAL_STARTUP_SECONDS
+        assert get_current_settings().server.analytics_enabled is False
+    assert PREFECT_HOME.value() != tmp_path / ".prefect"  # only for the command's duration

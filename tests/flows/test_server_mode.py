@@ -10,16 +10,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
-import requests
 import torch
 
+from flows.readiness import http_ok, wait_until_ready
 from models.checkpoint import load_model
 from registry.models import download_checkpoint
 from registry.tracking import active_store, store_client
@@ -45,16 +44,8 @@ def mlflow_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = open(folder / "server.log", "w")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_until_ready(http_ok(f"{url}/health"), "the MLflow server", process,
+                     log=lambda: (folder / "server.log").read_text()[-3000:])  # fmt: skip
     yield url
     os.killpg(process.pid, 15)  # the server and its uvicorn worker
     try:
