@@ -61,6 +61,7 @@ def local_prefect(home: Path, scheduler_seconds: int = 60) -> Iterator[dict[str,
             done = subprocess.run([prefect, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
             if done.returncode != 0:
                 raise RuntimeError(f"prefect {' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        subprocess.run([sys.executable, "-m", "flows.deployment_schema"], cwd=REPO, env=env, check=True, timeout=180)
         worker = subprocess.Popen([prefect, "worker", "start", "--pool", "local"], cwd=REPO, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         yield env
