@@ -86,6 +86,7 @@ def test_bad_parameter_is_rejected_before_a_run_exists(prefect: dict[str, str]) 
     assert done.returncode != 0
     assert "config.pretrain.max_steps" in done.stdout + done.stderr
 
+
 def _create_run(prefect: dict[str, str], deployment: str, parameters: dict) -> httpx.Response:
     """POST create_flow_run as any API client does (`prefect deployment run` checks names on the client side)."""
     api = prefect["PREFECT_API_URL"]
