@@ -130,6 +130,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         f"{extracted['val_loss_before']:.4f} extracted -> {extracted['val_loss_after']:.4f} after "
         f"{extracted['distill_steps']} distillation steps ({extracted['distill_compute_fraction']:.1%} of from-scratch)"
     )
+    if result["search"].get("margin"):
+        print(f"  the search's choice is {result['search']['margin']}")
     aligned = result["align"]
     print(
         f"aligned: SFT {aligned['sft_uri']}, DPO {aligned['dpo_uri']} (held-out reward accuracy "

@@ -310,13 +310,28 @@ def evaluate_panel(
     device: torch.device,
 ) -> dict[str, float]:
     """Mean validation LM loss of each sub-model in `panel`, all on the same fixed batches."""
+    per_batch = panel_batch_losses(model, panel, val_tokens, batch_size, seq_len, n_batches, device)
+    return {label: sum(losses) / len(losses) for label, losses in per_batch.items()}
+
+
+@torch.no_grad()
+def panel_batch_losses(
+    model: ElasticMoE,
+    panel: dict[str, SubnetSpec | None],
+    val_tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    n_batches: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Each sub-model's validation LM loss on each of the same fixed batches: differences between members are
+    paired, so their noise is the spread of the per-batch differences."""
     was_training = model.training
     model.eval()
     rng = np.random.default_rng(12345)
     batches = [sample_batch(val_tokens, batch_size, seq_len, rng).to(device) for _ in range(n_batches)]
-    losses = {}
-    for label, spec in panel.items():
-        losses[label] = sum(causal_lm_loss(model(b, subnet=spec).logits, b).item() for b in batches) / len(batches)
+    losses = {label: [causal_lm_loss(model(b, subnet=spec).logits, b).item() for b in batches]
+              for label, spec in panel.items()}  # fmt: skip
     model.train(was_training)
     return losses
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import random
 import statistics
 import time
@@ -34,7 +35,7 @@ from registry.tracking import RunLogger
 from tasks.data import PreparedData
 from tasks.extract import ExtractConfig, rank_importance
 from tasks.plots import plot_pareto
-from tasks.pretrain import evaluate_panel
+from tasks.pretrain import panel_batch_losses
 
 
 class SearchConfig(BaseModel):
@@ -386,7 +387,7 @@ def _describe(limits: dict[str, float]) -> str:
 # The pipeline task: rank importance, search, log the table and the Pareto PNG
 
 
-def candidate_row(c: Candidate) -> dict:
+def candidate_row(c: Candidate, batch_losses: list[float]) -> dict:
     return {
         "subnet": c.spec.describe(),
         "layers": " ".join(map(str, c.spec.layers)),
@@ -394,7 +395,46 @@ def candidate_row(c: Candidate) -> dict:
         "active_params": c.active_params,
         "latency_ms": round(c.latency_ms, 4) if c.latency_ms is not None else None,
         "val_loss": round(c.val_loss, 5),
+        "val_loss_stderr": round(_stderr(batch_losses), 5),
     }
+
+
+def _stderr(values: list[float]) -> float:
+    """Standard error of the mean; infinite for a single value (one batch says nothing about its noise)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.inf
+
+
+@dataclass(frozen=True)
+class ChoiceMargin:
+    """How much better the chosen sub-model is than the next best, on the same validation batches."""
+
+    runner_up: str
+    margin: float  # runner-up's loss minus the chosen one's (>= 0)
+    stderr: float  # of the paired per-batch differences
+    batches: int
+
+    @property
+    def within_noise(self) -> bool:
+        return self.margin < 2 * self.stderr
+
+    def describe(self) -> str:
+        verdict = "within the noise: another validation sample may pick it" if self.within_noise else "beyond the noise"
+        return (f"{self.margin:.4f} ± {self.stderr:.4f} nats better than the runner-up {self.runner_up} (paired "
+                f"standard error over {self.batches} validation batches; {verdict})")  # fmt: skip
+
+
+def choice_margin(result: SearchResult, batch_losses: dict[str, list[float]]) -> ChoiceMargin | None:
+    """The chosen candidate against the runner-up; None when only one candidate was evaluated."""
+    others = sorted((c for c in result.evaluated if c is not result.chosen), key=lambda c: c.val_loss)
+    if not others:
+        return None
+    chosen, runner = batch_losses[_key(result.chosen.spec)], batch_losses[_key(others[0].spec)]
+    diffs = [r - c for r, c in zip(runner, chosen, strict=True)]
+    return ChoiceMargin(others[0].spec.describe(), statistics.fmean(diffs), _stderr(diffs), len(diffs))
+
+
+def _key(spec: SubnetSpec) -> str:
+    return spec.model_dump_json()
 
 
 @task(name="search", retries=1, retry_delay_seconds=5)
@@ -426,11 +466,12 @@ def search_task(
     val = data.split("val")
     device = next(supernet.parameters()).device
 
+    batch_losses: dict[str, list[float]] = {}
+
     def objective(spec: SubnetSpec) -> float:
-        panel = {"s": spec}
-        return evaluate_panel(
-            supernet, panel, val, search.eval_batch_size, search.seq_len, search.eval_batches, device
-        )["s"]
+        shape = (search.eval_batch_size, search.seq_len, search.eval_batches)
+        losses = batch_losses[_key(spec)] = panel_batch_losses(supernet, {"s": spec}, val, *shape, device)["s"]
+        return statistics.fmean(losses)
 
     result = run_search(
         search,
@@ -440,7 +481,8 @@ def search_task(
         objective,
         (lambda spec: measure_latency_ms(supernet, spec, search)) if search.needs_latency else None,
     )
-    rows = [candidate_row(c) for c in result.evaluated]
+    rows = [candidate_row(c, batch_losses[_key(c.spec)]) for c in result.evaluated]
+    margin = choice_margin(result, batch_losses)
     (out_dir / "candidates.json").write_text(json.dumps(rows, indent=2))
     png = plot_pareto(
         [(c.active_params, c.val_loss) for c in result.evaluated],
@@ -452,7 +494,9 @@ def search_task(
     logger.log_artifact(out_dir / "candidates.json", "search")
     logger.log_metrics(
         {"search/evaluated": len(result.evaluated), "search/chosen_val_loss": result.chosen.val_loss,
-         "search/chosen_active_params": result.chosen.active_params}, step=0,
+         "search/chosen_active_params": result.chosen.active_params,
+         **({} if margin is None else {"search/margin_to_runner_up": margin.margin,
+                                       "search/margin_stderr": margin.stderr})}, step=0,
     )  # fmt: skip
     logger.set_tags({"chosen_spec": result.chosen.spec.model_dump_json(), "method": result.method})
     logger.finish()
@@ -461,6 +505,8 @@ def search_task(
              f"{result.chosen.total_params:,} params, {result.chosen.active_params:,} active, "
              f"validation loss {result.chosen.val_loss:.4f}; {result.method} search, {len(result.evaluated)} "
              f"of {result.space_size} sub-models evaluated; budgets {result.limits}."]  # fmt: skip
+    if margin is not None:
+        lines.append(f"The choice is {margin.describe()}.")
     if effect is not None:
         lines.append(
             f"Importance ranking: {effect.spec_importance.describe()} loses {effect.loss_importance:.4f} with the "
@@ -473,5 +519,6 @@ def search_task(
         "limits": result.limits,
         "run_id": logger.run_id,
         "chosen_val_loss": result.chosen.val_loss,
+        "margin": None if margin is None else margin.describe(),
         "ranking": None if effect is None else {"importance": effect.loss_importance, "identity": effect.loss_identity},
     }
