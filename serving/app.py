@@ -1,14 +1,18 @@
-"""The OpenAI-compatible HTTP API over a `ModelSource`: /health, /v1/models, /v1/completions,
+"""The OpenAI-compatible HTTP API over a `ModelSource`: /health, /v1/models, /v1/models/{model}, /v1/completions,
 /v1/chat/completions (with SSE streaming ending in `data: [DONE]`).
 
 Endpoints are plain functions, so FastAPI runs them in its thread pool: onnxruntime sessions are
 thread-safe and release the GIL, so concurrent requests decode in parallel. Each request takes the model
 it will use once, at its start, which is what makes a hot swap safe for requests already running.
+
+Every refusal and failure answers OpenAI's error object (`ErrorResponse`), as the OpenAPI document declares,
+so the `openai` client raises its typed errors with `param` and `code` set.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -16,11 +20,26 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette import types as asgi
+from starlette.exceptions import HTTPException
 
 from serving.engine import ChatPackage, finish_reason
 from serving.model_source import LoadedModel, ModelSource
-from serving.protocol import ChatCompletionRequest, CompletionRequest, Usage, error_body, new_id, now
+from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, Usage, error_body, new_id, now
 from tasks.chat_format import Message
+
+log = logging.getLogger("trainonce.serving")
+
+_ERROR_RESPONSES = {400: "The request is invalid; `param` names the field at fault.",
+                    401: "The API key is missing or wrong.", 404: "The model does not exist on this server.",
+                    "default": "Any other refusal or failure, in the same shape."}  # fmt: skip
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's OpenAPI `responses`: its refusals, in OpenAI's error shape. Declaring `default` also drops
+    FastAPI's 422, which this server never answers (validation errors are 400s, as OpenAI's are)."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_RESPONSES[status]}
+            for status in (*statuses, "default")}  # fmt: skip
 
 
 class ApiError(Exception):
@@ -51,8 +70,35 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+class _ServerErrorAsJson:
+    """Last resort: an unexpected exception answers OpenAI's error object with a 500. Starlette's own 500
+    handler answers plain text and re-raises, and uvicorn then drops the connection without `Connection:
+    close`, so a keep-alive client's next request fails; this answers and keeps the connection."""
+
+    def __init__(self, app: asgi.ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        started = False
+
+        async def tracked(message: asgi.Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if scope["type"] != "http" or started:  # mid-stream there is no sound answer left to give
+                raise
+            log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
+            body = error_body("The server had an error while processing your request.", None, None, "server_error")
+            await JSONResponse(body, 500)(scope, receive, send)
+
+
 def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="trainonce", description="OpenAI-compatible API over a registered trainonce-chat model")
+    app.add_middleware(_ServerErrorAsJson)
 
     @app.exception_handler(ApiError)
     def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -64,7 +110,25 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body("The request body is not valid JSON.", None, "invalid_json"), 400)
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if param is None:  # the body itself failed: null, an array, a string or a number
+            return JSONResponse(error_body("The request body must be a JSON object.", None, "invalid_value"), 400)
         return JSONResponse(error_body(f"{param}: {first.get('msg')}", param, "invalid_value"), 400)
+
+    @app.exception_handler(HTTPException)
+    def _refused_by_starlette(request: Request, error: HTTPException) -> JSONResponse:
+        """Refusals made before an endpoint runs: no such route, wrong method, a body FastAPI cannot parse."""
+        route = f"{request.method} {request.url.path}"
+        if error.status_code == 404:
+            body = error_body(f"Invalid URL ({route}): no such route.", None, "unknown_url")
+        elif error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            body = error_body(f"Method not allowed ({route}); allowed: {allowed}.", None, "method_not_allowed")
+        elif error.status_code == 400:  # json.loads failed other than on syntax (those are validation errors)
+            body = error_body("The request body is not JSON this server can parse: not UTF-8, nested too deeply, "
+                              "or a number too long.", None, "invalid_json")  # fmt: skip
+        else:
+            body = error_body(str(error.detail), None, None)
+        return JSONResponse(body, error.status_code, headers=error.headers)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -86,15 +150,16 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
         loaded = source.current
         return {"status": "ok", "model": loaded.name, "version": loaded.version, "reference": source.reference}
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize)], responses=_errors(401))
     def models() -> dict:
-        loaded = source.current
-        card = {"id": loaded.name, "object": "model", "created": 0, "owned_by": "trainonce",
-                "version": loaded.version, "quantization": loaded.package.config.quantization,
-                "context_length": loaded.package.config.max_seq_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [_card(source.current)]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorize)], responses=_errors(401, 404))
+    def retrieve_model(model: str) -> dict:
+        return _card(model_for(model))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None,
+              responses=_errors(400, 401, 404))  # fmt: skip
     def chat_completions(request: ChatCompletionRequest) -> dict | StreamingResponse:
         loaded = model_for(request.model)
         package = loaded.package
@@ -116,7 +181,8 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
                              "logprobs": None, "finish_reason": result.finish_reason}],
                 "usage": usage.model_dump()}  # fmt: skip
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
+    @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None,
+              responses=_errors(400, 401, 404))  # fmt: skip
     def completions(request: CompletionRequest) -> dict | StreamingResponse:
         loaded = model_for(request.model)
         package = loaded.package
@@ -139,6 +205,13 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
                 "usage": usage.model_dump()}  # fmt: skip
 
     return app
+
+
+def _card(loaded: LoadedModel) -> dict[str, Any]:
+    """OpenAI's model object, with what a client needs to size its requests."""
+    return {"id": loaded.name, "object": "model", "created": loaded.loaded_at, "owned_by": "trainonce",
+            "version": loaded.version, "quantization": loaded.package.config.quantization,
+            "context_length": loaded.package.config.max_seq_len}  # fmt: skip
 
 
 def _chat_stream(

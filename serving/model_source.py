@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class LoadedModel:
     name: str
     version: str
     package: ChatPackage
+    loaded_at: int  # Unix seconds: the model card's `created`
 
 
 class ModelSource:
@@ -49,7 +51,7 @@ class ModelSource:
     def _load(self, version: str) -> LoadedModel:
         destination = self.cache_dir / self.name / version
         package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
-        return LoadedModel(self.name, version, ChatPackage(package_dir, threads=self.threads))
+        return LoadedModel(self.name, version, ChatPackage(package_dir, threads=self.threads), int(time.time()))
 
     def refresh(self) -> bool:
         """Swap to the version the alias names now, if it moved; True if a swap happened."""

@@ -32,7 +32,7 @@ def test_mlflow_models_serve_the_champion(make_chat_registry, chat_packages) -> 
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process, timeout=120, path="/ping")
+        wait_healthy(url, process, path="/ping")
         messages = [{"role": "user", "content": "Repeat: king queen"}]
         body = {"dataframe_records": [{"messages": messages, "max_tokens": 6}]}
         response = httpx.post(f"{url}/invocations", json=body, timeout=60)

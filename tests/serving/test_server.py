@@ -1,6 +1,7 @@
 """The real server process, queried with the official `openai` client: chat, streaming, completions, errors,
 API key, and a promotion picked up while serving."""
 
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from flows.readiness import http_ok, wait_until_ready
 from registry.models import CHAT_MODEL
 from registry.promotion import promote
 from serving.engine import ChatPackage
@@ -28,18 +30,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 90.0, path: str = "/health") -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}"
-            )
-        try:
-            return httpx.get(f"{url}{path}", timeout=2).raise_for_status()
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} not healthy after {timeout} s")
+def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health") -> httpx.Response:
+    def output() -> str:  # the server's own words, once it has exited
+        return process.stdout.read() if process.stdout and process.poll() is not None else ""
+
+    return wait_until_ready(http_ok(f"{url}{path}"), f"the server at {url}", process, log=output)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +120,96 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client: 
                      headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})  # fmt: skip
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"
+
+
+def client_end(response: httpx.Response) -> tuple[str, int] | None:
+    """The client end of the TCP connection a response came on (equal for two responses on one keep-alive
+    connection), None if the server dropped the connection with the response."""
+    try:
+        return response.extensions["network_stream"].get_extra_info("client_addr")
+    except OSError:  # httpx closed the socket on seeing the server close it
+        return None
+
+
+def test_unencodable_text_is_a_400_on_a_connection_that_stays_usable(server) -> None:
+    lone = "a\ud800b"  # a lone surrogate: json.dumps escapes it as valid JSON, but it is not encodable text
+    user = {"role": "user", "content": "hi"}
+    bad_requests = [
+        ("chat/completions", {"messages": [user, {"role": "user", "content": lone}]}, "messages.1.content"),
+        ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": lone}]}]},
+         "messages.0.content"),
+        ("completions", {"prompt": lone}, "prompt"),
+        ("completions", {"prompt": [lone]}, "prompt"),
+    ]  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=f"{server[0]}/v1", headers=headers, timeout=60) as http:
+        for route, fields, param in bad_requests:
+            refused = http.post(route, content=json.dumps({"model": CHAT_MODEL, "max_tokens": 2, **fields}))
+            connection = client_end(refused)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == param
+            assert refused.json()["error"]["type"] == "invalid_request_error"
+            good = http.post("chat/completions", json={"model": CHAT_MODEL, "max_tokens": 2,
+                                                       "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+            assert good.status_code == 200, good.text
+            assert client_end(good) == connection  # the refusal did not drop the keep-alive connection
+
+
+def _openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    return error
+
+
+def test_every_refusal_is_an_openai_error_object(server, client: openai.OpenAI) -> None:
+    url = server[0]
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    unknown = _openai_error(httpx.post(f"{url}/v1/chat/completion", headers=headers, json={}), 404)
+    assert "POST /v1/chat/completion" in unknown["message"] and unknown["code"] == "unknown_url"
+    wrong_method = _openai_error(httpx.get(f"{url}/v1/chat/completions", headers=headers), 405)
+    assert "GET /v1/chat/completions" in wrong_method["message"] and wrong_method["code"] == "method_not_allowed"
+    nested = b"[" * 100_000 + b"]" * 100_000
+    for unparsable in (b'{"model": "\xff\xfe"}', nested):
+        response = httpx.post(f"{url}/v1/chat/completions", headers=headers, content=unparsable)
+        assert _openai_error(response, 400)["code"] == "invalid_json"
+    for not_an_object in (b"null", b"[]", b'"hi"', b"3"):
+        response = httpx.post(f"{url}/v1/chat/completions", headers=headers, content=not_an_object)
+        error = _openai_error(response, 400)
+        assert error["param"] is None and error["message"] == "The request body must be a JSON object."
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/king.png"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": [image]}])
+    assert refused.value.param == "messages.0.content.0.type"
+    assert "only text" in refused.value.message and "image_url" in refused.value.message
+
+
+def test_models_retrieve_and_list_report_when_the_model_was_loaded(client: openai.OpenAI) -> None:
+    card = client.models.retrieve(CHAT_MODEL)
+    assert card.id == CHAT_MODEL and card.owned_by == "trainonce"
+    assert time.time() - 3600 < card.created <= time.time()
+    assert client.models.list().data[0].created == card.created
+    assert client.models.retrieve(f"{CHAT_MODEL}@champion").id == CHAT_MODEL
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("gpt-4o")
+    assert unknown.value.code == "model_not_found"
+
+
+def test_openapi_declares_the_errors_the_routes_answer(server) -> None:
+    paths = httpx.get(f"{server[0]}/openapi.json").json()["paths"]
+    for path, method in (("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/models", "get"),
+                         ("/v1/models/{model}", "get")):  # fmt: skip
+        responses = paths[path][method]["responses"]
+        assert "422" not in responses  # validation errors are answered as 400s
+        errors = [code for code in responses if code != "200"]
+        assert "401" in errors and "default" in errors
+        for code in errors:
+            schema = responses[code]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert {"400", "404"} <= set(paths[path]["post"]["responses"])
+    assert "404" in paths["/v1/models/{model}"]["get"]["responses"]
 
 
 def test_promotion_is_picked_up_without_dropping_requests(server, client: openai.OpenAI, chat_packages) -> None:

@@ -1,0 +1,54 @@
+"""The app's last resort, on a real uvicorn server: an exception no handler expects (a server bug) still answers
+OpenAI's error object, on a keep-alive connection that stays usable."""
+
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from registry.models import CHAT_MODEL
+from serving.app import create_app
+from serving.model_source import ModelSource
+
+from .test_server import client_end, free_port
+
+
+@pytest.fixture(scope="module")
+def app_with_a_bug(make_chat_registry, tmp_path_factory) -> FastAPI:
+    source = ModelSource(make_chat_registry(), CHAT_MODEL, None, "1", tmp_path_factory.mktemp("serving-cache"))
+    app = create_app(source)
+
+    @app.get("/v1/bug")
+    def bug() -> dict:
+        raise TypeError("TextInputSequence must be str")  # what the tokenizer raised on a lone surrogate
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def url(app_with_a_bug: FastAPI) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app_with_a_bug, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        threading.Event().wait(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_connection_stays_usable(url: str) -> None:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        failed = http.get("/v1/bug")
+        connection = client_end(failed)
+        assert failed.status_code == 500 and failed.headers["content-type"] == "application/json"
+        assert failed.json() == {"error": {"message": "The server had an error while processing your request.",
+                                           "type": "server_error", "param": None, "code": None}}  # fmt: skip
+        healthy = http.get("/health")
+        assert healthy.json()["status"] == "ok"
+        assert client_end(healthy) == connection  # the failure did not drop the keep-alive connection
