@@ -91,6 +91,8 @@ def pretrain_flow(
     start = (
         f"warm-started from {pretrained['warm_started_from']}" if pretrained["warm_started_from"] else "from scratch"
     )
+    if pretrained.get("resumed_from_step"):  # absent from results cached before it was recorded
+        start += f", resumed from its checkpoint at step {pretrained['resumed_from_step']}"
     print(f"registered {pretrained['model_uri']} ({start}); validation losses {pretrained['val_loss']}")
     return {**pretrained, "data_dir": data_dir}
 

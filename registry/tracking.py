@@ -6,8 +6,12 @@ server to start. `MLFLOW_TRACKING_URI` (a server, a database) overrides it with 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -136,18 +140,77 @@ def git_commit() -> str:
         return "unknown"
 
 
+# Which process owns a RUNNING run: a run whose process is gone is ended by the next one that logs to the store.
+OWNER_TAG = "trainonce.owner"
+_open_runs: dict[str, MlflowClient] = {}  # run id -> client: the runs this process has not finished yet
+
+
+def _process_identity(pid: int) -> str | None:
+    """`host:pid:start` for a live process (the start time tells a reused pid from the original); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if sys.platform.startswith("linux"):
+            return None
+        try:  # no /proc: liveness only
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return f"{socket.gethostname()}:{pid}:"
+    start = stat.rpartition(")")[2].split()[19]  # field 22, counted after the parenthesised command name
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def end_orphaned_runs(workdir: str | Path, experiment_id: str, keep: str | None = None) -> list[str]:
+    """End as KILLED every RUNNING run whose owning process on this host is gone (SIGKILL, OOM, power loss),
+    except `keep` (the run about to be resumed); runs owned by other hosts are left alone (their processes cannot
+    be checked from here). Their ids."""
+    client, host = store_client(workdir), socket.gethostname()
+    ended = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(OWNER_TAG, "")
+        owner_host, _, rest = owner.partition(":")
+        if run.info.run_id == keep or owner_host != host or not rest.partition(":")[0].isdigit():
+            continue
+        if _process_identity(int(rest.partition(":")[0])) != owner:
+            client.set_tag(run.info.run_id, "trainonce.ended_by", f"cleanup: its process ({owner}) was gone")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+@atexit.register
+def _fail_unfinished_runs() -> None:
+    """A process that exits (an exception, a Prefect crash, SIGTERM handled by Prefect) ends its open runs as
+    FAILED instead of leaving them RUNNING for good."""
+    for run_id, client in list(_open_runs.items()):
+        with contextlib.suppress(Exception):  # the store may be gone too; the next start cleans up then
+            client.set_tag(run_id, "trainonce.ended_by", "the process exited before the run finished")
+            client.set_terminated(run_id, status="FAILED")
+    _open_runs.clear()
+
+
 class RunLogger:
-    """Logs to one MLflow run by id (no global active run, so it is safe inside Prefect's worker threads)."""
+    """Logs to one MLflow run by id (no global active run, so it is safe inside Prefect's worker threads).
+
+    The run is tagged with the process that owns it: if the process exits before `finish`, the run ends FAILED
+    on the way out; if it is killed outright, the next RunLogger on the same store ends it KILLED."""
 
     def __init__(self, workdir: str | Path, run_name: str, run_id: str | None = None, tags: dict | None = None):
         self.experiment_id = configure_tracking(workdir)
         self.client = store_client(workdir)
+        end_orphaned_runs(workdir, self.experiment_id, keep=run_id)
+        owner = {OWNER_TAG: _process_identity(os.getpid()) or ""}
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**(tags or {}), **owner})
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, OWNER_TAG, owner[OWNER_TAG])
         self.run_id = run_id
+        _open_runs[run_id] = self.client
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params once; on a resumed run, the ones already logged are skipped (MLflow forbids changes)."""
@@ -170,6 +233,7 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+        _open_runs.pop(self.run_id, None)
 
 
 def ui_base_url() -> str:

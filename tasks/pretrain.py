@@ -438,12 +438,16 @@ def run_pretrain(
     checkpoint = latest_checkpoint(output_dir)
     state = load_checkpoint(accelerator, checkpoint, config_hash) if checkpoint else None
     start_step = state.step if state else 0
+    if start_step:  # a killed or retried run: say so, in the logs and on the run (the version is tagged too)
+        accelerator.print(f"pre-training resumes at step {start_step} of {config.total_steps()} from {checkpoint}")
     logger = None
     if tracking_dir is not None and accelerator.is_main_process:
         run_id = state.mlflow_run_id if state else None
         logger = RunLogger(tracking_dir, run_name="pretrain", run_id=run_id, tags={"stage": "pretrain"})
         logger.log_params({"pretrain": config.model_dump(mode="json"), "data_fingerprint": data.fingerprint})
         logger.set_tags({"config_hash": config_hash, "data_fingerprint": data.fingerprint})
+        if start_step:
+            logger.set_tags({"resumed_from_step": start_step})
     history = MetricsHistory(output_dir / "metrics.jsonl", start_step)
 
     total_steps = config.total_steps()
@@ -586,6 +590,7 @@ def register_pretrained(
         "config_hash": result.config_hash,
         "git_commit": git_commit(),
         "steps": result.steps,
+        **({"resumed_from_step": result.resumed_from} if result.resumed_from else {}),
         **{metric_key(label): f"{loss:.4f}" for label, loss in result.val_loss.items()},
     }
     return register_checkpoint(
@@ -665,6 +670,7 @@ def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str, parent_re
         "tokens_per_second": result.tokens_per_second,
         "mfu": result.mfu,
         "warm_started_from": init_label or None,
+        "resumed_from_step": result.resumed_from,
     }
 
 

@@ -102,3 +102,5 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path, small_corpu
         history.setdefault(metric.step, set()).add(round(metric.value, 5))
     assert sorted(history) == list(range(5, STEPS + 1, 5))
     assert all(len(values) == 1 for values in history.values())
+    assert runs[0].data.tags["resumed_from_step"] == str(steps_done[-1])  # the resume is on the record
+    assert "trainonce.ended_by" not in runs[0].data.tags  # the run it resumed was not ended as an orphan

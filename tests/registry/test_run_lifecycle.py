@@ -1,0 +1,53 @@
+"""No MLflow run stays RUNNING after its process is gone: a process that exits ends its runs FAILED, and one that
+is killed outright has them ended KILLED by the next process that logs to the same store."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from registry.tracking import OWNER_TAG, RunLogger, store_client
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from registry.tracking import RunLogger
+    logger = RunLogger(sys.argv[1], run_name="sft")
+    print(logger.run_id, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError("the stage failed")
+    """
+)
+
+
+def _child_run(workdir: Path, how: str) -> tuple[str, int]:
+    done = subprocess.run([sys.executable, "-c", CHILD, str(workdir), how], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    return done.stdout.split()[0], done.returncode
+
+
+def test_a_process_that_exits_ends_its_unfinished_run_failed(tmp_path: Path) -> None:
+    run_id, code = _child_run(tmp_path, "raise")
+    assert code == 1
+    run = store_client(tmp_path).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["trainonce.ended_by"] == "the process exited before the run finished"
+
+
+def test_a_killed_process_run_is_ended_by_the_next_logger(tmp_path: Path) -> None:
+    run_id, code = _child_run(tmp_path, "kill")
+    assert code == -signal.SIGKILL
+    client = store_client(tmp_path)
+    assert client.get_run(run_id).info.status == "RUNNING"  # nothing ran on the way out
+    alive = RunLogger(tmp_path, run_name="this process")  # a live owner: never ended by the cleanup
+    next_one = RunLogger(tmp_path, run_name="next")
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED" and "was gone" in killed.data.tags["trainonce.ended_by"]
+    assert client.get_run(alive.run_id).info.status == "RUNNING"
+    assert client.get_run(alive.run_id).data.tags[OWNER_TAG].split(":")[1] == str(os.getpid())
+    for logger in (alive, next_one):
+        logger.finish()
+    assert client.get_run(alive.run_id).info.status == "FINISHED"
