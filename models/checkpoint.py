@@ -10,21 +10,21 @@ from safetensors.torch import load_file, save_file
 
 from models.config import MoEConfig
 from models.moe import ElasticMoE
+from models.publish import staged_file
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
 def save_model(model: ElasticMoE, directory: str | Path) -> Path:
-    """Write weights (importance orders included) and config; files are replaced atomically."""
+    """Write weights (importance orders included) and config; each file is replaced atomically, through a name
+    private to this writer (two processes saving the same folder never write into one temporary file)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    tmp_weights, tmp_config = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
-    save_file(state, str(tmp_weights), metadata={"format": "pt", "library": "trainonce"})
-    tmp_config.write_text(model.config.model_dump_json(indent=2))
-    tmp_weights.replace(directory / WEIGHTS_FILE)
-    tmp_config.replace(directory / CONFIG_FILE)
+    with staged_file(directory / WEIGHTS_FILE) as weights:
+        save_file(state, str(weights), metadata={"format": "pt", "library": "trainonce"})
+    with staged_file(directory / CONFIG_FILE) as config:
+        config.write_text(model.config.model_dump_json(indent=2))
     return directory
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array, Object, Property
 
+from models.publish import staged_dir
 from registry.tracking import active_store, configure_tracking, store_client, ui_base_url
 
 SUPERNET_MODEL = "trainonce-supernet"
@@ -206,9 +206,26 @@ def _artifact_dir(local: Path, key: str, ref: str) -> Path:
     return local / artifacts[key]["path"]
 
 
+def _is_downloaded(folder: Path) -> bool:
+    return (folder / "MLmodel").is_file()
+
+
+def _download_once(workdir: str | Path, ref: str, destination: Path) -> Path:
+    """`download_model` into `destination` unless a copy is there already (for a cache keyed by version: a
+    version's files never change). Staged and published whole, so processes sharing the cache neither see nor
+    leave a half download, and one that loses the race uses the winner's copy."""
+    if not _is_downloaded(destination):
+        with staged_dir(destination, keep_existing=_is_downloaded) as staged:
+            download_model(workdir, ref, staged)
+    return destination
+
+
 def download_chat_package(workdir: str | Path, ref: str, destination: str | Path | None = None) -> Path:
-    """The chat package folder (model.onnx, tokenizer.json, generation_config.json) of a `trainonce-chat` ref."""
-    return _artifact_dir(download_model(workdir, ref, destination), "package", ref)
+    """The chat package folder (model.onnx, tokenizer.json, generation_config.json) of a `trainonce-chat` ref,
+    downloaded into a new temporary folder, or once into `destination` (a cache folder for one version: a copy
+    already there is used)."""
+    local = _download_once(workdir, ref, Path(destination)) if destination else download_model(workdir, ref)
+    return _artifact_dir(local, "package", ref)
 
 
 @dataclass(frozen=True)
@@ -223,13 +240,8 @@ def download_checkpoint(workdir: str | Path, ref: str) -> DownloadedCheckpoint:
     """A registered trainonce checkpoint as local files under `<workdir>/registry-cache/<name>/<version>`
     (downloaded once: a version's files never change), so stages can start from any registered model."""
     version = resolve_version(workdir, ref)
-    destination = Path(workdir) / "registry-cache" / version.name / version.version
-    if not (destination / "MLmodel").is_file():
-        partial = destination.with_name(destination.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        download_model(workdir, version.uri, partial)
-        shutil.rmtree(destination, ignore_errors=True)
-        partial.rename(destination)
+    cache = Path(workdir) / "registry-cache" / version.name / version.version
+    destination = _download_once(workdir, version.uri, cache)
     extra_file = _artifact_dir(destination, "extra", ref)
     return DownloadedCheckpoint(
         version, _artifact_dir(destination, "checkpoint", ref), _artifact_dir(destination, "tokenizer", ref),

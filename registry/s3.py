@@ -18,6 +18,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
+from models.publish import staged_file
+
 _BUCKET_MISSING = {"NoSuchBucket", "404", "NotFound"}
 _CREDENTIALS_REJECTED = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "InvalidToken"}
 
@@ -98,8 +100,9 @@ def download_prefix(uri: str, destination: Path, suffixes: tuple[str, ...], fiel
     it is) into `destination`, downloading only objects whose ETag changed since the last call; returns the
     local files, sorted.
 
-    Objects are written to a temporary name and renamed, so an interrupted download never leaves a partial
-    file under a real name; files whose objects were deleted leave the mirror."""
+    Objects (and the ETag manifest) are written to a name private to this process and renamed, so neither an
+    interrupted download nor two processes mirroring the same prefix at once leave a partial file under a real
+    name; files whose objects were deleted leave the mirror."""
     location = check_bucket(uri, field)
     client = s3_client()
     folder = location.prefix if location.prefix.endswith("/") or not location.prefix else location.prefix + "/"
@@ -121,15 +124,14 @@ def download_prefix(uri: str, destination: Path, suffixes: tuple[str, ...], fiel
             target = destination / relative
             if manifest.get(relative) == etag and target.is_file():
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".part")
-            client.download_file(location.bucket, keys[relative], str(partial))
-            partial.replace(target)
+            with staged_file(target) as staged:
+                client.download_file(location.bucket, keys[relative], str(staged))
     except (BotoCoreError, ClientError) as error:
         raise explain(error, location, field) from error
     if not current:
         raise FileNotFoundError(f"{field}: {uri} holds no {'/'.join(suffixes)} objects")
     for stale in set(manifest) - set(current):
         (destination / stale).unlink(missing_ok=True)
-    manifest_path.write_text(json.dumps(current, indent=1, sort_keys=True))
+    with staged_file(manifest_path) as staged:
+        staged.write_text(json.dumps(current, indent=1, sort_keys=True))
     return sorted(destination / relative for relative in current)

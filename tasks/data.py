@@ -20,6 +20,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from models.publish import staged_dir, staged_file
 from registry.s3 import download_prefix
 from tasks.chat_format import SPECIAL_TOKENS, ChatFormat, ChatTokenizer
 
@@ -46,7 +47,12 @@ class DataConfig(BaseModel):
     val_fraction: float = Field(
         0.05, gt=0, lt=0.5, description="Tail fraction of every document held out for validation."
     )
-    data_dir: Path = Field(Path("runs/data"), description="Folder holding prepared datasets, one per fingerprint.")
+    data_dir: Path = Field(
+        Path("runs/data"),
+        description="Folder holding prepared datasets, one per fingerprint; relative to the directory the run starts "
+        "in (a Prefect worker's: the repository), not to the workdir, so every workdir shares it. Sharing is safe: "
+        "runs preparing the same dataset at once publish it once and all use it.",
+    )
     tokenizer_file: str | None = Field(
         None,
         description="Reuse this tokenizer.json instead of training one on the source (a retrain on new data keeps "
@@ -240,12 +246,17 @@ def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) 
     cached = config.data_dir / "tokenizers" / f"{key[:16]}.json"
     if not cached.is_file():
         tokenizer = train_tokenizer(read_documents(files, config.text_field), config.vocab_size)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(cached.with_suffix(".tmp")))
-        cached.with_suffix(".tmp").replace(cached)
+        with staged_file(cached) as staged:
+            tokenizer.save(str(staged))
     tokenizer = Tokenizer.from_file(str(cached))
     check_tokenizer(tokenizer, cached, config.vocab_size, config.chat_format, "chat_format")
     return tokenizer
+
+
+def _holds(directory: Path, fingerprint: str) -> bool:
+    """Whether `directory` holds the dataset with this fingerprint (its name is only the first 16 digits)."""
+    meta = directory / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text())["fingerprint"] == fingerprint
 
 
 def prepare_data(config: DataConfig) -> PreparedData:
@@ -255,10 +266,8 @@ def prepare_data(config: DataConfig) -> PreparedData:
     tokenizer = load_or_train_tokenizer(config, files, source)
     fingerprint = data_fingerprint(config, source, tokenizer)
     directory = config.data_dir / fingerprint[:16]
-    if (directory / "meta.json").is_file():
-        prepared = PreparedData.load(directory)
-        if prepared.fingerprint == fingerprint:
-            return prepared
+    if _holds(directory, fingerprint):
+        return PreparedData.load(directory)
 
     documents = read_documents(files, config.text_field)
     special_tokens = config.chat_format.token_ids(tokenizer)
@@ -275,33 +284,28 @@ def prepare_data(config: DataConfig) -> PreparedData:
 
     vocab = tokenizer.get_vocab_size()
     dtype = np.dtype(np.uint16 if vocab <= 65_536 else np.uint32)
-    # Write into a temporary folder and rename, so an interrupted run never leaves a half dataset behind.
-    tmp = directory.with_name(directory.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(tmp / "tokenizer.json"))
-    _write_tokens(tmp / "train.bin", train_ids, dtype)
-    _write_tokens(tmp / "val.bin", val_ids, dtype)
-    meta = {
-        "fingerprint": fingerprint,
-        "source": config.source,
-        "files": [str(f.resolve()) for f in files],
-        "text_field": config.text_field,
-        "documents": len(documents),
-        "characters": sum(len(d) for d in documents),
-        "vocab_size": vocab,
-        "dtype": dtype.name,
-        "train_tokens": len(train_ids),
-        "val_tokens": len(val_ids),
-        "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
-        "chat_format": config.chat_format.model_dump(mode="json"),
-        "special_tokens": special_tokens,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if directory.exists():
-        for stale in directory.iterdir():
-            stale.unlink()
-        directory.rmdir()
-    tmp.rename(directory)
+    # Staged privately and published whole: an interrupted run leaves no half dataset, and of two runs preparing
+    # the same one at once, the second to finish uses the first's (same fingerprint, same bytes).
+    with staged_dir(directory, keep_existing=lambda found: _holds(found, fingerprint)) as tmp:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        _write_tokens(tmp / "train.bin", train_ids, dtype)
+        _write_tokens(tmp / "val.bin", val_ids, dtype)
+        meta = {
+            "fingerprint": fingerprint,
+            "source": config.source,
+            "files": [str(f.resolve()) for f in files],
+            "text_field": config.text_field,
+            "documents": len(documents),
+            "characters": sum(len(d) for d in documents),
+            "vocab_size": vocab,
+            "dtype": dtype.name,
+            "train_tokens": len(train_ids),
+            "val_tokens": len(val_ids),
+            "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
+            "chat_format": config.chat_format.model_dump(mode="json"),
+            "special_tokens": special_tokens,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return PreparedData.load(directory)
 
 

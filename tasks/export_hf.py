@@ -9,7 +9,6 @@ generation_config.json, safetensors, weight tying as transformers expects it) an
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Generation
 
 from models.checkpoint import load_model
 from models.hf import HF_ARCHITECTURE, hf_config_dict, to_hf_state_dict
+from models.publish import staged_dir
 from registry.models import register_hf_model
 from registry.tracking import RunLogger
 from tasks.chat_format import ChatFormat
@@ -44,8 +44,6 @@ def export_hf(
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise FileExistsError(f"out: {out_dir} exists and is not a model directory; give a new or empty folder")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     with torch.device("meta"):  # no second copy of the weights: load_state_dict(assign=True) adopts ours
         hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**config))
     result = hf.load_state_dict(to_hf_state_dict(model), strict=False, assign=True)
@@ -56,25 +54,24 @@ def export_hf(
     # A chat reply ends with the end-of-turn token, plain text with end-of-text: generation stops at either.
     stops = list(dict.fromkeys([end_of_turn, end_of_text]))
     hf.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad, do_sample=False)
-    hf.save_pretrained(partial, safe_serialization=True)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=chat_format.end_of_text,
-        pad_token=chat_format.pad,
-        # every special token the tokenizer itself declares (our role tokens, an imported model's markers)
-        additional_special_tokens=[
-            v.content
-            for v in tokenizer.get_added_tokens_decoder().values()
-            if v.special and v.content not in (chat_format.end_of_text, chat_format.pad)
-        ],
-        chat_template=chat_format.template,
-        model_max_length=model.config.max_seq_len,
-        **{k: v for k, v in chat_format.variables.items() if k in ("bos_token", "unk_token")},
-    ).save_pretrained(partial)
-    for written in partial.iterdir():  # save_pretrained leaves the weights owner-only (0600); serving containers
-        written.chmod(0o644)  # often run as another user
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    with staged_dir(out_dir) as staged:
+        hf.save_pretrained(staged, safe_serialization=True)
+        PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer,
+            eos_token=chat_format.end_of_text,
+            pad_token=chat_format.pad,
+            # every special token the tokenizer itself declares (our role tokens, an imported model's markers)
+            additional_special_tokens=[
+                v.content
+                for v in tokenizer.get_added_tokens_decoder().values()
+                if v.special and v.content not in (chat_format.end_of_text, chat_format.pad)
+            ],
+            chat_template=chat_format.template,
+            model_max_length=model.config.max_seq_len,
+            **{k: v for k, v in chat_format.variables.items() if k in ("bos_token", "unk_token")},
+        ).save_pretrained(staged)
+        for written in staged.iterdir():  # save_pretrained leaves the weights owner-only (0600); serving
+            written.chmod(0o644)  # containers often run as another user
     return out_dir
 
 

@@ -1,7 +1,8 @@
 """Resumable training checkpoints: accelerate's full state (model, optimizer, RNG) plus the step counter.
 
-A checkpoint is written to `step_XXXXXXXX.tmp` and renamed when complete, so a run killed mid-save leaves
-the previous checkpoint intact and never a half-written one that looks finished.
+A checkpoint is written to a private staging folder beside `step_XXXXXXXX` and renamed when complete
+(`models.publish`), so a run killed mid-save leaves the previous checkpoint intact and never a half-written one
+that looks finished.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from models.publish import new_staged_dir, publish
 
 STATE_FILE = "trainer_state.json"
 
@@ -35,18 +39,17 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep: int) -> Path:
-    """Save the full training state at `state.step`, keeping the newest `keep` checkpoints."""
+    """Save the full training state at `state.step`, keeping the newest `keep` checkpoints. Every process
+    writes into the main process's private staging folder, published once all have written."""
     root = checkpoint_root(output_dir)
     final = root / f"step_{state.step:08d}"
-    tmp = root / f"{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+    staged = [new_staged_dir(final) if accelerator.is_main_process else None]
+    broadcast_object_list(staged)
+    accelerator.save_state(str(staged[0]))
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        (staged[0] / STATE_FILE).write_text(json.dumps(asdict(state)))
+        publish(staged[0], final)
         for old in sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +125,46 @@ def test_a_mismatched_tokenizer_file_is_refused_naming_the_field(tmp_path: Path,
         prepare_data(config.model_copy(update={"tokenizer_file": str(other.tokenizer_path)}))
     with pytest.raises(FileNotFoundError, match="tokenizer_file"):
         prepare_data(config.model_copy(update={"tokenizer_file": str(tmp_path / "none.json")}))
+
+
+# A writer process for the race below: each round, it waits for every writer to be ready (a file each), then
+# prepares the same dataset into that round's folder and reports what it got, or the error it met.
+_RACING_WRITER = """
+import json, sys, time, traceback
+from pathlib import Path
+from tasks.data import DataConfig, prepare_data
+source, base, name, writers, rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+for round in range(rounds):
+    (base / f"ready-{round}-{name}").touch()
+    deadline = time.monotonic() + 30
+    while len(list(base.glob(f"ready-{round}-*"))) < writers and time.monotonic() < deadline:
+        time.sleep(0.002)
+    try:
+        prepared = prepare_data(DataConfig(source=source, vocab_size=400, data_dir=base / f"data-{round}"))
+        assert len(prepared.split("train")) == prepared.train_tokens
+        print(json.dumps([str(prepared.directory), prepared.fingerprint]), flush=True)
+    except Exception:
+        print(json.dumps(["error", traceback.format_exc()]), flush=True)
+"""
+
+
+def test_processes_preparing_the_same_dataset_at_once_all_get_it(tmp_path: Path, small_corpus: Path) -> None:
+    """Pipeline runs started together on the same data: each writer stages privately, and the losers of the
+    publishing race use the winner's dataset (same fingerprint, same bytes) instead of failing."""
+    writers, rounds = 3, 4  # each round, about a third of the writers failed before the fix
+    command = [sys.executable, "-c", _RACING_WRITER, str(small_corpus), str(tmp_path)]
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    processes = [subprocess.Popen([*command, f"w{i}", str(writers), str(rounds)], **pipe) for i in range(writers)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    reports = [[json.loads(line) for line in stdout.splitlines()] for stdout, _ in outputs]
+    errors = [error for report in reports for kind, error in report if kind == "error"]
+    assert not errors, f"{len(errors)} of {writers * rounds} preparations failed; the first:\n{errors[0]}"
+    alone = prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path / "alone"))
+    for round in range(rounds):
+        data_dir = tmp_path / f"data-{round}"
+        assert all(report[round] == [str(data_dir / alone.directory.name), alone.fingerprint] for report in reports)
+        for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
+            assert (data_dir / alone.directory.name / name).read_bytes() == (alone.directory / name).read_bytes()
+        assert not [p.name for p in [*data_dir.iterdir(), *(data_dir / "tokenizers").iterdir()] if p.name[0] == "."]
