@@ -18,6 +18,7 @@ from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
+from flows.run_guard import guarded_flow
 from models.subnet import ElasticSpace
 from registry.models import CHAT_MODEL, SUPERNET_MODEL, download_checkpoint, version_link
 from registry.promotion import GateRules
@@ -67,6 +68,7 @@ def resolve_model_task(workdir: str, ref: str) -> dict[str, Any]:
 
 
 @flow(name="pretrain", log_prints=True)
+@guarded_flow
 def pretrain_flow(
     data: DataConfig = DEFAULTS.data,
     pretrain: PretrainConfig = DEFAULTS.pretrain,
@@ -98,6 +100,7 @@ def pretrain_flow(
 
 
 @flow(name="extract", log_prints=True)
+@guarded_flow
 def extract_flow(
     supernet: str = f"{SUPERNET_MODEL}/latest",
     data: DataConfig = DEFAULTS.data,
@@ -141,6 +144,7 @@ def extract_flow(
 
 
 @flow(name="align", log_prints=True)
+@guarded_flow
 def align_flow(
     subnet: str = "trainonce-subnet/latest",
     data: DataConfig = DEFAULTS.data,
@@ -173,6 +177,7 @@ def align_flow(
 
 
 @flow(name="deploy", log_prints=True)
+@guarded_flow
 def deploy_flow(
     aligned: str = "trainonce-chat-torch/latest",
     data: DataConfig = DEFAULTS.data,

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from requests import RequestException
 
+from models.publish import process_running
 from registry.s3 import check_bucket
 
 EXPERIMENT = "trainonce"
@@ -76,14 +78,18 @@ def configure_tracking(workdir: str | Path, experiment: str = EXPERIMENT) -> str
     """
     Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
-    client = store_client(workdir)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    artifacts = os.environ.get("TRAINONCE_ARTIFACT_ROOT") or None
-    if artifacts is None and uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifacts = (Path(workdir) / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(experiment, artifact_location=artifacts)
+    embedded = uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI")
+    # MLflow creates and migrates a new SQLite store on first use; two processes doing it at once fail ("duplicate
+    # column", "table already exists"), so the embedded store's creation is serialised by a file lock.
+    with FileLock(Path(workdir) / "mlflow.db.lock") if embedded else contextlib.nullcontext():
+        client = store_client(workdir)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        artifacts = os.environ.get("TRAINONCE_ARTIFACT_ROOT") or None
+        if artifacts is None and embedded:
+            artifacts = (Path(workdir) / "mlartifacts").resolve().as_uri()
+        return client.create_experiment(experiment, artifact_location=artifacts)
 
 
 class ArtifactStoreError(RuntimeError):
@@ -145,20 +151,14 @@ OWNER_TAG = "trainonce.owner"
 _open_runs: dict[str, MlflowClient] = {}  # run id -> client: the runs this process has not finished yet
 
 
-def _process_identity(pid: int) -> str | None:
+def process_identity(pid: int) -> str | None:
     """`host:pid:start` for a live process (the start time tells a reused pid from the original); None if gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        if sys.platform.startswith("linux"):
+        if sys.platform.startswith("linux") or not process_running(pid):
             return None
-        try:  # no /proc: liveness only
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return f"{socket.gethostname()}:{pid}:"
+        return f"{socket.gethostname()}:{pid}:"  # no /proc: liveness only
     start = stat.rpartition(")")[2].split()[19]  # field 22, counted after the parenthesised command name
     return f"{socket.gethostname()}:{pid}:{start}"
 
@@ -174,7 +174,7 @@ def end_orphaned_runs(workdir: str | Path, experiment_id: str, keep: str | None 
         owner_host, _, rest = owner.partition(":")
         if run.info.run_id == keep or owner_host != host or not rest.partition(":")[0].isdigit():
             continue
-        if _process_identity(int(rest.partition(":")[0])) != owner:
+        if process_identity(int(rest.partition(":")[0])) != owner:
             client.set_tag(run.info.run_id, "trainonce.ended_by", f"cleanup: its process ({owner}) was gone")
             client.set_terminated(run.info.run_id, status="KILLED")
             ended.append(run.info.run_id)
@@ -202,7 +202,7 @@ class RunLogger:
         self.experiment_id = configure_tracking(workdir)
         self.client = store_client(workdir)
         end_orphaned_runs(workdir, self.experiment_id, keep=run_id)
-        owner = {OWNER_TAG: _process_identity(os.getpid()) or ""}
+        owner = {OWNER_TAG: process_identity(os.getpid()) or ""}
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**(tags or {}), **owner})
             run_id = run.info.run_id

@@ -5,6 +5,7 @@ before a run exists, and the nightly cron schedule."""
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -44,24 +45,29 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
     def params(*extra: str) -> dict:
         return _params(tmp_path, small_corpus, workdir, short_pipeline, *extra)
 
-    cold, cold_seconds = run_deployment(prefect, "pipeline/manual", params())
-    assert cold.returncode == 0 and "Completed" in cold.stdout, cold.stdout[-3000:] + cold.stderr[-3000:]
+    # two runs at once on one fresh workdir, different DPO settings: the second waits for the workdir, then reuses
+    # every stage they share (one supernet, one sub-model) and re-runs only DPO (align) and deploy
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda extra: run_deployment(prefect, "pipeline/manual", params(*extra)),
+                             [(), ("dpo.steps=6",)]))  # fmt: skip
+    for done, _ in runs:
+        assert done.returncode == 0 and "Completed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    cold_seconds = min(seconds for _, seconds in runs)  # the first run to hold the workdir did everything
     client = store_client(workdir)
-    assert str(client.get_model_version_by_alias("trainonce-chat", "champion").version) == "1"
+
+    def counts() -> dict[str, int]:
+        return {n: len(client.search_model_versions(f"name='{n}'")) for n in
+                ("trainonce-supernet", "trainonce-subnet", "trainonce-chat-torch", "trainonce-chat")}  # fmt: skip
+
+    assert counts() == {"trainonce-supernet": 1, "trainonce-subnet": 1, "trainonce-chat-torch": 4, "trainonce-chat": 2}
+    assert client.get_model_version("trainonce-chat", "2").tags["gate.champion_version"] == "1"
+    champion = client.get_model_version_by_alias("trainonce-chat", "champion")
+    assert champion.version == "1" or champion.tags["gate.decision"] == "promoted"  # never a rejected version
 
     cached, cached_seconds = run_deployment(prefect, "pipeline/manual", params())
     assert cached.returncode == 0 and "Completed" in cached.stdout
     assert cached_seconds < cold_seconds / 2, (cold_seconds, cached_seconds)
-    for name in ("trainonce-supernet", "trainonce-subnet", "trainonce-chat-torch", "trainonce-chat"):
-        assert len(client.search_model_versions(f"name='{name}'")) == (2 if name == "trainonce-chat-torch" else 1)
-
-    # a changed DPO config re-runs DPO (align) and deploy, not pre-training or extraction
-    changed, _ = run_deployment(prefect, "pipeline/manual", params("dpo.steps=6"))
-    assert changed.returncode == 0, changed.stdout[-3000:]
-    counts = {n: len(client.search_model_versions(f"name='{n}'")) for n in
-              ("trainonce-supernet", "trainonce-subnet", "trainonce-chat-torch", "trainonce-chat")}  # fmt: skip
-    assert counts == {"trainonce-supernet": 1, "trainonce-subnet": 1, "trainonce-chat-torch": 4, "trainonce-chat": 2}
-    assert client.get_model_version("trainonce-chat", "2").tags["gate.champion_version"] == "1"
+    assert counts()["trainonce-chat"] == 2  # nothing new: every stage from the cache
     print(f"cold {cold_seconds:.1f} s, cached {cached_seconds:.1f} s")
 
     # new data in the source folder: the nightly retrain warm-starts from supernet 1 and gates a new candidate

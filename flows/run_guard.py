@@ -1,0 +1,35 @@
+"""What every flow of ours does before its body runs: record the process that runs it, take its workdir (waiting
+for a run already there), and mark runs whose processes were killed Crashed (flows/stale_runs.py,
+flows/workdir_lock.py)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from flows.stale_runs import claim_this_run, crash_orphaned_runs
+from flows.workdir_lock import workdir_lock
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def guarded_flow(flow_fn: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a flow function with a `workdir` parameter; apply under `@flow`. The wrapper carries the function's
+    signature with its annotations evaluated, because Prefect resolves string annotations (`from __future__ import
+    annotations`) in the wrapper's module, not the flow's."""
+    signature = inspect.signature(flow_fn, eval_str=True)
+
+    @functools.wraps(flow_fn)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        claim_this_run()  # before waiting: a run killed while it waits is found too
+        with workdir_lock(bound.arguments["workdir"]):
+            crash_orphaned_runs()
+            return flow_fn(*args, **kwargs)
+
+    guarded.__signature__ = signature  # type: ignore[attr-defined]
+    return guarded

@@ -1,0 +1,69 @@
+"""No Prefect run stays Running after its process is gone.
+
+A SIGKILL (an OOM kill, a killed worker, a power cut) gives Prefect no chance to record anything: the parent flow
+run of a deployment is marked Crashed by its worker at best, and its subflow and task runs stay Running for good.
+Each of our flow runs therefore records the process that executes it (a `trainonce.process:HOST:PID:START` tag),
+and every flow run that starts marks the runs whose recorded process is gone on this host Crashed, with their
+running task runs. Runs of other hosts are left to the hosts that can check them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.runtime import flow_run
+from prefect.states import Crashed
+
+from registry.tracking import process_identity
+
+TAG_PREFIX = "trainonce.process:"
+_UNFINISHED = [StateType.RUNNING, StateType.PENDING]
+
+
+def claim_this_run() -> None:
+    """Tag the flow run this code executes in with this process (no-op outside a Prefect flow run)."""
+    run_id = flow_run.get_id()
+    identity = process_identity(os.getpid())
+    if run_id is None or identity is None:
+        return
+    with get_client(sync_client=True) as client:
+        tags = [t for t in client.read_flow_run(run_id).tags if not t.startswith(TAG_PREFIX)]
+        client.update_flow_run(run_id, tags=[*tags, TAG_PREFIX + identity])
+
+
+def crash_orphaned_runs() -> list[str]:
+    """Mark Crashed every unfinished flow run claimed by a process of this host that is gone, and its unfinished
+    task runs; returns the flow run ids. (The 200 most recent a call may read: a later run finds any others.)"""
+    host = socket.gethostname()
+    crashed = []
+    with get_client(sync_client=True) as client:
+        unfinished = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=_UNFINISHED)))
+        for run in client.read_flow_runs(flow_run_filter=unfinished, sort=FlowRunSort.START_TIME_DESC, limit=200):
+            owner = next((t.removeprefix(TAG_PREFIX) for t in run.tags if t.startswith(TAG_PREFIX)), None)
+            if owner is None or owner.split(":")[0] != host or process_identity(int(owner.split(":")[1])) == owner:
+                continue
+            message = f"its process ({owner}) is gone: killed without a chance to report"
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_UNFINISHED))),
+            )
+            for task in tasks:
+                client.set_task_run_state(task.id, Crashed(message=message), force=True)
+            crashed.append(str(run.id))
+    if crashed:
+        print(f"marked {len(crashed)} flow runs Crashed whose processes were gone: {', '.join(crashed)}")
+    return crashed

@@ -1,0 +1,70 @@
+"""`trainonce pipeline` SIGKILLed during pre-training (after a checkpoint), then run again with the same command:
+pre-training resumes from its checkpoint and says so, the pipeline ends with a champion, and nothing the killed
+run left behind stays Running (its Prefect flow, subflow and task runs are Crashed; its MLflow run is resumed)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import local_prefect_settings
+from registry.tracking import store_client
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _command(workdir: Path, small_corpus: Path, data_dir: Path, short: list[str]) -> list[str]:
+    exe = shutil.which("trainonce", path=str(Path(sys.executable).parent))
+    assert exe
+    overrides = [*short, "pretrain.checkpoint_interval=5", "deploy.variants=[fp32]", "deploy.hugging_face=false",
+                 f"data.source={small_corpus}", f"data.data_dir={data_dir}"]  # fmt: skip
+    return [exe, "pipeline", "--workdir", str(workdir), *(a for o in overrides for a in ("--set", o))]
+
+
+def _prefect_runs(workdir: Path) -> list[tuple[str, str]]:
+    """(name, state type) of every flow and task run, read through a temporary server on the workdir's own
+    Prefect database (a short pipeline has fewer than 200 of each)."""
+    from prefect.client.orchestration import get_client
+
+    with local_prefect_settings(workdir), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200) + client.read_task_runs(limit=200)
+    return [(run.name, run.state_type.value) for run in runs]
+
+
+@pytest.mark.slow
+def test_a_pipeline_killed_in_pretraining_resumes_when_run_again(
+    tmp_path: Path, small_corpus: Path, short_pipeline: list[str]
+) -> None:
+    workdir = tmp_path / "pipeline"
+    command = _command(workdir, small_corpus, tmp_path / "data", short_pipeline)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "killed.log").open("w")
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 900
+    while not list(workdir.glob("pretrain/*/checkpoints/step_*")):
+        assert first.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no pre-training checkpoint appeared"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # the flow process and its temporary Prefect server, no warning
+    first.wait(timeout=60)
+    log.close()
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "pre-training resumes at step" in again.stdout + again.stderr
+    assert "resumed from its checkpoint at step" in again.stdout + again.stderr
+    client = store_client(workdir)
+    champion = client.get_model_version_by_alias("trainonce-chat", "champion")
+    supernet = client.get_model_version("trainonce-supernet", "1")
+    assert int(supernet.tags["resumed_from_step"]) >= 5 and str(champion.version) == "1"
+    experiment = client.get_experiment_by_name("trainonce").experiment_id
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    states = _prefect_runs(workdir)
+    assert not [(name, state) for name, state in states if state in ("RUNNING", "PENDING")], states
+    assert sum(state == "CRASHED" for _, state in states) >= 2, states  # the killed pipeline run and its pretrain
