@@ -13,7 +13,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.run_guard import guarded_flow
+from flows.run_guard import guarded_flow, run_name
 from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
 from tasks.data import prepare_data_task
 from tasks.init_from import adapt_config, init_source_task
@@ -21,7 +21,7 @@ from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import retrain_data_task
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline", flow_run_name=run_name("pipeline"), log_prints=True)
 @guarded_flow
 def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pipeline") -> dict:  # noqa: B008
     """Train once: prepare the corpus, pre-train the elastic supernet, search the family under budgets,

@@ -7,13 +7,27 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import ParamSpec, TypeVar
+
+from prefect.runtime import flow_run
 
 from flows.stale_runs import claim_this_run, crash_orphaned_runs
 from flows.workdir_lock import workdir_lock
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def run_name(stage: str) -> Callable[[], str]:
+    """A flow run name that says what ran and where (`pipeline: runs/exp2`), instead of Prefect's `purple-firefly`;
+    the workdir as given (relative to the worker's directory), shortened to its last two folders."""
+
+    def name() -> str:
+        workdir = Path(str(flow_run.parameters.get("workdir", "")))
+        return f"{stage}: {Path(*workdir.parts[-2:]) if workdir.parts else workdir}"
+
+    return name
 
 
 def guarded_flow(flow_fn: Callable[P, R]) -> Callable[P, R]:

@@ -18,7 +18,7 @@ from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
-from flows.run_guard import guarded_flow
+from flows.run_guard import guarded_flow, run_name
 from models.subnet import ElasticSpace
 from registry.models import CHAT_MODEL, SUPERNET_MODEL, download_checkpoint, version_link
 from registry.promotion import GateRules
@@ -67,7 +67,7 @@ def resolve_model_task(workdir: str, ref: str) -> dict[str, Any]:
             "checkpoint_dir": str(downloaded.checkpoint_dir), "extra": downloaded.extra}  # fmt: skip
 
 
-@flow(name="pretrain", log_prints=True)
+@flow(name="pretrain", flow_run_name=run_name("pretrain"), log_prints=True)
 @guarded_flow
 def pretrain_flow(
     data: DataConfig = DEFAULTS.data,
@@ -99,7 +99,7 @@ def pretrain_flow(
     return {**pretrained, "data_dir": data_dir}
 
 
-@flow(name="extract", log_prints=True)
+@flow(name="extract", flow_run_name=run_name("extract"), log_prints=True)
 @guarded_flow
 def extract_flow(
     supernet: str = f"{SUPERNET_MODEL}/latest",
@@ -143,7 +143,7 @@ def extract_flow(
     return {**extracted, "search": chosen, "supernet_uri": source["uri"]}
 
 
-@flow(name="align", log_prints=True)
+@flow(name="align", flow_run_name=run_name("align"), log_prints=True)
 @guarded_flow
 def align_flow(
     subnet: str = "trainonce-subnet/latest",
@@ -176,7 +176,7 @@ def align_flow(
     return {**aligned, "subnet_uri": source["uri"]}
 
 
-@flow(name="deploy", log_prints=True)
+@flow(name="deploy", flow_run_name=run_name("deploy"), log_prints=True)
 @guarded_flow
 def deploy_flow(
     aligned: str = "trainonce-chat-torch/latest",

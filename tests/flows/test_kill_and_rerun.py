@@ -68,3 +68,5 @@ def test_a_pipeline_killed_in_pretraining_resumes_when_run_again(
     states = _prefect_runs(workdir)
     assert not [(name, state) for name, state in states if state in ("RUNNING", "PENDING")], states
     assert sum(state == "CRASHED" for _, state in states) >= 2, states  # the killed pipeline run and its pretrain
+    names = {name for name, _ in states}
+    assert {f"{stage}: {workdir.parent.name}/pipeline" for stage in ("pipeline", "pretrain", "deploy")} <= names
