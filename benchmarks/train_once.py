@@ -65,6 +65,7 @@ NEUTRAL: dict[str, object] = {
     "pretrain.sampling.subnet_lm_weight": 1.0,
     "pretrain.sampling.elastic_start": 0.0,
     "pretrain.sampling.ramp": 0.0,
+    "pretrain.sampling.elastic_end": 1.0,
     "pretrain.sampling.dimension_order": "together",
     "pretrain.sampling.size_skew": 0.0,
     "pretrain.sampling.project_conflicts": False,
@@ -136,6 +137,24 @@ RECIPES: dict[str, dict[str, object]] = {
         "pretrain.sampling.subnet_lm_weight": 0.3,
         "pretrain.sampling.distill_weight": 0.3,
     },
+    # the full model alone again for the last 10% of the run (the low-learning-rate end of the schedule): the
+    # sub-models' pull on the shared weights stops before the full model's final annealing
+    "nested_delayed_anneal": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.ramp": 0.1,
+        "pretrain.sampling.elastic_end": 0.9,
+    },
+    "nested_delayed_light_anneal": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.ramp": 0.1,
+        "pretrain.sampling.elastic_end": 0.9,
+        "pretrain.sampling.subnet_lm_weight": 0.3,
+        "pretrain.sampling.distill_weight": 0.3,
+    },
     # gradient surgery for the full model (NASViT): the sub-models' conflicting gradient components are removed
     "nested_delayed_surgery": {
         "pretrain.elastic.layer_sampling": "nested",
@@ -194,6 +213,21 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Config fields added after arms were cached, with their defaults: they enter an arm's key only when set, so the
+# arms trained before a field existed (which behave as its default) are still found.
+LATER_FIELDS = {"sampling": {"elastic_end": 1.0}}
+
+
+def arm_identity(config: PretrainConfig) -> dict:
+    """What an arm's cache key hashes: its whole config but the launch settings and later fields at defaults."""
+    dump = config.model_dump(mode="json", exclude={"launch"})
+    for section, fields in LATER_FIELDS.items():
+        for name, default in fields.items():
+            if dump[section][name] == default:
+                del dump[section][name]
+    return dump
+
+
 def train_arm(pretrain_json: str, data_dir: str, output_dir: str) -> dict:
     """One pre-training run (resumed, or read back when finished): its checkpoint and learning curve."""
     config = PretrainConfig.model_validate_json(pretrain_json)
@@ -218,7 +252,7 @@ class Arms:
         self.lock = threading.Lock()
 
     def train(self, config: PretrainConfig) -> Future:
-        key = _key(config.model_dump(mode="json", exclude={"launch"}), self.data.fingerprint)
+        key = _key(arm_identity(config), self.data.fingerprint)
         with self.lock:
             if key not in self.futures:
                 out = str(self.cache / "arms" / key)

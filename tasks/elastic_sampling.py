@@ -76,6 +76,15 @@ class SamplingConfig(BaseModel):
         description="Fraction of the run, from elastic_start on, over which the sub-models' loss weights rise "
         "linearly from 0 to their values. 0: at once.",
     )
+    elastic_end: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the run after which the full model trains alone again, so the end of the "
+        "schedule, where the learning rate is lowest, anneals the full model without the sub-models' pull on the "
+        "shared weights (extraction's distillation then adapts each member to the final weights). 1: sub-models "
+        "train to the last step.",
+    )
     dimension_order: Literal["together", "progressive"] = Field(
         "together",
         description="`together`: every elastic dimension opens at elastic_start; `progressive`: top-k, then "
@@ -108,8 +117,16 @@ class SamplingConfig(BaseModel):
     def _check_phases(self) -> SamplingConfig:
         if self.elastic_start + self.ramp > 1:
             raise ValueError(f"elastic_start={self.elastic_start} + ramp={self.ramp} must be <= 1")
-        if self.policy == "full" and (self.elastic_start or self.ramp or self.elastic_lr is not None):
-            raise ValueError("policy=full trains no sub-model: elastic_start, ramp and elastic_lr need another policy")
+        if self.elastic_end < 1 and self.elastic_start + self.ramp >= self.elastic_end:
+            raise ValueError(
+                f"elastic_end={self.elastic_end} must be > elastic_start + ramp = {self.elastic_start + self.ramp}: "
+                "the sub-models need an elastic phase at full weight before the full model's last one"
+            )
+        elastic = self.elastic_start or self.ramp or self.elastic_lr is not None or self.elastic_end < 1
+        if self.policy == "full" and elastic:
+            raise ValueError(
+                "policy=full trains no sub-model: elastic_start, ramp, elastic_end and elastic_lr need another policy"
+            )
         return self
 
     def elastic_start_step(self, total_steps: int) -> int:
@@ -118,10 +135,15 @@ class SamplingConfig(BaseModel):
             return total_steps
         return min(total_steps, math.ceil(self.elastic_start * total_steps))
 
+    def elastic_end_step(self, total_steps: int) -> int:
+        """First step after the elastic phase: the full model trains alone from here to the end."""
+        return min(total_steps, math.ceil(self.elastic_end * total_steps))
+
     def subnet_scale(self, step: int, total_steps: int) -> float:
-        """Multiplier of every sub-model loss at `step`: 0 before elastic_start, then a linear ramp to 1."""
+        """Multiplier of every sub-model loss at `step`: 0 before elastic_start, then a linear ramp to 1, and 0
+        again from elastic_end on."""
         start = self.elastic_start_step(total_steps)
-        if step < start:
+        if step < start or step >= self.elastic_end_step(total_steps):
             return 0.0
         ramp_steps = math.ceil(self.ramp * total_steps)
         return 1.0 if ramp_steps == 0 else min(1.0, (step - start + 1) / ramp_steps)
@@ -134,7 +156,7 @@ class SamplingConfig(BaseModel):
         elastic = tuple(d for d in PROGRESSIVE_ORDER if len(_values(space, d)) > 1)
         if self.dimension_order == "together" or not elastic:
             return elastic
-        stage = (step - start) * len(elastic) // max(1, total_steps - start)
+        stage = (step - start) * len(elastic) // max(1, self.elastic_end_step(total_steps) - start)
         return elastic[: stage + 1]
 
 

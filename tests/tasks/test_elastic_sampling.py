@@ -35,6 +35,17 @@ def test_delayed_start_trains_the_full_model_alone_then_ramps_the_subnets_in(tin
     assert all(p.members[1] == smallest for p in plans[50:])
 
 
+def test_elastic_end_gives_the_last_steps_to_the_full_model_alone(tiny_config: MoEConfig) -> None:
+    sampling = SamplingConfig(policy="sandwich", elastic_start=0.5, ramp=0.1, elastic_end=0.9)
+    plans = _plans(sampling, tiny_config)
+    assert all(p.members == [None] for p in plans[:50] + plans[90:])
+    assert all(len(p.members) == 3 and p.subnet_scale == 1 for p in plans[60:90])
+    # progressive stages share the elastic phase (steps 50..89), not the run's remaining steps
+    progressive = sampling.model_copy(update={"dimension_order": "progressive", "ramp": 0.0})
+    opened = [len(progressive.open_dimensions(SPACE, s, 100)) for s in (50, 63, 64, 76, 77, 89)]
+    assert opened == [1, 1, 2, 2, 3, 3]
+
+
 def test_progressive_shrinking_opens_top_k_then_experts_then_depth(tiny_config: MoEConfig) -> None:
     sampling = SamplingConfig(policy="sandwich", n_random=2, elastic_start=0.4, dimension_order="progressive")
     assert [sampling.open_dimensions(SPACE, s, 100) for s in (39, 40, 59, 60, 79, 80, 99)] == [
@@ -127,6 +138,8 @@ def test_elastic_lr_restarts_the_schedule_over_the_elastic_phase() -> None:
         ({"elastic_start": 0.8, "ramp": 0.3}, "elastic_start=0.8 + ramp=0.3 must be <= 1"),
         ({"policy": "full", "elastic_start": 0.5}, "policy=full trains no sub-model"),
         ({"elastic_start": 1.0}, "elastic_start"),
+        ({"elastic_start": 0.5, "ramp": 0.1, "elastic_end": 0.6}, "elastic_end=0.6 must be > elastic_start + ramp"),
+        ({"policy": "full", "elastic_end": 0.9}, "policy=full trains no sub-model"),
         ({"size_skew": -1}, "size_skew"),
         ({"dimension_order": "sideways"}, "dimension_order"),
     ],
