@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.run_guard import guarded_flow, run_name
 from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
+from registry.tracking import ui_hint
 from tasks.data import prepare_data_task
 from tasks.init_from import adapt_config, init_source_task
 from tasks.pipeline_config import PipelineConfig
@@ -30,7 +31,8 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
     workdir = checked_workdir(workdir)
     create_markdown_artifact(
         key="pipeline-config",
-        markdown=f"### Pipeline configuration\nworkdir `{workdir}`\n\n```json\n{config.model_dump_json(indent=2)}\n```",
+        markdown=f"### Pipeline configuration\nworkdir `{workdir}`; {ui_hint(workdir)}\n\n"
+        f"```json\n{config.model_dump_json(indent=2)}\n```",
         description="The validated configuration of this run",
     )
     source = None

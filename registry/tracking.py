@@ -237,10 +237,22 @@ class RunLogger:
 
 
 def ui_base_url() -> str:
-    """Where the MLflow UI of the active store is: the tracking server itself, or for the embedded store the
-    address `mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db` serves on by default."""
+    """Where the MLflow UI of the active store is: `MLFLOW_UI_URL` when set (a UI behind a proxy, another port),
+    else the tracking server itself, else for the embedded store the address `mlflow ui --backend-store-uri
+    sqlite:///<workdir>/mlflow.db` serves on by default."""
+    if os.environ.get("MLFLOW_UI_URL"):
+        return os.environ["MLFLOW_UI_URL"].rstrip("/")
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def ui_hint(workdir: str | Path) -> str:
+    """How to open the MLflow UI the links of a run's artifacts point at, for the store this workdir uses."""
+    uri = tracking_uri(workdir)
+    if uri.startswith(("http://", "https://")) or os.environ.get("MLFLOW_UI_URL"):
+        return f"MLflow UI: {ui_base_url()}"
+    return (f"MLflow UI for this store: `mlflow ui --backend-store-uri {uri}` (links below assume it serves on "
+            f"{ui_base_url()}; set MLFLOW_UI_URL otherwise)")  # fmt: skip
 
 
 def run_link(workdir: str | Path, run_id: str) -> str:

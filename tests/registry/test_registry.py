@@ -112,3 +112,13 @@ def test_ui_links_point_at_the_store_ui(monkeypatch: pytest.MonkeyPatch) -> None
     assert version_link("trainonce-subnet/1").endswith(
         "(http://mlflow.internal:5000/#/models/trainonce-subnet/versions/1)"
     )
+    monkeypatch.setenv("MLFLOW_UI_URL", "https://ml.example.org/mlflow/")  # a UI behind a proxy
+    assert version_link("trainonce-subnet/1").startswith("[trainonce-subnet/1](https://ml.example.org/mlflow/#/")
+
+
+def test_the_ui_hint_names_the_store_of_the_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry.tracking import ui_hint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
+    assert f"mlflow ui --backend-store-uri sqlite:///{(tmp_path / 'mlflow.db').resolve()}" in ui_hint(tmp_path)
