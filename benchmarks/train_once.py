@@ -372,8 +372,14 @@ def _stats(values: list[float]) -> str:
 
 
 def _row(name: str, params: int, active: int, flops: float, values: list[float], twin: list[float] | None = None):
-    """One table row; `twin` adds the relative gap of the means."""
-    gap = "" if twin is None else f"{100 * (statistics.mean(values) / statistics.mean(twin) - 1):+.2f}%"
+    """One table row; `twin` adds the relative gap of the means and, over several seeds, the mean ± standard
+    deviation of the per-seed gaps (each seed's member against its own twin: the spread a claim must beat)."""
+    gap = ""
+    if twin is not None:
+        gap = f"{100 * (statistics.mean(values) / statistics.mean(twin) - 1):+.2f}%"
+        if len(values) > 1:
+            per_seed = [100 * (v / t - 1) for v, t in zip(values, twin, strict=True)]
+            gap += f" (per seed {statistics.mean(per_seed):+.2f} ±{statistics.stdev(per_seed):.2f})"
     return f"| {name} | {params:,} | {active:,} | {flops / 1e12:.3f} | {_stats(values)} | {gap} |"
 
 
@@ -413,20 +419,25 @@ def report(runs: list[dict]) -> str:
         elastic = [r["rows"]["elastic"]["val"] for r in mine]
         lines.append(_row("(a) elastic run, full model", e["params"], e["active"], e["flops"], elastic, full_alone))
         lines.append(_row("(f) full model alone", f["params"], f["active"], f["flops"], full_alone))
-        for label, m in first["rows"]["members"].items():
-            v = {key: [r["rows"]["members"][label][key] for r in mine]
+        # one block per (budget, architecture): the search may pick another member on another seed, and the
+        # figures of different architectures do not average
+        blocks = {(label, r["rows"]["members"][label]["spec"]): None for r in mine for label in r["rows"]["members"]}
+        for label, spec in blocks:
+            same = [r for r in mine if r["rows"]["members"][label]["spec"] == spec]
+            m = same[0]["rows"]["members"][label]
+            v = {key: [r["rows"]["members"][label][key] for r in same]
                  for key in ("twin", "cut", "distilled", "minitron_cut", "minitron")}  # fmt: skip
-            specs = " / ".join(sorted({r["rows"]["members"][label]["spec"] for r in mine}))
+            seeds = "" if len(same) == len(mine) else f" (seeds {', '.join(str(r['seed']) for r in same)})"
             size = (m["params"], m["active"])
             lines += [
-                f"| **{label}**: {specs} | | | | | |",
+                f"| **{label}**: {spec}{seeds} | | | | | |",
                 _row("(b) twin, trained alone", *size, m["twin_flops"], v["twin"]),
                 _row("(c) cut from (a)", *size, 0, v["cut"], v["twin"]),
                 _row("(c) cut + distilled", *size, m["distill_flops"], v["distilled"], v["twin"]),
                 _row("(m) pruned from (f)", *size, 0, v["minitron_cut"], v["twin"]),
                 _row("(m) pruned + distilled", *size, m["minitron_flops"], v["minitron"], v["twin"]),
             ]
-            reach = [b for r in mine if (b := budget_to_reach(r["rows"]["members"][label])) is not None]
+            reach = [b for r in same if (b := budget_to_reach(r["rows"]["members"][label])) is not None]
             if reach:
                 lines.append(f"| distillation compute at which (c) first reaches (b), per seed: {', '.join(reach)} "
                              "| | | | | |")  # fmt: skip

@@ -112,47 +112,11 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     except RuntimeError as error:
         raise SystemExit(f"cannot run the pipeline: {error}") from error
     from flows.pipeline import pipeline
+    from flows.summary import summary_lines
 
     with local_prefect_settings(workdir):
         result = pipeline(config=config, workdir=str(workdir))
-    pretrained = result["pretrain"]
-    if pretrained["run_id"] is None:
-        print(f"supernet {pretrained['model_uri']} (init_from {config.init_from}, no continued pre-training)")
-    else:
-        print(f"supernet registered as {pretrained['model_uri']} (MLflow run {pretrained['run_id']})")
-    for label, loss in pretrained["val_loss"].items():
-        print(f"  val loss {label:<12} {loss:.4f}")
-    extracted = result["extract"]
-    print(
-        f"sub-model {extracted['subnet']} registered as {extracted['model_uri']}: "
-        f"{extracted['total_params']:,} params ({extracted['total_fraction']:.1%}), "
-        f"{extracted['active_params']:,} active ({extracted['active_fraction']:.1%}); val loss "
-        f"{extracted['val_loss_before']:.4f} extracted -> {extracted['val_loss_after']:.4f} after "
-        f"{extracted['distill_steps']} distillation steps ({extracted['distill_compute_fraction']:.1%} of from-scratch)"
-    )
-    if result["search"].get("margin"):
-        print(f"  the search's choice is {result['search']['margin']}")
-    aligned = result["align"]
-    print(
-        f"aligned: SFT {aligned['sft_uri']}, DPO {aligned['dpo_uri']} (held-out reward accuracy "
-        f"{aligned['reward_accuracy']:.3f}, pairs {aligned['pairs']})"
-    )
-    print(f"  {'task':<12}{'base':>8}{'SFT':>8}{'DPO':>8}")
-    for task in aligned["accuracy"]["base"]:
-        row = [aligned["accuracy"][stage][task] for stage in ("base", "sft", "dpo")]
-        print(f"  {task:<12}" + "".join(f"{value:>8.3f}" for value in row))
-    exported, gated = result["export"], result["gate"]
-    parity = exported["parity"]
-    print(f"exported {exported['model_uri']} ({exported['candidate']}), alias candidate; onnxruntime fp32 vs "
-          f"PyTorch max abs logit diff {parity['max_abs_logit_diff']:.2e}, same greedy tokens "
-          f"{parity['greedy_tokens_equal']}:")  # fmt: skip
-    for line in exported["table"].splitlines():
-        print(f"  {line}")
-    if result["hugging_face"]:
-        print(f"transformers directory registered as {result['hugging_face']['model_uri']} "
-              f"(mlflow.transformers.load_model; files in {result['hugging_face']['directory']})")  # fmt: skip
-    print(f"gate: {'promoted' if gated['promoted'] else 'not promoted'}; " + "; ".join(gated["reasons"]))
-    print(f"trainonce-chat@champion = version {gated['champion']}  (serve it: trainonce serve --workdir {workdir})")
+    print("\n".join(summary_lines(result, str(workdir))))
     if os.environ.get("MLFLOW_TRACKING_URI"):
         print(f"MLflow tracking server: {os.environ['MLFLOW_TRACKING_URI']}")
     else:

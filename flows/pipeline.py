@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.run_guard import guarded_flow, run_name
 from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
+from flows.summary import summary_lines
 from registry.tracking import ui_hint
 from tasks.data import prepare_data_task
 from tasks.init_from import adapt_config, init_source_task
@@ -52,5 +53,11 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
     }  # fmt: skip
     deployed = deploy_flow(aligned["dpo_uri"], data, config.deploy, config.gate, config.sft.tasks, lineage,
                            workdir)  # fmt: skip
-    return {"data_dir": pretrained["data_dir"], "pretrain": pretrained, "search": extracted["search"],
-            "extract": extracted, "align": aligned, **deployed}  # fmt: skip
+    result = {"data_dir": pretrained["data_dir"], "pretrain": pretrained, "search": extracted["search"],
+              "extract": extracted, "align": aligned, **deployed}  # fmt: skip
+    create_markdown_artifact(
+        key="pipeline-summary",
+        markdown="### What this run produced\n\n```\n" + "\n".join(summary_lines(result, workdir)) + "\n```",
+        description="The chosen sub-model, the candidate and the promotion decision",
+    )
+    return result

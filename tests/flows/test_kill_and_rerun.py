@@ -26,14 +26,17 @@ def _command(workdir: Path, small_corpus: Path, data_dir: Path, short: list[str]
     return [exe, "pipeline", "--workdir", str(workdir), *(a for o in overrides for a in ("--set", o))]
 
 
-def _prefect_runs(workdir: Path) -> list[tuple[str, str]]:
-    """(name, state type) of every flow and task run, read through a temporary server on the workdir's own
-    Prefect database (a short pipeline has fewer than 200 of each)."""
+def _prefect_record(workdir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """(name, state type) of every flow and task run, and the pipeline-summary artifacts, read through a temporary
+    server on the workdir's own Prefect database (a short pipeline has fewer than 200 of each)."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    summaries = ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"]))
     with local_prefect_settings(workdir), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(limit=200) + client.read_task_runs(limit=200)
-    return [(run.name, run.state_type.value) for run in runs]
+        artifacts = [str(a.data) for a in client.read_artifacts(artifact_filter=summaries)]
+    return [(run.name, run.state_type.value) for run in runs], artifacts
 
 
 @pytest.mark.slow
@@ -65,8 +68,10 @@ def test_a_pipeline_killed_in_pretraining_resumes_when_run_again(
     assert int(supernet.tags["resumed_from_step"]) >= 5 and str(champion.version) == "1"
     experiment = client.get_experiment_by_name("trainonce").experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
-    states = _prefect_runs(workdir)
+    states, summaries = _prefect_record(workdir)
     assert not [(name, state) for name, state in states if state in ("RUNNING", "PENDING")], states
     assert sum(state == "CRASHED" for _, state in states) >= 2, states  # the killed pipeline run and its pretrain
     names = {name for name, _ in states}
     assert {f"{stage}: {workdir.parent.name}/pipeline" for stage in ("pipeline", "pretrain", "deploy")} <= names
+    # the pipeline run's own artifacts hold what it produced, as the command printed it
+    assert len(summaries) == 1 and "trainonce-chat@champion = version 1" in summaries[0]
