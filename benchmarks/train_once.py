@@ -213,19 +213,10 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# Config fields added after arms were cached, with their defaults: they enter an arm's key only when set, so the
-# arms trained before a field existed (which behave as its default) are still found.
-LATER_FIELDS = {"sampling": {"elastic_end": 1.0}}
-
-
 def arm_identity(config: PretrainConfig) -> dict:
-    """What an arm's cache key hashes: its whole config but the launch settings and later fields at defaults."""
-    dump = config.model_dump(mode="json", exclude={"launch"})
-    for section, fields in LATER_FIELDS.items():
-        for name, default in fields.items():
-            if dump[section][name] == default:
-                del dump[section][name]
-    return dump
+    """What an arm's cache key hashes: the run's identity (tasks.pretrain: settings added later, at the value
+    earlier runs trained with, are left out, so those arms are still found)."""
+    return config.model_dump(mode="json", exclude=config.identity_exclude())
 
 
 def train_arm(pretrain_json: str, data_dir: str, output_dir: str) -> dict:

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 import numpy as np
@@ -53,6 +53,10 @@ from tasks.optim import OptimConfig, build_optimizer
 from tasks.plots import plot_loss_curves, plot_routing_heatmap
 from tasks.throughput import device_peak_flops, training_flops
 from tasks.train_checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+
+# Settings added after runs were saved, with the value that reproduces how those runs trained: at that value they
+# are left out of a run's identity (PretrainConfig.config_hash), so adding a setting never orphans a checkpoint.
+LATER_DEFAULTS: dict[str, dict[str, object]] = {"sampling": {"elastic_end": 1.0}}
 
 
 class PretrainConfig(BaseModel):
@@ -151,9 +155,21 @@ class PretrainConfig(BaseModel):
         share = self.batch_size // num_processes
         return slice(process_index * share, (process_index + 1) * share)
 
+    def identity_exclude(self) -> dict[str, Any]:
+        """What a run's identity leaves out: how it is launched, and settings added after runs were saved while
+        they hold the value that reproduces the earlier behaviour (LATER_DEFAULTS), so that those runs'
+        checkpoints, caches and tags stay valid."""
+        exclude: dict[str, Any] = {"launch": True}
+        for section, fields in LATER_DEFAULTS.items():
+            at_default = {name for name, value in fields.items() if getattr(getattr(self, section), name) == value}
+            if at_default:
+                exclude[section] = at_default
+        return exclude
+
     def config_hash(self, data_fingerprint: str) -> str:
         """Identity of a run: this config on that data. Checkpoints and registry tags carry it."""
-        return hashlib.sha256((self.model_dump_json(exclude={"launch"}) + data_fingerprint).encode()).hexdigest()
+        identity = self.model_dump_json(exclude=self.identity_exclude())
+        return hashlib.sha256((identity + data_fingerprint).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

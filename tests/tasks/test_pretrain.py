@@ -128,3 +128,16 @@ def test_reranking_during_training_stores_the_measured_order(tmp_path: Path, sma
     importance = load_model(result.checkpoint_dir).importance()
     assert importance != Importance.identity(config.model)  # 8 experts per layer: identity is vanishingly unlikely
     importance.check_fits(config.model)
+
+
+def test_a_setting_added_later_leaves_earlier_runs_identity_unchanged() -> None:
+    """`sampling.elastic_end` did not exist when earlier runs were checkpointed: at 1.0 (how they trained) it is left
+    out of the run's identity, so their checkpoints still resume; any other value is a different run."""
+    import hashlib
+
+    config = load_pipeline_config("tiny").pretrain
+    earlier = config.model_dump_json(exclude={"launch": True, "sampling": {"elastic_end"}})  # as serialised before
+    assert '"elastic_end"' not in earlier and '"elastic_start"' in earlier
+    assert config.config_hash("fp") == hashlib.sha256((earlier + "fp").encode()).hexdigest()
+    annealed = config.model_copy(update={"sampling": config.sampling.model_copy(update={"elastic_end": 0.9})})
+    assert annealed.config_hash("fp") != config.config_hash("fp")
