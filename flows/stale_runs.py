@@ -10,7 +10,6 @@ running task runs. Runs of other hosts are left to the hosts that can check them
 from __future__ import annotations
 
 import os
-import socket
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -27,7 +26,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
-from registry.tracking import process_identity
+from registry.tracking import owner_is_gone, process_identity
 
 TAG_PREFIX = "trainonce.process:"
 _UNFINISHED = [StateType.RUNNING, StateType.PENDING]
@@ -47,13 +46,12 @@ def claim_this_run() -> None:
 def crash_orphaned_runs() -> list[str]:
     """Mark Crashed every unfinished flow run claimed by a process of this host that is gone, and its unfinished
     task runs; returns the flow run ids. (The 200 most recent a call may read: a later run finds any others.)"""
-    host = socket.gethostname()
     crashed = []
     with get_client(sync_client=True) as client:
         unfinished = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=_UNFINISHED)))
         for run in client.read_flow_runs(flow_run_filter=unfinished, sort=FlowRunSort.START_TIME_DESC, limit=200):
-            owner = next((t.removeprefix(TAG_PREFIX) for t in run.tags if t.startswith(TAG_PREFIX)), None)
-            if owner is None or owner.split(":")[0] != host or process_identity(int(owner.split(":")[1])) == owner:
+            owner = next((t.removeprefix(TAG_PREFIX) for t in run.tags if t.startswith(TAG_PREFIX)), "")
+            if not owner_is_gone(owner):
                 continue
             message = f"its process ({owner}) is gone: killed without a chance to report"
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)

@@ -163,18 +163,23 @@ def process_identity(pid: int) -> str | None:
     return f"{socket.gethostname()}:{pid}:{start}"
 
 
+def owner_is_gone(owner: str) -> bool:
+    """Whether `owner` (a `process_identity`) names a process of this host that no longer runs. False for another
+    host's process (it cannot be checked from here) and for a value that is not an identity."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and process_identity(int(pid)) != owner
+
+
 def end_orphaned_runs(workdir: str | Path, experiment_id: str, keep: str | None = None) -> list[str]:
     """End as KILLED every RUNNING run whose owning process on this host is gone (SIGKILL, OOM, power loss),
     except `keep` (the run about to be resumed); runs owned by other hosts are left alone (their processes cannot
     be checked from here). Their ids."""
-    client, host = store_client(workdir), socket.gethostname()
+    client = store_client(workdir)
     ended = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
         owner = run.data.tags.get(OWNER_TAG, "")
-        owner_host, _, rest = owner.partition(":")
-        if run.info.run_id == keep or owner_host != host or not rest.partition(":")[0].isdigit():
-            continue
-        if process_identity(int(rest.partition(":")[0])) != owner:
+        if run.info.run_id != keep and owner_is_gone(owner):
             client.set_tag(run.info.run_id, "trainonce.ended_by", f"cleanup: its process ({owner}) was gone")
             client.set_terminated(run.info.run_id, status="KILLED")
             ended.append(run.info.run_id)
