@@ -49,6 +49,7 @@ prefect-pool: setup
 prefect-deploy: prefect-pool
 	TRAINONCE_REPO=$(CURDIR) $(PREFECT_ENV) $(VENV)/bin/prefect --no-prompt deploy --all
 	$(PREFECT_ENV) $(PY) -m flows.deployment_schema  # unknown parameters refused before a run exists
+	$(PREFECT_ENV) $(PY) -m flows.automations  # crashed runs restart, unresponsive ones are Crashed
 
 prefect-worker: setup
 	mkdir -p runs/prefect

@@ -4,6 +4,8 @@ start from nothing) N times while CPU-bound neighbours take the cores, and repor
 
     .venv/bin/python benchmarks/stress_first_command.py --runs 10 --neighbours 2
 
+Each run's outcome, wall time and the load average it met are appended to `--results`, and the tally covers every
+recorded run (the neighbours may also be other jobs: the load average says how busy the machine was).
 `--set KEY=VALUE` shortens the pipeline (e.g. the test suite's short settings) when only the start-up and the
 orchestration are under test; the installation (`make setup`) is not repeated. Not part of CI: it takes hours.
 """
@@ -11,7 +13,9 @@ orchestration are under test; the installation (`make setup`) is not repeated. N
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -29,26 +33,30 @@ def burn() -> None:
         value = (value * 1_103_515_245 + 12_345) % 2**31
 
 
-def one_run(overrides: list[str], neighbours: int, timeout: int) -> tuple[bool, float, str]:
-    """One pipeline run on a fresh workdir beside `neighbours` busy processes: (succeeded, seconds, last words)."""
+def one_run(overrides: list[str], neighbours: int, timeout: int) -> dict:
+    """One pipeline run on a fresh workdir beside `neighbours` busy processes of ours (and whatever else runs):
+    whether it succeeded, its seconds, the load average it met and, if it failed, its last words."""
     burners = [multiprocessing.Process(target=burn, daemon=True) for _ in range(neighbours)]
     for burner in burners:
         burner.start()
     workdir = Path(tempfile.mkdtemp(prefix="stress-"))
     command = [str(Path(sys.executable).parent / "trainonce"), "pipeline", "--config", "configs/tiny.yaml",
                "--workdir", str(workdir), *(arg for pair in overrides for arg in ("--set", pair))]  # fmt: skip
-    start = time.monotonic()
+    start, load_before = time.monotonic(), os.getloadavg()[0]
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         ok, tail = done.returncode == 0, (done.stdout + done.stderr)[-400:]
     except subprocess.TimeoutExpired:
         ok, tail = False, f"timed out after {timeout} s"
     finally:
+        load_after = os.getloadavg()[0]
         for burner in burners:
             burner.terminate()
             burner.join()
         shutil.rmtree(workdir, ignore_errors=True)
-    return ok, time.monotonic() - start, tail
+    return {"ok": ok, "seconds": round(time.monotonic() - start, 1), "neighbours": neighbours,
+            "load_1min": [round(load_before, 2), round(load_after, 2)], "cores": os.cpu_count(),
+            "overrides": overrides, "tail": "" if ok else tail.strip()}  # fmt: skip
 
 
 def main() -> None:
@@ -57,15 +65,20 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, default=2, help="CPU-bound processes running beside each run")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds before a run counts as failed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline overrides")
+    parser.add_argument("--results", type=Path, default=REPO / "runs" / "stress_first_command.jsonl",
+                        help="every run is appended here, so a tally can span several sessions")  # fmt: skip
     args = parser.parse_args()
-    results = []
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     for index in range(args.runs):
-        ok, seconds, tail = one_run(args.set, args.neighbours, args.timeout)
-        results.append(ok)
-        print(f"run {index + 1}/{args.runs}: {'ok' if ok else 'FAILED'} in {seconds:.0f} s"
-              + ("" if ok else f"\n  {tail.strip()}"), flush=True)  # fmt: skip
-    print(f"\n{sum(results)} of {args.runs} runs succeeded with {args.neighbours} CPU-bound neighbours; command: "
-          f"benchmarks/stress_first_command.py {' '.join(sys.argv[1:])}")  # fmt: skip
+        run = one_run(args.set, args.neighbours, args.timeout)
+        with args.results.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(run) + "\n")
+        print(f"run {index + 1}/{args.runs}: {'ok' if run['ok'] else 'FAILED'} in {run['seconds']:.0f} s, load "
+              f"{run['load_1min'][0]:.1f} -> {run['load_1min'][1]:.1f} on {run['cores']} cores"
+              + ("" if run["ok"] else f"\n  {run['tail']}"), flush=True)  # fmt: skip
+    recorded = [json.loads(line) for line in args.results.read_text(encoding="utf-8").splitlines() if line]
+    print(f"\n{sum(r['ok'] for r in recorded)} of {len(recorded)} recorded runs succeeded ({args.results}); "
+          f"command: benchmarks/stress_first_command.py {' '.join(sys.argv[1:])}")  # fmt: skip
 
 
 if __name__ == "__main__":

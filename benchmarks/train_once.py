@@ -155,6 +155,17 @@ RECIPES: dict[str, dict[str, object]] = {
         "pretrain.sampling.subnet_lm_weight": 0.3,
         "pretrain.sampling.distill_weight": 0.3,
     },
+    # in-place distillation kept at full weight, the sub-models' own LM loss light: is it the LM loss of the
+    # sub-models that pulls the shared weights away from the full model, or any sub-model loss?
+    "nested_delayed_kd_anneal": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.ramp": 0.1,
+        "pretrain.sampling.elastic_end": 0.9,
+        "pretrain.sampling.subnet_lm_weight": 0.3,
+        "pretrain.sampling.distill_weight": 1.0,
+    },
     # gradient surgery for the full model (NASViT): the sub-models' conflicting gradient components are removed
     "nested_delayed_surgery": {
         "pretrain.elastic.layer_sampling": "nested",

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from flows.readiness import http_ok, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stop(process: subprocess.Popen | None) -> None:
+def stop_gracefully(process: subprocess.Popen | None) -> None:
     """SIGTERM, then SIGINT (a Prefect worker needs both to exit)."""
     if process is None or process.poll() is not None:
         return
@@ -40,9 +42,15 @@ def _stop(process: subprocess.Popen | None) -> None:
         process.wait(timeout=20)
 
 
+def start_worker(env: dict[str, str]) -> subprocess.Popen:
+    """A process worker on the `local` pool, in its own session (a test may kill it alone)."""
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+
 @contextmanager
-def local_prefect(home: Path, scheduler_seconds: int = 60) -> Iterator[dict[str, str]]:
-    """Yield the environment (PREFECT_API_URL, ...) of a running server + pool + deployments + worker."""
+def local_prefect(home: Path, scheduler_seconds: int = 60, worker: bool = True) -> Iterator[dict[str, str]]:
+    """Yield the environment (PREFECT_API_URL, ...) of a running server + pool + deployments (+ a worker)."""
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -53,7 +61,7 @@ def local_prefect(home: Path, scheduler_seconds: int = 60) -> Iterator[dict[str,
     prefect = str(BIN / "prefect")
     server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    worker = None
+    running_worker = None
     try:
         wait_until_ready(http_ok(f"http://127.0.0.1:{port}/api/health"), "the Prefect server", server)
         for command in (["work-pool", "create", "local", "--type", "process", "--overwrite"],
@@ -61,13 +69,13 @@ def local_prefect(home: Path, scheduler_seconds: int = 60) -> Iterator[dict[str,
             done = subprocess.run([prefect, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
             if done.returncode != 0:
                 raise RuntimeError(f"prefect {' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-        subprocess.run([sys.executable, "-m", "flows.deployment_schema"], cwd=REPO, env=env, check=True, timeout=180)
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "local"], cwd=REPO, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        for module in ("flows.deployment_schema", "flows.automations"):
+            subprocess.run([sys.executable, "-m", module], cwd=REPO, env=env, check=True, timeout=180)
+        running_worker = start_worker(env) if worker else None
         yield env
     finally:
-        _stop(worker)
-        _stop(server)
+        stop_gracefully(running_worker)
+        stop_gracefully(server)
 
 
 def run_deployment(
@@ -78,3 +86,24 @@ def run_deployment(
     done = subprocess.run([str(BIN / "prefect"), "deployment", "run", deployment, "--params", json.dumps(params),
                            "--watch"], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
     return done, time.monotonic() - start
+
+
+def create_flow_run(env: dict[str, str], deployment: str, parameters: dict) -> httpx.Response:
+    """POST create_flow_run as any API client does (`prefect deployment run` checks names on the client side)."""
+    api = env["PREFECT_API_URL"]
+    found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).raise_for_status().json()
+    return httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+
+
+def wait_for_final_state(env: dict[str, str], run_id: str, deadline_seconds: float = 900) -> dict:
+    """The state (JSON) of flow run `run_id` once it is final; Scheduled, Pending and Running are waited out."""
+
+    def final_state() -> dict:
+        state = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).raise_for_status().json()["state"]
+        if state["type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            raise LookupError(f"still {state['type']}")
+        return state
+
+    return wait_until_ready(
+        final_state, f"the end of flow run {run_id}", deadline_seconds=deadline_seconds, interval_seconds=1
+    )

@@ -1,6 +1,6 @@
-"""What every flow of ours does before its body runs: record the process that runs it, take its workdir (waiting
-for a run already there), and mark runs whose processes were killed Crashed (flows/stale_runs.py,
-flows/workdir_lock.py)."""
+"""What every flow of ours does before its body runs: end a deployment run that keeps crashing Failed instead of
+restarting it again (flows/automations.py), record the process that runs it, take its workdir (waiting for a run
+already there), and mark runs whose processes were killed Crashed (flows/stale_runs.py, flows/workdir_lock.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import ParamSpec, TypeVar
 
 from prefect.runtime import flow_run
 
-from flows.stale_runs import claim_this_run, crash_orphaned_runs
+from flows.automations import refuse_endless_restarts
+from flows.stale_runs import claim_this_run, crash_leftovers_of_earlier_attempts, crash_orphaned_runs
 from flows.workdir_lock import workdir_lock
 
 P = ParamSpec("P")
@@ -40,7 +41,9 @@ def guarded_flow(flow_fn: Callable[P, R]) -> Callable[P, R]:
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        refuse_endless_restarts()
         claim_this_run()  # before waiting: a run killed while it waits is found too
+        crash_leftovers_of_earlier_attempts()
         with workdir_lock(bound.arguments["workdir"]):
             crash_orphaned_runs()
             return flow_fn(*args, **kwargs)

@@ -43,6 +43,23 @@ def claim_this_run() -> None:
         client.update_flow_run(run_id, tags=[*tags, TAG_PREFIX + identity])
 
 
+def crash_leftovers_of_earlier_attempts() -> int:
+    """In a flow run that runs again after a crash (flows/automations.py restarts it), mark the task runs its dead
+    attempt left Running Crashed; returns how many. Among them are the wrappers of its subflows: left Running, Prefect
+    would re-attach the new attempt to the old, crashed subflow run instead of starting a fresh one."""
+    run_id = flow_run.get_id()
+    if run_id is None or flow_run.get_run_count() <= 1:
+        return 0
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_UNFINISHED))),
+        )
+        for task in tasks:
+            client.set_task_run_state(task.id, Crashed(message="left by an earlier attempt of this run"), force=True)
+    return len(tasks)
+
+
 def crash_orphaned_runs() -> list[str]:
     """Mark Crashed every unfinished flow run claimed by a process of this host that is gone, and its unfinished
     task runs; returns the flow run ids. (The 200 most recent a call may read: a later run finds any others.)"""

@@ -8,11 +8,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
-from flows.prefect_local import local_prefect, run_deployment
-from flows.readiness import wait_until_ready
+from flows.prefect_local import create_flow_run, local_prefect, run_deployment, wait_for_final_state
 from registry.tracking import store_client
 from tasks.data import builtin_shakespeare_files
 from tasks.pipeline_config import load_pipeline_config, parse_overrides
@@ -93,16 +91,9 @@ def test_bad_parameter_is_rejected_before_a_run_exists(prefect: dict[str, str]) 
     assert "config.pretrain.max_steps" in done.stdout + done.stderr
 
 
-def _create_run(prefect: dict[str, str], deployment: str, parameters: dict) -> httpx.Response:
-    """POST create_flow_run as any API client does (`prefect deployment run` checks names on the client side)."""
-    api = prefect["PREFECT_API_URL"]
-    found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).raise_for_status().json()
-    return httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
-
-
 @pytest.mark.slow
 def test_unknown_parameter_is_refused_by_the_server(prefect: dict[str, str]) -> None:
-    response = _create_run(prefect, "pipeline/manual", {"foo": 1})  # was 201: a run with every default
+    response = create_flow_run(prefect, "pipeline/manual", {"foo": 1})  # was 201: a run with every default
     assert response.status_code == 409, response.text
     assert "'foo' was unexpected" in response.json()["detail"]
 
@@ -111,19 +102,11 @@ def test_unknown_parameter_is_refused_by_the_server(prefect: dict[str, str]) -> 
 def test_a_cross_field_rule_fails_the_run_before_any_compute(prefect: dict[str, str]) -> None:
     """JSON Schema cannot say "data.vocab_size must equal pretrain.model.vocab_size": the server accepts the run,
     and the flow's parameter validation fails it as it starts, the fields named in the state message."""
-    response = _create_run(prefect, "pipeline/manual", {"config": {"data": {"vocab_size": 500}}})
+    response = create_flow_run(prefect, "pipeline/manual", {"config": {"data": {"vocab_size": 500}}})
     assert response.status_code == 201, response.text
-    url = f"{prefect['PREFECT_API_URL']}/flow_runs/{response.json()['id']}"
-    state = wait_until_ready(lambda: _final_state(url), "the flow run", deadline_seconds=600)
+    state = wait_for_final_state(prefect, response.json()["id"], deadline_seconds=600)
     assert state["type"] == "FAILED"
     assert "pretrain.model.vocab_size=1024 must equal data.vocab_size=500" in state["message"], state
-
-
-def _final_state(url: str) -> dict:
-    state = httpx.get(url, timeout=30).raise_for_status().json()["state"]
-    if state["type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-        raise LookupError(f"still {state['type']}")
-    return state
 
 
 @pytest.mark.slow
