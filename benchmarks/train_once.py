@@ -166,6 +166,26 @@ RECIPES: dict[str, dict[str, object]] = {
         "pretrain.sampling.subnet_lm_weight": 0.3,
         "pretrain.sampling.distill_weight": 1.0,
     },
+    # ... no sub-model LM loss at all (sub-models learn from the full model's logits only, as Once-for-All and
+    # BigNAS train them), and the same with a longer full-model-alone end (the last 20%)
+    "nested_delayed_kd0_anneal": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.ramp": 0.1,
+        "pretrain.sampling.elastic_end": 0.9,
+        "pretrain.sampling.subnet_lm_weight": 0.0,
+        "pretrain.sampling.distill_weight": 1.0,
+    },
+    "nested_delayed_kd_anneal80": {
+        "pretrain.elastic.layer_sampling": "nested",
+        "pretrain.elastic.expert_sampling": "nested",
+        "pretrain.sampling.elastic_start": 0.5,
+        "pretrain.sampling.ramp": 0.1,
+        "pretrain.sampling.elastic_end": 0.8,
+        "pretrain.sampling.subnet_lm_weight": 0.3,
+        "pretrain.sampling.distill_weight": 1.0,
+    },
     # gradient surgery for the full model (NASViT): the sub-models' conflicting gradient components are removed
     "nested_delayed_surgery": {
         "pretrain.elastic.layer_sampling": "nested",

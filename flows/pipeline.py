@@ -10,6 +10,10 @@ finished stage (flows/stages.py).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
@@ -21,6 +25,18 @@ from tasks.data import prepare_data_task
 from tasks.init_from import adapt_config, init_source_task
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import retrain_data_task
+
+STAGES = 4
+
+
+@contextmanager
+def stage(number: int, what: str) -> Iterator[None]:
+    """Log a stage's start and end in the pipeline run itself, so that `prefect deployment run --watch` (which
+    streams the run's own logs, not its subflows') and the run's log show where the pipeline is."""
+    print(f"stage {number}/{STAGES} ({what}) starts")
+    start = time.monotonic()
+    yield
+    print(f"stage {number}/{STAGES} ({what}) done in {time.monotonic() - start:.0f} s")
 
 
 @flow(name="pipeline", flow_run_name=run_name("pipeline"), log_prints=True)
@@ -41,18 +57,25 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         source = init_source_task(config.init_from, workdir)
         config = adapt_config(config, source, workdir)
     data = retrain_data_task(config.data, config.pretrain, workdir)  # a retrain keeps its supernet's tokenizer
-    if source and config.init_steps == 0:
-        pretrained = {"model_uri": source, "data_dir": prepare_data_task(data), "run_id": None, "val_loss": {}}
-    else:
-        pretrained = pretrain_flow(data, config.pretrain, workdir, parent=source)
-    extracted = extract_flow(pretrained["model_uri"], data, config.search, config.extract, workdir)
-    aligned = align_flow(extracted["model_uri"], data, config.sft, config.dpo, workdir)
+    with stage(1, "data and elastic pre-training"):
+        if source and config.init_steps == 0:
+            pretrained = {"model_uri": source, "data_dir": prepare_data_task(data), "run_id": None, "val_loss": {}}
+        else:
+            pretrained = pretrain_flow(data, config.pretrain, workdir, parent=source)
+        print(f"supernet: {pretrained['model_uri']}")
+    with stage(2, "search and extraction"):
+        extracted = extract_flow(pretrained["model_uri"], data, config.search, config.extract, workdir)
+        print(f"sub-model {extracted['subnet']}: {extracted['model_uri']}")
+    with stage(3, "SFT and DPO"):
+        aligned = align_flow(extracted["model_uri"], data, config.sft, config.dpo, workdir)
+        print(f"aligned: {aligned['dpo_uri']}")
     lineage = {
         "parent_sft": aligned["sft_uri"], "parent_subnet": extracted["model_uri"],
         "parent_supernet": pretrained["model_uri"], "subnet": extracted["subnet"],
     }  # fmt: skip
-    deployed = deploy_flow(aligned["dpo_uri"], data, config.deploy, config.gate, config.sft.tasks, lineage,
-                           workdir)  # fmt: skip
+    with stage(4, "export, quantization and gate"):
+        deployed = deploy_flow(aligned["dpo_uri"], data, config.deploy, config.gate, config.sft.tasks, lineage,
+                               workdir)  # fmt: skip
     result = {"data_dir": pretrained["data_dir"], "pretrain": pretrained, "search": extracted["search"],
               "extract": extracted, "align": aligned, **deployed}  # fmt: skip
     create_markdown_artifact(
