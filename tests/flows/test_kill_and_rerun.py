@@ -3,6 +3,7 @@ again with the same command: it resumes (pre-training from its checkpoint, which
 Prefect's cache), ends with a champion, and nothing the killed run left behind stays Running (its Prefect flow,
 subflow and task runs are Crashed; its MLflow runs are resumed or ended KILLED)."""
 
+import json
 import os
 import shutil
 import signal
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import local_prefect_settings
 from registry.tracking import store_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,17 +27,29 @@ def _command(workdir: Path, small_corpus: Path, data_dir: Path, short: list[str]
     return [exe, "pipeline", "--workdir", str(workdir), *(a for o in overrides for a in ("--set", o))]
 
 
+# Run in a fresh process: Prefect's temporary server is a singleton of the process that starts it, so a second test
+# in this process would read the first test's database through it.
+_READ_RECORD = """
+import json, sys
+from pathlib import Path
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+summaries = ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"]))
+with local_prefect_settings(Path(sys.argv[1])), get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(limit=200) + client.read_task_runs(limit=200)
+    artifacts = [str(a.data) for a in client.read_artifacts(artifact_filter=summaries)]
+print(json.dumps({"states": [[run.name, run.state_type.value] for run in runs], "summaries": artifacts}))
+"""
+
+
 def _prefect_record(workdir: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """(name, state type) of every flow and task run, and the pipeline-summary artifacts, read through a temporary
     server on the workdir's own Prefect database (a short pipeline has fewer than 200 of each)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    summaries = ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"]))
-    with local_prefect_settings(workdir), get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(limit=200) + client.read_task_runs(limit=200)
-        artifacts = [str(a.data) for a in client.read_artifacts(artifact_filter=summaries)]
-    return [(run.name, run.state_type.value) for run in runs], artifacts
+    done = subprocess.run([sys.executable, "-c", _READ_RECORD, str(workdir)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, check=True)  # fmt: skip
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    return [(name, state) for name, state in record["states"]], record["summaries"]
 
 
 # where the first run is killed: as soon as this appears in its workdir
