@@ -23,6 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy models
+	$(VENV)/bin/lint-imports  # package layers and no import cycles ([tool.importlinter] in pyproject.toml)
 
 # The default suite: everything but the end-to-end runs marked `slow` (minutes each), which `make test-slow`
 # runs; CI (.ci/run) runs both.

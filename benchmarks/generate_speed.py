@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from models.chat_format import SPECIAL_TOKENS, ChatFormat
 from models.checkpoint import load_model
 from models.config import MoEConfig
 from models.generate import greedy_generate
 from models.hf import hf_config_dict, to_hf_state_dict
 from models.moe import ElasticMoE
 from serving.engine import MODEL_FILE, ChatPackage
-from tasks.chat_format import SPECIAL_TOKENS, ChatFormat
 from tasks.export import DeployConfig, build_packages
 
 

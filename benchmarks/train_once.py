@@ -49,9 +49,11 @@ from tasks.elastic_sampling import SamplingConfig, plan_step  # noqa: E402
 from tasks.extract import ExtractConfig, distill_subnet, rank_importance, student_val_loss  # noqa: E402
 from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides  # noqa: E402
 from tasks.plots import plot_claim  # noqa: E402
-from tasks.pretrain import PretrainConfig, evaluate_panel, run_pretrain  # noqa: E402
+from tasks.pretrain_config import PretrainConfig  # noqa: E402
+from tasks.pretrain_loop import run_pretrain  # noqa: E402
 from tasks.search import SearchConfig, run_search  # noqa: E402
 from tasks.throughput import training_flops  # noqa: E402
+from tasks.validation_panel import evaluate_panel  # noqa: E402
 
 # Each recipe is a set of config overrides (KEY=VALUE as --set takes them): no code forks. Every recipe starts from
 # NEUTRAL, so that it means the same whatever the preset's own recipe is.
@@ -245,7 +247,7 @@ def _key(*parts: object) -> str:
 
 
 def arm_identity(config: PretrainConfig) -> dict:
-    """What an arm's cache key hashes: the run's identity (tasks.pretrain: settings added later, at the value
+    """What an arm's cache key hashes: the run's identity (tasks.pretrain_config: settings added later, at the value
     earlier runs trained with, are left out, so those arms are still found)."""
     return config.model_dump(mode="json", exclude=config.identity_exclude())
 

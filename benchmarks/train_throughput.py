@@ -20,9 +20,10 @@ import torch
 from models.accounting import subnet_cost
 from models.config import MoEConfig
 from models.moe import ElasticMoE
+from tasks.elastic_step import elastic_forward_backward, plan_for_step
 from tasks.optim import build_optimizer
 from tasks.pipeline_config import load_pipeline_config
-from tasks.pretrain import PretrainConfig, elastic_forward_backward, plan_for_step
+from tasks.pretrain_config import PretrainConfig
 from tasks.throughput import device_peak_flops, training_flops
 
 PEER_SHAPE = MoEConfig(

@@ -157,8 +157,8 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> None:
     """A registered checkpoint as a Hugging Face directory; `trainonce-chat` refs (ONNX packages) export the
     PyTorch model they were exported from (their `parent_model` tag)."""
+    from models.chat_format import chat_format_of
     from registry.models import CHAT_MODEL, download_checkpoint, resolve_version, version_tags
-    from tasks.chat_format import chat_format_of
     from tasks.export_hf import export_hf
 
     try:

@@ -31,7 +31,8 @@ from tasks.export_hf import export_hf_task
 from tasks.extract import ExtractConfig, extract_task
 from tasks.gate import gate_task
 from tasks.pipeline_config import PipelineConfig
-from tasks.pretrain import PretrainConfig, pretrain_task, retrain_data_task
+from tasks.pretrain import pretrain_task, retrain_data_task
+from tasks.pretrain_config import PretrainConfig
 from tasks.search import SearchConfig, search_task
 
 DEFAULTS = PipelineConfig()  # the tiny preset: what a run with no parameters does

@@ -23,7 +23,6 @@ CHAT_TORCH_MODEL = "trainonce-chat-torch"  # aligned PyTorch checkpoints (SFT, D
 CHAT_MODEL = "trainonce-chat"  # the deployable: ONNX (fp32 / INT8 / INT4) + tokenizer, served by alias
 HF_MODEL = "trainonce-chat-hf"  # the same aligned model as a transformers directory (transformers flavor)
 _SCORER_CODE = Path(__file__).resolve().parent / "scorer_pyfunc.py"
-_CHAT_CODE = Path(__file__).resolve().parent / "chat_pyfunc.py"
 _PIP_REQUIREMENTS = ["trainonce", "torch", "onnxruntime", "safetensors", "tokenizers", "pandas"]
 _REF = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
 
@@ -99,11 +98,12 @@ def register_checkpoint(
 
 
 def register_chat_package(
-    workdir: str | Path, run_id: str, package_dir: Path, tags: dict[str, Any]
+    workdir: str | Path, run_id: str, package_dir: Path, tags: dict[str, Any], pyfunc_code: Path
 ) -> RegisteredVersion:
     """Register an exported chat package (ONNX + tokenizer + generation config) as a `trainonce-chat` version.
 
-    Its `predict` takes OpenAI-style chat messages and returns completions (registry/chat_pyfunc.py), so
+    `pyfunc_code` is the model-from-code file whose `predict` takes OpenAI-style chat messages and returns
+    completions (serving.CHAT_PYFUNC_CODE: the serving layer owns it, the registry only logs it), so
     `mlflow models serve -m models:/trainonce-chat@champion` answers chat requests."""
     message = Object([Property("role", DataType.string), Property("content", DataType.string)])
     signature = ModelSignature(
@@ -115,7 +115,7 @@ def register_chat_package(
     )  # fmt: skip
     example = pd.DataFrame({"messages": [[{"role": "user", "content": "Copy: to be or not"}]], "max_tokens": [8]})
     return _log_and_register(
-        workdir, run_id, CHAT_MODEL, "chat", _CHAT_CODE, {"package": str(package_dir)}, signature, example, tags
+        workdir, run_id, CHAT_MODEL, "chat", pyfunc_code, {"package": str(package_dir)}, signature, example, tags
     )
 
 

@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette import types as asgi
 from starlette.exceptions import HTTPException
 
+from models.chat_format import Message
 from serving.engine import ChatPackage, finish_reason
 from serving.model_source import LoadedModel, ModelSource
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, Usage, error_body, new_id, now
-from tasks.chat_format import Message
 
 log = logging.getLogger("trainonce.serving")
 

@@ -2,7 +2,7 @@
 
 A package is the folder `tasks/export.py` writes and the registry versions as `trainonce-chat`:
 `model.onnx` (fp32, INT8 or INT4), `tokenizer.json` and `generation_config.json`. The same engine serves
-HTTP requests (serving/app.py), answers the MLflow pyfunc's `predict` (registry/chat_pyfunc.py) and measures
+HTTP requests (serving/app.py), answers the MLflow pyfunc's `predict` (serving/chat_pyfunc.py) and measures
 every variant for the export stage and the gate, so what is evaluated is exactly what is served.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from tasks.chat_format import ChatFormat, ChatTokenizer, Message
+from models.chat_format import ChatFormat, ChatTokenizer, Message
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -36,7 +36,7 @@ class GenerationConfig:
     eos_token_id: int
     default_max_new_tokens: int
     quantization: str
-    chat_format: dict = field(default_factory=dict)  # tasks.chat_format.ChatFormat; {}: trainonce's own
+    chat_format: dict = field(default_factory=dict)  # models.chat_format.ChatFormat; {}: trainonce's own
 
     def save(self, directory: Path) -> None:
         (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(self.__dict__, indent=2))

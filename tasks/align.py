@@ -21,6 +21,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from models.chat_format import ChatTokenizer
 from models.checkpoint import load_model, save_model
 from models.generate import greedy_generate
 from models.losses import IGNORE_INDEX, causal_lm_loss, dpo_loss, masked_lm_loss, sequence_logprobs
@@ -42,7 +43,6 @@ from tasks.align_data import (
     read_preference_jsonl,
     read_sft_jsonl,
 )
-from tasks.chat_format import ChatTokenizer
 from tasks.data import PreparedData, sample_batch
 from tasks.optim import short_run_schedule
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.chat_format import Message
+from models.chat_format import Message
 
 
 class Conversation(BaseModel):

@@ -20,9 +20,9 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from models.chat_format import SPECIAL_TOKENS, ChatFormat, ChatTokenizer
 from models.publish import staged_dir, staged_file
 from registry.s3 import download_prefix
-from tasks.chat_format import SPECIAL_TOKENS, ChatFormat, ChatTokenizer
 
 BUILTIN_SOURCES = ("shakespeare",)
 FORMAT_VERSION = 1  # bump when the on-disk layout or the split rule changes

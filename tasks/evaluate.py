@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.chat_format import Message
 from serving.engine import MODEL_FILE, ChatPackage
 from tasks.align_data import Example, TaskMixConfig, corpus_passages, exact_match_by_task, generate_splits
-from tasks.chat_format import Message
 from tasks.data import PreparedData, sample_batch
 
 

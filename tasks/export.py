@@ -23,15 +23,16 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
+from models.chat_format import ChatFormat, Message
 from models.checkpoint import load_model
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from models.onnx_forward import ExportableDecoder, past_names, present_names
 from registry.models import CHAT_MODEL, register_chat_package, set_alias
 from registry.tracking import RunLogger, git_commit
+from serving import CHAT_PYFUNC_CODE
 from serving.engine import MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig, OnnxGenerator
 from tasks.align_data import TaskMixConfig
-from tasks.chat_format import ChatFormat, Message
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
 
@@ -314,7 +315,7 @@ def export_task(
         "onnx_greedy_tokens_equal": str(result.parity.greedy_tokens_equal),
         "evaluation": json.dumps({v: e.to_dict() for v, e in result.evaluations.items()}),
     }  # fmt: skip
-    version = register_chat_package(workdir, logger.run_id, result.packages[result.candidate], tags)
+    version = register_chat_package(workdir, logger.run_id, result.packages[result.candidate], tags, CHAT_PYFUNC_CODE)
     set_alias(workdir, CHAT_MODEL, "candidate", version.version)
     logger.finish()
     return {

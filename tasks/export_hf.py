@@ -4,7 +4,7 @@
 The weights are written by transformers' own `Ernie4_5_MoeForCausalLM.save_pretrained` (config.json,
 generation_config.json, safetensors, weight tying as transformers expects it) and the tokenizer by
 `PreTrainedTokenizerFast.save_pretrained`, with the chat template SFT rendered its data with
-(`tasks.chat_format`), so `apply_chat_template` yields exactly the token ids the model was trained on.
+(`models.chat_format`), so `apply_chat_template` yields exactly the token ids the model was trained on.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from prefect import task
 from tokenizers import Tokenizer
 from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+from models.chat_format import ChatFormat
 from models.checkpoint import load_model
 from models.hf import HF_ARCHITECTURE, hf_config_dict, to_hf_state_dict
 from models.publish import staged_dir
 from registry.models import register_hf_model
 from registry.tracking import RunLogger
-from tasks.chat_format import ChatFormat
 from tasks.data import PreparedData
 
 

@@ -32,8 +32,8 @@ from registry.models import SUBNET_MODEL, SUPERNET_MODEL, register_checkpoint
 from registry.tracking import RunLogger, git_commit
 from tasks.data import PreparedData, sample_batch
 from tasks.optim import short_run_schedule
-from tasks.pretrain import evaluate_panel
 from tasks.throughput import training_flops
+from tasks.validation_panel import evaluate_panel
 
 
 class ExtractConfig(BaseModel):

@@ -4,7 +4,7 @@ left one: search, extraction, distillation, alignment and deployment start from 
 
 Everything that can be wrong is checked before a weight is loaded: the architecture and its options
 (`models.hf.config_from_hf`), every tensor's name and shape against the safetensors headers, the tokenizer and
-the model's own chat format (`tasks.chat_format.chat_format_from_hf`), and the elastic space against the model.
+the model's own chat format (`models.chat_format.chat_format_from_hf`), and the elastic space against the model.
 
 Weights are read one decoder layer at a time from the memory-mapped files into the fp32 model, so host memory
 peaks at the fp32 model plus the copy safetensors makes while writing it (2 x 4 bytes per parameter), not at
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from models.chat_format import chat_format_from_hf
 from models.checkpoint import save_model
 from models.config import MoEConfig
 from models.hf import config_from_hf, copy_hf_tensors, from_checkpoint_layout, hf_expected_shapes, unfilled
@@ -32,7 +33,6 @@ from models.moe import ElasticMoE
 from models.subnet import ElasticSpace
 from registry.models import SUPERNET_MODEL, RegisteredVersion, register_checkpoint
 from registry.tracking import RunLogger, git_commit
-from tasks.chat_format import chat_format_from_hf
 from tasks.data import check_tokenizer
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

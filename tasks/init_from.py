@@ -7,11 +7,11 @@ from pathlib import Path
 
 from prefect import task
 
+from models.chat_format import chat_format_of
 from models.checkpoint import load_config
 from models.subnet import ElasticSpace
 from registry.models import SUPERNET_MODEL, download_checkpoint
 from registry.tracking import store_client
-from tasks.chat_format import chat_format_of
 from tasks.import_hf import files_sha256, import_hf
 from tasks.pipeline_config import PipelineConfig
 

@@ -13,7 +13,7 @@ from tasks.align import DPOConfig, SFTConfig
 from tasks.data import DataConfig
 from tasks.export import DeployConfig
 from tasks.extract import ExtractConfig
-from tasks.pretrain import PretrainConfig
+from tasks.pretrain_config import PretrainConfig
 from tasks.search import SearchConfig, check_parameter_budgets
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

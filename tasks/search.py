@@ -35,7 +35,7 @@ from registry.tracking import RunLogger
 from tasks.data import PreparedData
 from tasks.extract import ExtractConfig, rank_importance
 from tasks.plots import plot_pareto
-from tasks.pretrain import panel_batch_losses
+from tasks.validation_panel import panel_batch_losses
 
 
 class SearchConfig(BaseModel):

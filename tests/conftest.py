@@ -187,12 +187,15 @@ def make_chat_registry(tmp_path_factory: pytest.TempPathFactory, chat_packages):
     `trainonce-chat` versions 1, 2 and 3, no aliases set. Each test module that moves aliases takes its own."""
     from registry.models import register_chat_package
     from registry.tracking import RunLogger
+    from serving import CHAT_PYFUNC_CODE
 
     def make() -> Path:
         workdir = tmp_path_factory.mktemp("chat-registry")
         logger = RunLogger(workdir, run_name="export")
         for variant in ("fp32", "int8", "int4"):
-            register_chat_package(workdir, logger.run_id, chat_packages[variant], {"quantization": variant})
+            register_chat_package(
+                workdir, logger.run_id, chat_packages[variant], {"quantization": variant}, CHAT_PYFUNC_CODE
+            )
         logger.finish()
         return workdir
 

@@ -14,10 +14,10 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from flows.cli import main
+from models.chat_format import Message, chat_format_of
 from registry.models import download_chat_package, download_checkpoint
 from registry.tracking import store_client
 from serving.engine import ChatPackage
-from tasks.chat_format import Message, chat_format_of
 
 
 @pytest.mark.slow

@@ -20,12 +20,23 @@ def test_prefect_server_target_starts_without_a_runs_folder(tmp_path: Path) -> N
     for name in ("Makefile", "pyproject.toml"):  # the Makefile's stamp is keyed by pyproject.toml
         shutil.copy(REPO / name, tmp_path / name)
     venv = Path(sys.executable).parent.parent
-    # installed already: `-o STAMP` keeps make from re-installing the package from (and so pointing it at) tmp_path
+    # Installed already. Re-installing from tmp_path would point the shared editable install at a folder without the
+    # packages, breaking every later `trainonce` process: name the venv's own stamp (it is keyed by the pyproject.toml
+    # it was installed from, which need not be this one) and mark it up to date with `-o`.
     (stamp,) = venv.glob(".installed-*")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = ["make", "-s", "-o", str(stamp), "prefect-server", f"VENV={venv}", f"PREFECT_PORT={port}"]
+    command = [
+        "make",
+        "-s",
+        "-o",
+        str(stamp),
+        "prefect-server",
+        f"VENV={venv}",
+        f"STAMP={stamp}",
+        f"PREFECT_PORT={port}",
+    ]
     log = tmp_path / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from flows.cli import main
+from models.chat_format import Message
 from registry.models import CHAT_MODEL
 from registry.promotion import (
     CHAMPION,
@@ -20,7 +21,6 @@ from registry.promotion import (
 )
 from registry.tracking import active_store
 from serving.engine import ChatPackage
-from tasks.chat_format import Message
 
 
 def test_first_candidate_is_promoted_only_if_configured() -> None:

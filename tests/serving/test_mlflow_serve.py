@@ -8,11 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from models.chat_format import Message
 from registry.models import CHAT_MODEL
 from registry.promotion import promote
 from registry.tracking import tracking_uri
 from serving.engine import ChatPackage
-from tasks.chat_format import Message
 
 from .test_server import REPO, free_port, wait_healthy
 

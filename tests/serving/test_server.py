@@ -15,10 +15,10 @@ import openai
 import pytest
 
 from flows.readiness import http_ok, wait_until_ready
+from models.chat_format import Message
 from registry.models import CHAT_MODEL
 from registry.promotion import promote
 from serving.engine import ChatPackage
-from tasks.chat_format import Message
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-trainonce-test"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.chat_format import SPECIAL_TOKENS
+from models.chat_format import SPECIAL_TOKENS
 from tasks.data import (
     DataConfig,
     builtin_shakespeare_files,

@@ -9,11 +9,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from models.chat_format import Message
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from serving.engine import MODEL_FILE, ChatPackage
 from tasks.align_data import TaskMixConfig
-from tasks.chat_format import Message
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
 from tasks.export import DeployConfig, check_parity, choose_candidate

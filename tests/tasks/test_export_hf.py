@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models.chat_format import ChatFormat, Message
 from models.checkpoint import save_model
 from models.extract import extract_subnet
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from models.subnet import SubnetSpec
-from tasks.chat_format import ChatFormat, Message
 from tasks.data import PreparedData
 from tasks.export_hf import export_hf
 

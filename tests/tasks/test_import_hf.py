@@ -18,12 +18,12 @@ from transformers import (
 )
 
 from flows.cli import main
+from models.chat_format import ChatTokenizer, Message, chat_format_of
 from models.checkpoint import load_model, save_model
 from models.extract import extract_subnet
 from models.subnet import ElasticSpace, Importance
 from registry.models import download_checkpoint
 from registry.tracking import store_client
-from tasks.chat_format import ChatTokenizer, Message, chat_format_of
 from tasks.export_hf import export_hf
 from tasks.import_hf import default_elastic_space, import_hf
 

@@ -11,9 +11,12 @@ from models.checkpoint import load_model
 from models.moe import ElasticMoE
 from models.subnet import Importance
 from tasks.data import DataConfig, PreparedData, prepare_data
+from tasks.elastic_step import plan_for_step
 from tasks.optim import cosine_with_warmup
 from tasks.pipeline_config import load_pipeline_config
-from tasks.pretrain import PretrainConfig, evaluation_panel, plan_for_step, run_pretrain
+from tasks.pretrain_config import PretrainConfig
+from tasks.pretrain_loop import run_pretrain
+from tasks.validation_panel import evaluation_panel
 
 
 def _tiny_pretrain(**overrides) -> PretrainConfig:

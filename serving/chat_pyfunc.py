@@ -19,7 +19,7 @@ class ChatCompletionModel(PythonModel):
         self.package = ChatPackage(context.artifacts["package"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
-        from tasks.chat_format import Message
+        from models.chat_format import Message
 
         rows = []
         for _, row in model_input.iterrows():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from models.chat_format import ROLE_TOKENS, ChatFormat, ChatTokenizer, Message, chat_format_from_hf
 from tasks.align import IGNORE_INDEX, encode
 from tasks.align_data import Conversation
-from tasks.chat_format import ROLE_TOKENS, ChatFormat, ChatTokenizer, Message, chat_format_from_hf
 from tasks.data import DataConfig, PreparedData, prepare_data
 
 CONVERSATION = (

@@ -83,7 +83,9 @@ class ChatFormat(BaseModel):
         """The conversation as text, exactly as transformers' `apply_chat_template(tokenize=False)` renders it."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered, _ = render_jinja_template(
+        # Any: transformers annotates it narrower than it works (template variables pass as keyword arguments)
+        render_template: Any = render_jinja_template
+        rendered, _ = render_template(
             conversations=[[m.model_dump() for m in messages]],
             chat_template=self.template,
             add_generation_prompt=add_generation_prompt,
@@ -93,12 +95,13 @@ class ChatFormat(BaseModel):
 
     def token_ids(self, tokenizer: Tokenizer) -> dict[str, int]:
         """Ids of the end-of-turn, end-of-text and pad tokens; ValueError naming the field that is not one token."""
-        ids = {}
+        ids: dict[str, int] = {}
         for field in ("end_of_turn", "end_of_text", "pad"):
             token = getattr(self, field)
-            ids[field] = tokenizer.token_to_id(token)
-            if ids[field] is None:
+            token_id = tokenizer.token_to_id(token)
+            if token_id is None:
                 raise ValueError(f"chat_format.{field}: {token!r} is not a token of the tokenizer")
+            ids[field] = token_id
         return ids
 
     def check(self, tokenizer: Tokenizer) -> None:
@@ -186,7 +189,8 @@ def chat_format_from_hf(directory: Path, tokenizer: Tokenizer, template_file: Pa
     generation_file = directory / "generation_config.json"
     if generation_file.is_file():
         eos = json.loads(generation_file.read_text()).get("eos_token_id")
-        candidates += [tokenizer.id_to_token(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+        tokens = (tokenizer.id_to_token(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+        candidates += [token for token in tokens if token is not None]
     candidates = list(dict.fromkeys(candidates))
     probe = ChatFormat(template=template, variables=variables)
     reply = probe.render(_PROBE[1:3])
