@@ -34,6 +34,7 @@ import json, sys
 from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from flows.cli import local_prefect_settings
 
 summaries = ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"]))
 with local_prefect_settings(Path(sys.argv[1])), get_client(sync_client=True) as client:
@@ -48,7 +49,7 @@ def _prefect_record(workdir: Path) -> tuple[list[tuple[str, str]], list[str]]:
     server on the workdir's own Prefect database (a short pipeline has fewer than 200 of each)."""
     done = subprocess.run([sys.executable, "-c", _READ_RECORD, str(workdir)], cwd=REPO, capture_output=True,
                           text=True, timeout=600, check=True)  # fmt: skip
-    record = json.loads(done.stdout.strip().splitlines()[-1])
+    record = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"states"')))
     return [(name, state) for name, state in record["states"]], record["summaries"]
 
 
