@@ -1,0 +1,7 @@
+"""Prefect flows and the `trainonce` CLI. Importing this package first checks that our other top-level packages
+(`models`, `tasks`, `registry`, `serving`: generic names) are this checkout's, not another project's
+(flows/own_packages.py), before any of them is imported."""
+
+from flows.own_packages import check_own_packages
+
+check_own_packages()
