@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 from flows.run_guard import guarded_flow, run_name
@@ -118,6 +118,8 @@ def extract_flow(
         raise ValueError(f"{supernet}: registered before pre-training tokens were recorded; re-run pretrain")
     elastic = ElasticSpace.model_validate(source["extra"]["elastic_space"])
     chosen = cached(search_task, workdir)(search, extract, elastic, source["checkpoint_dir"], data_dir, workdir)
+    create_table_artifact(key="search-candidates", table=chosen["candidates"], description="Every evaluated sub-model")
+    create_markdown_artifact(key="search-choice", markdown=chosen["choice"], description="Chosen sub-model")
     extracted = cached(extract_task, workdir)(
         extract, chosen["ranked_supernet_dir"], chosen["spec_json"], data_dir, workdir, source["version"],
         source["extra"]["pretrain_tokens"], chosen["limits"],

@@ -9,9 +9,13 @@ The stage's other parts each have a module: its settings (tasks/pretrain_config.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from uuid import UUID
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
 
 from models.chat_format import chat_format_of
 from models.checkpoint import load_config
@@ -103,6 +107,24 @@ def retrain_data_config(data: DataConfig, config: PretrainConfig, workdir: str |
     )
 
 
+def progress_bar(description: str) -> Callable[[int, int], None]:
+    """A progress callback that draws a Prefect progress artifact (a bar in the UI) for the task run it is called
+    in, created at the first call; outside a task run (`trainonce pretrain` calls the task's function) it does
+    nothing."""
+    artifact: list[UUID] = []
+
+    def report(done: int, total: int) -> None:
+        if TaskRunContext.get() is None:
+            return
+        percent = 100.0 * done / max(total, 1)
+        if not artifact:
+            artifact.append(create_progress_artifact(percent, description=description))
+        else:
+            update_progress_artifact(artifact[0], percent)
+
+    return report
+
+
 @task(name="retrain-data", retries=2, retry_delay_seconds=[2, 10])
 def retrain_data_task(data: DataConfig, config: PretrainConfig, workdir: str) -> DataConfig:
     """The data config this run prepares with (see retrain_data_config); reads the registry, so never cached."""
@@ -121,8 +143,11 @@ def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str, parent_re
     init_label = parent.version.uri if parent else ""
     output_dir = Path(workdir) / "pretrain" / config.config_hash(data.fingerprint + init_label)[:16]
     init_from = parent.checkpoint_dir if parent else None
-    train = run_pretrain if config.launch.in_process else run_pretrain_launched
-    result = train(config, data, output_dir, tracking_dir=workdir, init_from=init_from, init_label=init_label)
+    if config.launch.in_process:
+        bar = progress_bar(f"pre-training, {config.total_steps()} steps")
+        result = run_pretrain(config, data, output_dir, workdir, init_from, init_label, on_progress=bar)
+    else:  # other processes: no bar
+        result = run_pretrain_launched(config, data, output_dir, workdir, init_from, init_label)
     version = register_pretrained(result, config, data, workdir, parent)
     return {
         "model_uri": version.uri,

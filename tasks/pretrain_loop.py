@@ -6,14 +6,12 @@ a killed run resumes exactly where it stopped (same data order, same optimizer s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from uuid import UUID
 
 import numpy as np
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
 from tqdm.auto import tqdm
 
 from models.checkpoint import load_model, save_model
@@ -44,13 +42,6 @@ from tasks.validation_panel import (
 )
 
 
-def prefect_progress(description: str, done: int, total: int) -> UUID | None:
-    """A Prefect progress artifact (a bar in the UI) when running inside a Prefect task, else None."""
-    if TaskRunContext.get() is None:
-        return None
-    return create_progress_artifact(100.0 * done / total, description=description)
-
-
 def run_pretrain(
     config: PretrainConfig,
     data: PreparedData,
@@ -58,9 +49,11 @@ def run_pretrain(
     tracking_dir: str | Path | None = None,
     init_from: str | Path | None = None,
     init_label: str = "",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PretrainResult:
     """Train the supernet; resume from the newest checkpoint in `output_dir` if there is one. `init_from` (a saved
-    model of this architecture, named `init_label` in the run's identity) gives the starting weights.
+    model of this architecture, named `init_label` in the run's identity) gives the starting weights. The main
+    process calls `on_progress(done, total)` steps as it goes (the Prefect task draws a bar in the UI with it).
 
     Saves the final supernet to `output_dir/supernet` and, with `tracking_dir`, logs params, metrics and
     the loss-curve PNG to an MLflow run (the same run again after a resume).
@@ -119,11 +112,9 @@ def run_pretrain(
         desc="pretrain",
         disable=not accelerator.is_main_process,
     )
-    ui_progress = (
-        prefect_progress(f"pre-training, {total_steps} steps", start_step, total_steps)
-        if accelerator.is_main_process
-        else None
-    )
+    report_progress = on_progress if on_progress is not None and accelerator.is_main_process else None
+    if report_progress is not None:
+        report_progress(start_step, total_steps)
     model.train()
     window_start, window_flops, window_tokens = time.perf_counter(), 0.0, 0
     losses, val_loss, tokens_per_second, mfu, grad_norm = StepLosses(), {}, 0.0, 0.0, 0.0
@@ -177,8 +168,8 @@ def run_pretrain(
                 }
             )
             progress.set_postfix(loss=f"{losses.full:.3f}", tok_s=f"{tokens_per_second:,.0f}", mfu=f"{mfu:.1%}")
-            if ui_progress is not None:
-                update_progress_artifact(ui_progress, 100.0 * done / total_steps)
+            if report_progress is not None:
+                report_progress(done, total_steps)
             window_start, window_flops, window_tokens = time.perf_counter(), 0.0, 0
         if done % config.eval_interval == 0 or done == total_steps:
             val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
@@ -191,8 +182,8 @@ def run_pretrain(
             run_id = logger.run_id if logger else (state.mlflow_run_id if state else None)
             save_checkpoint(accelerator, output_dir, TrainerState(done, config_hash, run_id), config.keep_checkpoints)
 
-    if ui_progress is not None:
-        update_progress_artifact(ui_progress, 100.0)
+    if report_progress is not None:
+        report_progress(total_steps, total_steps)
     heatmap_rows = full_model_routing(core, val_tokens, config, accelerator.device)
     if not val_loss:  # resumed at the very end: nothing trained, validate what was restored
         val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)

@@ -22,7 +22,6 @@ from typing import Literal
 
 import torch
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.accounting import ModelCost, subnet_cost
@@ -500,7 +499,6 @@ def search_task(
     )  # fmt: skip
     logger.set_tags({"chosen_spec": result.chosen.spec.model_dump_json(), "method": result.method})
     logger.finish()
-    create_table_artifact(key="search-candidates", table=rows, description="Every evaluated sub-model")
     lines = [f"Chosen **{result.chosen.spec.describe()}** (layers {list(result.chosen.spec.layers)}): "
              f"{result.chosen.total_params:,} params, {result.chosen.active_params:,} active, "
              f"validation loss {result.chosen.val_loss:.4f}; {result.method} search, {len(result.evaluated)} "
@@ -512,8 +510,9 @@ def search_task(
             f"Importance ranking: {effect.spec_importance.describe()} loses {effect.loss_importance:.4f} with the "
             f"measured order vs {effect.loss_identity:.4f} with the identity order."
         )
-    create_markdown_artifact(key="search-choice", markdown="\n\n".join(lines), description="Chosen sub-model")
     return {
+        "candidates": rows,  # every evaluated sub-model, one row each (the flow shows them as a table)
+        "choice": "\n\n".join(lines),  # the chosen sub-model and why, in markdown
         "ranked_supernet_dir": str(ranked_dir),
         "spec_json": result.chosen.spec.model_dump_json(),
         "limits": result.limits,
