@@ -31,8 +31,8 @@ STAGES = 4
 
 @contextmanager
 def stage(number: int, what: str) -> Iterator[None]:
-    """Log a stage's start and end in the pipeline run itself, so that `prefect deployment run --watch` (which
-    streams the run's own logs, not its subflows') and the run's log show where the pipeline is."""
+    """Log a stage's start and end in the pipeline run's own log (its subflows log elsewhere), so that the run's
+    log in the UI or `prefect flow-run logs` shows where the pipeline is."""
     print(f"stage {number}/{STAGES} ({what}) starts")
     start = time.monotonic()
     yield

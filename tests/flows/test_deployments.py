@@ -50,8 +50,6 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
                              [(), ("dpo.steps=6",)]))  # fmt: skip
     for done, _ in runs:
         assert done.returncode == 0 and "Completed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
-        # --watch streams the pipeline run's own log: where the pipeline is, stage by stage
-        assert all(f"stage {n}/4" in done.stdout and "done in" in done.stdout for n in range(1, 5)), done.stdout
     cold_seconds = min(seconds for _, seconds in runs)  # the first run to hold the workdir did everything
     client = store_client(workdir)
 
