@@ -5,7 +5,8 @@ start from nothing) N times while CPU-bound neighbours take the cores, and repor
     .venv/bin/python benchmarks/stress_first_command.py --runs 10 --neighbours 2
 
 Each run's outcome, wall time and the load average it met are appended to `--results`, and the tally covers every
-recorded run (the neighbours may also be other jobs: the load average says how busy the machine was).
+recorded run. The neighbours may also be other CPU-bound jobs (a benchmark's workers): `--neighbours 0 --others
+"what they are"` records them, and the load average says how busy the machine was.
 `--set KEY=VALUE` shortens the pipeline (e.g. the test suite's short settings) when only the start-up and the
 orchestration are under test; the installation (`make setup`) is not repeated. Not part of CI: it takes hours.
 """
@@ -33,7 +34,7 @@ def burn() -> None:
         value = (value * 1_103_515_245 + 12_345) % 2**31
 
 
-def one_run(overrides: list[str], neighbours: int, timeout: int) -> dict:
+def one_run(overrides: list[str], neighbours: int, others: str, timeout: int) -> dict:
     """One pipeline run on a fresh workdir beside `neighbours` busy processes of ours (and whatever else runs):
     whether it succeeded, its seconds, the load average it met and, if it failed, its last words."""
     burners = [multiprocessing.Process(target=burn, daemon=True) for _ in range(neighbours)]
@@ -55,7 +56,7 @@ def one_run(overrides: list[str], neighbours: int, timeout: int) -> dict:
             burner.join()
         shutil.rmtree(workdir, ignore_errors=True)
     return {"ok": ok, "seconds": round(time.monotonic() - start, 1), "neighbours": neighbours,
-            "load_1min": [round(load_before, 2), round(load_after, 2)], "cores": os.cpu_count(),
+            "others": others, "load_1min": [round(load_before, 2), round(load_after, 2)], "cores": os.cpu_count(),
             "overrides": overrides, "tail": "" if ok else tail.strip()}  # fmt: skip
 
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--neighbours", type=int, default=2, help="CPU-bound processes running beside each run")
+    parser.add_argument("--others", default="", help="other CPU-bound jobs running beside the runs, recorded")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds before a run counts as failed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline overrides")
     parser.add_argument("--results", type=Path, default=REPO / "runs" / "stress_first_command.jsonl",
@@ -70,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for index in range(args.runs):
-        run = one_run(args.set, args.neighbours, args.timeout)
+        run = one_run(args.set, args.neighbours, args.others, args.timeout)
         with args.results.open("a", encoding="utf-8") as out:
             out.write(json.dumps(run) + "\n")
         print(f"run {index + 1}/{args.runs}: {'ok' if run['ok'] else 'FAILED'} in {run['seconds']:.0f} s, load "
