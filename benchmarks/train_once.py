@@ -46,7 +46,8 @@ from models.subnet import ElasticSpace, Importance, SubnetSpec  # noqa: E402
 from registry.tracking import RunLogger  # noqa: E402
 from tasks.data import PreparedData, prepare_data  # noqa: E402
 from tasks.elastic_sampling import SamplingConfig, plan_step  # noqa: E402
-from tasks.extract import ExtractConfig, distill_subnet, rank_importance, student_val_loss  # noqa: E402
+from tasks.extract import ExtractConfig, distill_subnet, student_val_loss  # noqa: E402
+from tasks.importance_calibration import rank_importance  # noqa: E402
 from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides  # noqa: E402
 from tasks.plots import plot_claim  # noqa: E402
 from tasks.pretrain_config import PretrainConfig  # noqa: E402
@@ -327,14 +328,15 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
     """Every row for one seed of one recipe; returns them as a JSON-able dict."""
     pipeline = pipeline.model_copy(
         update={"pretrain": pipeline.pretrain.model_copy(update={"seed": seed}),
+                "importance": pipeline.importance.model_copy(update={"seed": seed}),
                 "extract": pipeline.extract.model_copy(update={"seed": seed})}
     )  # fmt: skip
-    pretrain, extract, data = pipeline.pretrain, pipeline.extract, arms.data
+    pretrain, importance, extract, data = pipeline.pretrain, pipeline.importance, pipeline.extract, arms.data
     tokens = pretrain.tokens_per_step() * pretrain.total_steps()
     elastic_future, full_future = arms.train(pretrain), arms.train(alone(pretrain, pretrain.model))
     elastic = elastic_future.result()
     supernet = load_model(elastic["checkpoint_dir"], DEVICE).eval()
-    rank_importance(supernet, data, extract, pretrain.elastic, pipeline.search.seq_len)  # nested orders are kept
+    rank_importance(supernet, data, importance, pretrain.elastic, pipeline.search.seq_len)  # nested orders are kept
 
     def objective(spec: SubnetSpec) -> float:
         shape = (pipeline.search.eval_batch_size, pipeline.search.seq_len, pipeline.search.eval_batches)
@@ -354,7 +356,7 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
     parent = load_model(full_dir["checkpoint_dir"], DEVICE).eval()
     # Minitron ranks the trained parent's own layers and experts (no nesting to respect)
     unnested = pretrain.elastic.model_copy(update={"layer_sampling": "random", "expert_sampling": "random"})
-    rank_importance(parent, data, extract, unnested, pipeline.search.seq_len)
+    rank_importance(parent, data, importance, unnested, pipeline.search.seq_len)
     prunes = {}
     for label, spec in members.items():
         same_shape = parent.importance().spec(parent.config, len(spec.layers), spec.moe_expert_counts[0], spec.top_k)

@@ -64,7 +64,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
             pretrained = pretrain_flow(data, config.pretrain, workdir, parent=source)
         print(f"supernet: {pretrained['model_uri']}")
     with stage(2, "search and extraction"):
-        extracted = extract_flow(pretrained["model_uri"], data, config.search, config.extract, workdir)
+        extracted = extract_flow(
+            pretrained["model_uri"], data, config.importance, config.search, config.extract, workdir
+        )
         print(f"sub-model {extracted['subnet']}: {extracted['model_uri']}")
     with stage(3, "SFT and DPO"):
         aligned = align_flow(extracted["model_uri"], data, config.sft, config.dpo, workdir)
@@ -74,7 +76,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         "parent_supernet": pretrained["model_uri"], "subnet": extracted["subnet"],
     }  # fmt: skip
     with stage(4, "export, quantization and gate"):
-        deployed = deploy_flow(aligned["dpo_uri"], data, config.deploy, config.gate, config.sft.tasks, lineage,
+        deployed = deploy_flow(aligned["dpo_uri"], data, config.deploy, config.gate, config.sft.task_mix, lineage,
                                workdir)  # fmt: skip
     result = {"data_dir": pretrained["data_dir"], "pretrain": pretrained, "search": extracted["search"],
               "extract": extracted, "align": aligned, **deployed}  # fmt: skip

@@ -30,6 +30,7 @@ from tasks.export import DeployConfig, export_task
 from tasks.export_hf import export_hf_task
 from tasks.extract import ExtractConfig, extract_task
 from tasks.gate import gate_task
+from tasks.importance_calibration import ImportanceConfig
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import pretrain_task, retrain_data_task
 from tasks.pretrain_config import PretrainConfig
@@ -105,11 +106,13 @@ def pretrain_flow(
 def extract_flow(
     supernet: str = f"{SUPERNET_MODEL}/latest",
     data: DataConfig = DEFAULTS.data,
+    importance: ImportanceConfig = DEFAULTS.importance,
     search: SearchConfig = DEFAULTS.search,
     extract: ExtractConfig = DEFAULTS.extract,
     workdir: str = "runs/pipeline",
 ) -> dict:
-    """Search the registered supernet's family under budgets, extract and distil the chosen sub-model;
+    """Rank the registered supernet's experts and layers, search its family under budgets, extract and distil the
+    chosen sub-model;
     registers a `trainonce-subnet` version."""
     workdir = checked_workdir(workdir)
     data_dir = prepare_data_task(data)
@@ -117,7 +120,7 @@ def extract_flow(
     if "pretrain_tokens" not in source["extra"]:
         raise ValueError(f"{supernet}: registered before pre-training tokens were recorded; re-run pretrain")
     elastic = ElasticSpace.model_validate(source["extra"]["elastic_space"])
-    chosen = cached(search_task, workdir)(search, extract, elastic, source["checkpoint_dir"], data_dir, workdir)
+    chosen = cached(search_task, workdir)(search, importance, elastic, source["checkpoint_dir"], data_dir, workdir)
     create_table_artifact(key="search-candidates", table=chosen["candidates"], description="Every evaluated sub-model")
     create_markdown_artifact(key="search-choice", markdown=chosen["choice"], description="Chosen sub-model")
     extracted = cached(extract_task, workdir)(
@@ -186,7 +189,7 @@ def deploy_flow(
     data: DataConfig = DEFAULTS.data,
     deploy: DeployConfig = DEFAULTS.deploy,
     gate: GateRules = DEFAULTS.gate,
-    tasks: TaskMixConfig = DEFAULTS.sft.tasks,
+    task_mix: TaskMixConfig = DEFAULTS.sft.task_mix,
     lineage: dict[str, str] | None = None,
     workdir: str = "runs/pipeline",
 ) -> dict:
@@ -196,7 +199,7 @@ def deploy_flow(
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, aligned)
     lineage = {"parent_model": source["uri"], **(lineage or {})}
-    exported = cached(export_task, workdir)(deploy, tasks, source["checkpoint_dir"], data_dir, workdir, lineage)
+    exported = cached(export_task, workdir)(deploy, task_mix, source["checkpoint_dir"], data_dir, workdir, lineage)
     parity = exported["parity"]
     create_markdown_artifact(
         key="export",
@@ -213,7 +216,7 @@ def deploy_flow(
     )
     if hugging_face:
         print(f"registered {hugging_face['model_uri']}, a transformers directory of {source['uri']}")
-    gated = cached(gate_task, workdir)(gate, deploy.evaluation, tasks, exported["version"], data_dir, workdir)
+    gated = cached(gate_task, workdir)(gate, deploy.evaluation, task_mix, exported["version"], data_dir, workdir)
     verdict = "promoted" if gated["promoted"] else "not promoted"
     candidate_link = version_link(f"{CHAT_MODEL}/{gated['candidate_version']}")
     champion_link = version_link(f"{CHAT_MODEL}/{gated['champion']}") if gated["champion"] else "none"

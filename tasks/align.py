@@ -44,7 +44,7 @@ from tasks.align_data import (
     read_sft_jsonl,
 )
 from tasks.data import PreparedData, sample_batch
-from tasks.optim import short_run_schedule
+from tasks.optim import short_run_schedule, warmup_factor
 
 
 class SFTConfig(BaseModel):
@@ -52,7 +52,7 @@ class SFTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: TaskMixConfig = Field(default_factory=TaskMixConfig, description="Generated instruction tasks.")
+    task_mix: TaskMixConfig = Field(default_factory=TaskMixConfig, description="Generated instruction tasks.")
     extra_jsonl: str | None = Field(
         None, description='Your own conversations, one {"messages": [...]} per line, trained on with the tasks.'
     )
@@ -61,6 +61,7 @@ class SFTConfig(BaseModel):
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
     lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW, warm-up then cosine).")
     warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm; larger steps are scaled down.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit when measuring accuracy.")
     replay_batch_size: int = Field(
         0, ge=0, le=65_536,
@@ -171,7 +172,7 @@ def run_sft(
             replay = model(window)
             total = total + config.replay_weight * causal_lm_loss(replay.logits, window)
         accelerator.backward(total)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -236,7 +237,9 @@ class DPOConfig(BaseModel):
     steps: int = Field(100, ge=1, le=10_000_000, description="Optimiser steps.")
     batch_size: int = Field(16, ge=1, le=65_536, description="Preference pairs per batch.")
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
-    lr: float = Field(2e-4, gt=0, le=1, description="Learning rate (AdamW, constant after a short warm-up).")
+    lr: float = Field(2e-4, gt=0, le=1, description="Learning rate (AdamW, constant after the warm-up).")
+    warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm; larger steps are scaled down.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit for on-policy pairs and accuracy.")
     max_pairs: int | None = Field(
         None, ge=1, le=10_000_000,
@@ -327,7 +330,7 @@ def run_dpo(
     model.train()
     for step in tqdm(range(config.steps), desc="dpo"):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / 10)
+            group["lr"] = config.lr * warmup_factor(step, config.warmup_steps)
         batch = rng.sample(encoded, min(config.batch_size, len(encoded)))
         pc, pr, n_chosen = _pair_logprobs(model, batch, pad)
         with torch.no_grad():
@@ -336,7 +339,7 @@ def run_dpo(
         if config.chosen_nll_weight > 0:  # keep the chosen answers likely, not only preferred (RPO)
             loss = loss + config.chosen_nll_weight * (-pc / n_chosen.clamp(min=1)).mean()
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -366,7 +369,7 @@ def align_task(
     data = PreparedData.load(data_dir)
     tokenizer = data.chat_tokenizer()
     model = load_model(subnet_dir)
-    train, test = generate_splits(sft.tasks, corpus_passages("\n".join(data.documents())))
+    train, test = generate_splits(sft.task_mix, corpus_passages("\n".join(data.documents())))
     out_dir = Path(workdir) / "align" / f"subnet-v{subnet_version}"
     lineage = {"parent_model": f"{SUBNET_MODEL}/{subnet_version}", "parent_subnet_version": subnet_version,
                "data_fingerprint": data.fingerprint, "git_commit": git_commit()}  # fmt: skip

@@ -33,6 +33,9 @@ from tasks.optim import OptimConfig, cosine_with_warmup, short_run_schedule
 # The order in which progressive shrinking opens the elastic dimensions: the least structural first
 # (routing fewer experts changes no weight), depth last (skipping a layer changes every later layer's input).
 PROGRESSIVE_ORDER = ("top_k", "experts", "depth")
+# Step `step` of seed `seed` draws from random.Random(seed * SEED_STRIDE + step): a prime stride keeps the streams
+# of nearby seeds apart, and it is the stream earlier runs used (same draws, same figures).
+SEED_STRIDE = 1_000_003
 
 
 class SamplingConfig(BaseModel):
@@ -196,7 +199,7 @@ def plan_step(
     scale = sampling.subnet_scale(step, total_steps)
     if scale == 0.0:
         return StepPlan([None], 0.0)
-    rng = random.Random(seed * 1_000_003 + step)  # the stream earlier runs used: same draws, same figures
+    rng = random.Random(seed * SEED_STRIDE + step)
     sub = restrict_space(space, sampling.open_dimensions(space, step, total_steps))
     if sampling.policy == "random":
         return StepPlan([None, sub.sample(config, importance, rng, sampling.size_skew)], scale)

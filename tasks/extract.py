@@ -1,7 +1,6 @@
-"""Extraction stage: rank importance, cut the chosen sub-model out, distil it briefly from the supernet.
+"""Extraction stage: cut the chosen sub-model out of the ranked supernet, distil it briefly from the supernet.
 
-Importance ranking (routing mass for experts, block influence for layers) is measured on calibration
-batches of the training split and stored in the supernet, so "the n most important" sub-models keep what
+The supernet arrives ranked (tasks.importance_calibration), so "the n most important" sub-models keep what
 matters. The chosen spec is extracted as a standalone model (`extract_subnet`: exact) and, optionally,
 trained further with KL to the supernet's logits plus CE, for a compute budget expressed as a fraction of
 what pre-training that architecture from scratch on the supernet's tokens would cost (default 6%, the
@@ -24,10 +23,9 @@ from tqdm.auto import tqdm
 from models.accounting import subnet_cost
 from models.checkpoint import load_model, save_model
 from models.extract import extract_subnet
-from models.importance import ImportanceScores, measure_importance
 from models.losses import DistillationTarget, causal_lm_loss, distillation_loss
 from models.moe import ElasticMoE
-from models.subnet import ElasticSpace, Importance, SubnetSpec
+from models.subnet import SubnetSpec
 from registry.models import SUBNET_MODEL, SUPERNET_MODEL, register_checkpoint
 from registry.tracking import RunLogger, git_commit
 from tasks.data import PreparedData, sample_batch
@@ -37,12 +35,10 @@ from tasks.validation_panel import evaluate_panel
 
 
 class ExtractConfig(BaseModel):
-    """Importance calibration and post-extraction distillation."""
+    """Post-extraction distillation from the supernet's logits."""
 
     model_config = ConfigDict(extra="forbid")
 
-    calibration_batches: int = Field(8, ge=1, le=100_000, description="Training batches used to rank importance.")
-    rank_importance: bool = Field(True, description="Measure and store importance orders before the search.")
     distill: bool = Field(True, description="Continue training the extracted model from the supernet's logits.")
     distill_compute_fraction: float = Field(
         0.06,
@@ -62,50 +58,11 @@ class ExtractConfig(BaseModel):
         "benchmark 1e-3 first undid what the cut had learned, 3e-4 improved it from the first step (docs/claim.md).",
     )
     warmup_steps: int = Field(5, ge=0, le=1_000_000, description="Linear warm-up steps of distillation.")
+    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm; larger steps are scaled down.")
     batch_size: int = Field(16, ge=1, le=65_536, description="Sequences per distillation batch.")
     seq_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per distillation sequence.")
     eval_batches: int = Field(4, ge=1, le=10_000, description="Validation batches before/after distillation.")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of calibration and distillation batches.")
-
-
-@dataclass(frozen=True)
-class RankingEffect:
-    """Validation loss of the same-size sub-model with measured importance order vs identity order."""
-
-    spec_importance: SubnetSpec
-    spec_identity: SubnetSpec
-    loss_importance: float
-    loss_identity: float
-
-
-@torch.no_grad()
-def rank_importance(
-    model: ElasticMoE, data: PreparedData, config: ExtractConfig, space: ElasticSpace, seq_len: int
-) -> tuple[ImportanceScores, RankingEffect]:
-    """Measure importance on calibration batches, store the orders in `model` (a nested dimension keeps the order
-    it was trained in), and show their effect on the smallest sub-model of the space."""
-    rng = np.random.default_rng(config.seed)
-    device = next(model.parameters()).device
-    train = data.split("train")
-    batches = [
-        sample_batch(train, config.batch_size, seq_len, rng).to(device) for _ in range(config.calibration_batches)
-    ]
-    scores = measure_importance(model, batches, space.expert_ranking)
-    identity = Importance.identity(model.config)
-    measured = space.trained_order(model.importance(), scores.importance())
-    smallest_identity = space.smallest(model.config, identity)
-    smallest_measured = space.smallest(model.config, measured)
-    model.set_importance(measured)
-    losses = evaluate_panel(
-        model,
-        {"importance": smallest_measured, "identity": smallest_identity},
-        data.split("val"),
-        config.batch_size,
-        seq_len,
-        config.eval_batches,
-        device,
-    )
-    return scores, RankingEffect(smallest_measured, smallest_identity, losses["importance"], losses["identity"])
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of distillation batches.")
 
 
 def student_val_loss(student: ElasticMoE, data: PreparedData, config: ExtractConfig) -> float:
@@ -171,7 +128,7 @@ def distill_subnet(
         loss = loss + config.kd_weight * distillation_loss(out.logits, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
         optimizer.step()
     student.eval()
     after = student_val_loss(student, data, config)

@@ -22,12 +22,17 @@ class OptimConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm.")
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier of a linear warm-up: (step + 1) / warmup_steps, then 1 (DPO's whole schedule)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
 def cosine_with_warmup(optim: OptimConfig, max_steps: int):
     """Learning-rate multiplier per step: linear warm-up, then cosine decay to min_lr_ratio."""
 
     def factor(step: int) -> float:
         if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
+            return warmup_factor(step, optim.warmup_steps)
         progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
         return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 

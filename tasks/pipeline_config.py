@@ -13,6 +13,7 @@ from tasks.align import DPOConfig, SFTConfig
 from tasks.data import DataConfig
 from tasks.export import DeployConfig
 from tasks.extract import ExtractConfig
+from tasks.importance_calibration import ImportanceConfig
 from tasks.pretrain_config import PretrainConfig
 from tasks.search import SearchConfig, check_parameter_budgets
 
@@ -53,6 +54,9 @@ class PipelineConfig(BaseModel):
 
     data: DataConfig = Field(default_factory=lambda: _default("data"), description="Corpus, tokenizer and split.")
     pretrain: PretrainConfig = Field(default_factory=lambda: _default("pretrain"), description="Elastic pre-training.")
+    importance: ImportanceConfig = Field(
+        default_factory=lambda: _default("importance"), description="Expert and layer ranking before the search."
+    )
     search: SearchConfig = Field(
         default_factory=lambda: _default("search"), description="Sub-model search under budgets."
     )
@@ -87,7 +91,8 @@ class PipelineConfig(BaseModel):
         return merge_sections(_default_sections(), data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
-    def _vocab_matches(self) -> PipelineConfig:
+    def _stages_fit_the_model(self) -> PipelineConfig:
+        """Every stage tokenizes with the model's vocabulary and stays within its context length."""
         if self.data.vocab_size != self.pretrain.model.vocab_size:
             raise ValueError(
                 f"pretrain.model.vocab_size={self.pretrain.model.vocab_size} must equal "
@@ -104,11 +109,21 @@ class PipelineConfig(BaseModel):
                 raise ValueError(
                     f"{field}={seq_len} exceeds pretrain.model.max_seq_len={self.pretrain.model.max_seq_len}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _continued_pretraining_outlasts_warmup(self) -> PipelineConfig:
+        """Continued pre-training runs init_steps steps with the preset's schedule, warm-up included."""
         if self.init_from and self.init_steps and self.pretrain.optim.warmup_steps >= self.init_steps:
-            raise ValueError(  # continued pre-training runs init_steps steps with the preset's schedule
+            raise ValueError(
                 f"pretrain.optim.warmup_steps={self.pretrain.optim.warmup_steps} must be < init_steps={self.init_steps}"
             )
-        try:  # an unreachable budget would otherwise fail only at the search, after pre-training
+        return self
+
+    @model_validator(mode="after")
+    def _search_budgets_are_reachable(self) -> PipelineConfig:
+        """An unreachable budget would otherwise fail only at the search, after pre-training."""
+        try:
             check_parameter_budgets(self.search, self.pretrain.model, self.pretrain.elastic)
         except ValueError as error:
             raise ValueError(f"search: {error} in pretrain.elastic (raise the budget or widen the space)") from error

@@ -41,6 +41,10 @@ from tasks.validation_panel import (
     routing_entropy,
 )
 
+# The re-ranking's calibration batches come from their own stream (seed, step, RERANK_STREAM), apart from the
+# training batches' stream, and identical on every process.
+RERANK_STREAM = 1_000_003
+
 
 def run_pretrain(
     config: PretrainConfig,
@@ -140,7 +144,7 @@ def run_pretrain(
             core.update_routing_bias(mean_over_processes(accelerator, routing))
         if config.rerank_interval and (step + 1) % config.rerank_interval == 0:
             # the same batches on every process, so every rank derives the same order and samples alike
-            rng = np.random.default_rng([config.seed, step, 1_000_003])
+            rng = np.random.default_rng([config.seed, step, RERANK_STREAM])
             calibration = [
                 sample_batch(train_tokens, config.batch_size, config.seq_len, rng).to(accelerator.device)
                 for _ in range(config.rerank_batches)

@@ -32,9 +32,13 @@ from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance, SubnetSpec
 from registry.tracking import RunLogger
 from tasks.data import PreparedData
-from tasks.extract import ExtractConfig, rank_importance
+from tasks.importance_calibration import ImportanceConfig, rank_importance
 from tasks.plots import plot_pareto
 from tasks.validation_panel import panel_batch_losses
+
+# Children in a row that were already evaluated or out of budget before the evolutionary search gives up: a budget
+# larger than the members it can reach ends the search instead of looping.
+MAX_STALE_CHILDREN = 1000
 
 
 class SearchConfig(BaseModel):
@@ -63,6 +67,9 @@ class SearchConfig(BaseModel):
     population: int = Field(8, ge=2, le=1024, description="Evolutionary search: random initial population.")
     parents: int = Field(4, ge=2, le=1024, description="Evolutionary search: best candidates that breed.")
     mutation_rate: float = Field(0.3, gt=0, le=1, description="Evolutionary search: per-gene mutation chance.")
+    exploration_rate: float = Field(
+        0.1, ge=0, le=1, description="Evolutionary search: chance that a child is a fresh random member instead."
+    )
     eval_batches: int = Field(4, ge=1, le=10_000, description="Validation batches per evaluated sub-model.")
     eval_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per validation batch.")
     seq_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per validation sequence.")
@@ -292,9 +299,9 @@ def _evolve(
         else:
             rejected.add(g)
     stale = 0
-    while evaluated and len(evaluated) < budget and stale < 1000:
+    while evaluated and len(evaluated) < budget and stale < MAX_STALE_CHILDREN:
         ranked = sorted(evaluated, key=lambda g: evaluated[g].val_loss)[: config.parents]
-        if rng.random() < 0.1:  # keep exploring: now and then a fresh random member
+        if rng.random() < config.exploration_rate:  # keep exploring: now and then a fresh random member
             child = rng.choice(pool)
         else:
             a, b = rng.sample(ranked, 2) if len(ranked) > 1 else (ranked[0], ranked[0])
@@ -439,7 +446,7 @@ def _key(spec: SubnetSpec) -> str:
 @task(name="search", retries=1, retry_delay_seconds=5)
 def search_task(
     search: SearchConfig,
-    extract: ExtractConfig,
+    importance: ImportanceConfig,
     elastic: ElasticSpace,
     supernet_dir: str,
     data_dir: str,
@@ -449,14 +456,14 @@ def search_task(
     data = PreparedData.load(data_dir)
     supernet = load_model(supernet_dir).eval()
     # One folder per (supernet, data, settings): a cached later stage may still point into an earlier one.
-    key = json.dumps([search.model_dump(mode="json"), extract.model_dump(mode="json"),
+    key = json.dumps([search.model_dump(mode="json"), importance.model_dump(mode="json"),
                       elastic.model_dump(mode="json"), supernet_dir, data_dir])  # fmt: skip
     out_dir = Path(workdir) / "search" / hashlib.sha256(key.encode()).hexdigest()[:16]
     logger = RunLogger(workdir, run_name="search", tags={"stage": "search"})
     logger.log_params({"search": search.model_dump(mode="json"), "supernet_dir": supernet_dir})
     effect = None
-    if extract.rank_importance:
-        _, effect = rank_importance(supernet, data, extract, elastic, search.seq_len)
+    if importance.enabled:
+        _, effect = rank_importance(supernet, data, importance, elastic, search.seq_len)
         logger.log_metrics(
             {"ranking/val_loss_importance_order": effect.loss_importance,
              "ranking/val_loss_identity_order": effect.loss_identity}, step=0,

@@ -19,6 +19,10 @@ from models.subnet import SubnetSpec
 from tasks.data import sample_batch
 from tasks.pretrain_config import PretrainConfig
 
+# The validation windows every stage scores on come from one fixed seed, whatever the run's own seed: the same
+# batches for every sub-model, stage and run, so their losses compare pairwise.
+VALIDATION_SEED = 12345
+
 
 def evaluation_panel(config: PretrainConfig, model: ElasticMoE) -> dict[str, SubnetSpec | None]:
     """The fixed sub-models validated during training: full, largest, smallest and a few in between."""
@@ -68,7 +72,7 @@ def panel_batch_losses(
     paired, so their noise is the spread of the per-batch differences."""
     was_training = model.training
     model.eval()
-    rng = np.random.default_rng(12345)
+    rng = np.random.default_rng(VALIDATION_SEED)
     batches = [sample_batch(val_tokens, batch_size, seq_len, rng).to(device) for _ in range(n_batches)]
     losses = {label: [causal_lm_loss(model(b, subnet=spec).logits, b).item() for b in batches]
               for label, spec in panel.items()}  # fmt: skip
@@ -95,7 +99,8 @@ def full_model_routing(
     """Expert load per MoE layer of the full model on one fixed validation batch (rows of the heatmap)."""
     was_training = model.training
     model.eval()
-    batch = sample_batch(val_tokens, config.batch_size, config.seq_len, np.random.default_rng(12345)).to(device)
+    rng = np.random.default_rng(VALIDATION_SEED)
+    batch = sample_batch(val_tokens, config.batch_size, config.seq_len, rng).to(device)
     rows = [stats.expert_load.tolist() for stats in model(batch).routing]
     model.train(was_training)
     return rows

@@ -80,7 +80,7 @@ def short_pipeline() -> list[str]:
         "data.vocab_size=400", "pretrain.model.vocab_size=400", "pretrain.max_steps=20",
         "pretrain.optim.warmup_steps=2", "pretrain.eval_interval=10",
         "extract.distill_compute_fraction=0.3",  # 6% of 20 steps' compute would be less than one step
-        "sft.steps=20", "sft.tasks.train_per_task=20", "sft.tasks.test_per_task=4", "sft.replay_batch_size=2",
+        "sft.steps=20", "sft.task_mix.train_per_task=20", "sft.task_mix.test_per_task=4", "sft.replay_batch_size=2",
         "dpo.steps=5", "deploy.evaluation.val_batches=2", "deploy.evaluation.speed_prompts=1",
         "deploy.evaluation.speed_new_tokens=8",
     ]  # fmt: skip

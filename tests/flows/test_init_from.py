@@ -30,7 +30,7 @@ def test_pipeline_from_an_imported_checkpoint_keeps_its_chat_format_to_serving(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     overrides = [*short_pipeline, f"data.source={small_corpus}", f"data.data_dir={tmp_path / 'data'}",
                  f"init_from=hf:{hf_checkpoint}", "init_steps=3", "search.max_evaluations=4", "sft.steps=8",
-                 "sft.tasks.train_per_task=8", "sft.tasks.test_per_task=2", "sft.max_new_tokens=8", "dpo.steps=2",
+                 "sft.task_mix.train_per_task=8", "sft.task_mix.test_per_task=2", "sft.max_new_tokens=8", "dpo.steps=2",
                  "dpo.max_pairs=8", "dpo.max_new_tokens=8", "deploy.variants=[fp32]",
                  "deploy.hugging_face=true"]  # fmt: skip
     with prefect_test_harness():  # Prefect's own test server, stopped (and its logs flushed) when the run ends

@@ -64,7 +64,7 @@ def sft_run(tokenizer, small_corpus: Path):
     config = SFTConfig(
         tasks=TaskMixConfig(tasks=("copy",), train_per_task=400, test_per_task=30), steps=300, lr=3e-3, batch_size=32
     )
-    train, test = generate_splits(config.tasks, passages)
+    train, test = generate_splits(config.task_mix, passages)
     model = _model()
     return model, run_sft(config, model, tokenizer, train, test), train, test
 
@@ -117,7 +117,7 @@ def test_user_files_are_checked_before_any_compute(tmp_path: Path) -> None:
 def test_user_conversations_are_trained_on(tokenizer) -> None:
     model = _model()
     extra = [as_conversation(Example("user", "Who wrote Hamlet?", "Shakespeare"))]
-    config = SFTConfig(tasks=TaskMixConfig(tasks=("copy",), train_per_task=1, test_per_task=1), steps=40, lr=3e-3)
+    config = SFTConfig(task_mix=TaskMixConfig(tasks=("copy",), train_per_task=1, test_per_task=1), steps=40, lr=3e-3)
     train = [Example("copy", "Repeat: king", "king")]
     run_sft(config, model, tokenizer, train, train, extra)
     from tasks.align import generate_reply

@@ -11,7 +11,8 @@ from models.extract import extract_subnet
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance, SubnetSpec
 from tasks.data import DataConfig, PreparedData, prepare_data
-from tasks.extract import ExtractConfig, distill_subnet, rank_importance, run_extract
+from tasks.extract import ExtractConfig, distill_subnet, run_extract
+from tasks.importance_calibration import ImportanceConfig, rank_importance
 from tasks.throughput import training_flops
 
 CONFIG = MoEConfig(vocab_size=300, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, n_experts=8, expert_ffn_dim=32)
@@ -31,7 +32,7 @@ def _supernet() -> ElasticMoE:
 def test_ranking_stores_measured_orders_and_reports_their_effect(data: PreparedData) -> None:
     model = _supernet()
     space = ElasticSpace(depths=(2, 4), expert_counts=(2, 8), top_ks=(1,))
-    config = ExtractConfig(calibration_batches=2, batch_size=4, eval_batches=2)
+    config = ImportanceConfig(calibration_batches=2, batch_size=4, eval_batches=2)
     scores, effect = rank_importance(model, data, config, space, seq_len=32)
     assert model.importance() == scores.importance() != Importance.identity(CONFIG)
     assert effect.spec_identity == space.smallest(CONFIG, Importance.identity(CONFIG))

@@ -16,7 +16,7 @@ def test_a_section_that_sets_one_field_keeps_the_presets_other_fields(tmp_path: 
     config, tiny = load_pipeline_config(user), load_pipeline_config("tiny")
     assert config.sft.steps == 10
     assert config.sft.replay_batch_size == tiny.sft.replay_batch_size == 4
-    assert config.sft.tasks == tiny.sft.tasks
+    assert config.sft.task_mix == tiny.sft.task_mix
 
 
 def test_deployment_parameters_merge_the_same_way() -> None:

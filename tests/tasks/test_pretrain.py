@@ -12,7 +12,7 @@ from models.moe import ElasticMoE
 from models.subnet import Importance
 from tasks.data import DataConfig, PreparedData, prepare_data
 from tasks.elastic_step import plan_for_step
-from tasks.optim import cosine_with_warmup
+from tasks.optim import cosine_with_warmup, warmup_factor
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain_config import PretrainConfig
 from tasks.pretrain_loop import run_pretrain
@@ -77,6 +77,11 @@ def test_schedule_warms_up_then_decays() -> None:
     factor = cosine_with_warmup(config.optim, config.max_steps)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(55) == pytest.approx(0.55) and factor(100) == pytest.approx(0.1)
+
+
+def test_a_warmup_alone_rises_linearly_then_holds() -> None:  # DPO's schedule (dpo.warmup_steps)
+    assert [warmup_factor(step, 4) for step in (0, 1, 3, 50)] == [0.25, 0.5, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0  # no warm-up: the full learning rate from the first step
 
 
 def test_short_run_learns_and_saves_a_loadable_supernet(tmp_path: Path, small_data: PreparedData) -> None:
