@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -112,18 +111,19 @@ def bounds(field: FieldInfo) -> str:
     """The field's constraints: an interval for numbers, a minimum length, a pattern."""
     low = high = ""
     notes = []
+    # pydantic keeps each Field constraint as one metadata object named after it (Ge(ge=1), MinLen(min_length=1), ...)
     for item in field.metadata:
-        if isinstance(item, annotated_types.Ge):
+        if getattr(item, "ge", None) is not None:
             low = f"[{number(item.ge)}"
-        elif isinstance(item, annotated_types.Gt):
+        elif getattr(item, "gt", None) is not None:
             low = f"({number(item.gt)}"
-        elif isinstance(item, annotated_types.Le):
+        elif getattr(item, "le", None) is not None:
             high = f"{number(item.le)}]"
-        elif isinstance(item, annotated_types.Lt):
+        elif getattr(item, "lt", None) is not None:
             high = f"{number(item.lt)})"
-        elif isinstance(item, annotated_types.MinLen):
+        elif getattr(item, "min_length", None) is not None:
             notes.append(f"at least {item.min_length} long")
-        elif isinstance(item, annotated_types.MaxLen):
+        elif getattr(item, "max_length", None) is not None:
             notes.append(f"at most {item.max_length} long")
         elif getattr(item, "pattern", None):
             notes.append(f"matches `{item.pattern}`")
