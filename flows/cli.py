@@ -48,10 +48,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     config = _load(args)
     data_dir = prepare_data(config.data).directory
-    result = pretrain_task.fn(config.pretrain, str(data_dir), str(Path(args.workdir).resolve()))
-    print(f"supernet registered as {result['model_uri']}, weights in {result['checkpoint_dir']}")
-    for label, loss in result["val_loss"].items():
-        print(f"  val loss {label:<12} {loss:.4f}")
+    pretrained = pretrain_task.fn(config.pretrain, str(data_dir), str(Path(args.workdir).resolve()))
+    print("\n".join(pretrained.summary()))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -112,11 +110,10 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     except RuntimeError as error:
         raise SystemExit(f"cannot run the pipeline: {error}") from error
     from flows.pipeline import pipeline
-    from flows.summary import summary_lines
 
     with local_prefect_settings(workdir):
         result = pipeline(config=config, workdir=str(workdir))
-    print("\n".join(summary_lines(result, str(workdir))))
+    print("\n".join(result.summary(str(workdir))))
     if os.environ.get("MLFLOW_TRACKING_URI"):
         print(f"MLflow tracking server: {os.environ['MLFLOW_TRACKING_URI']}")
     else:

@@ -19,12 +19,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.run_guard import guarded_flow, run_name
 from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
-from flows.summary import summary_lines
 from registry.tracking import ui_hint
 from tasks.data import prepare_data_task
 from tasks.init_from import adapt_config, init_source_task
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import retrain_data_task
+from tasks.stage_results import PipelineResult, PretrainedSupernet
 
 STAGES = 4
 
@@ -41,7 +41,7 @@ def stage(number: int, what: str) -> Iterator[None]:
 
 @flow(name="pipeline", flow_run_name=run_name("pipeline"), log_prints=True)
 @guarded_flow
-def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pipeline") -> dict:  # noqa: B008
+def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pipeline") -> PipelineResult:  # noqa: B008
     """Train once: prepare the corpus, pre-train the elastic supernet, search the family under budgets,
     extract and distil the chosen sub-model, align it, export and quantize it, and promote it if it beats
     the champion; every model registered in MLflow."""
@@ -59,30 +59,28 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
     data = retrain_data_task(config.data, config.pretrain, workdir)  # a retrain keeps its supernet's tokenizer
     with stage(1, "data and elastic pre-training"):
         if source and config.init_steps == 0:
-            pretrained = {"model_uri": source, "data_dir": prepare_data_task(data), "run_id": None, "val_loss": {}}
+            pretrained = PretrainedSupernet(model_uri=source, data_dir=prepare_data_task(data))
         else:
             pretrained = pretrain_flow(data, config.pretrain, workdir, parent=source)
-        print(f"supernet: {pretrained['model_uri']}")
+        print(f"supernet: {pretrained.model_uri}")
     with stage(2, "search and extraction"):
-        extracted = extract_flow(
-            pretrained["model_uri"], data, config.importance, config.search, config.extract, workdir
-        )
-        print(f"sub-model {extracted['subnet']}: {extracted['model_uri']}")
+        extraction = extract_flow(pretrained.model_uri, data, config.importance, config.search, config.extract, workdir)
+        extracted = extraction.subnet
+        print(f"sub-model {extracted.subnet}: {extracted.model_uri}")
     with stage(3, "SFT and DPO"):
-        aligned = align_flow(extracted["model_uri"], data, config.sft, config.dpo, workdir)
-        print(f"aligned: {aligned['dpo_uri']}")
+        aligned = align_flow(extracted.model_uri, data, config.sft, config.dpo, workdir)
+        print(f"aligned: {aligned.dpo_uri}")
     lineage = {
-        "parent_sft": aligned["sft_uri"], "parent_subnet": extracted["model_uri"],
-        "parent_supernet": pretrained["model_uri"], "subnet": extracted["subnet"],
+        "parent_sft": aligned.sft_uri, "parent_subnet": extracted.model_uri,
+        "parent_supernet": pretrained.model_uri, "subnet": extracted.subnet,
     }  # fmt: skip
     with stage(4, "export, quantization and gate"):
-        deployed = deploy_flow(aligned["dpo_uri"], data, config.deploy, config.gate, config.sft.task_mix, lineage,
+        deployed = deploy_flow(aligned.dpo_uri, data, config.deploy, config.gate, config.sft.task_mix, lineage,
                                workdir)  # fmt: skip
-    result = {"data_dir": pretrained["data_dir"], "pretrain": pretrained, "search": extracted["search"],
-              "extract": extracted, "align": aligned, **deployed}  # fmt: skip
+    result = PipelineResult(pretrain=pretrained, extraction=extraction, alignment=aligned, deployment=deployed)
     create_markdown_artifact(
         key="pipeline-summary",
-        markdown="### What this run produced\n\n```\n" + "\n".join(summary_lines(result, workdir)) + "\n```",
+        markdown="### What this run produced\n\n```\n" + "\n".join(result.summary(workdir)) + "\n```",
         description="The chosen sub-model, the candidate and the promotion decision",
     )
     return result

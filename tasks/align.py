@@ -45,6 +45,7 @@ from tasks.align_data import (
 )
 from tasks.data import PreparedData, sample_batch
 from tasks.optim import short_run_schedule, warmup_factor
+from tasks.stage_results import AlignedModels
 
 
 class SFTConfig(BaseModel):
@@ -364,7 +365,7 @@ def _accuracy_tags(prefix: str, accuracy: dict[str, float]) -> dict[str, str]:
 @task(name="align", retries=1, retry_delay_seconds=5)
 def align_task(
     sft: SFTConfig, dpo: DPOConfig, subnet_dir: str, data_dir: str, workdir: str, subnet_version: str
-) -> dict:
+) -> AlignedModels:
     """SFT then DPO of the extracted sub-model; both versions registered in `trainonce-chat-torch`."""
     data = PreparedData.load(data_dir)
     tokenizer = data.chat_tokenizer()
@@ -413,12 +414,16 @@ def align_task(
          "reward_accuracy": f"{held_out.reward_accuracy:.4f}", "pairs": json.dumps(dpo_result.train_pair_kinds)},
     )  # fmt: skip
     dpo_logger.finish()
-    return {
-        "sft_uri": sft_version.uri,
-        "dpo_uri": dpo_version.uri,
-        "dpo_dir": str(dpo_dir),
-        "accuracy": {"base": sft_result.accuracy_before, "sft": sft_result.accuracy_after,
-                     "dpo": dpo_result.accuracy_after},
-        "reward_accuracy": held_out.reward_accuracy,
-        "pairs": dpo_result.train_pair_kinds,
-    }  # fmt: skip
+    return AlignedModels(
+        sft_uri=sft_version.uri,
+        dpo_uri=dpo_version.uri,
+        dpo_dir=str(dpo_dir),
+        parent_model=lineage["parent_model"],
+        accuracy={
+            "base": sft_result.accuracy_before,
+            "sft": sft_result.accuracy_after,
+            "dpo": dpo_result.accuracy_after,
+        },
+        reward_accuracy=held_out.reward_accuracy,
+        pairs=dpo_result.train_pair_kinds,
+    )

@@ -35,6 +35,7 @@ from serving.engine import MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationCo
 from tasks.align_data import TaskMixConfig
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
+from tasks.stage_results import ExportedCandidate, OnnxParity
 
 Variant = Literal["fp32", "int8", "int4"]
 _SINGLE_FILE_LIMIT = 1_500_000_000  # bytes of fp32 weights above which ONNX needs external data (2 GB proto cap)
@@ -288,7 +289,7 @@ def variant_table(result: ExportResult) -> list[str]:
 @task(name="export", retries=1, retry_delay_seconds=5)
 def export_task(
     config: DeployConfig, tasks: TaskMixConfig, aligned_dir: str, data_dir: str, workdir: str, lineage: dict
-) -> dict:
+) -> ExportedCandidate:
     """Export and quantize the aligned model; register the chosen variant in `trainonce-chat` as `candidate`."""
     data = PreparedData.load(data_dir)
     model = load_model(aligned_dir).eval()
@@ -318,15 +319,14 @@ def export_task(
     version = register_chat_package(workdir, logger.run_id, result.packages[result.candidate], tags, CHAT_PYFUNC_CODE)
     set_alias(workdir, CHAT_MODEL, "candidate", version.version)
     logger.finish()
-    return {
-        "model_uri": version.uri,
-        "version": version.version,
-        "candidate": result.candidate,
-        "package_dir": str(result.packages[result.candidate]),
-        "table": table,
-        "parity": {
-            "max_abs_logit_diff": result.parity.max_abs_logit_diff,
-            "greedy_tokens_equal": result.parity.greedy_tokens_equal,
-        },  # fmt: skip
-        "evaluations": {v: e.to_dict() for v, e in result.evaluations.items()},
-    }
+    return ExportedCandidate(
+        model_uri=version.uri,
+        version=version.version,
+        candidate=result.candidate,
+        package_dir=str(result.packages[result.candidate]),
+        table=table,
+        parity=OnnxParity(
+            max_abs_logit_diff=result.parity.max_abs_logit_diff, greedy_tokens_equal=result.parity.greedy_tokens_equal
+        ),
+        evaluations={v: e.to_dict() for v, e in result.evaluations.items()},
+    )

@@ -23,6 +23,7 @@ from models.publish import staged_dir
 from registry.models import register_hf_model
 from registry.tracking import RunLogger
 from tasks.data import PreparedData
+from tasks.stage_results import HuggingFaceExport
 
 
 def export_hf(
@@ -76,7 +77,7 @@ def export_hf(
 
 
 @task(name="export-hf", retries=1, retry_delay_seconds=5)
-def export_hf_task(aligned_dir: str, data_dir: str, workdir: str, lineage: dict) -> dict:
+def export_hf_task(aligned_dir: str, data_dir: str, workdir: str, lineage: dict) -> HuggingFaceExport:
     """The aligned model as a transformers directory, registered in `trainonce-chat-hf` with the lineage of the
     ONNX candidate exported from the same model."""
     logger = RunLogger(workdir, run_name="export-hf", tags={"stage": "export-hf"})
@@ -85,4 +86,4 @@ def export_hf_task(aligned_dir: str, data_dir: str, workdir: str, lineage: dict)
     version = register_hf_model(workdir, logger.run_id, out, {**lineage, "stage": "export-hf",
                                                                "architecture": HF_ARCHITECTURE})  # fmt: skip
     logger.finish()
-    return {"model_uri": version.uri, "version": version.version, "directory": str(out)}
+    return HuggingFaceExport(model_uri=version.uri, version=version.version, directory=str(out))

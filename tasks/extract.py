@@ -30,6 +30,7 @@ from registry.models import SUBNET_MODEL, SUPERNET_MODEL, register_checkpoint
 from registry.tracking import RunLogger, git_commit
 from tasks.data import PreparedData, sample_batch
 from tasks.optim import short_run_schedule
+from tasks.stage_results import ExtractedSubnet, SubnetAchieved, SubnetBudget
 from tasks.throughput import training_flops
 from tasks.validation_panel import evaluate_panel
 
@@ -203,7 +204,7 @@ def extract_task(
     supernet_version: str,
     pretrain_tokens: int,
     limits: dict[str, float],
-) -> dict:
+) -> ExtractedSubnet:
     """Extract and distil the chosen sub-model, then register it as a `trainonce-subnet` version."""
     data = PreparedData.load(data_dir)
     supernet = load_model(ranked_supernet_dir).eval()
@@ -242,17 +243,23 @@ def extract_task(
         tags,
     )
     logger.finish()
-    return {
-        "model_uri": version.uri,
-        "version": version.version,
-        "model_dir": str(result.model_dir),
-        "subnet": spec.describe(),
-        "total_params": result.total_params,
-        "active_params": result.active_params,
-        "total_fraction": result.total_fraction,
-        "active_fraction": result.active_fraction,
-        "val_loss_before": result.distill.val_loss_before,
-        "val_loss_after": result.distill.val_loss_after,
-        "distill_steps": result.distill.steps,
-        "distill_compute_fraction": result.distill.compute_fraction,
-    }
+    return ExtractedSubnet(
+        model_uri=version.uri,
+        version=version.version,
+        model_dir=str(result.model_dir),
+        subnet=spec.describe(),
+        parent_model=tags["parent_model"],
+        budget=SubnetBudget(
+            **limits, distill_compute_fraction=config.distill_compute_fraction if config.distill else None
+        ),
+        achieved=SubnetAchieved(
+            total_params=result.total_params,
+            active_params=result.active_params,
+            total_params_fraction=result.total_fraction,
+            active_params_fraction=result.active_fraction,
+            val_loss_before_distill=result.distill.val_loss_before,
+            val_loss_after_distill=result.distill.val_loss_after,
+            distill_steps=result.distill.steps,
+            distill_compute_fraction=result.distill.compute_fraction,
+        ),
+    )

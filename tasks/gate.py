@@ -23,6 +23,7 @@ from registry.tracking import RunLogger
 from tasks.align_data import TaskMixConfig
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
+from tasks.stage_results import GateOutcome
 
 
 def _scores(evaluation: PackageEvaluation) -> Scores:
@@ -66,7 +67,7 @@ def gate_task(
     candidate_version: str,
     data_dir: str,
     workdir: str,
-) -> dict:
+) -> GateOutcome:
     """Compare `trainonce-chat/<candidate_version>` with the champion; promote it if the rules pass."""
     logger = RunLogger(workdir, run_name="gate", tags={"stage": "gate", "candidate_version": candidate_version})
     logger.log_params({"gate": rules.model_dump(mode="json"), "evaluation": evaluation.model_dump(mode="json")})
@@ -77,12 +78,12 @@ def gate_task(
     logger.set_tags({"decision": verdict, "reasons": " | ".join(decision.reasons),
                      "champion_version": decision.champion_version or "none"})  # fmt: skip
     logger.finish()
-    return {
-        "promoted": decision.promote,
-        "reasons": decision.reasons,
-        "candidate_version": candidate_version,
-        "previous_champion": decision.champion_version,
-        "champion": alias_version(workdir, CHAT_MODEL, CHAMPION),
-        "candidate": measured["candidate"].to_dict(),
-        "champion_scores": measured["champion"].to_dict() if "champion" in measured else None,
-    }
+    return GateOutcome(
+        promoted=decision.promote,
+        reasons=decision.reasons,
+        candidate_version=candidate_version,
+        champion_version=alias_version(workdir, CHAT_MODEL, CHAMPION),
+        previous_champion_version=decision.champion_version,
+        candidate_scores=measured["candidate"].to_dict(),
+        champion_scores=measured["champion"].to_dict() if "champion" in measured else None,
+    )

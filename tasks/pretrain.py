@@ -32,6 +32,7 @@ from tasks.data import DataConfig, PreparedData
 from tasks.launch import run_launched
 from tasks.pretrain_config import PretrainConfig, PretrainResult
 from tasks.pretrain_loop import run_pretrain
+from tasks.stage_results import PretrainedSupernet
 from tasks.validation_panel import metric_key
 
 
@@ -132,7 +133,9 @@ def retrain_data_task(data: DataConfig, config: PretrainConfig, workdir: str) ->
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
-def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str, parent_ref: str | None = None) -> dict:
+def pretrain_task(
+    config: PretrainConfig, data_dir: str, workdir: str, parent_ref: str | None = None
+) -> PretrainedSupernet:
     """Elastic pre-training (warm-started on new data, see warm_start_source, or continued from `parent_ref`,
     a registered supernet such as an imported checkpoint), then registration; a retry resumes from the last
     checkpoint."""
@@ -149,17 +152,18 @@ def pretrain_task(config: PretrainConfig, data_dir: str, workdir: str, parent_re
     else:  # other processes: no bar
         result = run_pretrain_launched(config, data, output_dir, workdir, init_from, init_label)
     version = register_pretrained(result, config, data, workdir, parent)
-    return {
-        "model_uri": version.uri,
-        "version": version.version,
-        "run_id": result.mlflow_run_id,
-        "checkpoint_dir": str(result.checkpoint_dir),
-        "val_loss": result.val_loss,
-        "tokens_per_second": result.tokens_per_second,
-        "mfu": result.mfu,
-        "warm_started_from": init_label or None,
-        "resumed_from_step": result.resumed_from,
-    }
+    return PretrainedSupernet(
+        model_uri=version.uri,
+        data_dir=data_dir,
+        version=version.version,
+        run_id=result.mlflow_run_id,
+        checkpoint_dir=str(result.checkpoint_dir),
+        val_loss=result.val_loss,
+        tokens_per_second=result.tokens_per_second,
+        mfu=result.mfu,
+        warm_started_from=init_label or None,
+        resumed_from_step=result.resumed_from,
+    )
 
 
 def run_pretrain_launched(

@@ -34,6 +34,7 @@ from registry.tracking import RunLogger
 from tasks.data import PreparedData
 from tasks.importance_calibration import ImportanceConfig, rank_importance
 from tasks.plots import plot_pareto
+from tasks.stage_results import RankingCheck, SearchOutcome
 from tasks.validation_panel import panel_batch_losses
 
 # Children in a row that were already evaluated or out of budget before the evolutionary search gives up: a budget
@@ -451,7 +452,7 @@ def search_task(
     supernet_dir: str,
     data_dir: str,
     workdir: str,
-) -> dict:
+) -> SearchOutcome:
     """Rank importance on calibration data, then search the family; returns the ranked supernet and the spec."""
     data = PreparedData.load(data_dir)
     supernet = load_model(supernet_dir).eval()
@@ -506,25 +507,27 @@ def search_task(
     )  # fmt: skip
     logger.set_tags({"chosen_spec": result.chosen.spec.model_dump_json(), "method": result.method})
     logger.finish()
-    lines = [f"Chosen **{result.chosen.spec.describe()}** (layers {list(result.chosen.spec.layers)}): "
-             f"{result.chosen.total_params:,} params, {result.chosen.active_params:,} active, "
-             f"validation loss {result.chosen.val_loss:.4f}; {result.method} search, {len(result.evaluated)} "
-             f"of {result.space_size} sub-models evaluated; budgets {result.limits}."]  # fmt: skip
-    if margin is not None:
-        lines.append(f"The choice is {margin.describe()}.")
+    chosen = result.chosen
+    ranking = None
     if effect is not None:
-        lines.append(
-            f"Importance ranking: {effect.spec_importance.describe()} loses {effect.loss_importance:.4f} with the "
-            f"measured order vs {effect.loss_identity:.4f} with the identity order."
+        ranking = RankingCheck(
+            subnet=effect.spec_importance.describe(),
+            val_loss_importance_order=effect.loss_importance,
+            val_loss_identity_order=effect.loss_identity,
         )
-    return {
-        "candidates": rows,  # every evaluated sub-model, one row each (the flow shows them as a table)
-        "choice": "\n\n".join(lines),  # the chosen sub-model and why, in markdown
-        "ranked_supernet_dir": str(ranked_dir),
-        "spec_json": result.chosen.spec.model_dump_json(),
-        "limits": result.limits,
-        "run_id": logger.run_id,
-        "chosen_val_loss": result.chosen.val_loss,
-        "margin": None if margin is None else margin.describe(),
-        "ranking": None if effect is None else {"importance": effect.loss_importance, "identity": effect.loss_identity},
-    }
+    return SearchOutcome(
+        ranked_supernet_dir=str(ranked_dir),
+        spec_json=chosen.spec.model_dump_json(),
+        subnet=chosen.spec.describe(),
+        layers=list(chosen.spec.layers),
+        total_params=chosen.total_params,
+        active_params=chosen.active_params,
+        val_loss=chosen.val_loss,
+        limits=result.limits,
+        method=result.method,
+        space_size=result.space_size,
+        candidates=rows,
+        run_id=logger.run_id,
+        margin=None if margin is None else margin.describe(),
+        ranking=ranking,
+    )
