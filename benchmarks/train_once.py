@@ -45,8 +45,8 @@ from models.extract import extract_subnet, subnet_config  # noqa: E402
 from models.subnet import ElasticSpace, Importance, SubnetSpec  # noqa: E402
 from registry.tracking import RunLogger  # noqa: E402
 from tasks.data import PreparedData, prepare_data  # noqa: E402
+from tasks.distill import ExtractConfig, distill_subnet, student_val_loss  # noqa: E402
 from tasks.elastic_sampling import SamplingConfig, plan_step  # noqa: E402
-from tasks.extract import ExtractConfig, distill_subnet, student_val_loss  # noqa: E402
 from tasks.importance_calibration import rank_importance  # noqa: E402
 from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides  # noqa: E402
 from tasks.plots import plot_claim  # noqa: E402
@@ -290,7 +290,7 @@ class Arms:
 
 
 def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: str, tokens: int) -> dict:
-    """Cut `spec` from the teacher, then distil it from the teacher (tasks.extract) for its share of `tokens`."""
+    """Cut `spec` from the teacher, then distil it from the teacher (tasks.distill) for its share of `tokens`."""
     teacher = load_model(teacher_dir, DEVICE).eval()
     spec = SubnetSpec.model_validate_json(spec_json)
     extract = ExtractConfig.model_validate_json(extract_json)

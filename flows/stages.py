@@ -23,18 +23,21 @@ from models.subnet import ElasticSpace
 from registry.models import SUPERNET_MODEL, download_checkpoint, version_link
 from registry.promotion import GateRules
 from registry.tracking import check_artifact_store, run_link, tracking_uri
-from tasks.align import DPOConfig, SFTConfig, align_task
+from tasks.align import align_task
 from tasks.align_data import TaskMixConfig
 from tasks.data import DataConfig, prepare_data_task
+from tasks.distill import ExtractConfig
+from tasks.dpo import DPOConfig
 from tasks.export import DeployConfig, export_task
 from tasks.export_hf import export_hf_task
-from tasks.extract import ExtractConfig, extract_task
+from tasks.extract import extract_task
 from tasks.gate import gate_task
 from tasks.importance_calibration import ImportanceConfig
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import pretrain_task, retrain_data_task
 from tasks.pretrain_config import PretrainConfig
 from tasks.search import SearchConfig, search_task
+from tasks.sft import SFTConfig
 from tasks.stage_results import AlignedModels, DeploymentResult, ExtractionResult, Links, PretrainedSupernet
 
 DEFAULTS = PipelineConfig()  # the tiny preset: what a run with no parameters does

@@ -9,13 +9,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from registry.promotion import GateRules
-from tasks.align import DPOConfig, SFTConfig
 from tasks.data import DataConfig
+from tasks.distill import ExtractConfig
+from tasks.dpo import DPOConfig
 from tasks.export import DeployConfig
-from tasks.extract import ExtractConfig
 from tasks.importance_calibration import ImportanceConfig
 from tasks.pretrain_config import PretrainConfig
 from tasks.search import SearchConfig, check_parameter_budgets
+from tasks.sft import SFTConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -13,9 +13,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from models.chat_format import ROLE_TOKENS, ChatFormat, ChatTokenizer, Message, chat_format_from_hf
-from tasks.align import IGNORE_INDEX, encode
+from models.losses import IGNORE_INDEX
 from tasks.align_data import Conversation
 from tasks.data import DataConfig, PreparedData, prepare_data
+from tasks.sft import encode
 
 CONVERSATION = (
     Message(role="system", content="Be brief."),

@@ -9,19 +9,10 @@ import torch
 from models.config import MoEConfig
 from models.losses import IGNORE_INDEX, masked_lm_loss
 from models.moe import ElasticMoE
-from tasks.align import (
-    DPOConfig,
-    SFTConfig,
-    collate,
-    encode,
-    exact_match,
-    generate_reply,
-    preference_pairs,
-    run_dpo,
-    run_sft,
-)
 from tasks.align_data import Example, TaskMixConfig, as_conversation, corpus_passages, generate_splits
 from tasks.data import PreparedData
+from tasks.dpo import DPOConfig, preference_pairs, run_dpo
+from tasks.sft import SFTConfig, collate, encode, exact_match, generate_reply, run_sft
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +53,7 @@ def sft_run(tokenizer, small_corpus: Path):
     """A small model fine-tuned on the copy task: the starting point of the DPO tests."""
     passages = corpus_passages("\n".join(p.read_text() for p in sorted(small_corpus.iterdir())))
     config = SFTConfig(
-        tasks=TaskMixConfig(tasks=("copy",), train_per_task=400, test_per_task=30), steps=300, lr=3e-3, batch_size=32
+        task_mix=TaskMixConfig(tasks=("copy",), train_per_task=400, test_per_task=30), steps=300, lr=3e-3, batch_size=32
     )
     train, test = generate_splits(config.task_mix, passages)
     model = _model()
@@ -120,6 +111,5 @@ def test_user_conversations_are_trained_on(tokenizer) -> None:
     config = SFTConfig(task_mix=TaskMixConfig(tasks=("copy",), train_per_task=1, test_per_task=1), steps=40, lr=3e-3)
     train = [Example("copy", "Repeat: king", "king")]
     run_sft(config, model, tokenizer, train, train, extra)
-    from tasks.align import generate_reply
 
     assert generate_reply(model, tokenizer, "Who wrote Hamlet?", 8).strip() == "Shakespeare"

@@ -11,7 +11,8 @@ from models.extract import extract_subnet
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance, SubnetSpec
 from tasks.data import DataConfig, PreparedData, prepare_data
-from tasks.extract import ExtractConfig, distill_subnet, run_extract
+from tasks.distill import ExtractConfig, distill_subnet
+from tasks.extract import run_extract
 from tasks.importance_calibration import ImportanceConfig, rank_importance
 from tasks.throughput import training_flops
 
