@@ -59,16 +59,27 @@ def main() -> None:
     if args.model:
         model = load_model(args.model).eval()
     else:
-        config = MoEConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=4,
-                           n_kv_heads=2, n_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.expert_ffn,
-                           n_shared_experts=1, max_seq_len=512)  # fmt: skip
+        config = MoEConfig(
+            vocab_size=args.vocab,
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=4,
+            n_kv_heads=2,
+            n_experts=args.experts,
+            top_k=args.top_k,
+            expert_ffn_dim=args.expert_ffn,
+            n_shared_experts=1,
+            max_seq_len=512,
+        )
         model = ElasticMoE(config).eval()
     config = model.config
     prompts = [torch.randint(6, config.vocab_size, (args.prompt_len,)).tolist() for _ in range(args.prompts)]
     n = args.new_tokens
-    print(f"model: {model.num_parameters():,} parameters, vocab {config.vocab_size}, d {config.d_model}, "
-          f"{config.n_layers} layers, {config.n_experts} experts top-{config.top_k}; {args.prompts} prompts of "
-          f"{args.prompt_len} tokens, {n} new tokens each, batch 1, {args.threads} threads")  # fmt: skip
+    print(
+        f"model: {model.num_parameters():,} parameters, vocab {config.vocab_size}, d {config.d_model}, "
+        f"{config.n_layers} layers, {config.n_experts} experts top-{config.top_k}; {args.prompts} prompts of "
+        f"{args.prompt_len} tokens, {n} new tokens each, batch 1, {args.threads} threads"
+    )
 
     results: dict[str, tuple[float, list[list[int]]]] = {}
     with torch.no_grad():

@@ -34,12 +34,19 @@ def write_checkpoint(folder: Path, args: argparse.Namespace) -> int:
     """A random checkpoint with a trainonce tokenizer and chat template; returns its parameter count."""
     tokenizer = train_tokenizer(["To be, or not to be: that is the question."] * 50, 300)
     config = Ernie4_5_MoeConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
         num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256),
-        moe_num_experts=args.experts, moe_k=6, moe_intermediate_size=args.expert_size, moe_num_shared_experts=2,
-        max_position_embeddings=512, tie_word_embeddings=True,
-    )  # fmt: skip
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        moe_num_experts=args.experts,
+        moe_k=6,
+        moe_intermediate_size=args.expert_size,
+        moe_num_shared_experts=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = Ernie4_5_MoeForCausalLM(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)

@@ -41,8 +41,15 @@ def one_run(overrides: list[str], neighbours: int, others: str, timeout: int) ->
     for burner in burners:
         burner.start()
     workdir = Path(tempfile.mkdtemp(prefix="stress-"))
-    command = [str(Path(sys.executable).parent / "trainonce"), "pipeline", "--config", "configs/tiny.yaml",
-               "--workdir", str(workdir), *(arg for pair in overrides for arg in ("--set", pair))]  # fmt: skip
+    command = [
+        str(Path(sys.executable).parent / "trainonce"),
+        "pipeline",
+        "--config",
+        "configs/tiny.yaml",
+        "--workdir",
+        str(workdir),
+        *(arg for pair in overrides for arg in ("--set", pair)),
+    ]
     start, load_before = time.monotonic(), os.getloadavg()[0]
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -55,9 +62,16 @@ def one_run(overrides: list[str], neighbours: int, others: str, timeout: int) ->
             burner.terminate()
             burner.join()
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"ok": ok, "seconds": round(time.monotonic() - start, 1), "neighbours": neighbours,
-            "others": others, "load_1min": [round(load_before, 2), round(load_after, 2)], "cores": os.cpu_count(),
-            "overrides": overrides, "tail": "" if ok else tail.strip()}  # fmt: skip
+    return {
+        "ok": ok,
+        "seconds": round(time.monotonic() - start, 1),
+        "neighbours": neighbours,
+        "others": others,
+        "load_1min": [round(load_before, 2), round(load_after, 2)],
+        "cores": os.cpu_count(),
+        "overrides": overrides,
+        "tail": "" if ok else tail.strip(),
+    }
 
 
 def main() -> None:
@@ -67,20 +81,29 @@ def main() -> None:
     parser.add_argument("--others", default="", help="other CPU-bound jobs running beside the runs, recorded")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds before a run counts as failed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline overrides")
-    parser.add_argument("--results", type=Path, default=REPO / "runs" / "stress_first_command.jsonl",
-                        help="every run is appended here, so a tally can span several sessions")  # fmt: skip
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=REPO / "runs" / "stress_first_command.jsonl",
+        help="every run is appended here, so a tally can span several sessions",
+    )
     args = parser.parse_args()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for index in range(args.runs):
         run = one_run(args.set, args.neighbours, args.others, args.timeout)
         with args.results.open("a", encoding="utf-8") as out:
             out.write(json.dumps(run) + "\n")
-        print(f"run {index + 1}/{args.runs}: {'ok' if run['ok'] else 'FAILED'} in {run['seconds']:.0f} s, load "
-              f"{run['load_1min'][0]:.1f} -> {run['load_1min'][1]:.1f} on {run['cores']} cores"
-              + ("" if run["ok"] else f"\n  {run['tail']}"), flush=True)  # fmt: skip
+        print(
+            f"run {index + 1}/{args.runs}: {'ok' if run['ok'] else 'FAILED'} in {run['seconds']:.0f} s, load "
+            f"{run['load_1min'][0]:.1f} -> {run['load_1min'][1]:.1f} on {run['cores']} cores"
+            + ("" if run["ok"] else f"\n  {run['tail']}"),
+            flush=True,
+        )
     recorded = [json.loads(line) for line in args.results.read_text(encoding="utf-8").splitlines() if line]
-    print(f"\n{sum(r['ok'] for r in recorded)} of {len(recorded)} recorded runs succeeded ({args.results}); "
-          f"command: benchmarks/stress_first_command.py {' '.join(sys.argv[1:])}")  # fmt: skip
+    print(
+        f"\n{sum(r['ok'] for r in recorded)} of {len(recorded)} recorded runs succeeded ({args.results}); "
+        f"command: benchmarks/stress_first_command.py {' '.join(sys.argv[1:])}"
+    )
 
 
 if __name__ == "__main__":

@@ -298,8 +298,12 @@ def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: s
     student = extract_subnet(teacher, spec)
     result = distill_subnet(student, teacher, data, extract, tokens, curve_at=BUDGET_CURVE)
     cut = result.val_loss_before  # measured by student_val_loss, like every other row
-    return {"cut": cut, "distilled": result.val_loss_after, "fraction": result.compute_fraction,
-            "curve": [(0.0, cut), *result.curve]}  # fmt: skip
+    return {
+        "cut": cut,
+        "distilled": result.val_loss_after,
+        "fraction": result.compute_fraction,
+        "curve": [(0.0, cut), *result.curve],
+    }
 
 
 def elastic_run_flops(config: PretrainConfig) -> float:
@@ -327,10 +331,12 @@ def alone(config: PretrainConfig, arch) -> PretrainConfig:
 def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> dict:
     """Every row for one seed of one recipe; returns them as a JSON-able dict."""
     pipeline = pipeline.model_copy(
-        update={"pretrain": pipeline.pretrain.model_copy(update={"seed": seed}),
-                "importance": pipeline.importance.model_copy(update={"seed": seed}),
-                "extract": pipeline.extract.model_copy(update={"seed": seed})}
-    )  # fmt: skip
+        update={
+            "pretrain": pipeline.pretrain.model_copy(update={"seed": seed}),
+            "importance": pipeline.importance.model_copy(update={"seed": seed}),
+            "extract": pipeline.extract.model_copy(update={"seed": seed}),
+        }
+    )
     pretrain, importance, extract, data = pipeline.pretrain, pipeline.importance, pipeline.extract, arms.data
     tokens = pretrain.tokens_per_step() * pretrain.total_steps()
     elastic_future, full_future = arms.train(pretrain), arms.train(alone(pretrain, pretrain.model))
@@ -344,8 +350,9 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
 
     members: dict[str, SubnetSpec] = {}
     for label, budget in MEMBER_BUDGETS.items():
-        search = SearchConfig.model_validate({**pipeline.search.model_dump(), "total_params_fraction": None,
-                                              "active_params_fraction": None, **budget})  # fmt: skip
+        search = SearchConfig.model_validate(
+            {**pipeline.search.model_dump(), "total_params_fraction": None, "active_params_fraction": None, **budget}
+        )
         found = run_search(search, supernet.config, pretrain.elastic, supernet.importance(), objective)
         members[label] = found.chosen.spec
     twins = {
@@ -367,28 +374,51 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
         training_flops(pretrain.model, [None], pretrain.seq_len, tokens),
     )
     rows = {
-        "elastic": {"flops": elastic_run_flops(pretrain), "val": student_val_loss(supernet, data, extract),
-                    "curve": elastic["curve"], "params": full_cost.total_params, "active": full_cost.active_params},
-        "full_alone": {"flops": full_flops, "val": student_val_loss(parent, data, extract), "curve": full_dir["curve"],
-                       "params": full_cost.total_params, "active": full_cost.active_params},
+        "elastic": {
+            "flops": elastic_run_flops(pretrain),
+            "val": student_val_loss(supernet, data, extract),
+            "curve": elastic["curve"],
+            "params": full_cost.total_params,
+            "active": full_cost.active_params,
+        },
+        "full_alone": {
+            "flops": full_flops,
+            "val": student_val_loss(parent, data, extract),
+            "curve": full_dir["curve"],
+            "params": full_cost.total_params,
+            "active": full_cost.active_params,
+        },
         "members": {},
-    }  # fmt: skip
+    }
     for label, spec in members.items():
         arch, cost = subnet_config(pretrain.model, spec), subnet_cost(pretrain.model, spec)
         twin = twins[label].result()
         twin_flops = training_flops(arch, [None], pretrain.seq_len, tokens)
         cut, prune = cuts[label].result(), prunes[label].result()
         rows["members"][label] = {
-            "spec": spec.describe(), "layers": list(spec.layers), "params": cost.total_params,
-            "active": cost.active_params, "twin_flops": twin_flops, "twin_curve": twin["curve"],
+            "spec": spec.describe(),
+            "layers": list(spec.layers),
+            "params": cost.total_params,
+            "active": cost.active_params,
+            "twin_flops": twin_flops,
+            "twin_curve": twin["curve"],
             "twin": student_val_loss(load_model(twin["checkpoint_dir"], DEVICE).eval(), data, extract),
-            "cut": cut["cut"], "distilled": cut["distilled"], "distill_flops": cut["fraction"] * twin_flops,
-            "distill_curve": cut["curve"], "minitron_curve": prune["curve"],
-            "minitron_cut": prune["cut"], "minitron": prune["distilled"],
+            "cut": cut["cut"],
+            "distilled": cut["distilled"],
+            "distill_flops": cut["fraction"] * twin_flops,
+            "distill_curve": cut["curve"],
+            "minitron_curve": prune["curve"],
+            "minitron_cut": prune["cut"],
+            "minitron": prune["distilled"],
             "minitron_flops": prune["fraction"] * twin_flops,
-        }  # fmt: skip
-    return {"recipe": recipe, "seed": seed, "tokens": tokens, "rows": rows,
-            "tokens_per_active_param": tokens / full_cost.active_params}  # fmt: skip
+        }
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "tokens": tokens,
+        "rows": rows,
+        "tokens_per_active_param": tokens / full_cost.active_params,
+    }
 
 
 def _stats(values: list[float]) -> str:
@@ -451,8 +481,10 @@ def report(runs: list[dict]) -> str:
         for label, spec in blocks:
             same = [r for r in mine if r["rows"]["members"][label]["spec"] == spec]
             m = same[0]["rows"]["members"][label]
-            v = {key: [r["rows"]["members"][label][key] for r in same]
-                 for key in ("twin", "cut", "distilled", "minitron_cut", "minitron")}  # fmt: skip
+            v = {
+                key: [r["rows"]["members"][label][key] for r in same]
+                for key in ("twin", "cut", "distilled", "minitron_cut", "minitron")
+            }
             seeds = "" if len(same) == len(mine) else f" (seeds {', '.join(str(r['seed']) for r in same)})"
             size = (m["params"], m["active"])
             lines += [
@@ -465,8 +497,9 @@ def report(runs: list[dict]) -> str:
             ]
             reach = [b for r in same if (b := budget_to_reach(r["rows"]["members"][label])) is not None]
             if reach:
-                lines.append(f"| distillation compute at which (c) first reaches (b), per seed: {', '.join(reach)} "
-                             "| | | | | |")  # fmt: skip
+                lines.append(
+                    f"| distillation compute at which (c) first reaches (b), per seed: {', '.join(reach)} | | | | | |"
+                )
         costs = [family_costs(r) for r in mine]
         ratio = statistics.mean(c["family"] / c["separate"] for c in costs)
         minitron = statistics.mean(c["minitron"] / c["separate"] for c in costs)
@@ -482,8 +515,12 @@ def report(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="claim")
-    parser.add_argument("--recipe", action="append", default=[], help=f"one of {sorted(RECIPES)}, or several "
-                        "joined by '+' (later ones override earlier ones)")  # fmt: skip
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        help=f"one of {sorted(RECIPES)}, or several joined by '+' (later ones override earlier ones)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every recipe")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "claim", help="arms, results, report")
@@ -497,8 +534,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         _use_one_thread()
     jobs = [(recipe, seed) for recipe in ([] if args.report else (args.recipe or ["random"])) for seed in args.seeds]
-    pipelines = {recipe: load_pipeline_config(args.config, {**recipe_overrides(recipe), **parse_overrides(args.set)})
-                 for recipe, _ in jobs}  # fmt: skip
+    pipelines = {
+        recipe: load_pipeline_config(args.config, {**recipe_overrides(recipe), **parse_overrides(args.set)})
+        for recipe, _ in jobs
+    }
     if jobs:
         data = prepare_data(next(iter(pipelines.values())).data)
         spawn = multiprocessing.get_context("spawn")  # a forked worker cannot use CUDA once the parent has
@@ -507,8 +546,9 @@ def main() -> None:
             ThreadPoolExecutor(len(jobs)) as threads,
         ):
             arms = Arms(pool, args.cache / args.config, data)
-            futures = {threads.submit(run_seed, pipelines[recipe], recipe, seed, arms): (recipe, seed)
-                       for recipe, seed in jobs}  # fmt: skip
+            futures = {
+                threads.submit(run_seed, pipelines[recipe], recipe, seed, arms): (recipe, seed) for recipe, seed in jobs
+            }
             for future in as_completed(futures):
                 recipe, seed = futures[future]
                 run = future.result()
@@ -518,16 +558,20 @@ def main() -> None:
     if not runs:
         return
     table = report(runs)
-    pngs = [plot_claim(runs, recipe, args.cache / args.config / f"claim-{recipe}.png")
-            for recipe in sorted({r["recipe"] for r in runs})]  # fmt: skip
+    pngs = [
+        plot_claim(runs, recipe, args.cache / args.config / f"claim-{recipe}.png")
+        for recipe in sorted({r["recipe"] for r in runs})
+    ]
     (args.cache / args.config / "report.md").write_text(table)
     logger = RunLogger(args.cache / args.config, run_name="train-once-claim", tags={"benchmark": "train_once"})
     for run in runs:
         costs = family_costs(run)
         prefix = re.sub(r"[^\w\-. :/]", "_", f"{run['recipe']}/seed{run['seed']}/")  # MLflow's metric-name rules
-        metrics = {prefix + "elastic_full": run["rows"]["elastic"]["val"],
-                   prefix + "full_alone": run["rows"]["full_alone"]["val"],
-                   prefix + "family_cost_ratio": costs["family"] / costs["separate"]}  # fmt: skip
+        metrics = {
+            prefix + "elastic_full": run["rows"]["elastic"]["val"],
+            prefix + "full_alone": run["rows"]["full_alone"]["val"],
+            prefix + "family_cost_ratio": costs["family"] / costs["separate"],
+        }
         for label, m in run["rows"]["members"].items():
             name = re.sub(r"[^\w\-.]", "_", label.replace("<=", "le").replace("%", "pct"))
             for key in ("twin", "cut", "distilled", "minitron"):
@@ -537,8 +581,10 @@ def main() -> None:
         logger.log_artifact(png, "plots")
     logger.log_artifact(args.cache / args.config / "report.md", "report")
     logger.finish()
-    print(f"\n{args.config}: validation loss in nats/token on the held-out split; command: "
-          f"{' '.join(['benchmarks/train_once.py', *sys.argv[1:]])}\n")  # fmt: skip
+    print(
+        f"\n{args.config}: validation loss in nats/token on the held-out split; command: "
+        f"{' '.join(['benchmarks/train_once.py', *sys.argv[1:]])}\n"
+    )
     print(table)
     print("\nPNG: " + ", ".join(str(p) for p in pngs))
 

@@ -27,9 +27,17 @@ from tasks.pretrain_config import PretrainConfig
 from tasks.throughput import device_peak_flops, training_flops
 
 PEER_SHAPE = MoEConfig(
-    vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, n_experts=8, top_k=2,
-    expert_ffn_dim=256, n_shared_experts=1, max_seq_len=256,
-)  # fmt: skip
+    vocab_size=8192,
+    d_model=256,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=4,
+    n_experts=8,
+    top_k=2,
+    expert_ffn_dim=256,
+    n_shared_experts=1,
+    max_seq_len=256,
+)
 
 
 def time_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:

@@ -38,8 +38,9 @@ _FINAL_EVENTS = {f"prefect.flow-run.{name}" for name in ("Completed", "Failed", 
 def automations(unresponsive_seconds: int = 3 * HEARTBEAT_SECONDS) -> list[AutomationCore]:
     """The two automations (not yet on a server)."""
     if unresponsive_seconds < 2 * HEARTBEAT_SECONDS:
-        raise ValueError(f"unresponsive_seconds must be >= {2 * HEARTBEAT_SECONDS} (two heartbeats), "
-                         f"got {unresponsive_seconds}")  # fmt: skip
+        raise ValueError(
+            f"unresponsive_seconds must be >= {2 * HEARTBEAT_SECONDS} (two heartbeats), got {unresponsive_seconds}"
+        )
     trainonce_deployment_run = [
         ResourceSpecification({"prefect.resource.role": "deployment"}),
         ResourceSpecification({"prefect.resource.id": "prefect.tag.trainonce"}),
@@ -63,7 +64,7 @@ def automations(unresponsive_seconds: int = 3 * HEARTBEAT_SECONDS) -> list[Autom
                     state=StateType.CRASHED,
                     message=f"no heartbeat for {unresponsive_seconds} s: its process is gone",
                 )
-            ],  # fmt: skip
+            ],
         ),
         AutomationCore(
             name=RESTART,
@@ -82,7 +83,7 @@ def automations(unresponsive_seconds: int = 3 * HEARTBEAT_SECONDS) -> list[Autom
                     force=True,
                     message="restarted after a crash: it resumes from its cached stages and last checkpoint",
                 )
-            ],  # fmt: skip
+            ],
         ),
     ]
 
@@ -119,13 +120,19 @@ def refuse_endless_restarts() -> None:
             return
         crashes = sum(state.type == StateType.CRASHED for state in client.read_flow_run_states(run_id))
     if crashes > max_restarts():
-        raise RuntimeError(f"this run crashed {crashes} times; not restarting it again ({MAX_RESTARTS_ENV}="
-                           f"{max_restarts()}): look at the logs of its crashed attempts")  # fmt: skip
+        raise RuntimeError(
+            f"this run crashed {crashes} times; not restarting it again ({MAX_RESTARTS_ENV}="
+            f"{max_restarts()}): look at the logs of its crashed attempts"
+        )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--unresponsive-seconds", type=int, default=3 * HEARTBEAT_SECONDS,
-                        help="a run without a heartbeat this long is Crashed (default %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--unresponsive-seconds",
+        type=int,
+        default=3 * HEARTBEAT_SECONDS,
+        help="a run without a heartbeat this long is Crashed (default %(default)s)",
+    )
     names = apply_automations(parser.parse_args().unresponsive_seconds)
     print(f"created the automations {', '.join(repr(n) for n in names)}")

@@ -92,8 +92,11 @@ def local_prefect_settings(workdir: Path) -> Iterator[None]:
     )
 
     (workdir / ".prefect").mkdir(parents=True, exist_ok=True)
-    defaults = {PREFECT_HOME: workdir / ".prefect", PREFECT_SERVER_ANALYTICS_ENABLED: False,
-                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_SECONDS}  # fmt: skip
+    defaults = {
+        PREFECT_HOME: workdir / ".prefect",
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_SECONDS,
+    }
     with temporary_settings(set_defaults=defaults):
         yield
 
@@ -125,8 +128,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from serving.server import serve
 
     try:
-        serve(args.workdir, args.model, None if args.version else args.alias, args.version, args.host, args.port,
-              args.api_key, args.poll_seconds, args.threads)  # fmt: skip
+        serve(
+            args.workdir,
+            args.model,
+            None if args.version else args.alias,
+            args.version,
+            args.host,
+            args.port,
+            args.api_key,
+            args.poll_seconds,
+            args.threads,
+        )
     except LookupError as error:
         raise SystemExit(f"cannot serve: {error}") from error
 
@@ -183,8 +195,13 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     lists = {"depths": args.depths, "expert_counts": args.expert_counts, "top_ks": args.top_ks}
     try:
         elastic = ElasticSpace(**{k: v for k, v in lists.items() if v}) if any(lists.values()) else None
-        version = import_hf(args.directory, Path(args.workdir).resolve(), elastic, args.pretrain_tokens,
-                            Path(args.chat_template) if args.chat_template else None)  # fmt: skip
+        version = import_hf(
+            args.directory,
+            Path(args.workdir).resolve(),
+            elastic,
+            args.pretrain_tokens,
+            Path(args.chat_template) if args.chat_template else None,
+        )
     except (ValueError, FileNotFoundError, ValidationError) as error:
         raise SystemExit(f"import-hf: {error}") from error
     print(f"{args.directory} -> {version.uri}")
@@ -229,10 +246,12 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     imported.add_argument("--expert-counts", type=_int_list, default=None, help="experts per layer, e.g. 16,32,64")
     imported.add_argument("--top-ks", type=_int_list, default=None, help="routing top-k values, e.g. 2,4,6")
     imported.add_argument(
-        "--pretrain-tokens", type=int, default=0,
+        "--pretrain-tokens",
+        type=int,
+        default=0,
         help="tokens the checkpoint was pre-trained on (from its model card or report); sizes the distillation "
         "budget of extracted sub-models (0: extraction without distillation unless init_steps continues training)",
-    )  # fmt: skip
+    )
     imported.add_argument(
         "--chat-template",
         default=None,

@@ -24,5 +24,8 @@ def check_own_packages() -> None:
         if found != ROOT / name:
             clashes.append(f"`{name}` resolves to {found or 'nothing'}, not {ROOT / name}")
     if clashes:
-        raise ImportError("another project's packages shadow trainonce's (same top-level names): "
-                          + "; ".join(clashes) + ". Run trainonce from its own virtual environment.")  # fmt: skip
+        raise ImportError(
+            "another project's packages shadow trainonce's (same top-level names): "
+            + "; ".join(clashes)
+            + ". Run trainonce from its own virtual environment."
+        )

@@ -71,12 +71,13 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         aligned = align_flow(extracted.model_uri, data, config.sft, config.dpo, workdir)
         print(f"aligned: {aligned.dpo_uri}")
     lineage = {
-        "parent_sft": aligned.sft_uri, "parent_subnet": extracted.model_uri,
-        "parent_supernet": pretrained.model_uri, "subnet": extracted.subnet,
-    }  # fmt: skip
+        "parent_sft": aligned.sft_uri,
+        "parent_subnet": extracted.model_uri,
+        "parent_supernet": pretrained.model_uri,
+        "subnet": extracted.subnet,
+    }
     with stage(4, "export, quantization and gate"):
-        deployed = deploy_flow(aligned.dpo_uri, data, config.deploy, config.gate, config.sft.task_mix, lineage,
-                               workdir)  # fmt: skip
+        deployed = deploy_flow(aligned.dpo_uri, data, config.deploy, config.gate, config.sft.task_mix, lineage, workdir)
     result = PipelineResult(pretrain=pretrained, extraction=extraction, alignment=aligned, deployment=deployed)
     create_markdown_artifact(
         key="pipeline-summary",

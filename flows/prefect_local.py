@@ -44,28 +44,47 @@ def stop_gracefully(process: subprocess.Popen | None) -> None:
 
 def start_worker(env: dict[str, str]) -> subprocess.Popen:
     """A process worker on the `local` pool, in its own session (a test may kill it alone)."""
-    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "local"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 @contextmanager
 def local_prefect(home: Path, scheduler_seconds: int = 60, worker: bool = True) -> Iterator[dict[str, str]]:
     """Yield the environment (PREFECT_API_URL, ...) of a running server + pool + deployments (+ a worker)."""
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": str(scheduler_seconds),
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1", "TRAINONCE_REPO": str(REPO),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": str(scheduler_seconds),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        "TRAINONCE_REPO": str(REPO),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     prefect = str(BIN / "prefect")
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     running_worker = None
     try:
         wait_until_ready(http_ok(f"http://127.0.0.1:{port}/api/health"), "the Prefect server", server)
-        for command in (["work-pool", "create", "local", "--type", "process", "--overwrite"],
-                        ["--no-prompt", "deploy", "--all"]):  # fmt: skip
+        for command in (
+            ["work-pool", "create", "local", "--type", "process", "--overwrite"],
+            ["--no-prompt", "deploy", "--all"],
+        ):
             done = subprocess.run([prefect, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
             if done.returncode != 0:
                 raise RuntimeError(f"prefect {' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -83,8 +102,14 @@ def run_deployment(
 ) -> tuple[subprocess.CompletedProcess, float]:
     """`prefect deployment run NAME --params JSON --watch`; the finished process and its wall seconds."""
     start = time.monotonic()
-    done = subprocess.run([str(BIN / "prefect"), "deployment", "run", deployment, "--params", json.dumps(params),
-                           "--watch"], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    done = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", deployment, "--params", json.dumps(params), "--watch"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done, time.monotonic() - start
 
 

@@ -71,8 +71,12 @@ def resolve_model_task(workdir: str, ref: str) -> dict[str, Any]:
     """The registered model `ref` names, downloaded once into the workdir. Never cached: `NAME@ALIAS` and
     `NAME/latest` move, and the download itself is skipped when the version's files are already there."""
     downloaded = download_checkpoint(workdir, ref)
-    return {"version": downloaded.version.version, "uri": downloaded.version.uri,
-            "checkpoint_dir": str(downloaded.checkpoint_dir), "extra": downloaded.extra}  # fmt: skip
+    return {
+        "version": downloaded.version.version,
+        "uri": downloaded.version.uri,
+        "checkpoint_dir": str(downloaded.checkpoint_dir),
+        "extra": downloaded.extra,
+    }
 
 
 class MlflowLinks(Links):
@@ -142,9 +146,15 @@ def extract_flow(
     create_table_artifact(key="search-candidates", table=chosen.candidates, description="Every evaluated sub-model")
     report(chosen, "search-choice", "Chosen sub-model", workdir)
     extracted = cached(extract_task, workdir)(
-        extract, chosen.ranked_supernet_dir, chosen.spec_json, data_dir, workdir, source["version"],
-        source["extra"]["pretrain_tokens"], chosen.limits,
-    )  # fmt: skip
+        extract,
+        chosen.ranked_supernet_dir,
+        chosen.spec_json,
+        data_dir,
+        workdir,
+        source["version"],
+        source["extra"]["pretrain_tokens"],
+        chosen.limits,
+    )
     report(extracted, "extraction", "The extracted sub-model and what distillation recovered", workdir)
     return ExtractionResult(search=chosen, subnet=extracted)
 

@@ -203,7 +203,8 @@ def chat_format_from_hf(directory: Path, tokenizer: Tokenizer, template_file: Pa
         )
     end_of_text = end_of_text or end_of_turn
     pad = variables.get("pad_token") or end_of_text
-    chat_format = ChatFormat(template=template, end_of_turn=end_of_turn, end_of_text=end_of_text, pad=pad,
-                             variables=variables)  # fmt: skip
+    chat_format = ChatFormat(
+        template=template, end_of_turn=end_of_turn, end_of_text=end_of_text, pad=pad, variables=variables
+    )
     chat_format.check(tokenizer)
     return chat_format

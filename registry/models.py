@@ -109,10 +109,14 @@ def register_chat_package(
     signature = ModelSignature(
         inputs=Schema([ColSpec(Array(message), "messages"), ColSpec(DataType.long, "max_tokens", required=False)]),
         outputs=Schema(
-            [ColSpec(DataType.string, "content"), ColSpec(DataType.string, "finish_reason"),
-             ColSpec(DataType.long, "prompt_tokens"), ColSpec(DataType.long, "completion_tokens")]
+            [
+                ColSpec(DataType.string, "content"),
+                ColSpec(DataType.string, "finish_reason"),
+                ColSpec(DataType.long, "prompt_tokens"),
+                ColSpec(DataType.long, "completion_tokens"),
+            ]
         ),
-    )  # fmt: skip
+    )
     example = pd.DataFrame({"messages": [[{"role": "user", "content": "Copy: to be or not"}]], "max_tokens": [8]})
     return _log_and_register(
         workdir, run_id, CHAT_MODEL, "chat", pyfunc_code, {"package": str(package_dir)}, signature, example, tags
@@ -244,6 +248,8 @@ def download_checkpoint(workdir: str | Path, ref: str) -> DownloadedCheckpoint:
     destination = _download_once(workdir, version.uri, cache)
     extra_file = _artifact_dir(destination, "extra", ref)
     return DownloadedCheckpoint(
-        version, _artifact_dir(destination, "checkpoint", ref), _artifact_dir(destination, "tokenizer", ref),
+        version,
+        _artifact_dir(destination, "checkpoint", ref),
+        _artifact_dir(destination, "tokenizer", ref),
         json.loads(extra_file.read_text()),
-    )  # fmt: skip
+    )

@@ -30,9 +30,11 @@ class GateRules(BaseModel):
         0.01, ge=0.0, le=10.0, description="Largest relative validation perplexity increase vs the champion."
     )
     min_accuracy_delta: float = Field(
-        0.0, ge=-1.0, le=1.0,
+        0.0,
+        ge=-1.0,
+        le=1.0,
         description="Candidate exact match minus champion's must be at least this (negative tolerates a drop).",
-    )  # fmt: skip
+    )
     promote_first: bool = Field(True, description="With no champion yet, the first candidate becomes champion.")
 
 

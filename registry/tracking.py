@@ -256,8 +256,10 @@ def ui_hint(workdir: str | Path) -> str:
     uri = tracking_uri(workdir)
     if uri.startswith(("http://", "https://")) or os.environ.get("MLFLOW_UI_URL"):
         return f"MLflow UI: {ui_base_url()}"
-    return (f"MLflow UI for this store: `mlflow ui --backend-store-uri {uri}` (links below assume it serves on "
-            f"{ui_base_url()}; set MLFLOW_UI_URL otherwise)")  # fmt: skip
+    return (
+        f"MLflow UI for this store: `mlflow ui --backend-store-uri {uri}` (links below assume it serves on "
+        f"{ui_base_url()}; set MLFLOW_UI_URL otherwise)"
+    )
 
 
 def run_link(workdir: str | Path, run_id: str) -> str:

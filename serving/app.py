@@ -30,23 +30,33 @@ from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResp
 
 log = logging.getLogger("trainonce.serving")
 
-_ERROR_RESPONSES = {400: "The request is invalid; `param` names the field at fault.",
-                    401: "The API key is missing or wrong.", 404: "The model does not exist on this server.",
-                    "default": "Any other refusal or failure, in the same shape."}  # fmt: skip
+_ERROR_RESPONSES = {
+    400: "The request is invalid; `param` names the field at fault.",
+    401: "The API key is missing or wrong.",
+    404: "The model does not exist on this server.",
+    "default": "Any other refusal or failure, in the same shape.",
+}
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """A route's OpenAPI `responses`: its refusals, in OpenAI's error shape. Declaring `default` also drops
     FastAPI's 422, which this server never answers (validation errors are 400s, as OpenAI's are)."""
-    return {status: {"model": ErrorResponse, "description": _ERROR_RESPONSES[status]}
-            for status in (*statuses, "default")}  # fmt: skip
+    return {
+        status: {"model": ErrorResponse, "description": _ERROR_RESPONSES[status]} for status in (*statuses, "default")
+    }
 
 
 class ApiError(Exception):
     """A request the server refuses, answered with OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -56,13 +66,21 @@ def _budget(package: ChatPackage, prompt: list[int], requested: int | None, prom
     limit = package.config.max_seq_len
     room = package.room_for(prompt)
     if room < 1:
-        raise ApiError(400, f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt)}. "
-                       "Shorten it.", prompt_param, "context_length_exceeded")  # fmt: skip
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt)}. Shorten it.",
+            prompt_param,
+            "context_length_exceeded",
+        )
     if requested is None:
         return min(package.config.default_max_new_tokens, room)
     if not 1 <= requested <= room:
-        raise ApiError(400, f"max_tokens={requested} is out of range: it must be in [1, {room}] (the "
-                       f"{limit}-token context minus the {len(prompt)}-token prompt).", "max_tokens")  # fmt: skip
+        raise ApiError(
+            400,
+            f"max_tokens={requested} is out of range: it must be in [1, {room}] (the "
+            f"{limit}-token context minus the {len(prompt)}-token prompt).",
+            "max_tokens",
+        )
     return requested
 
 
@@ -124,8 +142,12 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
             allowed = (error.headers or {}).get("Allow", "")
             body = error_body(f"Method not allowed ({route}); allowed: {allowed}.", None, "method_not_allowed")
         elif error.status_code == 400:  # json.loads failed other than on syntax (those are validation errors)
-            body = error_body("The request body is not JSON this server can parse: not UTF-8, nested too deeply, "
-                              "or a number too long.", None, "invalid_json")  # fmt: skip
+            body = error_body(
+                "The request body is not JSON this server can parse: not UTF-8, nested too deeply, "
+                "or a number too long.",
+                None,
+                "invalid_json",
+            )
         else:
             body = error_body(str(error.detail), None, None)
         return JSONResponse(body, error.status_code, headers=error.headers)
@@ -141,8 +163,12 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
     def model_for(requested: str) -> LoadedModel:
         loaded = source.current  # taken once: this request finishes on this model even if the alias moves
         if requested not in (source.name, source.reference, f"{source.name}/{loaded.version}"):
-            raise ApiError(404, f"The model {requested!r} does not exist; this server serves {source.name!r}.",
-                           "model", "model_not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"The model {requested!r} does not exist; this server serves {source.name!r}.",
+                "model",
+                "model_not_found",
+            )
         return loaded
 
     @app.get("/health")
@@ -158,13 +184,15 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
     def retrieve_model(model: str) -> dict:
         return _card(model_for(model))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None,
-              responses=_errors(400, 401, 404))  # fmt: skip
+    @app.post(
+        "/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None, responses=_errors(400, 401, 404)
+    )
     def chat_completions(request: ChatCompletionRequest) -> dict | StreamingResponse:
         loaded = model_for(request.model)
         package = loaded.package
-        messages = [Message(role="system" if m.role == "developer" else m.role, content=m.text())
-                    for m in request.messages]  # fmt: skip
+        messages = [
+            Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in request.messages
+        ]
         prompt = package.chat_prompt(messages)
         budget = _budget(package, prompt, request.requested_tokens(), "messages")
         completion_id, created = new_id("chatcmpl"), now()
@@ -176,13 +204,23 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
             )
         result = package.complete(prompt, budget)
         usage = Usage.of(result.prompt_tokens, result.completion_tokens)
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "logprobs": None, "finish_reason": result.finish_reason}],
-                "usage": usage.model_dump()}  # fmt: skip
+        return {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": usage.model_dump(),
+        }
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None,
-              responses=_errors(400, 401, 404))  # fmt: skip
+    @app.post(
+        "/v1/completions", dependencies=[Depends(authorize)], response_model=None, responses=_errors(400, 401, 404)
+    )
     def completions(request: CompletionRequest) -> dict | StreamingResponse:
         loaded = model_for(request.model)
         package = loaded.package
@@ -199,27 +237,36 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
             return StreamingResponse(_completion_stream(package, prompt, budget, base), media_type="text/event-stream")
         result = package.complete(prompt, budget)
         usage = Usage.of(result.prompt_tokens, result.completion_tokens)
-        return {**base, "object": "text_completion",
-                "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                             "finish_reason": result.finish_reason}],
-                "usage": usage.model_dump()}  # fmt: skip
+        return {
+            **base,
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
+            "usage": usage.model_dump(),
+        }
 
     return app
 
 
 def _card(loaded: LoadedModel) -> dict[str, Any]:
     """OpenAI's model object, with what a client needs to size its requests."""
-    return {"id": loaded.name, "object": "model", "created": loaded.loaded_at, "owned_by": "trainonce",
-            "version": loaded.version, "quantization": loaded.package.config.quantization,
-            "context_length": loaded.package.config.max_seq_len}  # fmt: skip
+    return {
+        "id": loaded.name,
+        "object": "model",
+        "created": loaded.loaded_at,
+        "owned_by": "trainonce",
+        "version": loaded.version,
+        "quantization": loaded.package.config.quantization,
+        "context_length": loaded.package.config.max_seq_len,
+    }
 
 
 def _chat_stream(
     package: ChatPackage, prompt: list[int], budget: int, base: dict[str, Any], include_usage: bool
 ) -> Iterator[str]:
     chunk = {**base, "object": "chat.completion.chunk"}
-    yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                      "finish_reason": None}]})  # fmt: skip
+    yield _sse(
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    )
     generated = 0
     for token in package.stream(prompt, budget):
         generated += 1
@@ -239,8 +286,9 @@ def _completion_stream(package: ChatPackage, prompt: list[int], budget: int, bas
     for token in package.stream(prompt, budget):
         generated += 1
         if token.text:
-            yield _sse({**chunk, "choices": [{"index": 0, "text": token.text, "logprobs": None,
-                                              "finish_reason": None}]})  # fmt: skip
+            yield _sse(
+                {**chunk, "choices": [{"index": 0, "text": token.text, "logprobs": None, "finish_reason": None}]}
+            )
     finish = finish_reason(generated, budget)
     yield _sse({**chunk, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": finish}]})
     yield _sse("[DONE]")

@@ -30,9 +30,15 @@ class LoadedModel:
 
 class ModelSource:
     def __init__(
-        self, workdir: str | Path, name: str, alias: str | None, version: str | None, cache_dir: str | Path,
-        poll_seconds: float = 5.0, threads: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        workdir: str | Path,
+        name: str,
+        alias: str | None,
+        version: str | None,
+        cache_dir: str | Path,
+        poll_seconds: float = 5.0,
+        threads: int = 0,
+    ) -> None:
         if (alias is None) == (version is None):
             raise ValueError("give exactly one of alias and version")
         self.workdir, self.name, self.alias, self.pinned_version = str(workdir), name, alias, version

@@ -15,9 +15,17 @@ API_KEY_ENV = "TRAINONCE_API_KEY"
 
 
 def serve(
-    workdir: str, name: str, alias: str | None, version: str | None, host: str = "127.0.0.1", port: int = 8000,
-    api_key: str | None = None, poll_seconds: float = 5.0, threads: int = 0, cache_dir: str | None = None,
-) -> None:  # fmt: skip
+    workdir: str,
+    name: str,
+    alias: str | None,
+    version: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    poll_seconds: float = 5.0,
+    threads: int = 0,
+    cache_dir: str | None = None,
+) -> None:
     """Load the model the registry names, follow its alias, and serve until interrupted.
 
     Binds 127.0.0.1 unless told otherwise; with an API key (argument or TRAINONCE_API_KEY) every /v1 route

@@ -38,8 +38,12 @@ def align_task(
     model = load_model(subnet_dir)
     train, test = generate_splits(sft.task_mix, corpus_passages("\n".join(data.documents())))
     out_dir = Path(workdir) / "align" / f"subnet-v{subnet_version}"
-    lineage = {"parent_model": f"{SUBNET_MODEL}/{subnet_version}", "parent_subnet_version": subnet_version,
-               "data_fingerprint": data.fingerprint, "git_commit": git_commit()}  # fmt: skip
+    lineage = {
+        "parent_model": f"{SUBNET_MODEL}/{subnet_version}",
+        "parent_subnet_version": subnet_version,
+        "data_fingerprint": data.fingerprint,
+        "git_commit": git_commit(),
+    }
 
     sft_logger = RunLogger(workdir, run_name="sft", tags={"stage": "sft"})
     sft_logger.log_params({"sft": sft.model_dump(mode="json")})
@@ -48,16 +52,27 @@ def align_task(
     sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations, data.split("train"))
     _log_loss_curve(sft_logger, sft_result.losses)
     sft_logger.log_metrics(
-        {**{f"accuracy_base/{k}": v for k, v in sft_result.accuracy_before.items()},
-         **{f"accuracy_sft/{k}": v for k, v in sft_result.accuracy_after.items()}}, step=sft.steps,
-    )  # fmt: skip
+        {
+            **{f"accuracy_base/{k}": v for k, v in sft_result.accuracy_before.items()},
+            **{f"accuracy_sft/{k}": v for k, v in sft_result.accuracy_after.items()},
+        },
+        step=sft.steps,
+    )
     sft_dir = save_model(model, out_dir / "sft")
     sft_version = register_checkpoint(
-        workdir, sft_logger.run_id, CHAT_TORCH_MODEL, sft_dir, data.tokenizer_path,
+        workdir,
+        sft_logger.run_id,
+        CHAT_TORCH_MODEL,
+        sft_dir,
+        data.tokenizer_path,
         {"stage": "sft", "chat_format": data.chat_format.model_dump(mode="json")},
-        {**lineage, "stage": "sft", **_accuracy_tags("base", sft_result.accuracy_before),
-         **_accuracy_tags("sft", sft_result.accuracy_after)},
-    )  # fmt: skip
+        {
+            **lineage,
+            "stage": "sft",
+            **_accuracy_tags("base", sft_result.accuracy_before),
+            **_accuracy_tags("sft", sft_result.accuracy_after),
+        },
+    )
     sft_logger.finish()
 
     dpo_logger = RunLogger(workdir, run_name="dpo", tags={"stage": "dpo"})
@@ -66,19 +81,34 @@ def align_task(
     _log_loss_curve(dpo_logger, dpo_result.losses)
     held_out = dpo_result.held_out
     dpo_logger.log_metrics(
-        {"held_out/reward_accuracy": held_out.reward_accuracy, "held_out/chosen_reward": held_out.chosen_reward,
-         "held_out/rejected_reward": held_out.rejected_reward, "held_out/margin": held_out.margin,
-         **{f"pairs/{k}": v for k, v in dpo_result.train_pair_kinds.items()},
-         **{f"accuracy_dpo/{k}": v for k, v in dpo_result.accuracy_after.items()}}, step=dpo.steps,
-    )  # fmt: skip
+        {
+            "held_out/reward_accuracy": held_out.reward_accuracy,
+            "held_out/chosen_reward": held_out.chosen_reward,
+            "held_out/rejected_reward": held_out.rejected_reward,
+            "held_out/margin": held_out.margin,
+            **{f"pairs/{k}": v for k, v in dpo_result.train_pair_kinds.items()},
+            **{f"accuracy_dpo/{k}": v for k, v in dpo_result.accuracy_after.items()},
+        },
+        step=dpo.steps,
+    )
     dpo_dir = save_model(model, out_dir / "dpo")
     dpo_version = register_checkpoint(
-        workdir, dpo_logger.run_id, CHAT_TORCH_MODEL, dpo_dir, data.tokenizer_path,
+        workdir,
+        dpo_logger.run_id,
+        CHAT_TORCH_MODEL,
+        dpo_dir,
+        data.tokenizer_path,
         {"stage": "dpo", "chat_format": data.chat_format.model_dump(mode="json")},
-        {**lineage, "stage": "dpo", "parent_sft_version": sft_version.version,
-         **_accuracy_tags("sft", sft_result.accuracy_after), **_accuracy_tags("dpo", dpo_result.accuracy_after),
-         "reward_accuracy": f"{held_out.reward_accuracy:.4f}", "pairs": json.dumps(dpo_result.train_pair_kinds)},
-    )  # fmt: skip
+        {
+            **lineage,
+            "stage": "dpo",
+            "parent_sft_version": sft_version.version,
+            **_accuracy_tags("sft", sft_result.accuracy_after),
+            **_accuracy_tags("dpo", dpo_result.accuracy_after),
+            "reward_accuracy": f"{held_out.reward_accuracy:.4f}",
+            "pairs": json.dumps(dpo_result.train_pair_kinds),
+        },
+    )
     dpo_logger.finish()
     return AlignedModels(
         sft_uri=sft_version.uri,

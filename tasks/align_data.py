@@ -55,9 +55,29 @@ class Example:
 
 
 WORDS = (
-    "king", "queen", "lord", "lady", "fool", "ghost", "sword", "crown", "rose", "night", "day", "love", "death",
-    "storm", "sea", "fire", "moon", "star", "heart", "blood", "honour", "grace",
-)  # fmt: skip
+    "king",
+    "queen",
+    "lord",
+    "lady",
+    "fool",
+    "ghost",
+    "sword",
+    "crown",
+    "rose",
+    "night",
+    "day",
+    "love",
+    "death",
+    "storm",
+    "sea",
+    "fire",
+    "moon",
+    "star",
+    "heart",
+    "blood",
+    "honour",
+    "grace",
+)
 
 
 def _arithmetic(rng: random.Random) -> Example:

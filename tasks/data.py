@@ -182,8 +182,12 @@ def data_fingerprint(config: DataConfig, source: str, tokenizer: Tokenizer) -> s
     """Hash of the source contents, the tokenizer itself (not how it was made: a trained tokenizer and the same
     tokenizer reused from a registered model give the same fingerprint), the chat format (its end-of-text token
     separates documents; SFT renders with it) and the split rule."""
-    settings = {"format": FORMAT_VERSION, "val_fraction": config.val_fraction, "text_field": config.text_field,
-                "chat_format": config.chat_format.model_dump(mode="json")}  # fmt: skip
+    settings = {
+        "format": FORMAT_VERSION,
+        "val_fraction": config.val_fraction,
+        "text_field": config.text_field,
+        "chat_format": config.chat_format.model_dump(mode="json"),
+    }
     digest = hashlib.sha256(source.encode())
     digest.update(hashlib.sha256(tokenizer.to_str().encode()).digest())
     digest.update(json.dumps(settings, sort_keys=True).encode())

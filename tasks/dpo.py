@@ -87,10 +87,12 @@ class DPOConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm; larger steps are scaled down.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit for on-policy pairs and accuracy.")
     max_pairs: int | None = Field(
-        None, ge=1, le=10_000_000,
+        None,
+        ge=1,
+        le=10_000_000,
         description="Training prompts (a seeded sample) turned into preference pairs; each costs one greedy "
         "generation, so there is no point in many more than steps x batch_size. None: every training prompt.",
-    )  # fmt: skip
+    )
     extra_jsonl: str | None = Field(
         None, description='Your own preference pairs, one {"prompt", "chosen", "rejected"} per line.'
     )

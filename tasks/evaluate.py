@@ -51,7 +51,7 @@ class PackageEvaluation:
             f"{prefix}tokens_per_second": self.tokens_per_second,
             f"{prefix}size_bytes": self.size_bytes,
         }
-        return metrics | {f"{prefix}accuracy/{k}": v for k, v in self.accuracy.items()}  # fmt: skip
+        return metrics | {f"{prefix}accuracy/{k}": v for k, v in self.accuracy.items()}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -107,10 +107,16 @@ def export_onnx(model: ElasticMoE, path: Path, opset: int = 18) -> Path:
     large = sum(p.numel() for p in decoder.parameters()) * 4 > _SINGLE_FILE_LIMIT
     with torch.no_grad():
         program = torch.onnx.export(
-            decoder, (input_ids, *past), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-            input_names=["input_ids", *past_names(n)], output_names=["logits", *present_names(n)],
-            optimize=True, verbose=False,
-        )  # fmt: skip
+            decoder,
+            (input_ids, *past),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic,
+            input_names=["input_ids", *past_names(n)],
+            output_names=["logits", *present_names(n)],
+            optimize=True,
+            verbose=False,
+        )
     assert program is not None
     proto = program.model_proto
     # The exporter records intermediate shapes from the sample inputs; onnx's own shape inference (which the
@@ -144,9 +150,12 @@ def quantize_int4(source: Path, target: Path, block_size: int, accuracy_level: i
 
     def config(bits: int) -> DefaultWeightOnlyQuantConfig:
         return DefaultWeightOnlyQuantConfig(
-            block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",),
+            block_size=block_size,
+            is_symmetric=True,
+            accuracy_level=accuracy_level,
+            op_types_to_quantize=("MatMul",),
             bits=bits,
-        )  # fmt: skip
+        )
 
     model = onnx.load(str(source))
     head = output_projection(model)
@@ -167,11 +176,16 @@ def write_package(
     shutil.copy(tokenizer_path, directory / TOKENIZER_FILE)
     config = model.config
     GenerationConfig(
-        n_layers=config.n_layers, n_kv_heads=config.n_kv_heads, head_dim=config.attn_head_dim,
-        max_seq_len=config.max_seq_len, vocab_size=config.vocab_size,
+        n_layers=config.n_layers,
+        n_kv_heads=config.n_kv_heads,
+        head_dim=config.attn_head_dim,
+        max_seq_len=config.max_seq_len,
+        vocab_size=config.vocab_size,
         eos_token_id=chat_format.token_ids(Tokenizer.from_file(str(tokenizer_path)))["end_of_turn"],
-        default_max_new_tokens=max_new, quantization=quantization, chat_format=chat_format.model_dump(mode="json"),
-    ).save(directory)  # fmt: skip
+        default_max_new_tokens=max_new,
+        quantization=quantization,
+        chat_format=chat_format.model_dump(mode="json"),
+    ).save(directory)
     return directory
 
 
@@ -192,8 +206,13 @@ def build_packages(
         if variant == "int8":
             quantize_int8(fp32_dir / MODEL_FILE, target, config.int8_per_channel)
         else:
-            quantize_int4(fp32_dir / MODEL_FILE, target, config.int4_block_size, config.int4_accuracy_level,
-                          config.int4_output_bits)  # fmt: skip
+            quantize_int4(
+                fp32_dir / MODEL_FILE,
+                target,
+                config.int4_block_size,
+                config.int4_accuracy_level,
+                config.int4_output_bits,
+            )
         packages[variant] = write_package(
             model, tokenizer_path, chat_format, target.parent, variant, config.default_max_new_tokens
         )
@@ -299,23 +318,33 @@ def export_task(
     result = run_export(model, data, tasks, config, output)
     for variant, evaluation in result.evaluations.items():
         logger.log_metrics(evaluation.as_metrics(f"{variant}/"), step=0)
-    logger.log_metrics({"parity/max_abs_logit_diff": result.parity.max_abs_logit_diff,
-                        "parity/greedy_tokens_equal": float(result.parity.greedy_tokens_equal)}, step=0)  # fmt: skip
+    logger.log_metrics(
+        {
+            "parity/max_abs_logit_diff": result.parity.max_abs_logit_diff,
+            "parity/greedy_tokens_equal": float(result.parity.greedy_tokens_equal),
+        },
+        step=0,
+    )
     table = "\n".join(variant_table(result))
     (output / "variants.md").write_text(table + "\n")
     logger.log_artifact(output / "variants.md")
     chosen = result.evaluations[result.candidate]
     reference = result.evaluations["fp32"]
     tags = {
-        **lineage, "stage": "export", "quantization": result.candidate, "data_fingerprint": data.fingerprint,
-        "git_commit": git_commit(), "val_ppl": f"{chosen.val_ppl:.4f}",
+        **lineage,
+        "stage": "export",
+        "quantization": result.candidate,
+        "data_fingerprint": data.fingerprint,
+        "git_commit": git_commit(),
+        "val_ppl": f"{chosen.val_ppl:.4f}",
         "ppl_delta_vs_fp32": f"{chosen.val_ppl / reference.val_ppl - 1:.5f}",
-        "accuracy_overall": f"{chosen.accuracy['overall']:.4f}", "size_bytes": str(chosen.size_bytes),
+        "accuracy_overall": f"{chosen.accuracy['overall']:.4f}",
+        "size_bytes": str(chosen.size_bytes),
         "tokens_per_second": f"{chosen.tokens_per_second:.1f}",
         "onnx_max_abs_logit_diff": f"{result.parity.max_abs_logit_diff:.3e}",
         "onnx_greedy_tokens_equal": str(result.parity.greedy_tokens_equal),
         "evaluation": json.dumps({v: e.to_dict() for v, e in result.evaluations.items()}),
-    }  # fmt: skip
+    }
     version = register_chat_package(workdir, logger.run_id, result.packages[result.candidate], tags, CHAT_PYFUNC_CODE)
     set_alias(workdir, CHAT_MODEL, "candidate", version.version)
     logger.finish()

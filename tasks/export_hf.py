@@ -83,7 +83,8 @@ def export_hf_task(aligned_dir: str, data_dir: str, workdir: str, lineage: dict)
     logger = RunLogger(workdir, run_name="export-hf", tags={"stage": "export-hf"})
     data = PreparedData.load(data_dir)
     out = export_hf(aligned_dir, data.tokenizer_path, data.chat_format, Path(workdir) / "export-hf" / logger.run_id)
-    version = register_hf_model(workdir, logger.run_id, out, {**lineage, "stage": "export-hf",
-                                                               "architecture": HF_ARCHITECTURE})  # fmt: skip
+    version = register_hf_model(
+        workdir, logger.run_id, out, {**lineage, "stage": "export-hf", "architecture": HF_ARCHITECTURE}
+    )
     logger.finish()
     return HuggingFaceExport(model_uri=version.uri, version=version.version, directory=str(out))

@@ -75,8 +75,13 @@ def gate_task(
     for role, result in measured.items():
         logger.log_metrics(result.as_metrics(f"{role}/"), step=0)
     verdict = "promoted" if decision.promote else "rejected"
-    logger.set_tags({"decision": verdict, "reasons": " | ".join(decision.reasons),
-                     "champion_version": decision.champion_version or "none"})  # fmt: skip
+    logger.set_tags(
+        {
+            "decision": verdict,
+            "reasons": " | ".join(decision.reasons),
+            "champion_version": decision.champion_version or "none",
+        }
+    )
     logger.finish()
     return GateOutcome(
         promoted=decision.promote,

@@ -78,8 +78,11 @@ def check_weights(directory: Path, hf_config: dict, headers: Headers) -> None:
     meta = {name: torch.empty(shape, device="meta") for name, (_, shape) in headers.items()}
     found = {name: tuple(tensor.shape) for name, tensor in from_checkpoint_layout(meta).items()}
     missing = sorted(set(expected) - set(found))
-    wrong = [f"{name}: {found[name]} in the files, {expected[name]} in config.json"
-             for name in sorted(expected) if name in found and found[name] != expected[name]]  # fmt: skip
+    wrong = [
+        f"{name}: {found[name]} in the files, {expected[name]} in config.json"
+        for name in sorted(expected)
+        if name in found and found[name] != expected[name]
+    ]
     if missing or wrong:
         raise ValueError(f"{directory}: weights do not match config.json: missing {missing[:5]}, shapes {wrong[:5]}")
 
@@ -152,14 +155,29 @@ def import_hf(
     digest = files_sha256(directory)
     model = load_hf_weights(directory, hf_config, headers)
     logger = RunLogger(workdir, run_name="import-hf", tags={"stage": "import-hf"})
-    logger.log_params({"source": str(directory), "files_sha256": digest, "model": config.model_dump(mode="json"),
-                       "pretrain_tokens": pretrain_tokens})  # fmt: skip
+    logger.log_params(
+        {
+            "source": str(directory),
+            "files_sha256": digest,
+            "model": config.model_dump(mode="json"),
+            "pretrain_tokens": pretrain_tokens,
+        }
+    )
     checkpoint = save_model(model, Path(workdir) / "imports" / digest[:16] / "supernet")
     del model
-    extra = {"elastic_space": elastic.model_dump(mode="json"), "pretrain_tokens": pretrain_tokens,
-             "source": f"hf:{directory}", "chat_format": chat_format.model_dump(mode="json")}  # fmt: skip
-    tags = {"stage": "import-hf", "source": f"hf:{directory}", "files_sha256": digest, "git_commit": git_commit(),
-            "architecture": hf_config.get("architectures", ["?"])[0]}  # fmt: skip
+    extra = {
+        "elastic_space": elastic.model_dump(mode="json"),
+        "pretrain_tokens": pretrain_tokens,
+        "source": f"hf:{directory}",
+        "chat_format": chat_format.model_dump(mode="json"),
+    }
+    tags = {
+        "stage": "import-hf",
+        "source": f"hf:{directory}",
+        "files_sha256": digest,
+        "git_commit": git_commit(),
+        "architecture": hf_config.get("architectures", ["?"])[0],
+    }
     version = register_checkpoint(workdir, logger.run_id, SUPERNET_MODEL, checkpoint, tokenizer_path, extra, tags)
     logger.finish()
     return version

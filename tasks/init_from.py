@@ -44,12 +44,22 @@ def adapt_config(config: PipelineConfig, source_ref: str, workdir: str | Path) -
     model = load_config(source.checkpoint_dir)
     elastic = ElasticSpace.model_validate(source.extra["elastic_space"])
     pretrain = config.pretrain.model_copy(
-        update={"model": model, "elastic": elastic, "max_steps": max(config.init_steps, 1), "max_tokens": None,
-                "warm_start": "never", "warm_start_steps": None}
-    )  # fmt: skip
+        update={
+            "model": model,
+            "elastic": elastic,
+            "max_steps": max(config.init_steps, 1),
+            "max_tokens": None,
+            "warm_start": "never",
+            "warm_start_steps": None,
+        }
+    )
     data = config.data.model_copy(
-        update={"vocab_size": model.vocab_size, "tokenizer_file": str(source.tokenizer_path),
-                "chat_format": chat_format_of(source.extra)}
-    )  # fmt: skip
-    return PipelineConfig.model_validate({**config.model_dump(), "pretrain": pretrain.model_dump(),
-                                          "data": data.model_dump()})  # fmt: skip
+        update={
+            "vocab_size": model.vocab_size,
+            "tokenizer_file": str(source.tokenizer_path),
+            "chat_format": chat_format_of(source.extra),
+        }
+    )
+    return PipelineConfig.model_validate(
+        {**config.model_dump(), "pretrain": pretrain.model_dump(), "data": data.model_dump()}
+    )

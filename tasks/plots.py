@@ -101,8 +101,14 @@ def plot_claim(runs: Sequence[Mapping], recipe: str, path: Path) -> Path:
         twin = mean(lambda r, label=label: r["rows"]["members"][label]["twin"])
         curve(m["twin_curve"], m["twin_flops"], twin, f"{m['spec']} alone ({label})", colours[i % len(colours)])
     separate = full["flops"] + sum(m["twin_flops"] for _, m in members)
-    ax.scatter([family_cost], [mean(lambda r: r["rows"]["elastic"]["val"])], color="black", s=70, zorder=5,
-               label=f"family `{recipe}`: full model and members (cut + distilled)")  # fmt: skip
+    ax.scatter(
+        [family_cost],
+        [mean(lambda r: r["rows"]["elastic"]["val"])],
+        color="black",
+        s=70,
+        zorder=5,
+        label=f"family `{recipe}`: full model and members (cut + distilled)",
+    )
     for i, (label, _) in enumerate(members):
         value = mean(lambda r, label=label: r["rows"]["members"][label]["distilled"])
         ax.scatter([family_cost], [value], color=colours[i % len(colours)], s=70, zorder=5, edgecolors="black")
@@ -110,8 +116,11 @@ def plot_claim(runs: Sequence[Mapping], recipe: str, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (log): each model's own; the whole family's for the points")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Train once: the family cut from one run vs each model trained alone\n`{recipe}`, {n} "
-                 f"seed{'s' if n > 1 else ''}, {first['tokens']:,} tokens each", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"Train once: the family cut from one run vs each model trained alone\n`{recipe}`, {n} "
+        f"seed{'s' if n > 1 else ''}, {first['tokens']:,} tokens each",
+        fontsize=10,
+    )
     finals = [m["twin"] for _, m in members] + [full["val"]]
     ax.set_ylim(min(finals) - 0.15, max(finals) + 0.5)
     return _save(fig, ax, path)

@@ -190,5 +190,10 @@ def run_pretrain_launched(
     command = config.launch.command("tasks.pretrain_entry", ["--job", str(output_dir / "job.json")])
     run_launched(command, output_dir / "launch.log")
     result = json.loads((output_dir / "result.json").read_text())
-    return PretrainResult(**{**result, "checkpoint_dir": Path(result["checkpoint_dir"]),
-                             "loss_curve": Path(result["loss_curve"]) if result["loss_curve"] else None})  # fmt: skip
+    return PretrainResult(
+        **{
+            **result,
+            "checkpoint_dir": Path(result["checkpoint_dir"]),
+            "loss_curve": Path(result["loss_curve"]) if result["loss_curve"] else None,
+        }
+    )

@@ -24,8 +24,11 @@ def _run_job(path: Path) -> None:
     data = PreparedData.load(job["data_dir"])
     result = run_pretrain(config, data, path.parent, job["tracking_dir"], job["init_from"], job["init_label"])
     if PartialState().is_main_process:
-        payload = {**asdict(result), "checkpoint_dir": str(result.checkpoint_dir),
-                   "loss_curve": str(result.loss_curve) if result.loss_curve else None}  # fmt: skip
+        payload = {
+            **asdict(result),
+            "checkpoint_dir": str(result.checkpoint_dir),
+            "loss_curve": str(result.loss_curve) if result.loss_curve else None,
+        }
         (path.parent / "result.json").write_text(json.dumps(payload, indent=2))
 
 

@@ -342,8 +342,9 @@ def check_parameter_budgets(config: SearchConfig, model_config: MoEConfig, space
     layers and experts are kept, not which). ValueError naming the budget and the smallest achievable value."""
     _, genomes, _, costs = _family_costs(model_config, space, Importance.identity(model_config))
     full = subnet_cost(model_config)
-    _check_parameter_budgets_reachable(_absolute_limits(config, full.total_params, full.active_params, None),
-                                       genomes, costs)  # fmt: skip
+    _check_parameter_budgets_reachable(
+        _absolute_limits(config, full.total_params, full.active_params, None), genomes, costs
+    )
 
 
 def _family_costs(
@@ -426,8 +427,10 @@ class ChoiceMargin:
 
     def describe(self) -> str:
         verdict = "within the noise: another validation sample may pick it" if self.within_noise else "beyond the noise"
-        return (f"{self.margin:.4f} ± {self.stderr:.4f} nats better than the runner-up {self.runner_up} (paired "
-                f"standard error over {self.batches} validation batches; {verdict})")  # fmt: skip
+        return (
+            f"{self.margin:.4f} ± {self.stderr:.4f} nats better than the runner-up {self.runner_up} (paired "
+            f"standard error over {self.batches} validation batches; {verdict})"
+        )
 
 
 def choice_margin(result: SearchResult, batch_losses: dict[str, list[float]]) -> ChoiceMargin | None:
@@ -457,8 +460,15 @@ def search_task(
     data = PreparedData.load(data_dir)
     supernet = load_model(supernet_dir).eval()
     # One folder per (supernet, data, settings): a cached later stage may still point into an earlier one.
-    key = json.dumps([search.model_dump(mode="json"), importance.model_dump(mode="json"),
-                      elastic.model_dump(mode="json"), supernet_dir, data_dir])  # fmt: skip
+    key = json.dumps(
+        [
+            search.model_dump(mode="json"),
+            importance.model_dump(mode="json"),
+            elastic.model_dump(mode="json"),
+            supernet_dir,
+            data_dir,
+        ]
+    )
     out_dir = Path(workdir) / "search" / hashlib.sha256(key.encode()).hexdigest()[:16]
     logger = RunLogger(workdir, run_name="search", tags={"stage": "search"})
     logger.log_params({"search": search.model_dump(mode="json"), "supernet_dir": supernet_dir})
@@ -466,9 +476,12 @@ def search_task(
     if importance.enabled:
         _, effect = rank_importance(supernet, data, importance, elastic, search.seq_len)
         logger.log_metrics(
-            {"ranking/val_loss_importance_order": effect.loss_importance,
-             "ranking/val_loss_identity_order": effect.loss_identity}, step=0,
-        )  # fmt: skip
+            {
+                "ranking/val_loss_importance_order": effect.loss_importance,
+                "ranking/val_loss_identity_order": effect.loss_identity,
+            },
+            step=0,
+        )
     ranked_dir = save_model(supernet, out_dir / "ranked_supernet")
     val = data.split("val")
     device = next(supernet.parameters()).device
@@ -500,11 +513,18 @@ def search_task(
     logger.log_artifact(png, "plots")
     logger.log_artifact(out_dir / "candidates.json", "search")
     logger.log_metrics(
-        {"search/evaluated": len(result.evaluated), "search/chosen_val_loss": result.chosen.val_loss,
-         "search/chosen_active_params": result.chosen.active_params,
-         **({} if margin is None else {"search/margin_to_runner_up": margin.margin,
-                                       "search/margin_stderr": margin.stderr})}, step=0,
-    )  # fmt: skip
+        {
+            "search/evaluated": len(result.evaluated),
+            "search/chosen_val_loss": result.chosen.val_loss,
+            "search/chosen_active_params": result.chosen.active_params,
+            **(
+                {}
+                if margin is None
+                else {"search/margin_to_runner_up": margin.margin, "search/margin_stderr": margin.stderr}
+            ),
+        },
+        step=0,
+    )
     logger.set_tags({"chosen_spec": result.chosen.spec.model_dump_json(), "method": result.method})
     logger.finish()
     chosen = result.chosen

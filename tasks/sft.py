@@ -50,10 +50,12 @@ class SFTConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm; larger steps are scaled down.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit when measuring accuracy.")
     replay_batch_size: int = Field(
-        0, ge=0, le=65_536,
+        0,
+        ge=0,
+        le=65_536,
         description="Pre-training windows (of max_len tokens) per step trained on with the LM loss beside the "
         "chat batch, so fine-tuning does not erase language modelling; 0 = no replay.",
-    )  # fmt: skip
+    )
     replay_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the replay LM loss.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of batch order.")
 

@@ -236,8 +236,10 @@ class HuggingFaceExport(StageResult):
     directory: str
 
     def summary(self, links: Links = PLAIN) -> list[str]:
-        return [f"transformers directory registered as {links.model(self.model_uri)} "
-                f"(mlflow.transformers.load_model; files in {self.directory})"]  # fmt: skip
+        return [
+            f"transformers directory registered as {links.model(self.model_uri)} "
+            f"(mlflow.transformers.load_model; files in {self.directory})"
+        ]
 
 
 class GateOutcome(StageResult):

@@ -74,8 +74,10 @@ def panel_batch_losses(
     model.eval()
     rng = np.random.default_rng(VALIDATION_SEED)
     batches = [sample_batch(val_tokens, batch_size, seq_len, rng).to(device) for _ in range(n_batches)]
-    losses = {label: [causal_lm_loss(model(b, subnet=spec).logits, b).item() for b in batches]
-              for label, spec in panel.items()}  # fmt: skip
+    losses = {
+        label: [causal_lm_loss(model(b, subnet=spec).logits, b).item() for b in batches]
+        for label, spec in panel.items()
+    }
     model.train(was_training)
     return losses
 

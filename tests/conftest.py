@@ -77,13 +77,21 @@ def short_pipeline() -> list[str]:
     """`--set` overrides that shorten the tiny preset to a pipeline run of about a minute (on the small corpus's
     400-token vocabulary); each stage still does real work."""
     return [
-        "data.vocab_size=400", "pretrain.model.vocab_size=400", "pretrain.max_steps=20",
-        "pretrain.optim.warmup_steps=2", "pretrain.eval_interval=10",
+        "data.vocab_size=400",
+        "pretrain.model.vocab_size=400",
+        "pretrain.max_steps=20",
+        "pretrain.optim.warmup_steps=2",
+        "pretrain.eval_interval=10",
         "extract.distill_compute_fraction=0.3",  # 6% of 20 steps' compute would be less than one step
-        "sft.steps=20", "sft.task_mix.train_per_task=20", "sft.task_mix.test_per_task=4", "sft.replay_batch_size=2",
-        "dpo.steps=5", "deploy.evaluation.val_batches=2", "deploy.evaluation.speed_prompts=1",
+        "sft.steps=20",
+        "sft.task_mix.train_per_task=20",
+        "sft.task_mix.test_per_task=4",
+        "sft.replay_batch_size=2",
+        "dpo.steps=5",
+        "deploy.evaluation.val_batches=2",
+        "deploy.evaluation.speed_prompts=1",
         "deploy.evaluation.speed_new_tokens=8",
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +124,13 @@ def foreign_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, small_data: 
     tokenizer.add_special_tokens(ERNIE_STYLE_TOKENS)
     folder = tmp_path_factory.mktemp("foreign-tokenizer")
     tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"chat_template": ERNIE_STYLE_TEMPLATE, "bos_token": "<s>", "eos_token": {"content": "</s>"},
-              "pad_token": "<unk>", "unk_token": "<unk>"}  # fmt: skip
+    config = {
+        "chat_template": ERNIE_STYLE_TEMPLATE,
+        "bos_token": "<s>",
+        "eos_token": {"content": "</s>"},
+        "pad_token": "<unk>",
+        "unk_token": "<unk>",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     eos = [tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<|end_of_sentence|>")]
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
@@ -125,10 +138,19 @@ def foreign_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, small_data: 
 
 
 TINY_HF_CONFIG = dict(
-    vocab_size=408, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
-    max_position_embeddings=128, tie_word_embeddings=True,
-)  # fmt: skip
+    vocab_size=408,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    moe_num_experts=8,
+    moe_k=2,
+    moe_intermediate_size=32,
+    moe_num_shared_experts=1,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.fixture(scope="session")
@@ -158,9 +180,17 @@ def chat_model(small_data: PreparedData) -> ElasticMoE:
 
     torch.manual_seed(0)
     config = MoEConfig(
-        vocab_size=400, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2, expert_ffn_dim=32,
-        n_shared_experts=1, max_seq_len=128,
-    )  # fmt: skip
+        vocab_size=400,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        n_experts=4,
+        top_k=2,
+        expert_ffn_dim=32,
+        n_shared_experts=1,
+        max_seq_len=128,
+    )
     model = ElasticMoE(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(0)
@@ -216,13 +246,22 @@ class S3Server:
     def env(self, credentials: tuple[str, str] | None = None) -> dict[str, str]:
         """The standard variables a boto3 client (ours, MLflow's) reads."""
         key, secret = credentials or self.pipeline
-        return {"MLFLOW_S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-                "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        return {
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def client(self, credentials: tuple[str, str] | None = None):
         key, secret = credentials or self.admin
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
-                            region_name="us-east-1")  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+        )
 
 
 def _free_port_base(count: int) -> int:
@@ -246,26 +285,47 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     folder = tmp_path_factory.mktemp("seaweedfs")
     admin, pipeline = ("ADMINKEY", "admin-secret-1"), ("PIPELINEKEY", "pipeline-secret-1")
     identities = [
-        {"name": "admin", "credentials": [{"accessKey": admin[0], "secretKey": admin[1]}],
-         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
-        {"name": "pipeline", "credentials": [{"accessKey": pipeline[0], "secretKey": pipeline[1]}],
-         "actions": ["Read", "Write", "List", "Tagging"]},
-    ]  # fmt: skip
+        {
+            "name": "admin",
+            "credentials": [{"accessKey": admin[0], "secretKey": admin[1]}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        },
+        {
+            "name": "pipeline",
+            "credentials": [{"accessKey": pipeline[0], "secretKey": pipeline[1]}],
+            "actions": ["Read", "Write", "List", "Tagging"],
+        },
+    ]
     (folder / "s3.json").write_text(json.dumps({"identities": identities}))
     (folder / "data").mkdir()
     base = _free_port_base(5)
     command = [
-        weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-s3.config={folder / 's3.json'}", f"-s3.port={base}", f"-master.port={base + 1}",
-        f"-volume.port={base + 2}", f"-filer.port={base + 3}",
-        f"-admin.port={base + 4}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
+        weed,
+        "mini",
+        f"-dir={folder / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.config={folder / 's3.json'}",
+        f"-s3.port={base}",
+        f"-master.port={base + 1}",
+        f"-volume.port={base + 2}",
+        f"-filer.port={base + 3}",
+        f"-admin.port={base + 4}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ]
     log = open(folder / "weed.log", "w")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     server = S3Server(f"http://127.0.0.1:{base}", admin, pipeline)
-    wait_until_ready(lambda: server.client().list_buckets(), "SeaweedFS", process,
-                     log=lambda: (folder / "weed.log").read_text()[-3000:])  # fmt: skip
+    wait_until_ready(
+        lambda: server.client().list_buckets(),
+        "SeaweedFS",
+        process,
+        log=lambda: (folder / "weed.log").read_text()[-3000:],
+    )
     yield server
     process.terminate()
     try:

@@ -12,12 +12,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_claim_benchmark_produces_every_row(tmp_path: Path) -> None:
-    command = [sys.executable, str(ROOT / "benchmarks" / "train_once.py"), "--config", "tiny", "--recipe",
-               "nested_delayed", "--seeds", "0", "--cache", str(tmp_path), "--set", "pretrain.max_steps=12",
-               "--set", "pretrain.eval_interval=6", "--set", "pretrain.checkpoint_interval=12",
-               "--set", "pretrain.optim.warmup_steps=2", "--set", "extract.eval_batches=1",
-               "--set", "extract.distill_compute_fraction=0.5",
-               "--set", "data.data_dir=" + str(tmp_path / "data")]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_once.py"),
+        "--config",
+        "tiny",
+        "--recipe",
+        "nested_delayed",
+        "--seeds",
+        "0",
+        "--cache",
+        str(tmp_path),
+        "--set",
+        "pretrain.max_steps=12",
+        "--set",
+        "pretrain.eval_interval=6",
+        "--set",
+        "pretrain.checkpoint_interval=12",
+        "--set",
+        "pretrain.optim.warmup_steps=2",
+        "--set",
+        "extract.eval_batches=1",
+        "--set",
+        "extract.distill_compute_fraction=0.5",
+        "--set",
+        "data.data_dir=" + str(tmp_path / "data"),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads((tmp_path / "tiny" / "results" / "nested_delayed-seed0.json").read_text())

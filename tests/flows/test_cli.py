@@ -21,8 +21,18 @@ def _trainonce(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands() -> None:
     result = _trainonce("--help")  # the installed console script, in its own process
     assert result.returncode == 0
-    for command in ("pipeline", "prepare-data", "pretrain", "info", "serve", "promote", "rollback", "export-hf",
-                    "import-hf", "params"):  # fmt: skip
+    for command in (
+        "pipeline",
+        "prepare-data",
+        "pretrain",
+        "info",
+        "serve",
+        "promote",
+        "rollback",
+        "export-hf",
+        "import-hf",
+        "params",
+    ):
         assert command in result.stdout
 
 

@@ -32,8 +32,11 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 
 
 def _latest_checkpoint_step(workdir: Path) -> int:
-    steps = [int(p.name.removeprefix("step_")) for p in workdir.glob("pretrain/*/checkpoints/step_*")
-             if re.fullmatch(r"step_\d+", p.name)]  # fmt: skip
+    steps = [
+        int(p.name.removeprefix("step_"))
+        for p in workdir.glob("pretrain/*/checkpoints/step_*")
+        if re.fullmatch(r"step_\d+", p.name)
+    ]
     if not steps:
         raise LookupError("no checkpoint yet")
     return max(steps)
@@ -51,31 +54,43 @@ def test_a_run_outlives_its_worker_and_restarts_by_itself_after_its_process_dies
     prefect: dict[str, str], tmp_path: Path, small_corpus: Path, short_pipeline: list[str]
 ) -> None:
     workdir = tmp_path / "pipeline"
-    overrides = [*short_pipeline, "pretrain.max_steps=150", "pretrain.checkpoint_interval=10",
-                 "deploy.variants=[fp32]", "deploy.hugging_face=false", f"data.source={small_corpus}",
-                 f"data.data_dir={tmp_path / 'data'}"]  # fmt: skip
+    overrides = [
+        *short_pipeline,
+        "pretrain.max_steps=150",
+        "pretrain.checkpoint_interval=10",
+        "deploy.variants=[fp32]",
+        "deploy.hugging_face=false",
+        f"data.source={small_corpus}",
+        f"data.data_dir={tmp_path / 'data'}",
+    ]
     config = load_pipeline_config("tiny", parse_overrides(overrides))
     first_worker = start_worker(prefect)
     second_worker = None
     try:
-        response = create_flow_run(prefect, "pipeline/manual",
-                                   {"config": config.model_dump(mode="json"), "workdir": str(workdir)})  # fmt: skip
+        response = create_flow_run(
+            prefect, "pipeline/manual", {"config": config.model_dump(mode="json"), "workdir": str(workdir)}
+        )
         assert response.status_code == 201, response.text
         run_id = response.json()["id"]
-        step = wait_until_ready(lambda: _latest_checkpoint_step(workdir), "a pre-training checkpoint", first_worker,
-                                deadline_seconds=900)  # fmt: skip
+        step = wait_until_ready(
+            lambda: _latest_checkpoint_step(workdir), "a pre-training checkpoint", first_worker, deadline_seconds=900
+        )
         os.kill(first_worker.pid, signal.SIGKILL)  # a worker restart, or a worker killed for memory
         first_worker.wait(timeout=60)
-        later = wait_until_ready(lambda: _later_step(workdir, step), "training to go on without its worker",
-                                 deadline_seconds=300)  # fmt: skip
+        later = wait_until_ready(
+            lambda: _later_step(workdir, step), "training to go on without its worker", deadline_seconds=300
+        )
         assert later > step
         second_worker = start_worker(prefect)
         os.kill(_flow_process(prefect, run_id), signal.SIGKILL)  # nobody is left to report this one
 
         state = wait_for_final_state(prefect, run_id, deadline_seconds=1200)
         assert state["type"] == "COMPLETED", state
-        history = httpx.get(f"{prefect['PREFECT_API_URL']}/flow_run_states/", params={"flow_run_id": run_id},
-                            timeout=30).raise_for_status().json()  # fmt: skip
+        history = (
+            httpx.get(f"{prefect['PREFECT_API_URL']}/flow_run_states/", params={"flow_run_id": run_id}, timeout=30)
+            .raise_for_status()
+            .json()
+        )
         crashed = [s for s in history if s["type"] == "CRASHED"]
         assert len(crashed) == 1 and "no heartbeat" in crashed[0]["message"], [s["name"] for s in history]
         assert any(s["name"] == "Restarting" for s in history)
@@ -85,8 +100,11 @@ def test_a_run_outlives_its_worker_and_restarts_by_itself_after_its_process_dies
         assert str(client.get_model_version_by_alias("trainonce-chat", "champion").version) == "1"
         experiment = client.get_experiment_by_name("trainonce").experiment_id
         assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
-        automations = httpx.post(f"{prefect['PREFECT_API_URL']}/automations/filter", json={},
-                                 timeout=30).raise_for_status().json()  # fmt: skip
+        automations = (
+            httpx.post(f"{prefect['PREFECT_API_URL']}/automations/filter", json={}, timeout=30)
+            .raise_for_status()
+            .json()
+        )
         assert UNRESPONSIVE in {a["name"] for a in automations}
     finally:
         stop_gracefully(second_worker)

@@ -25,8 +25,14 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 
 
 def _params(tmp_path: Path, small_corpus: Path, workdir: Path, short: list[str], *extra: str) -> dict:
-    overrides = [*short, "deploy.variants=[fp32,int8]", "deploy.hugging_face=false", f"data.source={small_corpus}",
-                 f"data.data_dir={tmp_path / 'data'}", *extra]  # fmt: skip
+    overrides = [
+        *short,
+        "deploy.variants=[fp32,int8]",
+        "deploy.hugging_face=false",
+        f"data.source={small_corpus}",
+        f"data.data_dir={tmp_path / 'data'}",
+        *extra,
+    ]
     config = load_pipeline_config("tiny", parse_overrides(overrides))
     return {"config": config.model_dump(mode="json"), "workdir": str(workdir)}
 
@@ -46,16 +52,19 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
     # two runs at once on one fresh workdir, different DPO settings: the second waits for the workdir, then reuses
     # every stage they share (one supernet, one sub-model) and re-runs only DPO (align) and deploy
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda extra: run_deployment(prefect, "pipeline/manual", params(*extra)),
-                             [(), ("dpo.steps=6",)]))  # fmt: skip
+        runs = list(
+            pool.map(lambda extra: run_deployment(prefect, "pipeline/manual", params(*extra)), [(), ("dpo.steps=6",)])
+        )
     for done, _ in runs:
         assert done.returncode == 0 and "Completed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     cold_seconds = min(seconds for _, seconds in runs)  # the first run to hold the workdir did everything
     client = store_client(workdir)
 
     def counts() -> dict[str, int]:
-        return {n: len(client.search_model_versions(f"name='{n}'")) for n in
-                ("trainonce-supernet", "trainonce-subnet", "trainonce-chat-torch", "trainonce-chat")}  # fmt: skip
+        return {
+            n: len(client.search_model_versions(f"name='{n}'"))
+            for n in ("trainonce-supernet", "trainonce-subnet", "trainonce-chat-torch", "trainonce-chat")
+        }
 
     assert counts() == {"trainonce-supernet": 1, "trainonce-subnet": 1, "trainonce-chat-torch": 4, "trainonce-chat": 2}
     assert client.get_model_version("trainonce-chat", "2").tags["gate.champion_version"] == "1"

@@ -22,17 +22,33 @@ from serving.engine import ChatPackage
 
 @pytest.mark.slow
 def test_pipeline_from_an_imported_checkpoint_keeps_its_chat_format_to_serving(
-    hf_checkpoint: Path, small_corpus: Path, short_pipeline: list[str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    hf_checkpoint: Path,
+    small_corpus: Path,
+    short_pipeline: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     workdir = tmp_path / "pipeline"
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    overrides = [*short_pipeline, f"data.source={small_corpus}", f"data.data_dir={tmp_path / 'data'}",
-                 f"init_from=hf:{hf_checkpoint}", "init_steps=3", "search.max_evaluations=4", "sft.steps=8",
-                 "sft.task_mix.train_per_task=8", "sft.task_mix.test_per_task=2", "sft.max_new_tokens=8", "dpo.steps=2",
-                 "dpo.max_pairs=8", "dpo.max_new_tokens=8", "deploy.variants=[fp32]",
-                 "deploy.hugging_face=true"]  # fmt: skip
+    overrides = [
+        *short_pipeline,
+        f"data.source={small_corpus}",
+        f"data.data_dir={tmp_path / 'data'}",
+        f"init_from=hf:{hf_checkpoint}",
+        "init_steps=3",
+        "search.max_evaluations=4",
+        "sft.steps=8",
+        "sft.task_mix.train_per_task=8",
+        "sft.task_mix.test_per_task=2",
+        "sft.max_new_tokens=8",
+        "dpo.steps=2",
+        "dpo.max_pairs=8",
+        "dpo.max_new_tokens=8",
+        "deploy.variants=[fp32]",
+        "deploy.hugging_face=true",
+    ]
     with prefect_test_harness():  # Prefect's own test server, stopped (and its logs flushed) when the run ends
         main(["pipeline", "--config", "tiny", "--workdir", str(workdir), *(f"--set={o}" for o in overrides)])
     out = capsys.readouterr().out
@@ -65,6 +81,7 @@ def test_pipeline_from_an_imported_checkpoint_keeps_its_chat_format_to_serving(
     assert client.get_model_version("trainonce-chat-hf", "1").tags["stage"] == "export-hf"
     (hf_dir,) = (workdir / "export-hf").iterdir()
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    rendered = hf_tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,
-                                                return_dict=False)  # fmt: skip
+    rendered = hf_tokenizer.apply_chat_template(
+        [m.model_dump() for m in messages], add_generation_prompt=True, return_dict=False
+    )
     assert rendered == prompt

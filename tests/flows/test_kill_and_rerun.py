@@ -22,8 +22,14 @@ REPO = Path(__file__).resolve().parents[2]
 def _command(workdir: Path, small_corpus: Path, data_dir: Path, short: list[str]) -> list[str]:
     exe = shutil.which("trainonce", path=str(Path(sys.executable).parent))
     assert exe
-    overrides = [*short, "pretrain.checkpoint_interval=5", "deploy.variants=[fp32]", "deploy.hugging_face=false",
-                 f"data.source={small_corpus}", f"data.data_dir={data_dir}"]  # fmt: skip
+    overrides = [
+        *short,
+        "pretrain.checkpoint_interval=5",
+        "deploy.variants=[fp32]",
+        "deploy.hugging_face=false",
+        f"data.source={small_corpus}",
+        f"data.data_dir={data_dir}",
+    ]
     return [exe, "pipeline", "--workdir", str(workdir), *(a for o in overrides for a in ("--set", o))]
 
 
@@ -47,8 +53,14 @@ print(json.dumps({"states": [[run.name, run.state_type.value] for run in runs], 
 def _prefect_record(workdir: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """(name, state type) of every flow and task run, and the pipeline-summary artifacts, read through a temporary
     server on the workdir's own Prefect database (a short pipeline has fewer than 200 of each)."""
-    done = subprocess.run([sys.executable, "-c", _READ_RECORD, str(workdir)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_RECORD, str(workdir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     record = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"states"')))
     return [(name, state) for name, state in record["states"]], record["summaries"]
 

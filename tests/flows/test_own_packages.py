@@ -11,8 +11,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _import_flows(pythonpath: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    return subprocess.run([sys.executable, "-c", "import flows.cli"], cwd=pythonpath, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", "import flows.cli"], cwd=pythonpath, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_shadowing_package_is_named(tmp_path: Path) -> None:

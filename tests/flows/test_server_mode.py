@@ -36,16 +36,25 @@ def mlflow_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         port = probe.getsockname()[1]
     env = {**os.environ, **s3_server.env(), "MLFLOW_DISABLE_TELEMETRY": "true"}
     command = [
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/runs",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{ARTIFACT_BUCKET}/runs",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     log = open(folder / "server.log", "w")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    wait_until_ready(http_ok(f"{url}/health"), "the MLflow server", process,
-                     log=lambda: (folder / "server.log").read_text()[-3000:])  # fmt: skip
+    wait_until_ready(
+        http_ok(f"{url}/health"), "the MLflow server", process, log=lambda: (folder / "server.log").read_text()[-3000:]
+    )
     yield url
     os.killpg(process.pid, 15)  # the server and its uvicorn worker
     try:
@@ -66,9 +75,13 @@ def _pipeline(env: dict[str, str], workdir: Path, *overrides: str) -> subprocess
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_a_tracking_server_with_s3_artifacts(
-    s3_server, mlflow_server: str, small_corpus: Path, short_pipeline: list[str], tmp_path: Path,
+    s3_server,
+    mlflow_server: str,
+    small_corpus: Path,
+    short_pipeline: list[str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     """A shortened tiny config: it stops before any compute while the artifact bucket is missing, then, once the
     bucket exists, registers a supernet version with its lineage and per-sub-model validation curves, a
     sub-model within ERNIE 5.1's budgets (<= 34% of the parameters, <= 50% active), SFT and DPO versions with
@@ -139,8 +152,11 @@ def test_pipeline_end_to_end_on_a_tracking_server_with_s3_artifacts(
     assert set(evaluation) == {"fp32", "int8", "int4"}
     assert "trainonce-chat@champion = version 1" in done.stdout
 
-    keys = [o["Key"] for page in admin.get_paginator("list_objects_v2").paginate(Bucket=ARTIFACT_BUCKET)
-            for o in page.get("Contents", [])]  # fmt: skip
+    keys = [
+        o["Key"]
+        for page in admin.get_paginator("list_objects_v2").paginate(Bucket=ARTIFACT_BUCKET)
+        for o in page.get("Contents", [])
+    ]
     assert any(k.endswith("plots/loss_curve.png") for k in keys)
     assert sum(k.endswith("MLmodel") for k in keys) >= 5  # supernet, sub-model, SFT, DPO, chat package
     assert any(k.endswith(".onnx") for k in keys)
@@ -156,8 +172,9 @@ def test_pipeline_end_to_end_on_a_tracking_server_with_s3_artifacts(
         torch.testing.assert_close(downloaded[name], tensor, rtol=0, atol=0, msg=name)
     with active_store(tmp_path / "client"):
         chat = mlflow.pyfunc.load_model("models:/trainonce-chat@champion")
-    answer = chat.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "Repeat: king queen"}]],
-                                        "max_tokens": [4]}))  # fmt: skip
+    answer = chat.predict(
+        pd.DataFrame({"messages": [[{"role": "user", "content": "Repeat: king queen"}]], "max_tokens": [4]})
+    )
     assert answer.loc[0, "finish_reason"] in ("stop", "length") and 1 <= answer.loc[0, "completion_tokens"] <= 4
 
     # The same aligned model as a transformers directory (trainonce-chat-hf), with the ONNX candidate's lineage,

@@ -102,8 +102,10 @@ def test_dockerfile_copies_what_exists_and_pins_what_the_makefile_does() -> None
     assert f'"prefect-kubernetes=={_pin("prefect-kubernetes")}"' in dockerfile
 
 
-@pytest.mark.parametrize(("name", "kind", "machines"), [("multi-cpu", "MULTI_CPU", 1), ("multi-gpu", "MULTI_GPU", 1),
-                                                         ("multi-node", "MULTI_GPU", 2)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "kind", "machines"),
+    [("multi-cpu", "MULTI_CPU", 1), ("multi-gpu", "MULTI_GPU", 1), ("multi-node", "MULTI_GPU", 2)],
+)
 def test_accelerate_configs_load(name: str, kind: str, machines: int) -> None:
     config = load_config_from_file(str(INFRA / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.value == kind and config.num_machines == machines
@@ -138,8 +140,19 @@ def test_gpu_deployments_use_the_workers_pool_the_templates_variables_and_real_e
 
 
 def test_params_prints_what_a_gpu_deployment_run_takes(capsys: pytest.CaptureFixture[str]) -> None:
-    main(["params", "--config", "small", "--set", "pretrain.launch.num_processes=8",
-          "--set", "pretrain.launch.config_file=infra/accelerate/multi-gpu.yaml", "--workdir", "/runs/x"])  # fmt: skip
+    main(
+        [
+            "params",
+            "--config",
+            "small",
+            "--set",
+            "pretrain.launch.num_processes=8",
+            "--set",
+            "pretrain.launch.config_file=infra/accelerate/multi-gpu.yaml",
+            "--workdir",
+            "/runs/x",
+        ]
+    )
     params = json.loads(capsys.readouterr().out)
     config = PipelineConfig.model_validate(params["config"])
     assert config.pretrain.launch.num_processes == 8 and params["workdir"] == "/runs/x"

@@ -41,8 +41,9 @@ def test_prefect_server_target_starts_without_a_runs_folder(tmp_path: Path) -> N
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until_ready(http_ok(f"http://127.0.0.1:{port}/api/health"), "make prefect-server", process,
-                         log=log.read_text)  # fmt: skip
+        wait_until_ready(
+            http_ok(f"http://127.0.0.1:{port}/api/health"), "make prefect-server", process, log=log.read_text
+        )
         assert (tmp_path / "runs" / "prefect").is_dir()
     finally:
         if process.poll() is None:

@@ -58,8 +58,10 @@ def test_a_foreign_template_masks_the_assistant_turns_and_its_own_end_token(fore
     assert chat_format.variables["bos_token"] == "<s>"
     chat = ChatTokenizer(tokenizer, chat_format)
     text = chat_format.render(CONVERSATION)
-    assert text == ("<s><|begin_of_sentence|>Be brief.\nUser: What is 2 + 2?\nAssistant: 4<|end_of_sentence|>"
-                    "User: And 3 + 3?\nAssistant: 6<|end_of_sentence|>")  # fmt: skip
+    assert text == (
+        "<s><|begin_of_sentence|>Be brief.\nUser: What is 2 + 2?\nAssistant: 4<|end_of_sentence|>"
+        "User: And 3 + 3?\nAssistant: 6<|end_of_sentence|>"
+    )
     ids, mask = chat.render(CONVERSATION)
     assert chat.decode(ids) == text.replace("<s>", "").replace("<|begin_of_sentence|>", "").replace(
         "<|end_of_sentence|>", ""
@@ -80,14 +82,20 @@ def test_data_prepared_with_a_foreign_format_separates_documents_with_its_end_of
 ) -> None:
     tokenizer = Tokenizer.from_file(str(foreign_tokenizer_dir / "tokenizer.json"))
     chat_format = chat_format_from_hf(foreign_tokenizer_dir, tokenizer)
-    config = DataConfig(source=str(small_corpus), vocab_size=408, data_dir=tmp_path, chat_format=chat_format,
-                        tokenizer_file=str(foreign_tokenizer_dir / "tokenizer.json"))  # fmt: skip
+    config = DataConfig(
+        source=str(small_corpus),
+        vocab_size=408,
+        data_dir=tmp_path,
+        chat_format=chat_format,
+        tokenizer_file=str(foreign_tokenizer_dir / "tokenizer.json"),
+    )
     prepared = prepare_data(config)
     end_of_text = tokenizer.token_to_id("</s>")
     assert int(np.sum(prepared.split("train") == end_of_text)) == len(list(small_corpus.iterdir()))
     assert prepared.chat_format == chat_format and prepared.chat_tokenizer().end_of_turn_id == 404
-    ours = prepare_data(config.model_copy(update={"chat_format": ChatFormat(), "tokenizer_file": None,
-                                                  "vocab_size": 400}))  # fmt: skip
+    ours = prepare_data(
+        config.model_copy(update={"chat_format": ChatFormat(), "tokenizer_file": None, "vocab_size": 400})
+    )
     assert ours.fingerprint != prepared.fingerprint
 
     with pytest.raises(ValueError, match="tokenizer_file: .* has 405 tokens, vocab_size is 404"):

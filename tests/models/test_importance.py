@@ -64,9 +64,13 @@ def test_reap_score_is_gate_weight_times_output_norm_over_routed_tokens(tiny_sup
     _, weights, chosen = route_top_k(hidden, block.gate.weight, bias, block.top_k, block.norm_min)
     for expert in range(block.n_experts):
         expected = sum(
-            float(weights[t, s]) * float(swiglu(hidden[t : t + 1], block.experts.gate_up_proj[expert],
-                                                block.experts.down_proj[expert]).norm())
-            for t in range(20) for s in range(2) if chosen[t, s] == expert
-        )  # fmt: skip
+            float(weights[t, s])
+            * float(
+                swiglu(hidden[t : t + 1], block.experts.gate_up_proj[expert], block.experts.down_proj[expert]).norm()
+            )
+            for t in range(20)
+            for s in range(2)
+            if chosen[t, s] == expert
+        )
         assert float(total[expert]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
         assert int(count[expert]) == int((chosen == expert).sum())

@@ -33,9 +33,18 @@ def test_matches_model_with_dense_layer_shared_expert_and_bias(tiny_supernet: El
 @torch.no_grad()
 def test_untied_head_and_per_layer_expert_counts() -> None:
     config = MoEConfig(
-        vocab_size=50, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, n_experts=4, top_k=2, expert_ffn_dim=8,
-        tie_embeddings=False, layer_n_experts=(4, 2, 3), max_seq_len=32,
-    )  # fmt: skip
+        vocab_size=50,
+        d_model=16,
+        n_layers=3,
+        n_heads=2,
+        n_kv_heads=1,
+        n_experts=4,
+        top_k=2,
+        expert_ffn_dim=8,
+        tie_embeddings=False,
+        layer_n_experts=(4, 2, 3),
+        max_seq_len=32,
+    )
     model = ElasticMoE(config).eval()
     decoder = ExportableDecoder(model).eval()
     tokens = torch.randint(0, 50, (2, 9))

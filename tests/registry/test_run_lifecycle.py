@@ -24,8 +24,13 @@ CHILD = textwrap.dedent(
 
 
 def _child_run(workdir: Path, how: str) -> tuple[str, int]:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(workdir), how], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(workdir), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     return done.stdout.split()[0], done.returncode
 
 

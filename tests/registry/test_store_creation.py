@@ -26,10 +26,16 @@ def test_three_processes_create_one_store(tmp_path: Path) -> None:
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin"}
     ready = [tmp_path / f"ready{i}" for i in range(3)]
     children = [
-        subprocess.Popen([sys.executable, "-c", CHILD, str(workdir), str(go), str(flag)], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(workdir), str(go), str(flag)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for flag in ready
-    ]  # fmt: skip
+    ]
     deadline = time.monotonic() + 300
     while not all(flag.exists() for flag in ready):
         assert time.monotonic() < deadline and all(c.poll() is None for c in children), "a child never got ready"

@@ -47,8 +47,14 @@ def test_an_unexpected_error_is_a_json_500_and_the_connection_stays_usable(url: 
         failed = http.get("/v1/bug")
         connection = client_end(failed)
         assert failed.status_code == 500 and failed.headers["content-type"] == "application/json"
-        assert failed.json() == {"error": {"message": "The server had an error while processing your request.",
-                                           "type": "server_error", "param": None, "code": None}}  # fmt: skip
+        assert failed.json() == {
+            "error": {
+                "message": "The server had an error while processing your request.",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
         healthy = http.get("/health")
         assert healthy.json()["status"] == "ok"
         assert client_end(healthy) == connection  # the failure did not drop the keep-alive connection

@@ -45,10 +45,28 @@ def server(make_chat_registry) -> Iterator[tuple[str, Path]]:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--workdir", str(workdir), "--port", str(port),
-         "--api-key", API_KEY, "--poll-seconds", "0.5", "--threads", "1"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--workdir",
+            str(workdir),
+            "--port",
+            str(port),
+            "--api-key",
+            API_KEY,
+            "--poll-seconds",
+            "0.5",
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
@@ -84,8 +102,11 @@ def test_chat_completion(client: openai.OpenAI, chat_packages) -> None:
 def test_streamed_chat_equals_the_whole_reply(client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "Sort: pear apple fig"}]
     whole = client.chat.completions.create(model=CHAT_MODEL, messages=messages, max_tokens=16)
-    chunks = list(client.chat.completions.create(model=CHAT_MODEL, messages=messages, max_tokens=16, stream=True,
-                                                 stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model=CHAT_MODEL, messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -116,8 +137,11 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client: 
         client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "wizard", "content": "x"}])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server[0]}/v1", api_key="wrong", max_retries=0).models.list()
-    raw = httpx.post(f"{server[0]}/v1/chat/completions", content=b"{not json",
-                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})  # fmt: skip
+    raw = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"
 
@@ -136,11 +160,14 @@ def test_unencodable_text_is_a_400_on_a_connection_that_stays_usable(server) -> 
     user = {"role": "user", "content": "hi"}
     bad_requests = [
         ("chat/completions", {"messages": [user, {"role": "user", "content": lone}]}, "messages.1.content"),
-        ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": lone}]}]},
-         "messages.0.content"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": lone}]}]},
+            "messages.0.content",
+        ),
         ("completions", {"prompt": lone}, "prompt"),
         ("completions", {"prompt": [lone]}, "prompt"),
-    ]  # fmt: skip
+    ]
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     with httpx.Client(base_url=f"{server[0]}/v1", headers=headers, timeout=60) as http:
         for route, fields, param in bad_requests:
@@ -149,8 +176,10 @@ def test_unencodable_text_is_a_400_on_a_connection_that_stays_usable(server) -> 
             assert refused.status_code == 400, refused.text
             assert refused.json()["error"]["param"] == param
             assert refused.json()["error"]["type"] == "invalid_request_error"
-            good = http.post("chat/completions", json={"model": CHAT_MODEL, "max_tokens": 2,
-                                                       "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+            good = http.post(
+                "chat/completions",
+                json={"model": CHAT_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert good.status_code == 200, good.text
             assert client_end(good) == connection  # the refusal did not drop the keep-alive connection
 
@@ -198,8 +227,12 @@ def test_models_retrieve_and_list_report_when_the_model_was_loaded(client: opena
 
 def test_openapi_declares_the_errors_the_routes_answer(server) -> None:
     paths = httpx.get(f"{server[0]}/openapi.json").json()["paths"]
-    for path, method in (("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/models", "get"),
-                         ("/v1/models/{model}", "get")):  # fmt: skip
+    for path, method in (
+        ("/v1/chat/completions", "post"),
+        ("/v1/completions", "post"),
+        ("/v1/models", "get"),
+        ("/v1/models/{model}", "get"),
+    ):
         responses = paths[path][method]["responses"]
         assert "422" not in responses  # validation errors are answered as 400s
         errors = [code for code in responses if code != "200"]

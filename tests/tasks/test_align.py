@@ -23,9 +23,16 @@ def tokenizer(small_data: PreparedData):
 def _model() -> ElasticMoE:
     torch.manual_seed(0)
     config = MoEConfig(
-        vocab_size=400, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2, expert_ffn_dim=64,
+        vocab_size=400,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        n_experts=4,
+        top_k=2,
+        expert_ffn_dim=64,
         max_seq_len=128,
-    )  # fmt: skip
+    )
     return ElasticMoE(config)
 
 

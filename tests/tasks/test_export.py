@@ -97,8 +97,11 @@ def _evaluation(ppl: float, accuracy: float, size: int) -> PackageEvaluation:
 
 
 def test_candidate_is_the_smallest_within_limits() -> None:
-    evaluations = {"fp32": _evaluation(10.0, 0.5, 300), "int8": _evaluation(10.1, 0.5, 100),
-                   "int4": _evaluation(10.5, 0.5, 60)}  # fmt: skip
+    evaluations = {
+        "fp32": _evaluation(10.0, 0.5, 300),
+        "int8": _evaluation(10.1, 0.5, 100),
+        "int4": _evaluation(10.5, 0.5, 60),
+    }
     assert choose_candidate(evaluations, DeployConfig(max_ppl_increase=0.02)) == "int8"  # int4 is +5%
     assert choose_candidate(evaluations, DeployConfig(max_ppl_increase=0.06)) == "int4"
     evaluations["int4"] = _evaluation(10.0, 0.4, 60)
@@ -108,9 +111,13 @@ def test_candidate_is_the_smallest_within_limits() -> None:
 
 @pytest.mark.parametrize(
     ("update", "field"),
-    [({"int4_block_size": 48}, "int4_block_size"), ({"variants": ("fp32",), "candidate": "int4"}, "candidate"),
-     ({"opset": 12}, "opset"), ({"max_ppl_increase": -0.1}, "max_ppl_increase")],
-)  # fmt: skip
+    [
+        ({"int4_block_size": 48}, "int4_block_size"),
+        ({"variants": ("fp32",), "candidate": "int4"}, "candidate"),
+        ({"opset": 12}, "opset"),
+        ({"max_ppl_increase": -0.1}, "max_ppl_increase"),
+    ],
+)
 def test_bad_deploy_config_names_the_field(update: dict, field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         DeployConfig(**update)

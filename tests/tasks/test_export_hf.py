@@ -107,8 +107,9 @@ def test_cli_exports_a_registered_model_by_reference(
     workdir = tmp_path / "registry"
     logger = RunLogger(workdir, run_name="align")
     checkpoint = save_model(chat_model, tmp_path / "dpo")
-    register_checkpoint(workdir, logger.run_id, "trainonce-chat-torch", checkpoint, small_data.tokenizer_path, {},
-                        {"stage": "dpo"})  # fmt: skip
+    register_checkpoint(
+        workdir, logger.run_id, "trainonce-chat-torch", checkpoint, small_data.tokenizer_path, {}, {"stage": "dpo"}
+    )
     logger.finish()
     main(["export-hf", "--workdir", str(workdir), "--model", "trainonce-chat-torch/1", "--out", str(tmp_path / "hf")])
     assert "models:/trainonce-chat-torch/1 -> " in capsys.readouterr().out
@@ -120,8 +121,17 @@ def test_cli_exports_a_registered_model_by_reference(
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="export-hf: out: .*occupied exists and is not a model directory"):
-        main(["export-hf", "--workdir", str(workdir), "--model", "trainonce-chat-torch/1",
-              "--out", str(tmp_path / "occupied")])  # fmt: skip
+        main(
+            [
+                "export-hf",
+                "--workdir",
+                str(workdir),
+                "--model",
+                "trainonce-chat-torch/1",
+                "--out",
+                str(tmp_path / "occupied"),
+            ]
+        )
     with pytest.raises(SystemExit, match="export-hf: .*trainonce-chat"):
         main(["export-hf", "--workdir", str(workdir), "--out", str(tmp_path / "none")])  # no champion registered
     assert (tmp_path / "occupied" / "notes.txt").read_text() == "mine"

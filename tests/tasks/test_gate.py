@@ -11,8 +11,9 @@ from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig
 from tasks.gate import run_gate
 
-EVALUATION = EvaluationConfig(val_batches=2, batch_size=2, seq_len=32, max_new_tokens=8, speed_prompts=1,
-                              speed_new_tokens=4)  # fmt: skip
+EVALUATION = EvaluationConfig(
+    val_batches=2, batch_size=2, seq_len=32, max_new_tokens=8, speed_prompts=1, speed_new_tokens=4
+)
 TASKS = TaskMixConfig(test_per_task=2)
 
 

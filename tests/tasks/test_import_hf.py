@@ -58,8 +58,9 @@ def test_import_registers_a_supernet_that_computes_what_transformers_computes(
     back = AutoModelForCausalLM.from_pretrained(out).eval()
     assert back.generation_config.eos_token_id == [404, 402]  # <|end_of_sentence|>, </s>
     messages = [Message(role="user", content="Name a king."), Message(role="assistant", content="Lear")]
-    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template([m.model_dump() for m in messages],
-                                                                      return_dict=False)  # fmt: skip
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(
+        [m.model_dump() for m in messages], return_dict=False
+    )
     assert (
         rendered == ChatTokenizer(Tokenizer.from_file(str(downloaded.tokenizer_path)), chat_format).render(messages)[0]
     )
@@ -87,8 +88,11 @@ def test_what_cannot_be_imported_is_refused_before_anything_is_registered(
     shutil.copytree(hf_checkpoint, wrong_shape)
     config = json.loads((wrong_shape / "config.json").read_text())
     (wrong_shape / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 48}))
-    refused(wrong_shape, r"weights do not match config.json: .*mlp.experts.gate_up_proj: \(8, 64, 64\) in the files, "
-                         r"\(8, 96, 64\) in config.json")  # fmt: skip
+    refused(
+        wrong_shape,
+        r"weights do not match config.json: .*mlp.experts.gate_up_proj: \(8, 64, 64\) in the files, "
+        r"\(8, 96, 64\) in config.json",
+    )
 
     refused(hf_checkpoint, "elastic: .*", "--depths", "2,9")
     no_tokenizer = tmp_path / "no-tokenizer"

@@ -99,8 +99,12 @@ def test_latency_budget_uses_real_measurements(tiny_supernet: ElasticMoE) -> Non
     with pytest.raises(ValueError, match="latency budget 0.000 ms/token is infeasible: the cheapest sub-model"):
         run_search(
             search.model_copy(update={"latency_ms": 1e-6}),
-            config, space, tiny_supernet.importance(), synthetic_loss_for(config), probe,
-        )  # fmt: skip
+            config,
+            space,
+            tiny_supernet.importance(),
+            synthetic_loss_for(config),
+            probe,
+        )
 
 
 def synthetic_loss_for(config: MoEConfig):

@@ -26,48 +26,94 @@ from tasks.stage_results import (
     SubnetBudget,
 )
 
-SCORES = {"val_nll": 4.0, "val_ppl": 54.6, "accuracy": {"copy": 0.5, "overall": 0.5}, "tokens_per_second": 900.0,
-          "size_bytes": 123_456}  # fmt: skip
+SCORES = {
+    "val_nll": 4.0,
+    "val_ppl": 54.6,
+    "accuracy": {"copy": 0.5, "overall": 0.5},
+    "tokens_per_second": 900.0,
+    "size_bytes": 123_456,
+}
 PRETRAINED = PretrainedSupernet(
-    model_uri="models:/trainonce-supernet/1", data_dir="/data", version="1", run_id="abc123", checkpoint_dir="/ckpt",
-    val_loss={"full": 3.21, "L2 E4 k1": 3.5}, tokens_per_second=12_345.6, mfu=0.0123,
-)  # fmt: skip
+    model_uri="models:/trainonce-supernet/1",
+    data_dir="/data",
+    version="1",
+    run_id="abc123",
+    checkpoint_dir="/ckpt",
+    val_loss={"full": 3.21, "L2 E4 k1": 3.5},
+    tokens_per_second=12_345.6,
+    mfu=0.0123,
+)
 SEARCH = SearchOutcome(
-    ranked_supernet_dir="/ranked", spec_json="{}", subnet="L3 E4 k1", layers=[0, 1, 3], total_params=475_000,
-    active_params=183_000, val_loss=3.4567, limits={"total_params": 475_869.44, "active_params": 183_712.0},
-    method="exhaustive", space_size=32, run_id="def456",
-    candidates=[{"subnet": "L3 E4 k1", "val_loss": 3.4567, "val_loss_stderr": math.inf},
-                {"subnet": "L3 E8 k1", "val_loss": 3.4601, "val_loss_stderr": 0.001}],
+    ranked_supernet_dir="/ranked",
+    spec_json="{}",
+    subnet="L3 E4 k1",
+    layers=[0, 1, 3],
+    total_params=475_000,
+    active_params=183_000,
+    val_loss=3.4567,
+    limits={"total_params": 475_869.44, "active_params": 183_712.0},
+    method="exhaustive",
+    space_size=32,
+    run_id="def456",
+    candidates=[
+        {"subnet": "L3 E4 k1", "val_loss": 3.4567, "val_loss_stderr": math.inf},
+        {"subnet": "L3 E8 k1", "val_loss": 3.4601, "val_loss_stderr": 0.001},
+    ],
     margin="0.0034 ± 0.0010 nats better than the runner-up L3 E8 k1 (...; beyond the noise)",
     ranking=RankingCheck(subnet="L2 E4 k1", val_loss_importance_order=3.6, val_loss_identity_order=3.9),
-)  # fmt: skip
+)
 EXTRACTED = ExtractedSubnet(
-    model_uri="models:/trainonce-subnet/1", version="1", model_dir="/subnet", subnet="L3 E4 k1",
+    model_uri="models:/trainonce-subnet/1",
+    version="1",
+    model_dir="/subnet",
+    subnet="L3 E4 k1",
     parent_model="trainonce-supernet/1",
     budget=SubnetBudget(total_params=475_869.44, active_params=183_712.0, distill_compute_fraction=0.06),
-    achieved=SubnetAchieved(total_params=475_000, active_params=183_000, total_params_fraction=0.3394,
-                            active_params_fraction=0.4981, val_loss_before_distill=3.9876,
-                            val_loss_after_distill=3.5432, distill_steps=12, distill_compute_fraction=0.0587),
-)  # fmt: skip
+    achieved=SubnetAchieved(
+        total_params=475_000,
+        active_params=183_000,
+        total_params_fraction=0.3394,
+        active_params_fraction=0.4981,
+        val_loss_before_distill=3.9876,
+        val_loss_after_distill=3.5432,
+        distill_steps=12,
+        distill_compute_fraction=0.0587,
+    ),
+)
 ALIGNED = AlignedModels(
-    sft_uri="models:/trainonce-chat-torch/1", dpo_uri="models:/trainonce-chat-torch/2", dpo_dir="/dpo",
-    parent_model="trainonce-subnet/1", reward_accuracy=0.75, pairs={"corrupted": 40},
-    accuracy={"base": {"copy": 0.0, "overall": 0.0}, "sft": {"copy": 0.5, "overall": 0.5},
-              "dpo": {"copy": 0.625, "overall": 0.625}},
-)  # fmt: skip
+    sft_uri="models:/trainonce-chat-torch/1",
+    dpo_uri="models:/trainonce-chat-torch/2",
+    dpo_dir="/dpo",
+    parent_model="trainonce-subnet/1",
+    reward_accuracy=0.75,
+    pairs={"corrupted": 40},
+    accuracy={
+        "base": {"copy": 0.0, "overall": 0.0},
+        "sft": {"copy": 0.5, "overall": 0.5},
+        "dpo": {"copy": 0.625, "overall": 0.625},
+    },
+)
 DEPLOYED = DeploymentResult(
     export=ExportedCandidate(
-        model_uri="models:/trainonce-chat/1", version="1", candidate="int8", package_dir="/int8",
+        model_uri="models:/trainonce-chat/1",
+        version="1",
+        candidate="int8",
+        package_dir="/int8",
         table="| variant | size (KB) |\n|---|---|\n| fp32 | 1,000 |\n| int8 (candidate) | 300 |",
         parity=OnnxParity(max_abs_logit_diff=2.5e-6, greedy_tokens_equal=True),
         evaluations={"fp32": SCORES, "int8": SCORES},
     ),
     hugging_face=HuggingFaceExport(model_uri="models:/trainonce-chat-hf/1", version="1", directory="/hf"),
     gate=GateOutcome(
-        promoted=True, reasons=["no champion yet, promoting the first candidate"], candidate_version="1",
-        champion_version="1", previous_champion_version=None, candidate_scores=SCORES, champion_scores=None,
+        promoted=True,
+        reasons=["no champion yet, promoting the first candidate"],
+        candidate_version="1",
+        champion_version="1",
+        previous_champion_version=None,
+        candidate_scores=SCORES,
+        champion_scores=None,
     ),
-)  # fmt: skip
+)
 EXTRACTION = ExtractionResult(search=SEARCH, subnet=EXTRACTED)
 PIPELINE = PipelineResult(pretrain=PRETRAINED, extraction=EXTRACTION, alignment=ALIGNED, deployment=DEPLOYED)
 RESULTS = [PRETRAINED, SEARCH, EXTRACTED, EXTRACTION, ALIGNED, DEPLOYED]
@@ -102,8 +148,12 @@ def test_details_are_indented_below_their_headline() -> None:
     for result in (PRETRAINED, SEARCH, EXTRACTED, ALIGNED, DEPLOYED.export, DEPLOYED.hugging_face, DEPLOYED.gate):
         headline, *details = result.summary()
         assert not headline.startswith(" ") and all(line.startswith("  ") for line in details)
-    assert PRETRAINED.summary()[1:] == ["  | sub-model | validation loss |", "  | --- | --- |", "  | full | 3.2100 |",
-                                        "  | L2 E4 k1 | 3.5000 |"]  # fmt: skip
+    assert PRETRAINED.summary()[1:] == [
+        "  | sub-model | validation loss |",
+        "  | --- | --- |",
+        "  | full | 3.2100 |",
+        "  | L2 E4 k1 | 3.5000 |",
+    ]
 
 
 class Bracketed(Links):
@@ -117,9 +167,16 @@ class Bracketed(Links):
 def test_links_render_every_registered_model_and_run() -> None:
     """The stage flows' artifacts link what a summary names to the MLflow UI through `links`."""
     text = "\n".join(line for result in RESULTS for line in result.summary(Bracketed()))
-    for ref in ("models:/trainonce-supernet/1", "trainonce-supernet/1", "models:/trainonce-subnet/1",
-                "trainonce-subnet/1", "models:/trainonce-chat-torch/2", "models:/trainonce-chat/1",
-                "trainonce-chat/1", "models:/trainonce-chat-hf/1"):  # fmt: skip
+    for ref in (
+        "models:/trainonce-supernet/1",
+        "trainonce-supernet/1",
+        "models:/trainonce-subnet/1",
+        "trainonce-subnet/1",
+        "models:/trainonce-chat-torch/2",
+        "models:/trainonce-chat/1",
+        "trainonce-chat/1",
+        "models:/trainonce-chat-hf/1",
+    ):
         assert f"<{ref}>" in text
     assert "<run abc123>" in text and "<run def456>" in text
 
@@ -128,8 +185,15 @@ def test_the_pipeline_summary_is_the_stage_summaries_in_order() -> None:
     """`trainonce pipeline` prints it and the pipeline run keeps it as an artifact; the end-to-end tests and the
     README quote some of its lines."""
     lines = PIPELINE.summary("/runs/pipeline")
-    stages = [*PRETRAINED.summary(), *SEARCH.summary(), *EXTRACTED.summary(), *ALIGNED.summary(),
-              *DEPLOYED.export.summary(), *DEPLOYED.hugging_face.summary(), *DEPLOYED.gate.summary()]  # fmt: skip
+    stages = [
+        *PRETRAINED.summary(),
+        *SEARCH.summary(),
+        *EXTRACTED.summary(),
+        *ALIGNED.summary(),
+        *DEPLOYED.export.summary(),
+        *DEPLOYED.hugging_face.summary(),
+        *DEPLOYED.gate.summary(),
+    ]
     assert lines == [*stages, "serve the champion: trainonce serve --workdir /runs/pipeline"]
     text = "\n".join(lines)
     assert text.startswith("supernet registered as models:/trainonce-supernet/1 (from scratch; MLflow run abc123")
