@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import flows  # noqa: F401 - first: its CPU threads wait passively, set before torch loads (flows/cpu_threads.py)
+
+# isort: split
 import contextlib
 import json
 import os

@@ -85,12 +85,12 @@ def test_a_run_outlives_its_worker_and_restarts_by_itself_after_its_process_dies
         os.kill(_flow_process(prefect, run_id), signal.SIGKILL)  # nobody is left to report this one
 
         state = wait_for_final_state(prefect, run_id, deadline_seconds=1200)
-        assert state["type"] == "COMPLETED", state
         history = (
             httpx.get(f"{prefect['PREFECT_API_URL']}/flow_run_states/", params={"flow_run_id": run_id}, timeout=30)
             .raise_for_status()
             .json()
         )
+        assert state["type"] == "COMPLETED", [(s["name"], s["message"]) for s in history]
         crashed = [s for s in history if s["type"] == "CRASHED"]
         assert len(crashed) == 1 and "no heartbeat" in crashed[0]["message"], [s["name"] for s in history]
         assert any(s["name"] == "Restarting" for s in history)

@@ -57,7 +57,6 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
         )
     for done, _ in runs:
         assert done.returncode == 0 and "Completed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
-    cold_seconds = min(seconds for _, seconds in runs)  # the first run to hold the workdir did everything
     client = store_client(workdir)
 
     def counts() -> dict[str, int]:
@@ -71,11 +70,10 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
     champion = client.get_model_version_by_alias("trainonce-chat", "champion")
     assert champion.version == "1" or champion.tags["gate.decision"] == "promoted"  # never a rejected version
 
-    cached, cached_seconds = run_deployment(prefect, "pipeline/manual", params())
+    registered = counts()
+    cached, _ = run_deployment(prefect, "pipeline/manual", params())
     assert cached.returncode == 0 and "Completed" in cached.stdout
-    assert cached_seconds < cold_seconds / 2, (cold_seconds, cached_seconds)
-    assert counts()["trainonce-chat"] == 2  # nothing new: every stage from the cache
-    print(f"cold {cold_seconds:.1f} s, cached {cached_seconds:.1f} s")
+    assert counts() == registered  # every stage registers what it computes: nothing new, every stage from the cache
 
     # new data in the source folder: the nightly retrain warm-starts from supernet 1 and gates a new candidate
     champion = str(client.get_model_version_by_alias("trainonce-chat", "champion").version)
@@ -95,7 +93,7 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
 
 @pytest.mark.slow
 def test_bad_parameter_is_rejected_before_a_run_exists(prefect: dict[str, str]) -> None:
-    done, _ = run_deployment(prefect, "pipeline/manual", {"config": {"pretrain": {"max_steps": -3}}}, timeout=120)
+    done, _ = run_deployment(prefect, "pipeline/manual", {"config": {"pretrain": {"max_steps": -3}}})
     assert done.returncode != 0
     assert "config.pretrain.max_steps" in done.stdout + done.stderr
 
