@@ -1,11 +1,11 @@
 """How much do spinning OpenMP threads cost on a busy machine? A tiny-preset training step (2 threads) timed with
-OpenMP's default wait policy and with OMP_WAIT_POLICY=PASSIVE (what flows/cpu_threads.py sets), on idle cores and
-beside CPU-bound neighbours, side by side in one run.
+OpenMP's default (spin 300,000 rounds), a short spin (GOMP_SPINCOUNT=1000, what flows/cpu_threads.py sets) and no
+spin (OMP_WAIT_POLICY=PASSIVE), on idle cores and beside CPU-bound neighbours, side by side in one run.
 
     .venv/bin/python benchmarks/omp_wait_policy.py --neighbours 0 2 --seconds 10
 
-Each measurement runs in a fresh process (OpenMP reads the policy once, when torch loads it). The idle row depends on
-what else the machine runs; the ratio between the two policies in one row is the result.
+Each measurement runs in a fresh process (OpenMP reads these once, when torch loads it). The rows depend on what else
+the machine runs; the ratios within one row are the result.
 """
 
 from __future__ import annotations
@@ -41,15 +41,20 @@ print((time.perf_counter() - start) / steps * 1e3)
 """
 
 
-def step_ms(policy: str | None, seconds: float) -> float:
-    """Milliseconds per training step in a fresh process with `policy` (None: OpenMP's default)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+SETTINGS = {
+    "default": {},
+    "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
+def step_ms(setting: dict[str, str], seconds: float) -> float:
+    """Milliseconds per training step in a fresh process with OpenMP's wait `setting` (empty: its default)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     done = subprocess.run(
         [sys.executable, "-c", STEP.format(seconds=seconds)],
         cwd=REPO,
-        env=env,
+        env={**env, **setting},
         capture_output=True,
         text=True,
         check=True,
@@ -63,19 +68,19 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, nargs="+", default=[0, 2], help="CPU-bound processes beside it")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
     args = parser.parse_args()
-    print("| neighbours | default (ms/step) | PASSIVE (ms/step) | default / PASSIVE | load 1 min |")
-    print("|---|---|---|---|---|")
+    print(f"| neighbours | {' | '.join(f'{name} (ms/step)' for name in SETTINGS)} | load 1 min |")
+    print("|---" * (len(SETTINGS) + 2) + "|")
     for count in args.neighbours:
         burners = [multiprocessing.Process(target=burn, daemon=True) for _ in range(count)]
         for burner in burners:
             burner.start()
         try:
-            spinning, passive = step_ms(None, args.seconds), step_ms("PASSIVE", args.seconds)
+            times = [step_ms(setting, args.seconds) for setting in SETTINGS.values()]
         finally:
             for burner in burners:
                 burner.terminate()
                 burner.join()
-        print(f"| {count} | {spinning:.1f} | {passive:.1f} | {spinning / passive:.2f} | {os.getloadavg()[0]:.1f} |")
+        print(f"| {count} | {' | '.join(f'{t:.1f}' for t in times)} | {os.getloadavg()[0]:.1f} |")
     print(f"command: benchmarks/omp_wait_policy.py {' '.join(sys.argv[1:])}")
 
 

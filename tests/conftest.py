@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import flows  # noqa: F401 - first: its CPU threads wait passively, set before torch loads (flows/cpu_threads.py)
+import flows  # noqa: F401 - first: CPU threads spin briefly, set before torch loads (flows/cpu_threads.py)
 
 # isort: split
 import contextlib
