@@ -25,7 +25,7 @@ from models.config import MoEConfig
 from models.generate import greedy_generate
 from models.hf import hf_config_dict, to_hf_state_dict
 from models.moe import ElasticMoE
-from serving.engine import MODEL_FILE, ChatPackage
+from serving.engine import EVERY_TOKEN, MODEL_FILE, ChatPackage
 from tasks.export import DeployConfig, build_packages
 
 
@@ -109,7 +109,7 @@ def main() -> None:
             package = ChatPackage(directory, threads=args.threads)
             sizes[variant] = (directory / MODEL_FILE).stat().st_size
             results[f"onnxruntime {variant} + KV cache"] = timed(
-                lambda p, package=package: [t.token_id for t in package.stream(p, n, stop_at_eos=False)], prompts
+                lambda p, package=package: list(package.complete(p, n, EVERY_TOKEN).token_ids), prompts
             )
 
     reference_speed, reference_ids = results["pytorch eager fp32 + KV cache"]

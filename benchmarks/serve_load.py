@@ -1,9 +1,14 @@
-"""Load on the OpenAI-compatible server: N concurrent clients send a fixed number of chat requests.
+"""Load on the OpenAI-compatible server, batched decoding against each request decoding alone, side by side.
 
-    .venv/bin/python benchmarks/serve_load.py --workdir runs/pipeline --clients 8 --requests 200
+    .venv/bin/python benchmarks/serve_load.py --workdir runs/pipeline --clients 1 8 32 --requests 64
 
-Starts `trainonce serve` on the workdir's `trainonce-chat@champion` (or uses --url), then prints requests/s,
-p50/p99 latency, generated tokens/s and the error count (which must be 0).
+For each setting of `--max-batch` (default: 1, each request decodes alone, as before batching; and 32), starts
+`trainonce serve` on the workdir's `trainonce-chat@champion` with `--threads` onnxruntime threads (default 2:
+both cores), then for each number of concurrent clients sends `--requests` streamed chat requests with
+fixed-length replies (`ignore_eos`, `max_tokens`), so that every setting generates the same number of tokens.
+Prints aggregate completion tokens/s, time to first token and request latency (p50/p99), and the error count
+(which must be 0). The model must have been exported with batched decoding (a `pad_lengths` graph input);
+the server logs a warning and decodes alone otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -31,23 +37,14 @@ PROMPTS = [
 ]
 
 
-def start_server(workdir: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(workdir: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "flows.cli", "serve", "--workdir", workdir, "--port", str(port)]
+    command += ["--threads", str(threads), "--max-batch", str(max_batch), "--max-waiting", "4096"]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "serve",
-            "--workdir",
-            workdir,
-            "--port",
-            str(port),
-            "--threads",
-            str(threads),
-        ],
+        command,
         cwd=Path(__file__).resolve().parents[1],
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
         stdout=subprocess.DEVNULL,
@@ -58,56 +55,90 @@ def start_server(workdir: str, threads: int) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
+@dataclass(frozen=True)
+class Outcome:
+    seconds: float
+    first_token: float
+    tokens: int
+    error: str | None
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def load(url: str, clients: int, requests: int, max_tokens: int) -> tuple[float, list[Outcome]]:
+    """`requests` streamed requests from `clients` threads; wall seconds and each request's outcome."""
+    client = openai.OpenAI(
+        base_url=f"{url}/v1", api_key=os.environ.get("TRAINONCE_API_KEY", "none"), max_retries=0, timeout=600
+    )
+
+    def one(i: int) -> Outcome:
+        start = time.perf_counter()
+        first, tokens = float("nan"), 0
+        try:
+            stream = client.chat.completions.create(
+                model="trainonce-chat",
+                messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                max_tokens=max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content and first != first:
+                    first = time.perf_counter() - start
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            return Outcome(time.perf_counter() - start, first, tokens, None)
+        except openai.OpenAIError as error:
+            return Outcome(time.perf_counter() - start, first, 0, repr(error))
+
+    one(0)  # warm-up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = list(pool.map(one, range(requests)))
+    return time.perf_counter() - start, outcomes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/pipeline")
-    parser.add_argument("--url", help="an already running server (default: start one on --workdir)")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per request")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=64, help="per number of clients")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads of the server")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 32], help="1: each request decodes alone")
     args = parser.parse_args()
-    process, url = (None, args.url) if args.url else start_server(args.workdir, args.threads)
-    try:
-        client = openai.OpenAI(
-            base_url=f"{url}/v1", api_key=os.environ.get("TRAINONCE_API_KEY", "none"), max_retries=0, timeout=120
-        )
-
-        def one(i: int) -> tuple[float, int, str | None]:
-            start = time.perf_counter()
-            try:
-                reply = client.chat.completions.create(
-                    model="trainonce-chat",
-                    messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    max_tokens=args.max_tokens,
+    print(
+        f"{args.requests} streamed requests per row, {args.max_tokens} tokens each (ignore_eos), "
+        f"{args.threads} onnxruntime thread(s), {os.cpu_count()} cores; workdir {args.workdir}"
+    )
+    header = ("max_batch", 9), ("clients", 7), ("tokens/s", 9), ("TTFT p50", 9), ("p50 (s)", 8), ("p99 (s)", 8)
+    print(" ".join(f"{name:>{width}}" for name, width in header), "errors")
+    failed = False
+    for max_batch in args.max_batch:
+        process, url = start_server(args.workdir, args.threads, max_batch)
+        try:
+            for clients in args.clients:
+                wall, outcomes = load(url, clients, args.requests, args.max_tokens)
+                errors = [o.error for o in outcomes if o.error]
+                latencies = [o.seconds for o in outcomes]
+                first = [o.first_token for o in outcomes if o.first_token == o.first_token]
+                print(
+                    f"{max_batch:>9} {clients:>7} {sum(o.tokens for o in outcomes) / wall:>9.0f} "
+                    f"{statistics.median(first) * 1000 if first else float('nan'):>7.0f}ms "
+                    f"{statistics.median(latencies):>8.2f} {percentile(latencies, 0.99):>8.2f} {len(errors):>6}",
+                    flush=True,
                 )
-                return time.perf_counter() - start, reply.usage.completion_tokens, None
-            except openai.OpenAIError as error:
-                return time.perf_counter() - start, 0, repr(error)
-
-        one(0)  # warm-up
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            results = list(pool.map(one, range(args.requests)))
-        wall = time.perf_counter() - start
-    finally:
-        if process is not None:
+                if errors:
+                    print("  first error:", errors[0])
+                    failed = True
+        finally:
             process.terminate()
             process.wait(timeout=30)
-    latencies = sorted(r[0] for r in results)
-    errors = [r[2] for r in results if r[2]]
-    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    print(
-        f"{args.requests} requests, {args.clients} concurrent clients, max_tokens {args.max_tokens}, "
-        f"{args.threads} onnxruntime thread(s) per request"
-    )
-    print(
-        f"requests/s {args.requests / wall:.1f}   p50 {statistics.median(latencies) * 1000:.0f} ms   "
-        f"p99 {p99 * 1000:.0f} ms   generated tokens/s {sum(r[1] for r in results) / wall:.0f}   "
-        f"errors {len(errors)}"
-    )
-    if errors:
-        print("first error:", errors[0])
+    if failed:
         raise SystemExit(1)
 
 

@@ -124,7 +124,15 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print(f"MLflow store: {store}  (mlflow ui --backend-store-uri sqlite:///{store})")
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    from serving.model_source import Batching
     from serving.server import serve
 
     try:
@@ -138,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             args.api_key,
             args.poll_seconds,
             args.threads,
+            batching=Batching(args.max_batch, args.max_waiting),
         )
     except LookupError as error:
         raise SystemExit(f"cannot serve: {error}") from error
@@ -226,6 +235,12 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--api-key", default=None, help="require this bearer key (or set TRAINONCE_API_KEY)")
     serve.add_argument("--poll-seconds", type=float, default=5.0, help="how often to check whether the alias moved")
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    serve.add_argument(
+        "--max-batch", type=_at_least_one, default=32, help="sequences per batched decode step (1: each decodes alone)"
+    )
+    serve.add_argument(
+        "--max-waiting", type=_at_least_one, default=256, help="sequences queued for the batch before requests get 429"
+    )
     promote = registry_parser("promote", cmd_promote, "point MODEL@champion at VERSION (which must exist)")
     promote.add_argument("version", help="registered version number")
     promote.add_argument("--reason", default="manual promotion", help="recorded on the version")

@@ -2,12 +2,15 @@
 
 `ExportableDecoder(model)` wraps an extracted (or any standalone) `ElasticMoE` and computes
 
-    input_ids (B, T), past_key_i / past_value_i (B, n_kv, P, hd) per layer
+    input_ids (B, T), pad_lengths (B,), past_key_i / past_value_i (B, n_kv, P, hd) per layer
         -> logits (B, T, V), present_key_i / present_value_i (B, n_kv, P + T, hd)
 
 with exactly the model's math. Why a separate forward rather than exporting `ElasticMoE.forward`:
 - the past length P is an input shape, not Python state, so positions and the causal mask are computed
   from tensor shapes and one graph serves prefill (P = 0) and decoding (T = 1) alike;
+- rows of different lengths share one call (the server batches decode steps across requests): row b's
+  first `pad_lengths[b]` positions are left padding, which no token attends to and which does not count in
+  the rotary positions, so a padded row computes exactly what it computes alone;
 - experts run on the `export` path (static loop, nonzero + index_select/index_add: no argsort, bincount
   or grouped GEMM, none of which export) with one constant 2-D weight per expert matrix, and the output
   projection is its own constant matrix even when tied, so onnxruntime's quantizers see every large
@@ -54,8 +57,15 @@ class _CachedAttention(nn.Module):
         self.attention = attention
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D); cos/sin (B, 1, T, hd); mask (B, 1, T, P+T), True where a query may see a key."""
         a = self.attention
         b, t, _ = x.shape
         q = a.q_proj(x).view(b, t, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -63,10 +73,6 @@ class _CachedAttention(nn.Module):
         v = a.v_proj(x).view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, nkv, P+T, hd)
-        p = past_k.shape[2]
-        query_pos = torch.arange(t, device=x.device) + p  # (T,)
-        key_pos = torch.arange(k.shape[2], device=x.device)  # (P+T,)
-        mask = key_pos[None, :] <= query_pos[:, None]  # (T, P+T): each new token sees the past and itself
         n_rep = a.n_heads // a.n_kv_heads
         y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
         return a.o_proj(y.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)), k, v
@@ -105,9 +111,15 @@ class _ExportableLayer(nn.Module):
         self.mlp: _ExportableMoE | SwiGLU = _ExportableMoE(layer.mlp) if isinstance(layer.mlp, MoEBlock) else layer.mlp
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v)
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -124,19 +136,35 @@ class ExportableDecoder(nn.Module):
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         self.lm_head = nn.Parameter(head.detach().clone())  # (V, D), its own constant even when tied
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """input_ids (B, T) and 2 * n_layers past tensors (B, nkv, P, hd) -> logits (B, T, V) and presents."""
-        t = input_ids.shape[1]
+    def forward(
+        self, input_ids: torch.Tensor, pad_lengths: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """input_ids (B, T), pad_lengths (B,) and 2 * n_layers past tensors (B, nkv, P, hd) -> logits (B, T, V)
+        and presents (B, nkv, P+T, hd)."""
+        b, t = input_ids.shape
         p = past[0].shape[2]
-        positions = torch.arange(t, device=input_ids.device) + p
-        cos, sin = rope_cos_sin(positions, self.config.attn_head_dim, self.config.rope_theta)
+        hd = self.config.attn_head_dim
+        query_pos = torch.arange(t, device=input_ids.device) + p  # (T,) index in the row, padding included
+        key_pos = torch.arange(p + t, device=input_ids.device)  # (P+T,)
+        pad = pad_lengths.to(torch.int64)[:, None]  # (B, 1)
+        positions = (query_pos[None, :] - pad).clamp(min=0)  # (B, T): rotary positions skip the padding
+        cos, sin = rope_cos_sin(positions.reshape(-1), hd, self.config.rope_theta)
+        cos, sin = cos.view(b, 1, t, hd), sin.view(b, 1, t, hd)
+        causal = key_pos[None, None, :] <= query_pos[None, :, None]  # (1, T, P+T): the past and itself
+        real = key_pos[None, None, :] >= pad[:, :, None]  # (B, 1, P+T): not padding
+        itself = key_pos[None, None, :] == query_pos[None, :, None]  # a padding query sees itself: no NaN
+        mask = ((causal & real) | itself)[:, None]  # (B, 1, T, P+T)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1])
+            x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         logits = F.linear(self.norm(x), self.lm_head)
         return (logits, *presents)
+
+    @staticmethod
+    def no_padding(batch: int) -> torch.Tensor:
+        return torch.zeros(batch, dtype=torch.int64)
 
     def empty_past(self, batch: int) -> list[torch.Tensor]:
         """The cache before the first token: 2 * n_layers tensors (B, nkv, 0, hd)."""

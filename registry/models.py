@@ -12,9 +12,10 @@ import mlflow
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
-from mlflow.types.schema import Array, Object, Property
+from mlflow.types.schema import Array, Object, ParamSchema, ParamSpec, Property
 
 from models.publish import staged_dir
+from models.sampling import SamplingParams
 from registry.tracking import active_store, configure_tracking, store_client, ui_base_url
 
 SUPERNET_MODEL = "trainonce-supernet"
@@ -97,6 +98,19 @@ def register_checkpoint(
     )
 
 
+# The sampling controls a pyfunc caller may pass as MLflow `params` (greedy by default, as the server).
+PYFUNC_SAMPLING_PARAMS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+)
+
+
 def register_chat_package(
     workdir: str | Path, run_id: str, package_dir: Path, tags: dict[str, Any], pyfunc_code: Path
 ) -> RegisteredVersion:
@@ -114,6 +128,14 @@ def register_chat_package(
                 ColSpec(DataType.string, "finish_reason"),
                 ColSpec(DataType.long, "prompt_tokens"),
                 ColSpec(DataType.long, "completion_tokens"),
+            ]
+        ),
+        params=ParamSchema(
+            [
+                ParamSpec(
+                    name, "long" if name in ("top_k", "seed") else "double", SamplingParams.model_fields[name].default
+                )
+                for name in PYFUNC_SAMPLING_PARAMS
             ]
         ),
     )

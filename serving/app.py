@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API over a `ModelSource`: /health, /v1/models, /v1/models/{model}, /v1/completions,
-/v1/chat/completions (with SSE streaming ending in `data: [DONE]`).
+"""The OpenAI-compatible HTTP API over a `ModelSource`: /health, /metrics (Prometheus), /v1/models,
+/v1/models/{model}, /v1/completions, /v1/chat/completions (with SSE streaming ending in `data: [DONE]`).
 
 Endpoints are plain functions, so FastAPI runs them in its thread pool: onnxruntime sessions are
 thread-safe and release the GIL, so concurrent requests decode in parallel. Each request takes the model
@@ -11,22 +11,34 @@ so the `openai` client raises its typed errors with `param` and `code` set.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette import types as asgi
 from starlette.exceptions import HTTPException
 
 from models.chat_format import Message
-from serving.engine import ChatPackage, finish_reason
+from models.sampling import SamplingParams
+from serving.batching import QueueFull
+from serving.decoding import Piece, SequenceDecoder
+from serving.engine import ChatPackage
+from serving.metrics import ServingMetrics
 from serving.model_source import LoadedModel, ModelSource
-from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, Usage, error_body, new_id, now
+from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body, new_id, now
+from serving.responses import (
+    chat_response,
+    chat_stream,
+    completion_response,
+    completion_stream,
+    new_choices,
+)
 
 log = logging.getLogger("trainonce.serving")
 
@@ -34,6 +46,7 @@ _ERROR_RESPONSES = {
     400: "The request is invalid; `param` names the field at fault.",
     401: "The API key is missing or wrong.",
     404: "The model does not exist on this server.",
+    429: "Too many requests are waiting to be decoded; retry shortly.",
     "default": "Any other refusal or failure, in the same shape.",
 }
 
@@ -84,10 +97,6 @@ def _budget(package: ChatPackage, prompt: list[int], requested: int | None, prom
     return requested
 
 
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
 class _ServerErrorAsJson:
     """Last resort: an unexpected exception answers OpenAI's error object with a 500. Starlette's own 500
     handler answers plain text and re-raises, and uvicorn then drops the connection without `Connection:
@@ -114,9 +123,33 @@ class _ServerErrorAsJson:
             await JSONResponse(body, 500)(scope, receive, send)
 
 
+class _CountedRequests:
+    """Counts every answered request by route and status (unknown paths as `other`, so that a scanner cannot
+    create a series per URL it tries)."""
+
+    def __init__(self, app: asgi.ASGIApp, metrics: ServingMetrics, routes: set[str]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def counted(message: asgi.Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="trainonce", description="OpenAI-compatible API over a registered trainonce-chat model")
+    metrics = ServingMetrics()
     app.add_middleware(_ServerErrorAsJson)
+    routes = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    app.add_middleware(_CountedRequests, metrics=metrics, routes=routes)
 
     @app.exception_handler(ApiError)
     def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -171,6 +204,31 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
             )
         return loaded
 
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        loaded = source.current
+        if loaded.batcher is not None:
+            metrics.waiting.labels(loaded.name).set(loaded.batcher.waiting)
+            metrics.batch_rows.labels(loaded.name).set(loaded.batcher.running)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def decoding(loaded: LoadedModel, prompt: list[int], choices: list[SequenceDecoder]) -> list[Iterator[Piece]]:
+        """Start this request's choices on its model (refused with a 429 if the batch queue is full), timed and
+        counted per model."""
+        started = time.perf_counter()
+        try:
+            streams = loaded.decode(choices)
+        except QueueFull as error:
+            raise ApiError(
+                429, f"The server is busy ({error}); retry shortly.", None, "queue_full", "server_busy"
+            ) from error
+        metrics.prompt_tokens.labels(loaded.name).inc(len(prompt))
+        return [metrics.observed(loaded.name, stream, started) for stream in streams]
+
+    def running(model: str, events: Iterator[str]) -> Iterator[str]:
+        with metrics.running.labels(model).track_inprogress():
+            yield from events
+
     @app.get("/health")
     def health() -> dict:
         loaded = source.current
@@ -184,46 +242,50 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
     def retrieve_model(model: str) -> dict:
         return _card(model_for(model))
 
+    def sampling(request: ChatCompletionRequest | CompletionRequest, package: ChatPackage) -> SamplingParams:
+        """The request's decoding controls, refused before any decoding if this model cannot honour them."""
+        unsupported = request.unsupported_parameter()
+        if unsupported is not None:
+            raise ApiError(400, f"{unsupported} is not supported by this server.", unsupported, "unsupported_parameter")
+        params = request.sampling(request.requested_logprobs())
+        vocab = package.config.vocab_size
+        for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise ApiError(400, f"{param}: token ids must be in [0, {vocab - 1}]; got {outside[:5]}", param)
+        return params
+
     @app.post(
-        "/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None, responses=_errors(400, 401, 404)
+        "/v1/chat/completions",
+        dependencies=[Depends(authorize)],
+        response_model=None,
+        responses=_errors(400, 401, 404, 429),
     )
     def chat_completions(request: ChatCompletionRequest) -> dict | StreamingResponse:
         loaded = model_for(request.model)
         package = loaded.package
+        params = sampling(request, package)
         messages = [
             Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in request.messages
         ]
         prompt = package.chat_prompt(messages)
         budget = _budget(package, prompt, request.requested_tokens(), "messages")
-        completion_id, created = new_id("chatcmpl"), now()
-        base = {"id": completion_id, "created": created, "model": loaded.name, "system_fingerprint": loaded.version}
+        choices = new_choices(package, prompt, budget, params, request.n)
+        base = {"id": new_id("chatcmpl"), "created": now(), "model": loaded.name, "system_fingerprint": loaded.version}
+        streams = decoding(loaded, prompt, choices)
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(
-                _chat_stream(package, prompt, budget, base, include_usage), media_type="text/event-stream"
-            )
-        result = package.complete(prompt, budget)
-        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
-        return {
-            **base,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": result.finish_reason,
-                }
-            ],
-            "usage": usage.model_dump(),
-        }
+            events = chat_stream(package, prompt, choices, streams, base, request.include_usage())
+            return StreamingResponse(running(loaded.name, events), media_type="text/event-stream")
+        with metrics.running.labels(loaded.name).track_inprogress():
+            return chat_response(package, prompt, choices, streams, base)
 
     @app.post(
-        "/v1/completions", dependencies=[Depends(authorize)], response_model=None, responses=_errors(400, 401, 404)
+        "/v1/completions", dependencies=[Depends(authorize)], response_model=None, responses=_errors(400, 401, 404, 429)
     )
     def completions(request: CompletionRequest) -> dict | StreamingResponse:
         loaded = model_for(request.model)
         package = loaded.package
+        params = sampling(request, package)
         try:
             text = request.prompt_text()
         except ValueError as error:
@@ -232,17 +294,14 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
         if not prompt:
             raise ApiError(400, "prompt: must not be empty", "prompt")
         budget = _budget(package, prompt, request.requested_tokens(), "prompt")
+        choices = new_choices(package, prompt, budget, params, request.n)
         base = {"id": new_id("cmpl"), "created": now(), "model": loaded.name, "system_fingerprint": loaded.version}
+        streams = decoding(loaded, prompt, choices)
         if request.stream:
-            return StreamingResponse(_completion_stream(package, prompt, budget, base), media_type="text/event-stream")
-        result = package.complete(prompt, budget)
-        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
-        return {
-            **base,
-            "object": "text_completion",
-            "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": usage.model_dump(),
-        }
+            events = completion_stream(package, prompt, choices, streams, base, request.include_usage())
+            return StreamingResponse(running(loaded.name, events), media_type="text/event-stream")
+        with metrics.running.labels(loaded.name).track_inprogress():
+            return completion_response(package, prompt, choices, streams, base)
 
     return app
 
@@ -258,37 +317,3 @@ def _card(loaded: LoadedModel) -> dict[str, Any]:
         "quantization": loaded.package.config.quantization,
         "context_length": loaded.package.config.max_seq_len,
     }
-
-
-def _chat_stream(
-    package: ChatPackage, prompt: list[int], budget: int, base: dict[str, Any], include_usage: bool
-) -> Iterator[str]:
-    chunk = {**base, "object": "chat.completion.chunk"}
-    yield _sse(
-        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    )
-    generated = 0
-    for token in package.stream(prompt, budget):
-        generated += 1
-        if token.text:
-            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": token.text}, "finish_reason": None}]})
-    finish = finish_reason(generated, budget)
-    yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-    if include_usage:
-        usage = Usage.of(len(prompt), generated)
-        yield _sse({**chunk, "choices": [], "usage": usage.model_dump()})
-    yield _sse("[DONE]")
-
-
-def _completion_stream(package: ChatPackage, prompt: list[int], budget: int, base: dict[str, Any]) -> Iterator[str]:
-    chunk = {**base, "object": "text_completion"}
-    generated = 0
-    for token in package.stream(prompt, budget):
-        generated += 1
-        if token.text:
-            yield _sse(
-                {**chunk, "choices": [{"index": 0, "text": token.text, "logprobs": None, "finish_reason": None}]}
-            )
-    finish = finish_reason(generated, budget)
-    yield _sse({**chunk, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": finish}]})
-    yield _sse("[DONE]")

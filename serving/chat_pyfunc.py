@@ -1,8 +1,10 @@
 """MLflow "model from code" for a registered `trainonce-chat` version: an exported chat package.
 
 No pickled Python object: only this file + the package folder (ONNX graph, tokenizer, generation config).
-`predict` takes rows of OpenAI-style `messages` (and an optional `max_tokens`) and returns the greedy reply
-computed by onnxruntime with the KV cache, exactly as `trainonce serve` would.
+`predict` takes rows of OpenAI-style `messages` (and an optional `max_tokens`) and returns the reply computed
+by onnxruntime with the KV cache, exactly as `trainonce serve` would: greedy, unless MLflow `params` set
+sampling controls (`temperature`, `top_p`, `top_k`, `min_p`, the penalties, `seed`), checked against the same
+ranges as the server's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ class ChatCompletionModel(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
         from models.chat_format import Message
+        from models.sampling import SamplingParams
 
+        sampling = SamplingParams(**{k: v for k, v in (params or {}).items() if v is not None})
         rows = []
         for _, row in model_input.iterrows():
             messages = [Message.model_validate(dict(m)) for m in row["messages"]]
@@ -33,7 +37,7 @@ class ChatCompletionModel(PythonModel):
             wanted = self.package.config.default_max_new_tokens if pd.isna(requested) else int(requested)
             if wanted < 1:
                 raise ValueError(f"max_tokens: {wanted} is not in [1, {room}]")
-            completion = self.package.complete(prompt, min(wanted, room))
+            completion = self.package.complete(prompt, min(wanted, room), sampling)
             rows.append(
                 {
                     "content": completion.text,

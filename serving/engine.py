@@ -1,4 +1,4 @@
-"""Run an exported chat package with onnxruntime: greedy decoding with the KV cache, and scoring.
+"""Run an exported chat package with onnxruntime: decoding with the KV cache (greedy or sampled), and scoring.
 
 A package is the folder `tasks/export.py` writes and the registry versions as `trainonce-chat`:
 `model.onnx` (fp32, INT8 or INT4), `tokenizer.json` and `generation_config.json`. The same engine serves
@@ -18,10 +18,15 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from models.chat_format import ChatFormat, ChatTokenizer, Message
+from models.sampling import SampledToken, SamplingParams
+from serving.decoding import Piece, SequenceDecoder
+from serving.token_text import TokenTexts
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+GREEDY = SamplingParams()  # what evaluation decodes with, and the server when a request sets no temperature
+EVERY_TOKEN = SamplingParams(ignore_eos=True)  # greedy past the end of turn: fixed lengths for speed and parity
 
 
 @dataclass(frozen=True)
@@ -46,17 +51,6 @@ class GenerationConfig:
         return cls(**json.loads((directory / GENERATION_CONFIG_FILE).read_text()))
 
 
-def finish_reason(generated: int, budget: int) -> str:
-    """OpenAI's finish_reason: `length` when the token budget ran out, else `stop` (the model ended its turn)."""
-    return "length" if generated >= budget else "stop"
-
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    token_id: int
-    text: str  # the text this token adds to the decoded completion (may be empty mid-character)
-
-
 class OnnxGenerator:
     """An onnxruntime session over the exported decoder, `(input_ids, *past) -> (logits, *present)`."""
 
@@ -69,14 +63,23 @@ class OnnxGenerator:
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.config = config
         self.past_names = [f"past_{kind}_{i}" for i in range(config.n_layers) for kind in ("key", "value")]
+        # Packages exported before batched decoding have no `pad_lengths` input: they decode one row at a time.
+        self.pads_rows = "pad_lengths" in {i.name for i in self.session.get_inputs()}
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.config.n_kv_heads, 0, self.config.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
 
-    def forward(self, input_ids: np.ndarray, past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """input_ids (B, T) int64 after `past` -> logits (B, T, V) and the extended cache."""
+    def forward(
+        self, input_ids: np.ndarray, past: Sequence[np.ndarray], pad_lengths: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """input_ids (B, T) int64 after `past` -> logits (B, T, V) and the extended cache. `pad_lengths` (B,):
+        the left padding of each row when rows of different lengths share the call (None: no padding)."""
         feeds = {"input_ids": input_ids.astype(np.int64), **dict(zip(self.past_names, past, strict=True))}
+        if self.pads_rows:
+            feeds["pad_lengths"] = np.zeros(len(input_ids), np.int64) if pad_lengths is None else pad_lengths
+        elif pad_lengths is not None and pad_lengths.any():
+            raise ValueError("this package's graph predates batched decoding: it cannot take padded rows")
         logits, *present = self.session.run(None, feeds)
         return logits, present
 
@@ -88,18 +91,6 @@ class OnnxGenerator:
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
         targets = tokens[:, 1:]
         return float(-np.take_along_axis(log_probs, targets[..., None], axis=-1).mean())
-
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: int | None) -> Iterator[int]:
-        """Greedy continuation of one prompt, one forward step per token; stops after `eos_token_id`."""
-        past = self.empty_past(1)
-        step = np.asarray([prompt], dtype=np.int64)
-        for _ in range(max_new_tokens):
-            logits, past = self.forward(step, past)
-            token = int(logits[0, -1].argmax())
-            yield token
-            if token == eos_token_id:
-                return
-            step = np.asarray([[token]], dtype=np.int64)
 
 
 class ChatPackage:
@@ -115,6 +106,7 @@ class ChatPackage:
         self.tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         self.chat_tokenizer = ChatTokenizer(self.tokenizer, ChatFormat.model_validate(self.config.chat_format))
         self.generator = OnnxGenerator(directory / MODEL_FILE, self.config, threads)
+        self.token_texts = TokenTexts(self.tokenizer)
 
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
         """The token ids SFT trained on, ending in the generation prompt that asks for a reply."""
@@ -127,32 +119,54 @@ class ChatPackage:
         """How many tokens may still be generated after `prompt` within the context."""
         return self.config.max_seq_len - len(prompt)
 
-    def stream(self, prompt: Sequence[int], max_new_tokens: int, stop_at_eos: bool = True) -> Iterator[GeneratedToken]:
-        """Generated tokens with the text each adds (decoded incrementally, so multi-byte characters that
-        span tokens come out whole). The end-of-turn token itself is not yielded."""
-        eos = self.config.eos_token_id if stop_at_eos else None
-        ids: list[int] = []
-        emitted = ""
-        for token in self.generator.greedy(prompt, max_new_tokens, eos):
-            if token == eos:
-                return
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next byte
-                yield GeneratedToken(token, "")
-                continue
-            yield GeneratedToken(token, text[len(emitted) :])
-            emitted = text
+    def decoder(
+        self,
+        prompt: Sequence[int],
+        budget: int,
+        params: SamplingParams = GREEDY,
+        rng: np.random.Generator | None = None,
+    ) -> SequenceDecoder:
+        """A fresh decoding of `prompt`: up to `budget` tokens, chosen as `params` says."""
+        config = self.config
+        return SequenceDecoder(self.tokenizer, prompt, budget, params, config.eos_token_id, config.vocab_size, rng)
 
-    def complete(self, prompt: Sequence[int], max_new_tokens: int, stop_at_eos: bool = True) -> Completion:
-        tokens = list(self.stream(prompt, max_new_tokens, stop_at_eos))
-        text = "".join(t.text for t in tokens)
-        return Completion(text, finish_reason(len(tokens), max_new_tokens), len(prompt), len(tokens))
+    def decode(self, decoder: SequenceDecoder) -> Iterator[Piece]:
+        """Run `decoder` to its end, one cached forward step per token, yielding each piece of final text
+        (and the tokens it completes) as soon as it is known."""
+        past = self.generator.empty_past(1)
+        step = np.asarray([decoder.prompt], dtype=np.int64)
+        while not decoder.finished:
+            logits, past = self.generator.forward(step, past)
+            piece = decoder.step(logits[0, -1])
+            if piece.text or piece.tokens:
+                yield piece
+            step = np.asarray([[decoder.next_input]], dtype=np.int64)
+
+    def complete(
+        self,
+        prompt: Sequence[int],
+        budget: int,
+        params: SamplingParams = GREEDY,
+        rng: np.random.Generator | None = None,
+    ) -> Completion:
+        """The whole completion at once (greedy unless `params` say otherwise)."""
+        decoder = self.decoder(prompt, budget, params, rng)
+        pieces = list(self.decode(decoder))
+        return Completion(
+            text="".join(p.text for p in pieces),
+            finish_reason=str(decoder.finish_reason),
+            prompt_tokens=len(prompt),
+            completion_tokens=decoder.completion_tokens,
+            token_ids=tuple(decoder.ids),
+            tokens=tuple(t for p in pieces for t in p.tokens),
+        )
 
 
 @dataclass(frozen=True)
 class Completion:
     text: str
-    finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (end of turn, a stop token or string) or "length" (the budget ran out)
     prompt_tokens: int
     completion_tokens: int
+    token_ids: tuple[int, ...]  # the generated tokens, the end of turn or stop token excluded
+    tokens: tuple[SampledToken, ...]  # the same with their log-probabilities, when asked for

@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from registry.models import download_chat_package, resolve_version
+from serving.batching import DecodeBatcher
+from serving.decoding import Piece, SequenceDecoder
 from serving.engine import ChatPackage
 
 log = logging.getLogger("trainonce.serving")
@@ -26,6 +29,24 @@ class LoadedModel:
     version: str
     package: ChatPackage
     loaded_at: int  # Unix seconds: the model card's `created`
+    batcher: DecodeBatcher | None  # None: each sequence decodes alone (batching off, or a pre-batching graph)
+
+    def decode(self, choices: list[SequenceDecoder]) -> list[Iterator[Piece]]:
+        """Start decoding `choices` (in the shared batch when there is one); raises QueueFull when it is full."""
+        if self.batcher is None:
+            return [self.package.decode(d) for d in choices]
+        return self.batcher.submit(choices)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the server batches decode steps: up to `max_batch` rows per call (1: off), `max_waiting` queued."""
+
+    max_batch: int = 32
+    max_waiting: int = 256
+
+
+DEFAULT_BATCHING = Batching()
 
 
 class ModelSource:
@@ -38,11 +59,13 @@ class ModelSource:
         cache_dir: str | Path,
         poll_seconds: float = 5.0,
         threads: int = 0,
+        batching: Batching = DEFAULT_BATCHING,
     ) -> None:
         if (alias is None) == (version is None):
             raise ValueError("give exactly one of alias and version")
         self.workdir, self.name, self.alias, self.pinned_version = str(workdir), name, alias, version
         self.cache_dir, self.poll_seconds, self.threads = Path(cache_dir), poll_seconds, threads
+        self.batching = batching
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.current = self._load(self._resolve())  # fails loudly at start-up: nothing to serve otherwise
@@ -57,7 +80,13 @@ class ModelSource:
     def _load(self, version: str) -> LoadedModel:
         destination = self.cache_dir / self.name / version
         package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
-        return LoadedModel(self.name, version, ChatPackage(package_dir, threads=self.threads), int(time.time()))
+        package = ChatPackage(package_dir, threads=self.threads)
+        batcher = None
+        if self.batching.max_batch > 1 and package.generator.pads_rows:
+            batcher = DecodeBatcher(package, self.batching.max_batch, self.batching.max_waiting)
+        elif self.batching.max_batch > 1:
+            log.warning("%s/%s was exported before batched decoding: its requests decode alone", self.name, version)
+        return LoadedModel(self.name, version, package, int(time.time()), batcher)
 
     def refresh(self) -> bool:
         """Swap to the version the alias names now, if it moved; True if a swap happened."""

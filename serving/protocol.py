@@ -1,17 +1,34 @@
 """OpenAI request and response shapes (the subset trainonce serves), so the `openai` client works unchanged.
 
-Requests ignore fields they do not use (as OpenAI-compatible servers do); what is used is validated here
-and by the app against the loaded model's context length, with OpenAI-style error objects.
+Requests ignore fields that do not change what is generated (`user`, `metadata`...); fields that would but
+that this server cannot honour (`tools`, `response_format` json...) are refused by name (`UNSUPPORTED`); what
+is used is validated here (ranges shared with models.sampling) and by the app against the loaded model's
+context length and vocabulary, with OpenAI-style error objects.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+
+from models.sampling import (
+    MAX_STOP_SEQUENCES,
+    LogitBias,
+    MinP,
+    Penalty,
+    RepetitionPenalty,
+    SamplingParams,
+    StopSequence,
+    Temperature,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
 
 
 def _encodable(texts: list[str]) -> None:
@@ -70,27 +87,127 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_CHOICES = 16
+
+
+def _inactive(value: Any) -> bool:
+    return value in (None, False, "", [], {})
+
+
+# Parameters that would change what is generated but that this server cannot honour: a request that sets one
+# is refused with a 400 naming it, never answered as if it had not been sent. Each maps to the test that
+# tells an inactive value (what a client sends by default) from a request for the feature.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(
+        (
+            "tools",
+            "functions",
+            "function_call",
+            "audio",
+            "prediction",
+            "web_search_options",
+            "reasoning_effort",
+            "echo",
+            "suffix",
+        ),
+        _inactive,
+    ),  # OpenAI's
+    **dict.fromkeys(
+        (
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "structured_outputs",
+            "use_beam_search",
+            "prompt_logprobs",
+            "continue_final_message",
+            "chat_template",
+            "chat_template_kwargs",
+            "documents",
+            "truncate_prompt_tokens",
+        ),
+        _inactive,
+    ),  # vLLM's extra body
+    "tool_choice": lambda v: _inactive(v) or v == "none",
+    "response_format": lambda v: _inactive(v) or v == {"type": "text"},
+    "modalities": lambda v: _inactive(v) or v == ["text"],
+    "add_generation_prompt": lambda v: v is None or v is True,
+    "best_of": lambda v: v in (None, 1),
+    "length_penalty": lambda v: v in (None, 1, 1.0),
+}
+
+
 class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """What both endpoints share: the model, the budget, the choices, streaming, and the sampling controls
+    (OpenAI's, and vLLM's extra-body ones), with the ranges of models.sampling."""
+
+    model_config = ConfigDict(extra="allow")  # kept, so that `unsupported_parameter` can see them
 
     model: str
     max_tokens: int | None = Field(None, description="Tokens to generate; default: the package's default.")
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request (greedy decoding is deterministic).")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per request, each sampled independently.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Accepted; decoding is greedy.")
+    temperature: Temperature | None = Field(None, description="0 or omitted: greedy (the package's default).")
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    logit_bias: LogitBias | None = None
+    seed: int | None = None
+    stop: list[StopSequence] | None = Field(None, max_length=MAX_STOP_SEQUENCES, description="Up to 16 texts.")
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before", json_schema_input_type=str | list[str] | None)
+    @classmethod
+    def _stop_as_list(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else stop
+
+    def unsupported_parameter(self) -> str | None:
+        """The first parameter set that this server cannot honour, if any."""
+        extra = self.model_extra or {}
+        return next(
+            (name for name, inactive in UNSUPPORTED.items() if name in extra and not inactive(extra[name])), None
+        )
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, logprobs: int | None) -> SamplingParams:
+        """The request's controls as sampling parameters; what it leaves out keeps the greedy defaults."""
+        fields = self.model_dump(include=set(SamplingParams.model_fields) - {"logprobs"}, exclude_none=True)
+        return SamplingParams(**fields, logprobs=logprobs)
 
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = Field(None, description="Alternatives per token; needs logprobs=true.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise PydanticCustomError("logprobs_required", "top_logprobs needs logprobs=true")
+        return top_logprobs
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str]
+    logprobs: TopLogprobs | None = Field(None, description="Alternatives per token (0: the chosen token's only).")
 
     @field_validator("prompt")
     @classmethod
@@ -100,6 +217,9 @@ class CompletionRequest(_GenerationRequest):
 
     def requested_tokens(self) -> int | None:
         return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):

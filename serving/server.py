@@ -9,7 +9,7 @@ from pathlib import Path
 import uvicorn
 
 from serving.app import create_app
-from serving.model_source import ModelSource
+from serving.model_source import DEFAULT_BATCHING, Batching, ModelSource
 
 API_KEY_ENV = "TRAINONCE_API_KEY"
 
@@ -25,6 +25,7 @@ def serve(
     poll_seconds: float = 5.0,
     threads: int = 0,
     cache_dir: str | None = None,
+    batching: Batching = DEFAULT_BATCHING,
 ) -> None:
     """Load the model the registry names, follow its alias, and serve until interrupted.
 
@@ -33,7 +34,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     source = ModelSource(
-        workdir, name, alias, version, cache_dir or Path(workdir) / "serving-cache", poll_seconds, threads
+        workdir, name, alias, version, cache_dir or Path(workdir) / "serving-cache", poll_seconds, threads, batching
     )
     source.start()
     try:

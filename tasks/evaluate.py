@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.chat_format import Message
-from serving.engine import MODEL_FILE, ChatPackage
+from serving.engine import EVERY_TOKEN, MODEL_FILE, ChatPackage
 from tasks.align_data import Example, TaskMixConfig, corpus_passages, exact_match_by_task, generate_splits
 from tasks.data import PreparedData, sample_batch
 
@@ -78,10 +78,10 @@ def package_accuracy(package: ChatPackage, examples: list[Example], max_new_toke
 
 def decode_speed(package: ChatPackage, prompts: list[list[int]], new_tokens: int) -> float:
     """Greedy tokens/s over `prompts` (every token forced, no early stop), after one warm-up prompt."""
-    list(package.stream(prompts[0], 4, stop_at_eos=False))
+    package.complete(prompts[0], 4, EVERY_TOKEN)
     generated, start = 0, time.perf_counter()
     for prompt in prompts:
-        generated += sum(1 for _ in package.stream(prompt, min(new_tokens, package.room_for(prompt)), False))
+        generated += package.complete(prompt, min(new_tokens, package.room_for(prompt)), EVERY_TOKEN).completion_tokens
     return generated / (time.perf_counter() - start)
 
 

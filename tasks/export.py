@@ -31,7 +31,7 @@ from models.onnx_forward import ExportableDecoder, past_names, present_names
 from registry.models import CHAT_MODEL, register_chat_package, set_alias
 from registry.tracking import RunLogger, git_commit
 from serving import CHAT_PYFUNC_CODE
-from serving.engine import MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig, OnnxGenerator
+from serving.engine import EVERY_TOKEN, MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig
 from tasks.align_data import TaskMixConfig
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
@@ -92,7 +92,8 @@ class DeployConfig(BaseModel):
 
 
 def export_onnx(model: ElasticMoE, path: Path, opset: int = 18) -> Path:
-    """Export `model` as `(input_ids, *past) -> (logits, *present)` with dynamic batch, sequence and past axes."""
+    """Export `model` as `(input_ids, pad_lengths, *past) -> (logits, *present)` with dynamic batch, sequence and
+    past axes (models/onnx_forward.py)."""
     decoder = ExportableDecoder(model.eval()).eval()
     config = model.config
     n = config.n_layers
@@ -101,18 +102,19 @@ def export_onnx(model: ElasticMoE, path: Path, opset: int = 18) -> Path:
     past_len = torch.export.Dim("past_len", min=0, max=config.max_seq_len)
     # Sample sizes > 1 and distinct, so the exporter specialises none of the dynamic axes.
     input_ids = torch.randint(0, config.vocab_size, (2, 5))
+    pad_lengths = torch.tensor([0, 2])
     past = tuple(torch.zeros(2, config.n_kv_heads, 3, config.attn_head_dim) for _ in range(2 * n))
-    dynamic = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in range(2 * n)))
+    dynamic = ({0: batch, 1: seq}, {0: batch}, tuple({0: batch, 2: past_len} for _ in range(2 * n)))
     path.parent.mkdir(parents=True, exist_ok=True)
     large = sum(p.numel() for p in decoder.parameters()) * 4 > _SINGLE_FILE_LIMIT
     with torch.no_grad():
         program = torch.onnx.export(
             decoder,
-            (input_ids, *past),
+            (input_ids, pad_lengths, *past),
             dynamo=True,
             opset_version=opset,
             dynamic_shapes=dynamic,
-            input_names=["input_ids", *past_names(n)],
+            input_names=["input_ids", "pad_lengths", *past_names(n)],
             output_names=["logits", *present_names(n)],
             optimize=True,
             verbose=False,
@@ -248,9 +250,10 @@ PARITY_TOLERANCE = 1e-3  # fp32 export differs by ~1e-6; beyond this something i
 
 
 @torch.no_grad()
-def check_parity(model: ElasticMoE, generator: OnnxGenerator, prompts: list[list[int]], new_tokens: int = 16) -> Parity:
+def check_parity(model: ElasticMoE, package: ChatPackage, prompts: list[list[int]], new_tokens: int = 16) -> Parity:
     """Compare the fp32 package with the PyTorch model it came from; raises (before anything is registered)
     when the logits differ by more than PARITY_TOLERANCE."""
+    generator = package.generator
     tokens = torch.tensor([prompts[0]])
     expected = model(tokens).logits.numpy()
     split = max(1, tokens.shape[1] // 2)
@@ -263,7 +266,7 @@ def check_parity(model: ElasticMoE, generator: OnnxGenerator, prompts: list[list
     if diff > PARITY_TOLERANCE:
         raise ValueError(f"ONNX export differs from PyTorch by {diff:.2e} (max abs logit) > {PARITY_TOLERANCE}")
     same = all(
-        list(generator.greedy(p, new_tokens, None))
+        list(package.complete(p, new_tokens, EVERY_TOKEN).token_ids)
         == greedy_generate(model, torch.tensor([p]), new_tokens)[0, len(p) :].tolist()
         for p in prompts
     )
@@ -287,7 +290,7 @@ def run_export(
     examples = held_out_examples(data, tasks)
     reference = ChatPackage(packages["fp32"])
     prompts = [reference.chat_prompt([Message(role="user", content=e.prompt)]) for e in examples[:4]]
-    parity = check_parity(model.eval(), reference.generator, prompts)
+    parity = check_parity(model.eval(), reference, prompts)
     evaluations = {v: evaluate_package(p, data, examples, config.evaluation) for v, p in packages.items()}
     return ExportResult(packages, evaluations, choose_candidate(evaluations, config), parity)
 

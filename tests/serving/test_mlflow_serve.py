@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from models.chat_format import Message
+from models.sampling import SamplingParams
 from registry.models import CHAT_MODEL
 from registry.promotion import promote
 from registry.tracking import tracking_uri
@@ -62,6 +63,16 @@ def test_mlflow_models_serve_the_champion(make_chat_registry, chat_packages) -> 
         package = ChatPackage(chat_packages["int8"])
         expected = package.complete(package.chat_prompt([Message(**messages[0])]), 6)
         assert row["content"] == expected.text and row["completion_tokens"] == expected.completion_tokens
+        sampled = {**body, "params": {"temperature": 1.0, "seed": 4}}
+        replies = [httpx.post(f"{url}/invocations", json=sampled, timeout=60).json() for _ in range(2)]
+        assert replies[0] == replies[1]  # seeded: the same reply twice
+        prompt = package.chat_prompt([Message(**messages[0])])
+        assert (
+            replies[0]["predictions"][0]["content"]
+            == package.complete(prompt, 6, SamplingParams(temperature=1.0, seed=4)).text
+        )
+        refused = httpx.post(f"{url}/invocations", json={**body, "params": {"top_p": 5.0}}, timeout=60)
+        assert refused.status_code >= 400 and "top_p" in refused.text
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -37,10 +38,9 @@ def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health") -> 
     return wait_until_ready(http_ok(f"{url}{path}"), f"the server at {url}", process, log=output)
 
 
-@pytest.fixture(scope="module")
-def server(make_chat_registry) -> Iterator[tuple[str, Path]]:
-    workdir = make_chat_registry()
-    promote(workdir, CHAT_MODEL, "1")
+@contextmanager
+def running_server(workdir: Path) -> Iterator[str]:
+    """`trainonce serve` on the registry in `workdir` (champion alias), in its own process, until the block ends."""
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -70,10 +70,18 @@ def server(make_chat_registry) -> Iterator[tuple[str, Path]]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
-        yield url, workdir
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(make_chat_registry) -> Iterator[tuple[str, Path]]:
+    workdir = make_chat_registry()
+    promote(workdir, CHAT_MODEL, "1")
+    with running_server(workdir) as url:
+        yield url, workdir
 
 
 @pytest.fixture()

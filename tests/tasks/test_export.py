@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from models.chat_format import Message
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
-from serving.engine import MODEL_FILE, ChatPackage
+from serving.engine import EVERY_TOKEN, MODEL_FILE, ChatPackage
 from tasks.align_data import TaskMixConfig
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
@@ -49,7 +49,7 @@ def test_greedy_generation_matches_pytorch(chat_model: ElasticMoE, chat_packages
     package = ChatPackage(chat_packages["fp32"])
     for prompt_text in ("To be, or not to be", "KING HENRY"):
         prompt = package.text_prompt(prompt_text)
-        ours = [t.token_id for t in package.stream(prompt, 24, stop_at_eos=False)]
+        ours = list(package.complete(prompt, 24, EVERY_TOKEN).token_ids)
         reference = greedy_generate(chat_model, torch.tensor([prompt]), 24)[0, len(prompt) :].tolist()
         assert ours == reference
 
@@ -126,8 +126,8 @@ def test_bad_deploy_config_names_the_field(update: dict, field: str) -> None:
 def test_export_stage_parity_check_refuses_a_wrong_graph(chat_model: ElasticMoE, chat_packages) -> None:
     package = ChatPackage(chat_packages["fp32"])
     prompts = [package.chat_prompt([Message(role="user", content=t)]) for t in ("Repeat: a b", "Sort: c a")]
-    parity = check_parity(chat_model, package.generator, prompts)
+    parity = check_parity(chat_model, package, prompts)
     assert parity.max_abs_logit_diff <= 1e-4 and parity.greedy_tokens_equal
     other = ElasticMoE(chat_model.config).eval()  # different weights: the graph is not this model's
     with pytest.raises(ValueError, match="differs from PyTorch"):
-        check_parity(other, package.generator, prompts)
+        check_parity(other, package, prompts)

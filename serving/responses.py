@@ -1,0 +1,176 @@
+"""Decoded choices in OpenAI's shapes: chat completions and text completions, whole or streamed as server-sent
+events, with `n` choices, log-probabilities in each endpoint's own layout, and usage.
+
+A request's choices are decoders (serving/decoding.py) that share the prompt; each has its own generator
+(models.sampling.choice_generators), so a seeded request repeats and its choices differ. Each choice arrives
+here as the stream of its pieces (decoded alone or in a shared batch: serving/batching.py). Streamed choices
+are sent one after the other, each chunk naming its `index`, as the `openai` client reassembles them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from models.sampling import SampledToken, SamplingParams, choice_generators
+from serving.decoding import Piece, SequenceDecoder
+from serving.engine import ChatPackage
+from serving.protocol import Usage
+
+
+def new_choices(
+    package: ChatPackage, prompt: list[int], budget: int, params: SamplingParams, n: int
+) -> list[SequenceDecoder]:
+    return [package.decoder(prompt, budget, params, rng) for rng in choice_generators(params.seed, n)]
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _usage(prompt: Sequence[int], choices: Sequence[SequenceDecoder]) -> dict[str, int]:
+    """The prompt counts once, however many choices were generated from it (as OpenAI counts)."""
+    return Usage.of(len(prompt), sum(d.completion_tokens for d in choices)).model_dump()
+
+
+class LogprobFormat:
+    """Sampled tokens as the two endpoints report them."""
+
+    def __init__(self, package: ChatPackage) -> None:
+        self.token_text = package.token_texts
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    def chat(self, tokens: Sequence[SampledToken]) -> dict[str, Any]:
+        """`choices[i].logprobs` of a chat completion: one entry per token, with its alternatives."""
+        return {
+            "content": [
+                {
+                    **self._entry(t.token_id, float(t.logprob)),
+                    "top_logprobs": [self._entry(i, lp) for i, lp in t.top_logprobs],
+                }
+                for t in tokens
+            ],
+            "refusal": None,
+        }
+
+    def completion(self, tokens: Sequence[SampledToken], offset: int) -> dict[str, Any]:
+        """`choices[i].logprobs` of a text completion: parallel lists, `text_offset` counted from the start of
+        the completion (`offset` characters already sent)."""
+        texts = [self.token_text(t.token_id)[0] for t in tokens]
+        offsets = [offset + sum(len(x) for x in texts[:i]) for i in range(len(texts))]
+        return {
+            "tokens": texts,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{self.token_text(i)[0]: lp for i, lp in t.top_logprobs} for t in tokens],
+            "text_offset": offsets,
+        }
+
+
+def chat_response(
+    package: ChatPackage,
+    prompt: list[int],
+    choices: list[SequenceDecoder],
+    streams: list[Iterator[Piece]],
+    base: dict[str, Any],
+) -> dict[str, Any]:
+    logprobs = LogprobFormat(package)
+    out = []
+    for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
+        pieces = list(stream)
+        tokens = [t for p in pieces for t in p.tokens]
+        out.append(
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
+                "logprobs": logprobs.chat(tokens) if decoder.params.logprobs is not None else None,
+                "finish_reason": decoder.finish_reason,
+            }
+        )
+    return {**base, "object": "chat.completion", "choices": out, "usage": _usage(prompt, choices)}
+
+
+def chat_stream(
+    package: ChatPackage,
+    prompt: list[int],
+    choices: list[SequenceDecoder],
+    streams: list[Iterator[Piece]],
+    base: dict[str, Any],
+    usage: bool,
+) -> Iterator[str]:
+    chunk = {**base, "object": "chat.completion.chunk"}
+    logprobs = LogprobFormat(package)
+
+    def event(index: int, delta: dict, piece: Piece | None = None, finish: str | None = None) -> str:
+        with_logprobs = piece is not None and piece.tokens and choices[index].params.logprobs is not None
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs.chat(piece.tokens) if with_logprobs else None,
+            "finish_reason": finish,
+        }
+        return sse({**chunk, "choices": [choice]})
+
+    for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
+        yield event(index, {"role": "assistant", "content": ""})
+        for piece in stream:
+            yield event(index, {"content": piece.text} if piece.text else {}, piece)
+        yield event(index, {}, finish=decoder.finish_reason)
+    if usage:
+        yield sse({**chunk, "choices": [], "usage": _usage(prompt, choices)})
+    yield sse("[DONE]")
+
+
+def completion_response(
+    package: ChatPackage,
+    prompt: list[int],
+    choices: list[SequenceDecoder],
+    streams: list[Iterator[Piece]],
+    base: dict[str, Any],
+) -> dict[str, Any]:
+    logprobs = LogprobFormat(package)
+    out = []
+    for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
+        pieces = list(stream)
+        tokens = [t for p in pieces for t in p.tokens]
+        out.append(
+            {
+                "index": index,
+                "text": "".join(p.text for p in pieces),
+                "logprobs": logprobs.completion(tokens, 0) if decoder.params.logprobs is not None else None,
+                "finish_reason": decoder.finish_reason,
+            }
+        )
+    return {**base, "object": "text_completion", "choices": out, "usage": _usage(prompt, choices)}
+
+
+def completion_stream(
+    package: ChatPackage,
+    prompt: list[int],
+    choices: list[SequenceDecoder],
+    streams: list[Iterator[Piece]],
+    base: dict[str, Any],
+    usage: bool,
+) -> Iterator[str]:
+    chunk = {**base, "object": "text_completion"}
+    logprobs = LogprobFormat(package)
+    for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
+        offset = 0
+        for piece in stream:
+            with_logprobs = piece.tokens and decoder.params.logprobs is not None
+            choice = {
+                "index": index,
+                "text": piece.text,
+                "logprobs": logprobs.completion(piece.tokens, offset) if with_logprobs else None,
+                "finish_reason": None,
+            }
+            offset += sum(len(logprobs.token_text(t.token_id)[0]) for t in piece.tokens)
+            yield sse({**chunk, "choices": [choice]})
+        final = {"index": index, "text": "", "logprobs": None, "finish_reason": decoder.finish_reason}
+        yield sse({**chunk, "choices": [final]})
+    if usage:
+        yield sse({**chunk, "choices": [], "usage": _usage(prompt, choices)})
+    yield sse("[DONE]")

@@ -1,0 +1,240 @@
+"""Every decoding control a vLLM user sends, through the official `openai` client against the real server:
+each honoured one is checked by an effect that would fail if it were ignored, each unsupported one is refused
+with a 400 that names it."""
+
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.chat_format import Message
+from models.sampling import log_softmax
+from registry.models import CHAT_MODEL
+from registry.promotion import promote
+from serving.engine import EVERY_TOKEN, ChatPackage
+
+from .test_server import API_KEY, running_server
+
+PROMPT = "Repeat: king queen"
+USER = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def client(make_chat_registry) -> Iterator[openai.OpenAI]:
+    workdir = make_chat_registry()
+    promote(workdir, CHAT_MODEL, "1")  # the fp32 package
+    with running_server(workdir) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def package(chat_packages) -> ChatPackage:
+    return ChatPackage(chat_packages["fp32"])
+
+
+def chat(client: openai.OpenAI, **fields):
+    return client.chat.completions.create(model=CHAT_MODEL, messages=USER, **fields)
+
+
+def greedy_text(client: openai.OpenAI, max_tokens: int = 24) -> str:
+    return chat(client, max_tokens=max_tokens, extra_body={"ignore_eos": True}).choices[0].message.content
+
+
+def test_stop_strings_truncate_on_both_endpoints_streamed_or_not(client: openai.OpenAI) -> None:
+    sampled = {"max_tokens": 24, "temperature": 1.0, "seed": 5, "extra_body": {"ignore_eos": True}}
+    text = chat(client, **sampled).choices[0].message.content  # seeded: the same text again below
+    stop = text[len(text) // 3 : len(text) // 3 + 3]  # a stop string from the middle of the reply
+    assert stop.strip(), f"the reply has no text to stop at: {text!r}"
+    expected = text[: text.index(stop)]
+    whole = chat(client, stop=[stop, "\x00never"], **sampled)
+    assert whole.choices[0].message.content == expected and whole.choices[0].finish_reason == "stop"
+    chunks = list(chat(client, stop=stop, stream=True, **sampled))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+    prompted = {"model": CHAT_MODEL, "prompt": "To be, or not to be", **sampled}
+    plain = client.completions.create(**prompted).choices[0].text
+    cut = plain[len(plain) // 2 : len(plain) // 2 + 2]
+    assert client.completions.create(stop=cut, **prompted).choices[0].text == plain[: plain.index(cut)]
+    stream = client.completions.create(stop=cut, stream=True, **prompted)
+    assert "".join(c.choices[0].text for c in stream) == plain[: plain.index(cut)]
+
+
+def test_a_seed_reproduces_and_temperature_varies_across_seeds(client: openai.OpenAI) -> None:
+    def sample(seed: int, **fields) -> str:
+        return chat(client, max_tokens=16, temperature=1.0, seed=seed, **fields).choices[0].message.content
+
+    assert sample(3) == sample(3)
+    assert len({sample(seed) for seed in range(5)}) >= 3
+    greedy = chat(client, max_tokens=16).choices[0].message.content
+    assert chat(client, max_tokens=16, temperature=0).choices[0].message.content == greedy
+    # top_k=1 leaves one candidate, top_p=0.01 the most likely one, min_p=1 only the top: greedy again
+    for cut in ({"top_k": 1}, {"min_p": 1.0}):
+        assert {sample(seed, extra_body=cut) for seed in range(3)} == {greedy}
+    assert {sample(seed, top_p=0.01) for seed in range(3)} == {greedy}
+
+
+def test_n_choices_are_independent_and_counted(client: openai.OpenAI) -> None:
+    reply = chat(client, max_tokens=12, temperature=1.0, seed=11, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) > 1
+    again = chat(client, max_tokens=12, temperature=1.0, seed=11, n=3)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    streamed = list(chat(client, max_tokens=12, temperature=1.0, seed=11, n=3, stream=True))
+    by_index = {
+        i: "".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == i) for i in range(3)
+    }
+    assert by_index == {c.index: c.message.content for c in reply.choices}
+    one = client.completions.create(model=CHAT_MODEL, prompt="The king", max_tokens=8)
+    two = client.completions.create(model=CHAT_MODEL, prompt="The king", max_tokens=8, n=2)
+    assert [c.text for c in two.choices] == [one.choices[0].text] * 2  # greedy: the same twice
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+
+
+def test_chat_logprobs_are_the_models_own_scores(client: openai.OpenAI, package: ChatPackage) -> None:
+    reply = chat(client, max_tokens=12, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 12
+    assert b"".join(bytes(t.bytes) for t in content).decode() == reply.choices[0].message.content
+    for entry in content:  # greedy: the chosen token is the best alternative
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    # teacher-forced scores of the same tokens by the same graph, computed here
+    prompt = package.chat_prompt([Message(role="user", content=PROMPT)])
+    generated = list(package.complete(prompt, 12, EVERY_TOKEN).token_ids)
+    logits, _ = package.generator.forward(np.asarray([prompt + generated[:-1]]), package.generator.empty_past(1))
+    expected = [log_softmax(logits[0, len(prompt) - 1 + i])[t] for i, t in enumerate(generated)]
+    np.testing.assert_allclose([t.logprob for t in content], expected, atol=1e-4)
+    assert sum(t.logprob for t in content) == pytest.approx(sum(expected), abs=1e-3)
+    streamed = list(chat(client, max_tokens=12, logprobs=True, stream=True, extra_body={"ignore_eos": True}))
+    streamed_logprobs = [t.logprob for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    np.testing.assert_allclose(streamed_logprobs, expected, atol=1e-4)
+
+
+def test_completion_logprobs_offsets_and_usage_in_the_stream(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model=CHAT_MODEL, prompt="To be, or not to be", max_tokens=8, logprobs=2, extra_body={"ignore_eos": True}
+    )
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    assert all(len(alternatives) <= 2 for alternatives in logprobs.top_logprobs)
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    chunks = list(
+        client.completions.create(
+            model=CHAT_MODEL,
+            prompt="To be, or not to be",
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].choices == []
+
+
+def test_bias_penalties_and_lengths_change_the_output(client: openai.OpenAI, package: ChatPackage) -> None:
+    forced_token = package.tokenizer.encode(" king").ids[0]
+    forced = chat(client, max_tokens=5, logit_bias={str(forced_token): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].message.content == package.tokenizer.decode([forced_token] * 5)
+    greedy = greedy_text(client, 32)
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalised = chat(client, max_tokens=32, extra_body={"ignore_eos": True}, **penalty)
+        assert penalised.choices[0].message.content != greedy, penalty
+    repeated = chat(client, max_tokens=32, extra_body={"ignore_eos": True, "repetition_penalty": 2.0})
+    assert repeated.choices[0].message.content != greedy
+    short = chat(client, max_completion_tokens=3, extra_body={"ignore_eos": True})
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    end = package.config.eos_token_id
+    at_least = chat(client, max_tokens=6, logit_bias={str(end): 100}, extra_body={"min_tokens": 4})
+    assert at_least.usage.completion_tokens == 4 and at_least.choices[0].finish_reason == "stop"
+    ended = chat(
+        client, max_tokens=6, extra_body={"stop_token_ids": [forced_token]}, logit_bias={str(forced_token): 100}
+    )
+    assert ended.choices[0].message.content == "" and ended.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"extra_body": {"best_of": 2}}, "best_of"),
+        ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+        ({"top_p": 5}, "top_p"),
+        ({"extra_body": {"min_p": 3}}, "min_p"),
+        ({"extra_body": {"top_k": -2}}, "top_k"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"n": 17}, "n"),
+        ({"logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"logit_bias": {"3": 150}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": [str(i) for i in range(17)]}, "stop"),
+    ],
+)
+def test_unsupported_and_out_of_range_parameters_are_refused_by_name(
+    client: openai.OpenAI, fields: dict, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, max_tokens=2, **fields)
+    assert refused.value.param is not None and refused.value.param.split(".")[0] == param, refused.value.message
+    assert refused.value.status_code == 400
+
+
+def test_completions_refuse_echo_and_suffix(client: openai.OpenAI) -> None:
+    for fields, param in (({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"logprobs": 21}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=CHAT_MODEL, prompt="The king", max_tokens=2, **fields)
+        assert refused.value.param == param
+
+
+def test_a_client_sending_explicit_defaults_is_served(client: openai.OpenAI) -> None:
+    reply = chat(
+        client,
+        max_tokens=4,
+        tools=openai.NOT_GIVEN,
+        tool_choice="none",
+        response_format={"type": "text"},
+        extra_body={"best_of": 1, "top_p": None, "temperature": None, "stop": None},
+    )
+    assert reply.choices[0].message.content == chat(client, max_tokens=4).choices[0].message.content
+
+
+def scrape(client: openai.OpenAI) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus-client's own parser: (sample name, labels) -> value."""
+    text = httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_requests_tokens_and_latencies(client: openai.OpenAI) -> None:
+    before = scrape(client)
+    model = (("model", CHAT_MODEL),)
+    reply = chat(client, max_tokens=6, n=2, extra_body={"ignore_eos": True})
+    list(chat(client, max_tokens=5, stream=True, extra_body={"ignore_eos": True}))
+    with pytest.raises(openai.BadRequestError):
+        chat(client, max_tokens=2, top_p=5)
+    after = scrape(client)
+
+    def delta(name: str, labels: tuple = model) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    chat_route = "/v1/chat/completions"
+    assert delta("trainonce_requests_total", (("endpoint", chat_route), ("status", "200"))) == 2
+    assert delta("trainonce_requests_total", (("endpoint", chat_route), ("status", "400"))) == 1
+    assert delta("trainonce_generation_tokens_total") == 12 + 5
+    assert delta("trainonce_prompt_tokens_total") == 2 * reply.usage.prompt_tokens
+    assert delta("trainonce_time_to_first_token_seconds_count") == 3  # one per choice
+    assert delta("trainonce_inter_token_latency_seconds_count") == (12 - 2) + (5 - 1)
+    assert delta("trainonce_e2e_request_latency_seconds_count") == 3
+    assert after[("trainonce_requests_running", model)] == 0
