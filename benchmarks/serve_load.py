@@ -7,8 +7,9 @@ For each setting of `--max-batch` (default: 1, each request decodes alone, as be
 both cores), then for each number of concurrent clients sends `--requests` streamed chat requests with
 fixed-length replies (`ignore_eos`, `max_tokens`), so that every setting generates the same number of tokens.
 Prints aggregate completion tokens/s, time to first token and request latency (p50/p99), and the error count
-(which must be 0). The model must have been exported with batched decoding (a `pad_lengths` graph input);
-the server logs a warning and decodes alone otherwise.
+(which must be 0); then the same decoding without HTTP, in-process, alone vs batched (the engine's share).
+The model must have been exported with batched decoding (a `pad_lengths` graph input); the server logs a
+warning and decodes alone otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from pathlib import Path
 import openai
 
 from flows.readiness import http_ok, wait_until_ready
+from models.chat_format import Message
+from registry.models import download_chat_package
+from serving.batching import DecodeBatcher
+from serving.engine import EVERY_TOKEN, ChatPackage
 
 PROMPTS = [
     "Repeat: king queen crown",
@@ -102,6 +107,27 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> tuple[float,
     return time.perf_counter() - start, outcomes
 
 
+def engine_rows(workdir: str, threads: int, clients: list[int], max_tokens: int, max_batch: int) -> None:
+    """The decoding engine without HTTP, in this process: `clients` sequences decoded one after another alone
+    vs together in one batch; what batching gains before the HTTP layer takes its share of the cores."""
+    package = ChatPackage(download_chat_package(workdir, "trainonce-chat@champion"), threads=threads)
+    prompt = package.chat_prompt([Message(role="user", content=PROMPTS[0])])
+    package.complete(prompt, max_tokens, EVERY_TOKEN)  # warm-up
+    print(f"\nengine only (no HTTP), {max_tokens} tokens per sequence, {threads} onnxruntime thread(s)")
+    print(f"{'sequences':>9} {'alone tok/s':>12} {'batched tok/s':>14} {'ratio':>6}")
+    for count in clients:
+        start = time.perf_counter()
+        for _ in range(count):
+            package.complete(prompt, max_tokens, EVERY_TOKEN)
+        alone = count * max_tokens / (time.perf_counter() - start)
+        batcher = DecodeBatcher(package, max_batch=max_batch, max_waiting=count)
+        start = time.perf_counter()
+        for stream in batcher.submit([package.decoder(prompt, max_tokens, EVERY_TOKEN) for _ in range(count)]):
+            list(stream)
+        batched = count * max_tokens / (time.perf_counter() - start)
+        print(f"{count:>9} {alone:>12.0f} {batched:>14.0f} {batched / alone:>5.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/pipeline")
@@ -138,6 +164,7 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=30)
+    engine_rows(args.workdir, args.threads, args.clients, args.max_tokens, max(args.max_batch))
     if failed:
         raise SystemExit(1)
 

@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         serve(
             args.workdir,
-            args.model,
+            [args.model, *args.also],
             None if args.version else args.alias,
             args.version,
             args.host,
@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             args.threads,
             batching=Batching(args.max_batch, args.max_waiting),
         )
-    except LookupError as error:
+    except (LookupError, ValueError) as error:
         raise SystemExit(f"cannot serve: {error}") from error
 
 
@@ -228,6 +228,13 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
         return sub
 
     serve = registry_parser("serve", cmd_serve, "OpenAI-compatible server over a registered chat model")
+    serve.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="another registered model to serve, on the same alias (a family's members; repeatable)",
+    )
     serve.add_argument("--alias", default="champion", help="alias to serve and follow as it moves")
     serve.add_argument("--version", default=None, help="serve this fixed version instead of an alias")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")

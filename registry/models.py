@@ -112,7 +112,12 @@ PYFUNC_SAMPLING_PARAMS = (
 
 
 def register_chat_package(
-    workdir: str | Path, run_id: str, package_dir: Path, tags: dict[str, Any], pyfunc_code: Path
+    workdir: str | Path,
+    run_id: str,
+    package_dir: Path,
+    tags: dict[str, Any],
+    pyfunc_code: Path,
+    name: str = CHAT_MODEL,
 ) -> RegisteredVersion:
     """Register an exported chat package (ONNX + tokenizer + generation config) as a `trainonce-chat` version.
 
@@ -141,7 +146,7 @@ def register_chat_package(
     )
     example = pd.DataFrame({"messages": [[{"role": "user", "content": "Copy: to be or not"}]], "max_tokens": [8]})
     return _log_and_register(
-        workdir, run_id, CHAT_MODEL, "chat", pyfunc_code, {"package": str(package_dir)}, signature, example, tags
+        workdir, run_id, name, "chat", pyfunc_code, {"package": str(package_dir)}, signature, example, tags
     )
 
 

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP API over a `ModelSource`: /health, /metrics (Prometheus), /v1/models,
-/v1/models/{model}, /v1/completions, /v1/chat/completions (with SSE streaming ending in `data: [DONE]`).
+"""The OpenAI-compatible HTTP API over a family of models (serving/family.py; often one): /health, /metrics
+(Prometheus), /v1/models, /v1/models/{model}, /v1/completions, /v1/chat/completions (with SSE streaming ending in
+`data: [DONE]`). A request names a member, or sets a latency budget and is routed to the best member that fits.
 
 Endpoints are plain functions, so FastAPI runs them in its thread pool: onnxruntime sessions are
 thread-safe and release the GIL, so concurrent requests decode in parallel. Each request takes the model
@@ -29,8 +30,9 @@ from models.sampling import SamplingParams
 from serving.batching import QueueFull
 from serving.decoding import Piece, SequenceDecoder
 from serving.engine import ChatPackage
+from serving.family import Family
 from serving.metrics import ServingMetrics
-from serving.model_source import LoadedModel, ModelSource
+from serving.model_source import LoadedModel
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body, new_id, now
 from serving.responses import (
     chat_response,
@@ -41,6 +43,9 @@ from serving.responses import (
 )
 
 log = logging.getLogger("trainonce.serving")
+
+LATENCY_HEADER = "X-Max-Ms-Per-Token"  # a latency budget, for clients that cannot add body fields
+SERVED_BY_HEADER = "X-Trainonce-Model"  # the member that answered (also the response's `model`)
 
 _ERROR_RESPONSES = {
     400: "The request is invalid; `param` names the field at fault.",
@@ -144,7 +149,7 @@ class _CountedRequests:
         await self.app(scope, receive, counted)
 
 
-def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
+def create_app(family: Family, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="trainonce", description="OpenAI-compatible API over a registered trainonce-chat model")
     metrics = ServingMetrics()
     app.add_middleware(_ServerErrorAsJson)
@@ -193,23 +198,53 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
         if not secrets.compare_digest(given.encode(), api_key.encode()):
             raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key", "authentication_error")
 
-    def model_for(requested: str) -> LoadedModel:
-        loaded = source.current  # taken once: this request finishes on this model even if the alias moves
-        if requested not in (source.name, source.reference, f"{source.name}/{loaded.version}"):
+    def model_for(requested: str, max_ms_per_token: float | None = None) -> LoadedModel:
+        """The model a request runs on, taken once (it finishes on this version even if the alias moves): the
+        member it names or, with a latency budget, the best member of the family that fits."""
+        named = family.named(requested)
+        if named is None:
             raise ApiError(
                 404,
-                f"The model {requested!r} does not exist; this server serves {source.name!r}.",
+                f"The model {requested!r} does not exist; this server serves {', '.join(map(repr, family.names))}.",
                 "model",
                 "model_not_found",
             )
-        return loaded
+        if max_ms_per_token is None:
+            return named.loaded
+        routed = family.within(max_ms_per_token)
+        if routed is None:
+            fastest = family.fastest()
+            raise ApiError(
+                400,
+                f"max_ms_per_token={max_ms_per_token:g}: no model fits; the fastest, {fastest.name!r}, takes "
+                f"{fastest.ms_per_token:.2f} ms per token on this server.",
+                "max_ms_per_token",
+                "latency_budget_unmet",
+            )
+        return routed.loaded
+
+    def latency_budget(request: ChatCompletionRequest | CompletionRequest, http: Request) -> float | None:
+        """The request's `max_ms_per_token`, from its body or its `X-Max-Ms-Per-Token` header."""
+        header = http.headers.get(LATENCY_HEADER)
+        if request.max_ms_per_token is not None or header is None:
+            return request.max_ms_per_token
+        try:
+            budget = float(header)
+        except ValueError:
+            budget = -1.0
+        if not budget > 0:
+            raise ApiError(
+                400, f"{LATENCY_HEADER}: must be a number of milliseconds > 0, got {header!r}", LATENCY_HEADER
+            )
+        return budget
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        loaded = source.current
-        if loaded.batcher is not None:
-            metrics.waiting.labels(loaded.name).set(loaded.batcher.waiting)
-            metrics.batch_rows.labels(loaded.name).set(loaded.batcher.running)
+        for member in family.sources:
+            loaded = member.current
+            if loaded.batcher is not None:
+                metrics.waiting.labels(loaded.name).set(loaded.batcher.waiting)
+                metrics.batch_rows.labels(loaded.name).set(loaded.batcher.running)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def decoding(loaded: LoadedModel, prompt: list[int], choices: list[SequenceDecoder]) -> list[Iterator[Piece]]:
@@ -231,12 +266,28 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        loaded = source.current
-        return {"status": "ok", "model": loaded.name, "version": loaded.version, "reference": source.reference}
+        """The first member at the top level (a one-model server's shape), every member under `members`."""
+        members = [
+            {
+                "model": s.name,
+                "version": s.current.version,
+                "reference": s.reference,
+                "ms_per_token": s.current.ms_per_token,
+            }
+            for s in family.sources
+        ]
+        first = members[0]
+        return {
+            "status": "ok",
+            "model": first["model"],
+            "version": first["version"],
+            "reference": first["reference"],
+            "members": members,
+        }
 
     @app.get("/v1/models", dependencies=[Depends(authorize)], responses=_errors(401))
     def models() -> dict:
-        return {"object": "list", "data": [_card(source.current)]}
+        return {"object": "list", "data": [_card(s.current) for s in family.sources]}
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(authorize)], responses=_errors(401, 404))
     def retrieve_model(model: str) -> dict:
@@ -261,8 +312,8 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
         response_model=None,
         responses=_errors(400, 401, 404, 429),
     )
-    def chat_completions(request: ChatCompletionRequest) -> dict | StreamingResponse:
-        loaded = model_for(request.model)
+    def chat_completions(request: ChatCompletionRequest, http: Request, response: Response) -> dict | StreamingResponse:
+        loaded = model_for(request.model, latency_budget(request, http))
         package = loaded.package
         params = sampling(request, package)
         messages = [
@@ -275,15 +326,18 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
         streams = decoding(loaded, prompt, choices)
         if request.stream:
             events = chat_stream(package, prompt, choices, streams, base, request.include_usage())
-            return StreamingResponse(running(loaded.name, events), media_type="text/event-stream")
+            return StreamingResponse(
+                running(loaded.name, events), media_type="text/event-stream", headers={SERVED_BY_HEADER: loaded.name}
+            )
+        response.headers[SERVED_BY_HEADER] = loaded.name
         with metrics.running.labels(loaded.name).track_inprogress():
             return chat_response(package, prompt, choices, streams, base)
 
     @app.post(
         "/v1/completions", dependencies=[Depends(authorize)], response_model=None, responses=_errors(400, 401, 404, 429)
     )
-    def completions(request: CompletionRequest) -> dict | StreamingResponse:
-        loaded = model_for(request.model)
+    def completions(request: CompletionRequest, http: Request, response: Response) -> dict | StreamingResponse:
+        loaded = model_for(request.model, latency_budget(request, http))
         package = loaded.package
         params = sampling(request, package)
         try:
@@ -299,7 +353,10 @@ def create_app(source: ModelSource, api_key: str | None = None) -> FastAPI:
         streams = decoding(loaded, prompt, choices)
         if request.stream:
             events = completion_stream(package, prompt, choices, streams, base, request.include_usage())
-            return StreamingResponse(running(loaded.name, events), media_type="text/event-stream")
+            return StreamingResponse(
+                running(loaded.name, events), media_type="text/event-stream", headers={SERVED_BY_HEADER: loaded.name}
+            )
+        response.headers[SERVED_BY_HEADER] = loaded.name
         with metrics.running.labels(loaded.name).track_inprogress():
             return completion_response(package, prompt, choices, streams, base)
 
@@ -316,4 +373,5 @@ def _card(loaded: LoadedModel) -> dict[str, Any]:
         "version": loaded.version,
         "quantization": loaded.package.config.quantization,
         "context_length": loaded.package.config.max_seq_len,
+        "ms_per_token": round(loaded.ms_per_token, 3),  # measured at load: what a latency budget is routed on
     }

@@ -9,6 +9,7 @@ If the registry cannot be reached or the new version fails to load, the current 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 from registry.models import download_chat_package, resolve_version
 from serving.batching import DecodeBatcher
 from serving.decoding import Piece, SequenceDecoder
-from serving.engine import ChatPackage
+from serving.engine import EVERY_TOKEN, ChatPackage
 
 log = logging.getLogger("trainonce.serving")
 
@@ -30,12 +31,27 @@ class LoadedModel:
     package: ChatPackage
     loaded_at: int  # Unix seconds: the model card's `created`
     batcher: DecodeBatcher | None  # None: each sequence decodes alone (batching off, or a pre-batching graph)
+    ms_per_token: float  # measured at load on this machine: greedy decoding, batch 1 (latency routing)
 
     def decode(self, choices: list[SequenceDecoder]) -> list[Iterator[Piece]]:
         """Start decoding `choices` (in the shared batch when there is one); raises QueueFull when it is full."""
         if self.batcher is None:
             return [self.package.decode(d) for d in choices]
         return self.batcher.submit(choices)
+
+
+def decode_latency_ms(package: ChatPackage, new_tokens: int = 16, repeats: int = 3) -> float:
+    """Median milliseconds per generated token, batch 1, after one warm-up: what a request's decoding costs
+    on this machine, so that a latency budget can be met by choosing a member that fits."""
+    prompt = package.text_prompt("The king")[: max(1, package.config.max_seq_len - new_tokens)]
+    budget = min(new_tokens, package.room_for(prompt))
+    package.complete(prompt, budget, EVERY_TOKEN)
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        package.complete(prompt, budget, EVERY_TOKEN)
+        timings.append((time.perf_counter() - start) * 1000 / budget)
+    return statistics.median(timings)
 
 
 @dataclass(frozen=True)
@@ -86,7 +102,7 @@ class ModelSource:
             batcher = DecodeBatcher(package, self.batching.max_batch, self.batching.max_waiting)
         elif self.batching.max_batch > 1:
             log.warning("%s/%s was exported before batched decoding: its requests decode alone", self.name, version)
-        return LoadedModel(self.name, version, package, int(time.time()), batcher)
+        return LoadedModel(self.name, version, package, int(time.time()), batcher, decode_latency_ms(package))
 
     def refresh(self) -> bool:
         """Swap to the version the alias names now, if it moved; True if a swap happened."""

@@ -163,6 +163,9 @@ class _GenerationRequest(BaseModel):
     include_stop_str_in_output: bool = False
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    max_ms_per_token: float | None = Field(
+        None, gt=0, description="A latency budget: served by the best model of the family that fits it."
+    )
 
     @field_validator("stop", mode="before", json_schema_input_type=str | list[str] | None)
     @classmethod

@@ -1,4 +1,5 @@
-"""Start the OpenAI-compatible server: `trainonce serve --model trainonce-chat --alias champion --port 8000`."""
+"""Start the OpenAI-compatible server: `trainonce serve --model trainonce-chat --alias champion --port 8000`
+(`--also trainonce-chat-small` serves a family's other members behind the same endpoint)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from serving.app import create_app
+from serving.family import Family
 from serving.model_source import DEFAULT_BATCHING, Batching, ModelSource
 
 API_KEY_ENV = "TRAINONCE_API_KEY"
@@ -16,7 +18,7 @@ API_KEY_ENV = "TRAINONCE_API_KEY"
 
 def serve(
     workdir: str,
-    name: str,
+    names: list[str],
     alias: str | None,
     version: str | None,
     host: str = "127.0.0.1",
@@ -27,17 +29,19 @@ def serve(
     cache_dir: str | None = None,
     batching: Batching = DEFAULT_BATCHING,
 ) -> None:
-    """Load the model the registry names, follow its alias, and serve until interrupted.
+    """Load the models the registry names (a family's members: each followed on its own `alias`, or one model
+    at a fixed `version`) and serve them until interrupted.
 
     Binds 127.0.0.1 unless told otherwise; with an API key (argument or TRAINONCE_API_KEY) every /v1 route
     requires `Authorization: Bearer <key>`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    source = ModelSource(
-        workdir, name, alias, version, cache_dir or Path(workdir) / "serving-cache", poll_seconds, threads, batching
-    )
-    source.start()
+    if version is not None and len(names) > 1:
+        raise ValueError("a fixed version names one model: serve a family by alias")
+    cache = cache_dir or Path(workdir) / "serving-cache"
+    family = Family([ModelSource(workdir, n, alias, version, cache, poll_seconds, threads, batching) for n in names])
+    family.start()
     try:
-        uvicorn.run(create_app(source, api_key or os.environ.get(API_KEY_ENV) or None), host=host, port=port)
+        uvicorn.run(create_app(family, api_key or os.environ.get(API_KEY_ENV) or None), host=host, port=port)
     finally:
-        source.stop()
+        family.stop()

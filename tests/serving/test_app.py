@@ -1,25 +1,24 @@
 """The app's last resort, on a real uvicorn server: an exception no handler expects (a server bug) still answers
 OpenAI's error object, on a keep-alive connection that stays usable."""
 
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from registry.models import CHAT_MODEL
 from serving.app import create_app
+from serving.family import Family
 from serving.model_source import ModelSource
 
-from .test_server import client_end, free_port
+from .test_server import app_in_process, client_end
 
 
 @pytest.fixture(scope="module")
 def app_with_a_bug(make_chat_registry, tmp_path_factory) -> FastAPI:
     source = ModelSource(make_chat_registry(), CHAT_MODEL, None, "1", tmp_path_factory.mktemp("serving-cache"))
-    app = create_app(source)
+    app = create_app(Family([source]))
 
     @app.get("/v1/bug")
     def bug() -> dict:
@@ -30,16 +29,8 @@ def app_with_a_bug(make_chat_registry, tmp_path_factory) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def url(app_with_a_bug: FastAPI) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app_with_a_bug, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        threading.Event().wait(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with app_in_process(app_with_a_bug) as url:
+        yield url
 
 
 def test_an_unexpected_error_is_a_json_500_and_the_connection_stays_usable(url: str) -> None:

@@ -1,7 +1,6 @@
 """Batched decoding gives every sequence exactly what it gets alone, whatever its length and whoever shares its
 batch; a full queue is refused before decoding (429 over HTTP); an abandoned sequence leaves the batch."""
 
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from models.chat_format import Message
 from models.sampling import SamplingParams
@@ -17,9 +15,10 @@ from registry.models import CHAT_MODEL
 from serving.app import create_app
 from serving.batching import DecodeBatcher, QueueFull
 from serving.engine import ChatPackage
+from serving.family import Family
 from serving.model_source import Batching, ModelSource
 
-from .test_server import free_port
+from .test_server import app_in_process
 
 QUESTIONS = ["Repeat: king", "Sort: pear apple fig banana cherry", "hi", "Copy: to be or not to be, that is it"]
 
@@ -80,16 +79,8 @@ def batched_url(make_chat_registry, tmp_path_factory) -> Iterator[str]:
     workdir = make_chat_registry()
     cache = tmp_path_factory.mktemp("serving-cache")
     source = ModelSource(workdir, CHAT_MODEL, None, "1", cache, batching=Batching(max_batch=8, max_waiting=4))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(source), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with app_in_process(create_app(Family([source]))) as url:
+        yield url
 
 
 def test_concurrent_clients_get_what_each_gets_alone(batched_url: str, chat_packages) -> None:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
 from flows.readiness import http_ok, wait_until_ready
 from models.chat_format import Message
@@ -39,8 +42,9 @@ def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health") -> 
 
 
 @contextmanager
-def running_server(workdir: Path) -> Iterator[str]:
-    """`trainonce serve` on the registry in `workdir` (champion alias), in its own process, until the block ends."""
+def running_server(workdir: Path, *options: str) -> Iterator[str]:
+    """`trainonce serve` on the registry in `workdir` (champion alias), in its own process, until the block ends;
+    `options` are more command-line options."""
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -60,6 +64,7 @@ def running_server(workdir: Path) -> Iterator[str]:
             "0.5",
             "--threads",
             "1",
+            *options,
         ],
         cwd=REPO,
         env=env,
@@ -74,6 +79,23 @@ def running_server(workdir: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextmanager
+def app_in_process(app: FastAPI) -> Iterator[str]:
+    """`app` on a real uvicorn server in a thread of this process (to serve objects a test builds)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
