@@ -1,6 +1,7 @@
 """The `pipeline` Prefect flow: the stage flows in order, each started from the registered model the stage
 before it produced: data and elastic pre-training -> search and extraction -> SFT and DPO -> ONNX export,
-quantization and the gate that promotes `trainonce-chat@champion`.
+quantization and the gate that promotes `trainonce-chat@champion`; then, for each member of `family`, the same from
+the search on, into `trainonce-chat-<member>`.
 
 Its parameter is the pydantic PipelineConfig, so the Prefect UI renders it as a form and rejects bad values
 before a run starts. Stages pass registered model URIs, never tensors; every task caches on its inputs, so
@@ -20,23 +21,43 @@ from prefect.artifacts import create_markdown_artifact
 from flows.run_guard import guarded_flow, run_name
 from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
 from registry.tracking import ui_hint
-from tasks.data import prepare_data_task
+from tasks.data import DataConfig, prepare_data_task
 from tasks.init_from import adapt_config, init_source_task
-from tasks.pipeline_config import PipelineConfig
+from tasks.pipeline_config import FamilyMember, PipelineConfig
 from tasks.pretrain import retrain_data_task
-from tasks.stage_results import PipelineResult, PretrainedSupernet
+from tasks.stage_results import FamilyMemberResult, PipelineResult, PretrainedSupernet
 
 STAGES = 4
 
 
 @contextmanager
-def stage(number: int, what: str) -> Iterator[None]:
+def stage(number: int, what: str, total: int = STAGES) -> Iterator[None]:
     """Log a stage's start and end in the pipeline run's own log (its subflows log elsewhere), so that the run's
     log in the UI or `prefect flow-run logs` shows where the pipeline is."""
-    print(f"stage {number}/{STAGES} ({what}) starts")
+    print(f"stage {number}/{total} ({what}) starts")
     start = time.monotonic()
     yield
-    print(f"stage {number}/{STAGES} ({what}) done in {time.monotonic() - start:.0f} s")
+    print(f"stage {number}/{total} ({what}) done in {time.monotonic() - start:.0f} s")
+
+
+def deploy_member(
+    member: FamilyMember, pretrained: PretrainedSupernet, data: DataConfig, config: PipelineConfig, workdir: str
+) -> FamilyMemberResult:
+    """Another member of the family from the same supernet: searched under its own budgets, then extracted,
+    aligned, exported and gated into its own registered model, as the main member is."""
+    search = member.search(config.search)
+    extraction = extract_flow(pretrained.model_uri, data, config.importance, search, config.extract, workdir)
+    aligned = align_flow(extraction.subnet.model_uri, data, config.sft, config.dpo, workdir)
+    lineage = {
+        "parent_sft": aligned.sft_uri,
+        "parent_subnet": extraction.subnet.model_uri,
+        "parent_supernet": pretrained.model_uri,
+        "subnet": extraction.subnet.subnet,
+        "family_member": member.name,
+    }
+    deploy = config.deploy.model_copy(update={"model_name": member.model_name()})
+    deployed = deploy_flow(aligned.dpo_uri, data, deploy, config.gate, config.sft.task_mix, lineage, workdir)
+    return FamilyMemberResult(name=member.name, extraction=extraction, alignment=aligned, deployment=deployed)
 
 
 @flow(name="pipeline", flow_run_name=run_name("pipeline"), log_prints=True)
@@ -57,17 +78,18 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         source = init_source_task(config.init_from, workdir)
         config = adapt_config(config, source, workdir)
     data = retrain_data_task(config.data, config.pretrain, workdir)  # a retrain keeps its supernet's tokenizer
-    with stage(1, "data and elastic pre-training"):
+    total = STAGES + len(config.family)
+    with stage(1, "data and elastic pre-training", total):
         if source and config.init_steps == 0:
             pretrained = PretrainedSupernet(model_uri=source, data_dir=prepare_data_task(data))
         else:
             pretrained = pretrain_flow(data, config.pretrain, workdir, parent=source)
         print(f"supernet: {pretrained.model_uri}")
-    with stage(2, "search and extraction"):
+    with stage(2, "search and extraction", total):
         extraction = extract_flow(pretrained.model_uri, data, config.importance, config.search, config.extract, workdir)
         extracted = extraction.subnet
         print(f"sub-model {extracted.subnet}: {extracted.model_uri}")
-    with stage(3, "SFT and DPO"):
+    with stage(3, "SFT and DPO", total):
         aligned = align_flow(extracted.model_uri, data, config.sft, config.dpo, workdir)
         print(f"aligned: {aligned.dpo_uri}")
     lineage = {
@@ -76,9 +98,15 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         "parent_supernet": pretrained.model_uri,
         "subnet": extracted.subnet,
     }
-    with stage(4, "export, quantization and gate"):
+    with stage(4, "export, quantization and gate", total):
         deployed = deploy_flow(aligned.dpo_uri, data, config.deploy, config.gate, config.sft.task_mix, lineage, workdir)
-    result = PipelineResult(pretrain=pretrained, extraction=extraction, alignment=aligned, deployment=deployed)
+    family = []
+    for number, member in enumerate(config.family, start=STAGES + 1):
+        with stage(number, f"family member {member.name}: search to gate", total):
+            family.append(deploy_member(member, pretrained, data, config, workdir))
+    result = PipelineResult(
+        pretrain=pretrained, extraction=extraction, alignment=aligned, deployment=deployed, family=family
+    )
     create_markdown_artifact(
         key="pipeline-summary",
         markdown="### What this run produced\n\n```\n" + "\n".join(result.summary(workdir)) + "\n```",

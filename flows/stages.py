@@ -203,6 +203,8 @@ def deploy_flow(
     )
     if hugging_face:
         print("\n".join(hugging_face.summary()))
-    gated = cached(gate_task, workdir)(gate, deploy.evaluation, task_mix, exported.version, data_dir, workdir)
+    gated = cached(gate_task, workdir)(
+        gate, deploy.evaluation, task_mix, exported.version, data_dir, workdir, deploy.model_name
+    )
     report(gated, "promotion", "Gate decision: candidate vs champion on the same held-out evaluation", workdir)
     return DeploymentResult(export=exported, hugging_face=hugging_face, gate=gated)

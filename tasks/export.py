@@ -46,6 +46,12 @@ class DeployConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    model_name: str = Field(
+        CHAT_MODEL,
+        pattern=r"^[A-Za-z0-9][\w.-]{0,99}$",
+        description="Registered model the candidate joins and the gate promotes in (family members: "
+        "trainonce-chat-<member>, set by the pipeline's `family`).",
+    )
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graph.")
     variants: tuple[Variant, ...] = Field(
         ("fp32", "int8", "int4"), min_length=1, description="Variants to build; fp32 is always built (reference)."
@@ -312,7 +318,8 @@ def variant_table(result: ExportResult) -> list[str]:
 def export_task(
     config: DeployConfig, tasks: TaskMixConfig, aligned_dir: str, data_dir: str, workdir: str, lineage: dict
 ) -> ExportedCandidate:
-    """Export and quantize the aligned model; register the chosen variant in `trainonce-chat` as `candidate`."""
+    """Export and quantize the aligned model; register the chosen variant in `config.model_name`
+    (`trainonce-chat`) as `candidate`."""
     data = PreparedData.load(data_dir)
     model = load_model(aligned_dir).eval()
     logger = RunLogger(workdir, run_name="export", tags={"stage": "export"})
@@ -348,8 +355,9 @@ def export_task(
         "onnx_greedy_tokens_equal": str(result.parity.greedy_tokens_equal),
         "evaluation": json.dumps({v: e.to_dict() for v, e in result.evaluations.items()}),
     }
-    version = register_chat_package(workdir, logger.run_id, result.packages[result.candidate], tags, CHAT_PYFUNC_CODE)
-    set_alias(workdir, CHAT_MODEL, "candidate", version.version)
+    package = result.packages[result.candidate]
+    version = register_chat_package(workdir, logger.run_id, package, tags, CHAT_PYFUNC_CODE, config.model_name)
+    set_alias(workdir, config.model_name, "candidate", version.version)
     logger.finish()
     return ExportedCandidate(
         model_uri=version.uri,

@@ -32,6 +32,7 @@ def _scores(evaluation: PackageEvaluation) -> Scores:
 
 def run_gate(
     workdir: str,
+    model_name: str,
     candidate_version: str,
     rules: GateRules,
     evaluation: EvaluationConfig,
@@ -39,7 +40,7 @@ def run_gate(
     data: PreparedData,
 ) -> tuple[GateDecision, dict[str, PackageEvaluation]]:
     """Evaluate candidate (and champion, if any) with onnxruntime, decide, and promote when it passes."""
-    champion_version = alias_version(workdir, CHAT_MODEL, CHAMPION)
+    champion_version = alias_version(workdir, model_name, CHAMPION)
     examples = held_out_examples(data, tasks)
     measured: dict[str, PackageEvaluation] = {}
     with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
@@ -47,15 +48,15 @@ def run_gate(
         if champion_version is not None and champion_version != candidate_version:
             refs["champion"] = champion_version
         for role, version in refs.items():
-            package = download_chat_package(workdir, f"{CHAT_MODEL}/{version}", Path(scratch) / role)
+            package = download_chat_package(workdir, f"{model_name}/{version}", Path(scratch) / role)
             measured[role] = evaluate_package(package, data, examples, evaluation)
     champion = _scores(measured["champion"]) if "champion" in measured else None
     if champion_version == candidate_version:  # re-gating the champion itself: it passes against itself
         champion = _scores(measured["candidate"])
     decision = gate_decision(_scores(measured["candidate"]), champion, rules, champion_version)
-    record_decision(workdir, CHAT_MODEL, candidate_version, decision)
+    record_decision(workdir, model_name, candidate_version, decision)
     if decision.promote:
-        promote(workdir, CHAT_MODEL, candidate_version, reason="gate: " + decision.summary())
+        promote(workdir, model_name, candidate_version, reason="gate: " + decision.summary())
     return decision, measured
 
 
@@ -67,11 +68,14 @@ def gate_task(
     candidate_version: str,
     data_dir: str,
     workdir: str,
+    model_name: str = CHAT_MODEL,
 ) -> GateOutcome:
-    """Compare `trainonce-chat/<candidate_version>` with the champion; promote it if the rules pass."""
-    logger = RunLogger(workdir, run_name="gate", tags={"stage": "gate", "candidate_version": candidate_version})
+    """Compare `<model_name>/<candidate_version>` with its champion; promote it if the rules pass."""
+    tags = {"stage": "gate", "candidate_version": candidate_version, "model_name": model_name}
+    logger = RunLogger(workdir, run_name="gate", tags=tags)
     logger.log_params({"gate": rules.model_dump(mode="json"), "evaluation": evaluation.model_dump(mode="json")})
-    decision, measured = run_gate(workdir, candidate_version, rules, evaluation, tasks, PreparedData.load(data_dir))
+    data = PreparedData.load(data_dir)
+    decision, measured = run_gate(workdir, model_name, candidate_version, rules, evaluation, tasks, data)
     for role, result in measured.items():
         logger.log_metrics(result.as_metrics(f"{role}/"), step=0)
     verdict = "promoted" if decision.promote else "rejected"
@@ -84,10 +88,11 @@ def gate_task(
     )
     logger.finish()
     return GateOutcome(
+        model_name=model_name,
         promoted=decision.promote,
         reasons=decision.reasons,
         candidate_version=candidate_version,
-        champion_version=alias_version(workdir, CHAT_MODEL, CHAMPION),
+        champion_version=alias_version(workdir, model_name, CHAMPION),
         previous_champion_version=decision.champion_version,
         candidate_scores=measured["candidate"].to_dict(),
         champion_scores=measured["champion"].to_dict() if "champion" in measured else None,

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from registry.models import CHAT_MODEL
 from registry.promotion import GateRules
 from tasks.data import DataConfig
 from tasks.distill import ExtractConfig
@@ -46,6 +47,43 @@ def merge_sections(base: dict, changes: dict) -> dict:
     return merged
 
 
+class FamilyMember(BaseModel):
+    """Another member of the family to deploy beside the main one: the same elastic run, searched under its own
+    budgets, extracted, aligned, exported and gated on its own, registered as `trainonce-chat-<name>` with its own
+    aliases, so that one server can serve the whole family (`trainonce serve --also trainonce-chat-<name>`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="Member name: lower case, digits, hyphens.")
+    total_params_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="Upper bound on total parameters, as a fraction of the supernet's."
+    )
+    active_params_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="Upper bound on active parameters, as a fraction of the supernet's."
+    )
+    latency_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="Upper bound on decode latency, as a fraction of the supernet's."
+    )
+
+    @model_validator(mode="after")
+    def _has_a_budget(self) -> FamilyMember:
+        if not self.budgets():
+            raise ValueError(f"family member {self.name!r}: give at least one budget (a *_fraction field)")
+        return self
+
+    def budgets(self) -> dict[str, float]:
+        return self.model_dump(exclude={"name"}, exclude_none=True)
+
+    def search(self, base: SearchConfig) -> SearchConfig:
+        """The main search's settings with this member's budgets in place of the main member's."""
+        cleared = dict.fromkeys(("total_params", "active_params", "latency_ms", *FamilyMember.model_fields), None)
+        cleared.pop("name")
+        return SearchConfig.model_validate({**base.model_dump(), **cleared, **self.budgets()})
+
+    def model_name(self) -> str:
+        return f"{CHAT_MODEL}-{self.name}"
+
+
 class PipelineConfig(BaseModel):
     """All stages' settings; every field is validated before any compute starts. What a config leaves unset, a
     whole section or one field of it, takes its value from configs/tiny.yaml (a preset file can name another base
@@ -73,6 +111,11 @@ class PipelineConfig(BaseModel):
     )
     gate: GateRules = Field(
         default_factory=lambda: _default("gate"), description="When the candidate replaces the champion."
+    )
+    family: tuple[FamilyMember, ...] = Field(
+        (),
+        max_length=16,
+        description="More members to deploy from the same elastic run, each under its own budgets (none: one model).",
     )
     init_from: str | None = Field(
         None,
@@ -123,11 +166,19 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _search_budgets_are_reachable(self) -> PipelineConfig:
-        """An unreachable budget would otherwise fail only at the search, after pre-training."""
-        try:
-            check_parameter_budgets(self.search, self.pretrain.model, self.pretrain.elastic)
-        except ValueError as error:
-            raise ValueError(f"search: {error} in pretrain.elastic (raise the budget or widen the space)") from error
+        """An unreachable budget would otherwise fail only at the search, after pre-training; so would a second
+        member under the main member's name."""
+        searches = {"search": self.search, **{f"family[{m.name}]": m.search(self.search) for m in self.family}}
+        for where, search in searches.items():
+            try:
+                check_parameter_budgets(search, self.pretrain.model, self.pretrain.elastic)
+            except ValueError as error:
+                raise ValueError(
+                    f"{where}: {error} in pretrain.elastic (raise the budget or widen the space)"
+                ) from error
+        names = [self.deploy.model_name, *(m.model_name() for m in self.family)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"family: every member needs its own name; registered model names {names}")
         return self
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry.models import CHAT_MODEL
 
@@ -245,6 +245,7 @@ class HuggingFaceExport(StageResult):
 class GateOutcome(StageResult):
     """The gate's decision on a `trainonce-chat` candidate against the champion, measured on the same evaluation."""
 
+    model_name: str = CHAT_MODEL  # the registered model (a family member's own, for members)
     promoted: bool
     reasons: list[str]
     candidate_version: str
@@ -255,8 +256,9 @@ class GateOutcome(StageResult):
 
     def summary(self, links: Links = PLAIN) -> list[str]:
         verdict = "promoted" if self.promoted else "not promoted"
+        candidate = links.model(f"{self.model_name}/{self.candidate_version}")
         return [
-            f"gate: {links.model(f'{CHAT_MODEL}/{self.candidate_version}')} {verdict}; {CHAT_MODEL}@champion = "
+            f"gate: {candidate} {verdict}; {self.model_name}@champion = "
             f"version {self.champion_version or 'none'} (before: {self.previous_champion_version or 'none'})",
             *(f"  - {reason}" for reason in self.reasons),
         ]
@@ -274,6 +276,24 @@ class DeploymentResult(StageResult):
         return [*self.export.summary(links), *twin, *self.gate.summary(links)]
 
 
+class FamilyMemberResult(StageResult):
+    """One more member of the family: its own search, extraction, alignment, export and gate."""
+
+    name: str
+    extraction: ExtractionResult
+    alignment: AlignedModels
+    deployment: DeploymentResult
+
+    def summary(self, links: Links = PLAIN) -> list[str]:
+        return [
+            f"family member {self.name}:",
+            *(
+                f"  {line}"
+                for line in (*self.extraction.summary(), *self.alignment.summary(), *self.deployment.summary())
+            ),
+        ]
+
+
 class PipelineResult(StageResult):
     """Every stage's result, in pipeline order: what `trainonce pipeline` prints and the pipeline run keeps as its
     `pipeline-summary` artifact (the stage flows' own artifacts hold the details)."""
@@ -282,13 +302,17 @@ class PipelineResult(StageResult):
     extraction: ExtractionResult
     alignment: AlignedModels
     deployment: DeploymentResult
+    family: list[FamilyMemberResult] = Field(default_factory=list)
 
     def summary(self, workdir: str) -> list[str]:
-        """The supernet, the chosen sub-model, alignment, the exported candidate and the gate's decision."""
+        """The supernet, the chosen sub-model, alignment, the exported candidate and the gate's decision (and
+        the same for each other member of the family)."""
+        also = "".join(f" --also {m.deployment.gate.model_name}" for m in self.family)
         return [
             *self.pretrain.summary(),
             *self.extraction.summary(),
             *self.alignment.summary(),
             *self.deployment.summary(),
-            f"serve the champion: trainonce serve --workdir {workdir}",
+            *(line for member in self.family for line in member.summary()),
+            f"serve the champion: trainonce serve --workdir {workdir}{also}",
         ]

@@ -23,13 +23,13 @@ def workdir(make_chat_registry) -> Path:
 
 
 def test_gate_promotes_the_first_then_only_what_passes(workdir: Path, small_data: PreparedData) -> None:
-    decision, measured = run_gate(str(workdir), "1", GateRules(), EVALUATION, TASKS, small_data)
+    decision, measured = run_gate(str(workdir), CHAT_MODEL, "1", GateRules(), EVALUATION, TASKS, small_data)
     assert decision.promote and decision.champion is None and set(measured) == {"candidate"}
     assert alias_version(workdir, CHAT_MODEL, CHAMPION) == "1"
 
     # demanding a 0.5 accuracy gain cannot pass: the champion stays
     strict = GateRules(min_accuracy_delta=0.5)
-    decision, measured = run_gate(str(workdir), "2", strict, EVALUATION, TASKS, small_data)
+    decision, measured = run_gate(str(workdir), CHAT_MODEL, "2", strict, EVALUATION, TASKS, small_data)
     assert not decision.promote and decision.champion_version == "1" and set(measured) == {"candidate", "champion"}
     assert alias_version(workdir, CHAT_MODEL, CHAMPION) == "1"
     tags = version_tags(workdir, resolve_version(workdir, f"{CHAT_MODEL}/2"))
@@ -37,6 +37,6 @@ def test_gate_promotes_the_first_then_only_what_passes(workdir: Path, small_data
     assert float(tags["gate.champion_val_ppl"]) == pytest.approx(measured["champion"].val_ppl, rel=1e-5)
 
     lenient = GateRules(max_ppl_increase=1.0, min_accuracy_delta=-1.0)
-    decision, _ = run_gate(str(workdir), "3", lenient, EVALUATION, TASKS, small_data)
+    decision, _ = run_gate(str(workdir), CHAT_MODEL, "3", lenient, EVALUATION, TASKS, small_data)
     assert decision.promote and alias_version(workdir, CHAT_MODEL, CHAMPION) == "3"
     assert version_tags(workdir, resolve_version(workdir, f"{CHAT_MODEL}/3"))["gate.decision"] == "promoted"

@@ -1,9 +1,11 @@
-"""Config files and deployment parameters are changes over a base preset, field by field."""
+"""Config files and deployment parameters are changes over a base preset, field by field; family members are
+checked like the main search."""
 
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from tasks.pipeline_config import PipelineConfig, load_pipeline_config
 
@@ -49,3 +51,29 @@ def test_bad_files_are_refused_naming_the_problem(tmp_path: Path) -> None:
     listed.write_text("- sft\n")
     with pytest.raises(ValueError, match="a config file is a mapping of sections, got list"):
         load_pipeline_config(listed)
+
+
+def test_family_members_get_their_own_search_and_registered_model() -> None:
+    config = load_pipeline_config("tiny", {"family": [{"name": "small", "active_params_fraction": 0.5}]})
+    (member,) = config.family
+    search = member.search(config.search)
+    assert search.active_params_fraction == 0.5 and search.total_params_fraction is None
+    assert search.max_evaluations == config.search.max_evaluations  # the rest of the main search's settings
+    assert member.model_name() == "trainonce-chat-small"
+
+
+@pytest.mark.parametrize(
+    ("family", "message"),
+    [
+        ([{"name": "Small", "active_params_fraction": 0.5}], "family.0.name"),
+        ([{"name": "small"}], "give at least one budget"),
+        (
+            [{"name": "s", "active_params_fraction": 0.5}, {"name": "s", "total_params_fraction": 0.5}],
+            "every member needs its own name",
+        ),
+        ([{"name": "tiny", "active_params_fraction": 0.01}], r"family\[tiny\]: active_params budget .* infeasible"),
+    ],
+)
+def test_bad_family_members_are_refused_before_any_compute(family: list[dict], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        load_pipeline_config("tiny", {"family": family})

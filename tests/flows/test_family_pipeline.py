@@ -1,0 +1,62 @@
+"""A family from one pipeline run (`family: [{name: small, ...}]`): the main member and a smaller one cut from the
+same supernet, each searched under its own budget, aligned, exported and gated into its own registered model,
+then served behind one endpoint by `trainonce serve --also`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.cli import main
+from registry.models import CHAT_MODEL
+from registry.promotion import CHAMPION, alias_version
+from registry.tracking import store_client
+from tests.serving.test_server import API_KEY, running_server
+
+SMALL = f"{CHAT_MODEL}-small"
+
+
+@pytest.mark.slow
+def test_one_run_deploys_a_family_that_one_server_serves(
+    small_corpus: Path,
+    short_pipeline: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    workdir = tmp_path / "pipeline"
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    overrides = [
+        *short_pipeline,
+        f"data.source={small_corpus}",
+        f"data.data_dir={tmp_path / 'data'}",
+        "search.max_evaluations=4",
+        "deploy.variants=[fp32]",
+        "deploy.hugging_face=false",
+        "family=[{name: small, active_params_fraction: 0.55}]",
+    ]
+    with prefect_test_harness():
+        main(["pipeline", "--config", "tiny", "--workdir", str(workdir), *(f"--set={o}" for o in overrides)])
+    out = capsys.readouterr().out
+    assert f"--also {SMALL}" in out and "family member small" in out
+
+    client = store_client(workdir)
+    champions = {name: alias_version(workdir, name, CHAMPION) for name in (CHAT_MODEL, SMALL)}
+    assert all(champions.values()), champions  # each member passed its own gate (no champion before)
+    main_tags = client.get_model_version(CHAT_MODEL, champions[CHAT_MODEL]).tags
+    small_tags = client.get_model_version(SMALL, champions[SMALL]).tags
+    assert small_tags["family_member"] == "small"
+    assert small_tags["parent_supernet"] == main_tags["parent_supernet"]  # cut from the same elastic run
+    assert small_tags["subnet"] != main_tags["subnet"]
+
+    with running_server(workdir, "--also", SMALL) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        assert {m.id for m in api.models.list().data} == {CHAT_MODEL, SMALL}
+        for name in (CHAT_MODEL, SMALL):
+            reply = api.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "Repeat: king"}], max_tokens=4
+            )
+            assert reply.model == name and reply.usage.completion_tokens >= 1
