@@ -47,7 +47,7 @@ def deploy_member(
     aligned, exported and gated into its own registered model, as the main member is."""
     search = member.search(config.search)
     extraction = extract_flow(pretrained.model_uri, data, config.importance, search, config.extract, workdir)
-    aligned = align_flow(extraction.subnet.model_uri, data, config.sft, config.dpo, workdir)
+    aligned = align_flow(extraction.subnet.model_uri, data, config.sft, config.dpo, workdir, config.grpo)
     lineage = {
         "parent_sft": aligned.sft_uri,
         "parent_subnet": extraction.subnet.model_uri,
@@ -56,7 +56,7 @@ def deploy_member(
         "family_member": member.name,
     }
     deploy = config.deploy.model_copy(update={"model_name": member.model_name()})
-    deployed = deploy_flow(aligned.dpo_uri, data, deploy, config.gate, config.sft.task_mix, lineage, workdir)
+    deployed = deploy_flow(aligned.final_uri, data, deploy, config.gate, config.sft.task_mix, lineage, workdir)
     return FamilyMemberResult(name=member.name, extraction=extraction, alignment=aligned, deployment=deployed)
 
 
@@ -89,9 +89,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         extraction = extract_flow(pretrained.model_uri, data, config.importance, config.search, config.extract, workdir)
         extracted = extraction.subnet
         print(f"sub-model {extracted.subnet}: {extracted.model_uri}")
-    with stage(3, "SFT and DPO", total):
-        aligned = align_flow(extracted.model_uri, data, config.sft, config.dpo, workdir)
-        print(f"aligned: {aligned.dpo_uri}")
+    with stage(3, "SFT, DPO (and GRPO)", total):
+        aligned = align_flow(extracted.model_uri, data, config.sft, config.dpo, workdir, config.grpo)
+        print(f"aligned: {aligned.final_uri}")
     lineage = {
         "parent_sft": aligned.sft_uri,
         "parent_subnet": extracted.model_uri,
@@ -99,7 +99,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         "subnet": extracted.subnet,
     }
     with stage(4, "export, quantization and gate", total):
-        deployed = deploy_flow(aligned.dpo_uri, data, config.deploy, config.gate, config.sft.task_mix, lineage, workdir)
+        deployed = deploy_flow(
+            aligned.final_uri, data, config.deploy, config.gate, config.sft.task_mix, lineage, workdir
+        )
     family = []
     for number, member in enumerate(config.family, start=STAGES + 1):
         with stage(number, f"family member {member.name}: search to gate", total):

@@ -32,6 +32,7 @@ from tasks.export import DeployConfig, export_task
 from tasks.export_hf import export_hf_task
 from tasks.extract import extract_task
 from tasks.gate import gate_task
+from tasks.grpo import GRPOConfig
 from tasks.importance_calibration import ImportanceConfig
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import pretrain_task, retrain_data_task
@@ -167,12 +168,15 @@ def align_flow(
     sft: SFTConfig = DEFAULTS.sft,
     dpo: DPOConfig = DEFAULTS.dpo,
     workdir: str = "runs/pipeline",
+    grpo: GRPOConfig = DEFAULTS.grpo,
 ) -> AlignedModels:
-    """SFT then DPO of a registered sub-model; registers both in `trainonce-chat-torch`."""
+    """SFT then DPO (then GRPO, when enabled) of a registered sub-model; registers each in `trainonce-chat-torch`."""
     workdir = checked_workdir(workdir)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, subnet)
-    aligned = cached(align_task, workdir)(sft, dpo, source["checkpoint_dir"], data_dir, workdir, source["version"])
+    aligned = cached(align_task, workdir)(
+        sft, dpo, source["checkpoint_dir"], data_dir, workdir, source["version"], grpo
+    )
     report(aligned, "alignment", "Held-out exact match per task", workdir)
     return aligned
 

@@ -60,15 +60,61 @@ def distillation_loss(student: torch.Tensor, target: DistillationTarget) -> torc
     return (F.cross_entropy(logits, target.probs) - target.entropy) * (t * t)
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target token: logits (B, T, V), targets (B, T) -> (B, T); 0 at IGNORE_INDEX."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    keep = targets != IGNORE_INDEX
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * keep
+
+
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of log-probabilities of the target tokens per row: logits (B, T, V), targets (B, T) -> (B,).
 
     IGNORE_INDEX positions (prompt, padding) contribute nothing.
     """
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    keep = targets != IGNORE_INDEX
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * keep).sum(dim=-1)
+    return token_logprobs(logits, targets).sum(dim=-1)
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al., 2024): each answer's reward against its group's, rewards (N, G) -> advantages (N, G):
+    minus the group mean, divided by the group's standard deviation when `scale` (Dr. GRPO, Liu et al., 2025,
+    leaves the division out). A group whose rewards are all equal gets zeros: it carries no signal."""
+    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(dim=-1, keepdim=True) + eps)
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    token_level: bool = False,
+) -> torch.Tensor:
+    """PPO's clipped surrogate on answer tokens: logprobs/old_logprobs/mask (B, T), advantages (B,) -> scalar.
+
+    The probability ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO, Yu et al., 2025: a higher upper
+    bound keeps exploration alive); `token_level` averages over every answer token of the batch (DAPO) instead of
+    per answer then per batch (GRPO), so long answers are not down-weighted."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    gain = advantages[:, None]
+    per_token = -torch.minimum(ratio * gain, ratio.clamp(1 - clip_low, 1 + clip_high) * gain)
+    mask = mask.to(per_token.dtype)
+    if token_level:
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def kl_to_reference(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(policy || reference) per answer token, averaged over `mask` (B, T): unbiased
+    and never negative, as GRPO uses it."""
+    delta = reference_logprobs - logprobs
+    mask = mask.to(delta.dtype)
+    return ((torch.exp(delta) - delta - 1) * mask).sum() / mask.sum().clamp(min=1)
 
 
 def dpo_loss(

@@ -1,5 +1,5 @@
-"""Alignment stage: SFT (tasks.sft) then DPO (tasks.dpo) of the extracted sub-model, each registered in
-`trainonce-chat-torch` with its lineage; this module only orchestrates them."""
+"""Alignment stage: SFT (tasks.sft), DPO (tasks.dpo) and, when enabled, GRPO (tasks.grpo) of the extracted
+sub-model, each registered in `trainonce-chat-torch` with its lineage; this module only orchestrates them."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from registry.tracking import RunLogger, git_commit
 from tasks.align_data import corpus_passages, generate_splits, read_preference_jsonl, read_sft_jsonl
 from tasks.data import PreparedData
 from tasks.dpo import DPOConfig, run_dpo
+from tasks.grpo import GRPO_OFF, GRPOConfig, run_grpo
+from tasks.plots import plot_grpo
 from tasks.sft import SFTConfig, run_sft
 from tasks.stage_results import AlignedModels
 
@@ -30,9 +32,16 @@ def _accuracy_tags(prefix: str, accuracy: dict[str, float]) -> dict[str, str]:
 
 @task(name="align", retries=1, retry_delay_seconds=5)
 def align_task(
-    sft: SFTConfig, dpo: DPOConfig, subnet_dir: str, data_dir: str, workdir: str, subnet_version: str
+    sft: SFTConfig,
+    dpo: DPOConfig,
+    subnet_dir: str,
+    data_dir: str,
+    workdir: str,
+    subnet_version: str,
+    grpo: GRPOConfig = GRPO_OFF,
 ) -> AlignedModels:
-    """SFT then DPO of the extracted sub-model; both versions registered in `trainonce-chat-torch`."""
+    """SFT then DPO (then GRPO, when enabled) of the extracted sub-model; each version registered in
+    `trainonce-chat-torch`."""
     data = PreparedData.load(data_dir)
     tokenizer = data.chat_tokenizer()
     model = load_model(subnet_dir)
@@ -110,16 +119,45 @@ def align_task(
         },
     )
     dpo_logger.finish()
+    accuracy = {"base": sft_result.accuracy_before, "sft": sft_result.accuracy_after, "dpo": dpo_result.accuracy_after}
+    grpo_uri = None
+    if grpo.enabled:
+        grpo_logger = RunLogger(workdir, run_name="grpo", tags={"stage": "grpo"})
+        grpo_logger.log_params({"grpo": grpo.model_dump(mode="json")})
+        grpo_result = run_grpo(grpo, model, tokenizer, train, test, data.split("train"))
+        for step, metrics in enumerate(grpo_result.metrics, start=1):
+            grpo_logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        for held in grpo_result.held_out:
+            grpo_logger.log_metrics(
+                {f"held_out/{k}": v for k, v in held.items() if k != "step"}, step=int(held["step"])
+            )
+        grpo_logger.log_artifact(plot_grpo(grpo_result.metrics, grpo_result.held_out, out_dir / "grpo.png"))
+        grpo_dir = save_model(model, out_dir / "grpo")
+        grpo_version = register_checkpoint(
+            workdir,
+            grpo_logger.run_id,
+            CHAT_TORCH_MODEL,
+            grpo_dir,
+            data.tokenizer_path,
+            {"stage": "grpo", "chat_format": data.chat_format.model_dump(mode="json")},
+            {
+                **lineage,
+                "stage": "grpo",
+                "parent_dpo_version": dpo_version.version,
+                **_accuracy_tags("dpo", dpo_result.accuracy_after),
+                **_accuracy_tags("grpo", grpo_result.accuracy_after),
+            },
+        )
+        grpo_logger.finish()
+        grpo_uri, dpo_dir = grpo_version.uri, grpo_dir
+        accuracy["grpo"] = grpo_result.accuracy_after
     return AlignedModels(
         sft_uri=sft_version.uri,
         dpo_uri=dpo_version.uri,
-        dpo_dir=str(dpo_dir),
+        grpo_uri=grpo_uri,
+        final_dir=str(dpo_dir),
         parent_model=lineage["parent_model"],
-        accuracy={
-            "base": sft_result.accuracy_before,
-            "sft": sft_result.accuracy_after,
-            "dpo": dpo_result.accuracy_after,
-        },
+        accuracy=accuracy,
         reward_accuracy=held_out.reward_accuracy,
         pairs=dpo_result.train_pair_kinds,
     )

@@ -14,6 +14,7 @@ from tasks.data import DataConfig
 from tasks.distill import ExtractConfig
 from tasks.dpo import DPOConfig
 from tasks.export import DeployConfig
+from tasks.grpo import GRPOConfig
 from tasks.importance_calibration import ImportanceConfig
 from tasks.pretrain_config import PretrainConfig
 from tasks.search import SearchConfig, check_parameter_budgets
@@ -106,6 +107,9 @@ class PipelineConfig(BaseModel):
         default_factory=lambda: _default("sft"), description="Supervised fine-tuning on verifiable tasks."
     )
     dpo: DPOConfig = Field(default_factory=lambda: _default("dpo"), description="Preference optimisation after SFT.")
+    grpo: GRPOConfig = Field(
+        default_factory=lambda: _default("grpo"), description="Reinforcement learning on verifiable rewards after DPO."
+    )
     deploy: DeployConfig = Field(
         default_factory=lambda: _default("deploy"), description="ONNX export, quantization, candidate."
     )

@@ -124,3 +124,20 @@ def plot_claim(runs: Sequence[Mapping], recipe: str, path: Path) -> Path:
     finals = [m["twin"] for _, m in members] + [full["val"]]
     ax.set_ylim(min(finals) - 0.15, max(finals) + 0.5)
     return _save(fig, ax, path)
+
+
+def plot_grpo(metrics: Sequence[Mapping[str, float]], held_out: Sequence[Mapping[str, float]], path: Path) -> Path:
+    """GRPO's training reward and useful-group fraction per step, and held-out exact match over steps."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    steps = range(1, len(metrics) + 1)
+    ax.plot(steps, [m["reward_mean"] for m in metrics], color="0.6", linewidth=1, label="train reward (mean)")
+    ax.plot(steps, [m["useful_groups"] for m in metrics], color="0.8", linewidth=1, label="groups with spread")
+    measured = [h["step"] for h in held_out]
+    ax.plot(measured, [h["pass@1/overall"] for h in held_out], marker="o", label="held-out exact match (greedy)")
+    k_key = next((k for k in held_out[0] if k.startswith("pass@") and not k.startswith("pass@1/")), None)
+    if k_key:
+        ax.plot(measured, [h[k_key] for h in held_out], marker="s", label=f"held-out {k_key} (sampled)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("fraction")
+    ax.set_title("GRPO on verifiable rewards")
+    return _save(fig, ax, path)

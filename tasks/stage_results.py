@@ -180,24 +180,31 @@ class ExtractionResult(StageResult):
 
 
 class AlignedModels(StageResult):
-    """The SFT and DPO models aligned from a sub-model, and their held-out exact match per task."""
+    """The SFT, DPO (and GRPO) models aligned from a sub-model, and their held-out exact match per task."""
 
     sft_uri: str
     dpo_uri: str
-    dpo_dir: str
+    grpo_uri: str | None = None  # when GRPO ran
+    final_dir: str  # the last stage's checkpoint: what is deployed
     parent_model: str  # the sub-model they were aligned from, `NAME/VERSION`
-    accuracy: dict[str, dict[str, float]]  # "base", "sft", "dpo" -> task (and "overall") -> exact match
+    accuracy: dict[str, dict[str, float]]  # "base", "sft", "dpo" (, "grpo") -> task (and "overall") -> exact match
     reward_accuracy: float  # DPO's implicit reward ranks the held-out pairs right this often
     pairs: dict[str, int]  # DPO training pairs per kind
 
+    @property
+    def final_uri(self) -> str:
+        """The model the deploy stage exports: GRPO's when it ran, else DPO's."""
+        return self.grpo_uri or self.dpo_uri
+
     def summary(self, links: Links = PLAIN) -> list[str]:
-        stages = ("base", "sft", "dpo")
+        stages = [s for s in ("base", "sft", "dpo", "grpo") if s in self.accuracy]
         rows = [[task, *(f"{self.accuracy[stage][task]:.3f}" for stage in stages)] for task in self.accuracy["base"]]
+        grpo = f", GRPO {links.model(self.grpo_uri)}" if self.grpo_uri else ""
         return [
             f"aligned {links.model(self.parent_model)}: SFT {links.model(self.sft_uri)}, "
-            f"DPO {links.model(self.dpo_uri)} (held-out DPO reward accuracy {self.reward_accuracy:.3f}, "
+            f"DPO {links.model(self.dpo_uri)}{grpo} (held-out DPO reward accuracy {self.reward_accuracy:.3f}, "
             f"pairs {self.pairs})",
-            *_table(["task", "base", "SFT", "DPO"], rows),
+            *_table(["task", *(s.upper() if s != "base" else s for s in stages)], rows),
         ]
 
 

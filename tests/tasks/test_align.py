@@ -1,4 +1,5 @@
-"""SFT: the loss counts assistant tokens only, and fine-tuning raises held-out exact match."""
+"""SFT: the loss counts assistant tokens only, and fine-tuning raises held-out exact match; DPO and GRPO start
+from it."""
 
 import copy
 from pathlib import Path
@@ -12,6 +13,7 @@ from models.moe import ElasticMoE
 from tasks.align_data import Example, TaskMixConfig, as_conversation, corpus_passages, generate_splits
 from tasks.data import PreparedData
 from tasks.dpo import DPOConfig, preference_pairs, run_dpo
+from tasks.grpo import GRPOConfig, run_grpo
 from tasks.sft import SFTConfig, collate, encode, exact_match, generate_reply, run_sft
 
 
@@ -120,3 +122,18 @@ def test_user_conversations_are_trained_on(tokenizer) -> None:
     run_sft(config, model, tokenizer, train, train, extra)
 
     assert generate_reply(model, tokenizer, "Who wrote Hamlet?", 8).strip() == "Shakespeare"
+
+
+def test_grpo_learns_from_groups_with_spread_and_keeps_accuracy(sft_run, tokenizer) -> None:
+    model, sft, train, test = sft_run
+    policy = copy.deepcopy(model)
+    config = GRPOConfig(
+        enabled=True, steps=12, prompts_per_step=4, group_size=6, lr=5e-5, replay_batch_size=0, eval_interval=6
+    )
+    result = run_grpo(config, policy, tokenizer, train[:200], test)
+    useful = [m["useful_groups"] for m in result.metrics]
+    assert sum(useful) > 0  # the SFT model solves some samples and not others: there is signal
+    assert [h["step"] for h in result.held_out] == [0, 6, 12]
+    assert result.accuracy_before == sft.accuracy_after  # pass@1 is the same greedy exact match SFT reports
+    assert result.accuracy_after["overall"] >= sft.accuracy_after["overall"] - 0.1
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), model.parameters(), strict=True))

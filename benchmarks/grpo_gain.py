@@ -1,0 +1,99 @@
+"""Does GRPO add held-out exact match after DPO, beyond the run-to-run spread, and keep perplexity?
+
+    .venv/bin/python benchmarks/grpo_gain.py --workdir runs/grpo-demo --seeds 0 1 2
+
+Takes the workdir's last DPO model (`trainonce-chat-torch`, stage dpo) and its SFT parent, then for each seed runs
+the GRPO stage (tasks.grpo, the preset's `grpo` section with `--set grpo.KEY=VALUE` overrides) from the same DPO
+model and measures, on the held-out split the alignment stage uses: exact match per task (greedy, pass@1) of
+SFT, DPO and GRPO, GRPO's pass@k, and validation perplexity of SFT and GRPO on the same windows. Prints one row
+per seed, then the mean and the spread (max - min) of the gain over DPO. Nothing is asserted: it is a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+
+from models.checkpoint import load_model
+from registry.models import CHAT_TORCH_MODEL, download_checkpoint
+from registry.tracking import store_client
+from tasks.align_data import corpus_passages, generate_splits
+from tasks.data import PreparedData, prepare_data
+from tasks.grpo import run_grpo
+from tasks.pipeline_config import load_pipeline_config, parse_overrides
+from tasks.sft import exact_match
+from tasks.validation_panel import evaluate_panel
+
+
+def latest_version(workdir: str, stage: str) -> str:
+    versions = store_client(workdir).search_model_versions(f"name='{CHAT_TORCH_MODEL}'")
+    staged = [v for v in versions if v.tags.get("stage") == stage]
+    if not staged:
+        raise SystemExit(f"{workdir} has no {CHAT_TORCH_MODEL} version from stage {stage}: run the pipeline first")
+    return max(staged, key=lambda v: int(v.version)).version
+
+
+def val_ppl(model: torch.nn.Module, data: PreparedData, batches: int = 16) -> float:
+    loss = evaluate_panel(model, {"model": None}, data.split("val"), 8, 128, batches, torch.device("cpu"))["model"]
+    return math.exp(loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/grpo-demo")
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_args()
+    config = load_pipeline_config(args.config, parse_overrides(args.set))
+    grpo = config.grpo.model_copy(update={"enabled": True})
+    data = prepare_data(config.data)
+    tokenizer = data.chat_tokenizer()
+    train, test = generate_splits(config.sft.task_mix, corpus_passages("\n".join(data.documents())))
+    dpo_version = latest_version(args.workdir, "dpo")
+    dpo_ckpt = download_checkpoint(args.workdir, f"{CHAT_TORCH_MODEL}/{dpo_version}")
+    sft_version = dpo_ckpt.version.tags.get("parent_sft_version") or latest_version(args.workdir, "sft")
+    sft = load_model(download_checkpoint(args.workdir, f"{CHAT_TORCH_MODEL}/{sft_version}").checkpoint_dir).eval()
+    dpo = load_model(dpo_ckpt.checkpoint_dir).eval()
+    print(f"{args.workdir}: SFT {CHAT_TORCH_MODEL}/{sft_version}, DPO {CHAT_TORCH_MODEL}/{dpo_version}; grpo {grpo}")
+    sft_accuracy = exact_match(sft, tokenizer, test, grpo.max_new_tokens)
+    sft_ppl = val_ppl(sft, data)
+    tasks = list(sft_accuracy)
+    print(f"{'row':<10}" + "".join(f"{t:>11}" for t in tasks) + f"{'pass@k':>8}{'val ppl':>9}{'vs SFT':>8}{'min':>6}")
+    print(f"{'SFT':<10}" + "".join(f"{sft_accuracy[t]:>11.3f}" for t in tasks) + f"{'':>8}{sft_ppl:>9.3f}")
+    gains = []
+    for seed in args.seeds:
+        policy = copy.deepcopy(dpo)
+        start = time.perf_counter()
+        result = run_grpo(grpo.model_copy(update={"seed": seed}), policy, tokenizer, train, test, data.split("train"))
+        minutes = (time.perf_counter() - start) / 60
+        ppl = val_ppl(policy.eval(), data)
+        before, after = result.accuracy_before, result.accuracy_after
+        pass_k = result.held_out[-1][f"pass@{grpo.pass_k}"]
+        if seed == args.seeds[0]:
+            print(
+                f"{'DPO':<10}"
+                + "".join(f"{before[t]:>11.3f}" for t in tasks)
+                + f"{result.held_out[0][f'pass@{grpo.pass_k}']:>8.3f}"
+            )
+        print(
+            f"{f'GRPO s{seed}':<10}"
+            + "".join(f"{after[t]:>11.3f}" for t in tasks)
+            + f"{pass_k:>8.3f}{ppl:>9.3f}{ppl / sft_ppl - 1:>+8.1%}{minutes:>6.1f}",
+            flush=True,
+        )
+        gains.append(after["overall"] - before["overall"])
+    spread = max(gains) - min(gains)
+    print(
+        f"overall exact match gain over DPO: mean {np.mean(gains):+.3f}, "
+        f"per seed {[round(g, 3) for g in gains]}, spread {spread:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

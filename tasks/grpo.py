@@ -1,0 +1,250 @@
+"""Reinforcement learning with verifiable rewards after SFT/DPO, as ERNIE 5.0's post-training does: GRPO.
+
+For each prompt the policy samples a group of answers (models.generate.sample_group, with the server's sampler);
+the task's own checker scores each (1 if exact, plus an optional format reward for ending the turn), and each
+answer's advantage is its reward against its group's (models.losses.group_advantages). The policy moves along
+PPO's clipped surrogate (models.losses.clipped_policy_loss, with DAPO's asymmetric clipping and token-level
+averaging as options), with an optional KL anchor to the starting model (off by default, as in current practice)
+and pre-training windows replayed as SFT does, so language modelling survives.
+
+A group whose answers all succeed or all fail carries no signal. The curriculum samples tasks by their recent
+success rate p with weight p(1 - p) (floored), so groups keep their spread; the fraction of useful groups is
+logged every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from models.chat_format import ChatTokenizer, Message
+from models.generate import sample_group
+from models.losses import IGNORE_INDEX, causal_lm_loss, clipped_policy_loss, group_advantages, kl_to_reference
+from models.losses import token_logprobs as answer_token_logprobs
+from models.moe import ElasticMoE
+from models.sampling import Sampler, SamplingParams, choice_generators
+from tasks.align_data import Example, check
+from tasks.data import sample_batch
+from tasks.optim import warmup_factor
+from tasks.sft import exact_match
+
+MIN_TASK_WEIGHT = 0.05  # a task every group solves (or none does) is still drawn now and then
+
+
+class GRPOConfig(BaseModel):
+    """Group Relative Policy Optimization on the instruction tasks' exact-match checkers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Run GRPO after DPO (the last aligned model is the one deployed).")
+    steps: int = Field(40, ge=1, le=10_000_000, description="Policy updates (one rollout batch each).")
+    prompts_per_step: int = Field(4, ge=1, le=4096, description="Prompts per rollout batch.")
+    group_size: int = Field(8, ge=2, le=256, description="Answers sampled per prompt (GRPO's G).")
+    temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus of the rollouts.")
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="Longest answer; longer ones are cut and fail.")
+    lr: float = Field(5e-5, gt=0, le=1, description="Learning rate (AdamW, constant after the warm-up).")
+    warmup_steps: int = Field(3, ge=0, le=1_000_000, description="Linear warm-up steps.")
+    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm.")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="Ratio clipped below at 1 - clip_low (PPO's epsilon).")
+    clip_high: float = Field(0.2, gt=0, le=10, description="Ratio clipped above at 1 + clip_high (DAPO: 0.28).")
+    token_level: bool = Field(False, description="Average the loss over all answer tokens (DAPO), not per answer.")
+    scale_advantages: bool = Field(True, description="Divide advantages by the group's std (False: Dr. GRPO).")
+    updates_per_rollout: int = Field(1, ge=1, le=64, description="Gradient steps per rollout batch (GRPO's mu).")
+    kl_coef: float = Field(0.0, ge=0, le=10, description="Weight of the k3 KL to the starting model (0: none).")
+    format_reward: float = Field(
+        0.0, ge=0, le=1, description="Added when an answer ends its turn within max_new_tokens (0: none)."
+    )
+    curriculum: bool = Field(True, description="Draw tasks by p(1 - p) of their recent success rate p.")
+    replay_batch_size: int = Field(2, ge=0, le=4096, description="Pre-training windows replayed per step (0: none).")
+    replay_weight: float = Field(0.5, ge=0, le=100, description="Weight of the replayed windows' LM loss.")
+    replay_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per replayed window.")
+    pass_k: int = Field(4, ge=1, le=256, description="k of the held-out pass@k (answers sampled per prompt).")
+    eval_interval: int = Field(10, ge=1, le=1_000_000, description="Steps between held-out measurements.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of prompt order and sampling.")
+
+    def rollout_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p)
+
+
+GRPO_OFF = GRPOConfig()  # the stage's default: not run
+
+
+@dataclass
+class TaskCurriculum:
+    """Recent success rate per task (an exponential average over its groups) and the draw it implies."""
+
+    tasks: list[str]
+    decay: float = 0.8
+    rates: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rates = dict.fromkeys(self.tasks, 0.5)
+
+    def weights(self) -> list[float]:
+        return [max(p * (1 - p), MIN_TASK_WEIGHT) for p in (self.rates[t] for t in self.tasks)]
+
+    def update(self, task: str, success_rate: float) -> None:
+        self.rates[task] = self.decay * self.rates[task] + (1 - self.decay) * success_rate
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One prompt's group: its tokens (B=G, T) with targets on the answer tokens only, and its rewards."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    rewards: torch.Tensor  # (G,)
+    lengths: list[int]
+
+
+@dataclass
+class GRPOResult:
+    metrics: list[dict[str, float]]  # per step: reward mean/std, useful groups, length, KL, loss
+    held_out: list[dict[str, float]]  # per measurement: step, pass@1 per task and overall, pass@k
+    accuracy_before: dict[str, float]
+    accuracy_after: dict[str, float]
+
+
+def rollout(
+    model: ElasticMoE, tokenizer: ChatTokenizer, example: Example, config: GRPOConfig, rng_seed: int
+) -> Rollout:
+    """Sample `group_size` answers to one prompt and reward each with the task's checker."""
+    prompt, _ = tokenizer.render([Message(role="user", content=example.prompt)], add_generation_prompt=True)
+    end = tokenizer.end_of_turn_id
+    room = min(config.max_new_tokens, model.config.max_seq_len - len(prompt))
+    vocab = model.config.vocab_size
+    samplers = [
+        Sampler(config.rollout_params(), vocab, prompt, g) for g in choice_generators(rng_seed, config.group_size)
+    ]
+    answers = sample_group(model, prompt, samplers, room, {end})
+    rewards = []
+    for answer in answers:
+        finished = answer[-1] == end
+        text = tokenizer.decode(answer[:-1] if finished else answer)
+        rewards.append(float(finished and check(text, example.answer)) + config.format_reward * finished)
+    width = len(prompt) + max(len(a) for a in answers)
+    tokens = torch.full((len(answers), width), tokenizer.pad_id, dtype=torch.long)
+    targets = torch.full((len(answers), width), IGNORE_INDEX, dtype=torch.long)
+    for row, answer in enumerate(answers):
+        sequence = torch.tensor(prompt + answer)
+        tokens[row, : len(sequence)] = sequence
+        targets[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(answer)  # position t predicts t + 1
+    return Rollout(tokens, targets, torch.tensor(rewards), [len(a) for a in answers])
+
+
+def pass_at_k(model: ElasticMoE, tokenizer: ChatTokenizer, examples: Sequence[Example], config: GRPOConfig) -> float:
+    """Held-out pass@k: a prompt counts if any of k sampled answers is exact."""
+    k_config = config.model_copy(update={"group_size": config.pass_k, "format_reward": 0.0})
+    solved = [
+        bool(rollout(model, tokenizer, e, k_config, config.seed + 7919 + i).rewards.max() >= 1)
+        for i, e in enumerate(examples)
+    ]
+    return float(np.mean(solved)) if solved else 0.0
+
+
+def _answer_logprobs(model: torch.nn.Module, batch: Rollout, device: torch.device) -> torch.Tensor:
+    return answer_token_logprobs(model(batch.tokens.to(device)).logits, batch.targets.to(device))
+
+
+def run_grpo(
+    config: GRPOConfig,
+    policy: ElasticMoE,
+    tokenizer: ChatTokenizer,
+    train: Sequence[Example],
+    test: Sequence[Example],
+    replay_tokens: np.ndarray | None = None,
+) -> GRPOResult:
+    """GRPO of `policy` (in place) on the training prompts; held-out pass@1 (greedy) and pass@k measured along."""
+    if config.replay_batch_size and replay_tokens is None:
+        raise ValueError("grpo.replay_batch_size > 0 needs the pre-training tokens to replay")
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    accelerator = Accelerator()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    reference.to(accelerator.device)
+    device = accelerator.device
+    by_task: dict[str, list[Example]] = {}
+    for example in train:
+        by_task.setdefault(example.task, []).append(example)
+    curriculum = TaskCurriculum(sorted(by_task))
+    rng = random.Random(config.seed)
+    replay_rng = np.random.default_rng(config.seed)
+    core = accelerator.unwrap_model(model)
+
+    def measure(step: int) -> dict[str, float]:
+        accuracy = exact_match(core, tokenizer, test, config.max_new_tokens)
+        return {
+            "step": float(step),
+            **{f"pass@1/{k}": v for k, v in accuracy.items()},
+            f"pass@{config.pass_k}": pass_at_k(core, tokenizer, test, config),
+        }
+
+    held_out = [measure(0)]
+    before = {k.removeprefix("pass@1/"): v for k, v in held_out[0].items() if k.startswith("pass@1/")}
+    metrics = []
+    for step in tqdm(range(config.steps), desc="grpo"):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * warmup_factor(step, config.warmup_steps)
+        core.eval()
+        tasks = rng.choices(
+            curriculum.tasks, weights=curriculum.weights() if config.curriculum else None, k=config.prompts_per_step
+        )
+        rollouts = []
+        for i, task in enumerate(tasks):
+            example = rng.choice(by_task[task])
+            batch = rollout(core, tokenizer, example, config, config.seed * 1_000_003 + step * 4096 + i)
+            curriculum.update(task, float((batch.rewards >= 1).float().mean()))
+            rollouts.append(batch)
+        core.train()
+        advantages = [group_advantages(r.rewards[None], config.scale_advantages)[0] for r in rollouts]
+        with torch.no_grad():
+            old = [_answer_logprobs(model, r, device) for r in rollouts]
+            ref = [_answer_logprobs(reference, r, device) for r in rollouts]
+        for _ in range(config.updates_per_rollout):
+            losses, kls = [], []
+            for r, a, o, rf in zip(rollouts, advantages, old, ref, strict=True):
+                logprobs = _answer_logprobs(model, r, device)
+                mask = r.targets.to(device) != IGNORE_INDEX
+                losses.append(
+                    clipped_policy_loss(
+                        logprobs, o, a.to(device), mask, config.clip_low, config.clip_high, config.token_level
+                    )
+                )
+                kls.append(kl_to_reference(logprobs, rf, mask))
+            loss = torch.stack(losses).mean()
+            kl = torch.stack(kls).mean()
+            total = loss + config.kl_coef * kl if config.kl_coef else loss
+            if config.replay_batch_size and replay_tokens is not None:
+                window = sample_batch(replay_tokens, config.replay_batch_size, config.replay_len, replay_rng).to(device)
+                total = total + config.replay_weight * causal_lm_loss(model(window).logits, window)
+            accelerator.backward(total)
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        rewards = torch.cat([r.rewards for r in rollouts])
+        useful = [bool(r.rewards.std() > 0) for r in rollouts]
+        metrics.append(
+            {
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std()),
+                "useful_groups": float(np.mean(useful)),
+                "zero_variance_groups": 1.0 - float(np.mean(useful)),
+                "response_length": float(np.mean([n for r in rollouts for n in r.lengths])),
+                "kl": float(kl),
+                "loss": float(loss),
+            }
+        )
+        if (step + 1) % config.eval_interval == 0 or step + 1 == config.steps:
+            held_out.append(measure(step + 1))
+    core.eval()
+    after = {k.removeprefix("pass@1/"): v for k, v in held_out[-1].items() if k.startswith("pass@1/")}
+    return GRPOResult(metrics, held_out, before, after)
