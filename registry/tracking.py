@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -28,6 +29,8 @@ from requests import RequestException
 
 from models.publish import process_running
 from registry.s3 import check_bucket
+
+log = logging.getLogger("trainonce.tracking")
 
 EXPERIMENT = "trainonce"
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
@@ -204,8 +207,14 @@ class RunLogger:
     on the way out; if it is killed outright, the next RunLogger on the same store ends it KILLED."""
 
     def __init__(self, workdir: str | Path, run_name: str, run_id: str | None = None, tags: dict | None = None):
+        """`run_id`: a run to continue (a resumed stage's), if this store has it; a checkpoint written while the
+        workdir used another store (the embedded one, then a tracking server) names a run this one never saw,
+        and a new run is started instead."""
         self.experiment_id = configure_tracking(workdir)
         self.client = store_client(workdir)
+        if run_id is not None and not self._has_run(run_id):
+            log.warning("run %s is not in this MLflow store (%s): starting a new run", run_id, tracking_uri(workdir))
+            run_id = None
         end_orphaned_runs(workdir, self.experiment_id, keep=run_id)
         owner = {OWNER_TAG: process_identity(os.getpid()) or ""}
         if run_id is None:
@@ -216,6 +225,15 @@ class RunLogger:
             self.client.set_tag(run_id, OWNER_TAG, owner[OWNER_TAG])
         self.run_id = run_id
         _open_runs[run_id] = self.client
+
+    def _has_run(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params once; on a resumed run, the ones already logged are skipped (MLflow forbids changes)."""

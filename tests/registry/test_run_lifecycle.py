@@ -56,3 +56,19 @@ def test_a_killed_process_run_is_ended_by_the_next_logger(tmp_path: Path) -> Non
     for logger in (alive, next_one):
         logger.finish()
     assert client.get_run(alive.run_id).info.status == "FINISHED"
+
+
+def test_a_run_from_another_store_is_not_continued_but_replaced(tmp_path: Path) -> None:
+    """A checkpoint written while the workdir used the embedded store names a run a tracking server never saw
+    (a resumed pre-training crashed on it): the logger starts a new run instead, and continues one it has."""
+    first = RunLogger(tmp_path, run_name="pretrain")
+    first.finish()
+    foreign = "6255cb81db6042168fae4b5d95cb9cd5"
+    fresh = RunLogger(tmp_path, run_name="pretrain", run_id=foreign, tags={"stage": "pretrain"})
+    assert fresh.run_id != foreign
+    run = store_client(tmp_path).get_run(fresh.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["stage"] == "pretrain"
+    fresh.finish()
+    continued = RunLogger(tmp_path, run_name="pretrain", run_id=first.run_id)
+    assert continued.run_id == first.run_id
+    continued.finish()
