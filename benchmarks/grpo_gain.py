@@ -74,12 +74,12 @@ def main() -> None:
         minutes = (time.perf_counter() - start) / 60
         ppl = val_ppl(policy.eval(), data)
         before, after = result.accuracy_before, result.accuracy_after
-        pass_k = result.held_out[-1][f"pass@{grpo.pass_k}"]
+        pass_k = result.held_out[-1]["pass_at_k"]
         if seed == args.seeds[0]:
             print(
                 f"{'DPO':<10}"
                 + "".join(f"{before[t]:>11.3f}" for t in tasks)
-                + f"{result.held_out[0][f'pass@{grpo.pass_k}']:>8.3f}"
+                + f"{result.held_out[0]['pass_at_k']:>8.3f}"
             )
         print(
             f"{f'GRPO s{seed}':<10}"

@@ -109,7 +109,7 @@ class Rollout:
 @dataclass
 class GRPOResult:
     metrics: list[dict[str, float]]  # per step: reward mean/std, useful groups, length, KL, loss
-    held_out: list[dict[str, float]]  # per measurement: step, pass@1 per task and overall, pass@k
+    held_out: list[dict[str, float]]  # per measurement: step, exact_match/<task> (greedy pass@1), pass_at_k
     accuracy_before: dict[str, float]
     accuracy_after: dict[str, float]
 
@@ -151,6 +151,10 @@ def pass_at_k(model: ElasticMoE, tokenizer: ChatTokenizer, examples: Sequence[Ex
     return float(np.mean(solved)) if solved else 0.0
 
 
+def _exact_match(measurement: dict[str, float]) -> dict[str, float]:
+    return {k.removeprefix("exact_match/"): v for k, v in measurement.items() if k.startswith("exact_match/")}
+
+
 def _answer_logprobs(model: torch.nn.Module, batch: Rollout, device: torch.device) -> torch.Tensor:
     return answer_token_logprobs(model(batch.tokens.to(device)).logits, batch.targets.to(device))
 
@@ -184,12 +188,12 @@ def run_grpo(
         accuracy = exact_match(core, tokenizer, test, config.max_new_tokens)
         return {
             "step": float(step),
-            **{f"pass@1/{k}": v for k, v in accuracy.items()},
-            f"pass@{config.pass_k}": pass_at_k(core, tokenizer, test, config),
+            **{f"exact_match/{k}": v for k, v in accuracy.items()},
+            "pass_at_k": pass_at_k(core, tokenizer, test, config),
         }
 
     held_out = [measure(0)]
-    before = {k.removeprefix("pass@1/"): v for k, v in held_out[0].items() if k.startswith("pass@1/")}
+    before = _exact_match(held_out[0])
     metrics = []
     for step in tqdm(range(config.steps), desc="grpo"):
         for group in optimizer.param_groups:
@@ -239,12 +243,12 @@ def run_grpo(
                 "useful_groups": float(np.mean(useful)),
                 "zero_variance_groups": 1.0 - float(np.mean(useful)),
                 "response_length": float(np.mean([n for r in rollouts for n in r.lengths])),
-                "kl": float(kl),
-                "loss": float(loss),
+                "kl": kl.item(),
+                "loss": loss.item(),
             }
         )
         if (step + 1) % config.eval_interval == 0 or step + 1 == config.steps:
             held_out.append(measure(step + 1))
     core.eval()
-    after = {k.removeprefix("pass@1/"): v for k, v in held_out[-1].items() if k.startswith("pass@1/")}
+    after = _exact_match(held_out[-1])
     return GRPOResult(metrics, held_out, before, after)

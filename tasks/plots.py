@@ -133,10 +133,8 @@ def plot_grpo(metrics: Sequence[Mapping[str, float]], held_out: Sequence[Mapping
     ax.plot(steps, [m["reward_mean"] for m in metrics], color="0.6", linewidth=1, label="train reward (mean)")
     ax.plot(steps, [m["useful_groups"] for m in metrics], color="0.8", linewidth=1, label="groups with spread")
     measured = [h["step"] for h in held_out]
-    ax.plot(measured, [h["pass@1/overall"] for h in held_out], marker="o", label="held-out exact match (greedy)")
-    k_key = next((k for k in held_out[0] if k.startswith("pass@") and not k.startswith("pass@1/")), None)
-    if k_key:
-        ax.plot(measured, [h[k_key] for h in held_out], marker="s", label=f"held-out {k_key} (sampled)")
+    ax.plot(measured, [h["exact_match/overall"] for h in held_out], marker="o", label="held-out exact match (greedy)")
+    ax.plot(measured, [h["pass_at_k"] for h in held_out], marker="s", label="held-out pass@k (sampled)")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("fraction")
     ax.set_title("GRPO on verifiable rewards")

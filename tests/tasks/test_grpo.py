@@ -34,3 +34,29 @@ def test_the_curriculum_favours_tasks_whose_groups_disagree() -> None:
     copy_weight, sort_weight, span_weight = curriculum.weights()
     assert sort_weight > 4 * copy_weight and sort_weight > 4 * span_weight
     assert min(copy_weight, span_weight) > 0  # still drawn now and then
+
+
+def test_the_align_stage_registers_grpo_after_dpo_and_deploys_it(
+    chat_model: ElasticMoE, small_data: PreparedData, tmp_path
+) -> None:
+    from models.checkpoint import save_model
+    from registry.tracking import store_client
+    from tasks.align import align_task
+    from tasks.align_data import TaskMixConfig
+    from tasks.dpo import DPOConfig
+    from tasks.sft import SFTConfig
+
+    mix = TaskMixConfig(tasks=("copy",), train_per_task=8, test_per_task=2)
+    sft = SFTConfig(task_mix=mix, steps=2, batch_size=4, max_new_tokens=4, replay_batch_size=0)
+    dpo = DPOConfig(steps=1, batch_size=2, max_new_tokens=4, max_pairs=4)
+    grpo = GRPOConfig(enabled=True, steps=2, prompts_per_step=1, group_size=2, max_new_tokens=4, pass_k=2)
+    subnet = save_model(copy.deepcopy(chat_model), tmp_path / "subnet")
+    aligned = align_task.fn(sft, dpo, str(subnet), str(small_data.directory), str(tmp_path / "work"), "1", grpo)
+    assert aligned.grpo_uri is not None and aligned.final_uri == aligned.grpo_uri
+    assert set(aligned.accuracy) == {"base", "sft", "dpo", "grpo"}
+    client = store_client(tmp_path / "work")
+    (run,) = client.search_runs([client.get_experiment_by_name("trainonce").experiment_id], "tags.stage = 'grpo'")
+    assert {"held_out/exact_match/overall", "held_out/pass_at_k", "train/reward_mean"} <= set(run.data.metrics)
+    assert any(a.path.endswith("grpo.png") for a in client.list_artifacts(run.info.run_id))
+    version = client.get_model_version("trainonce-chat-torch", aligned.grpo_uri.rsplit("/", 1)[-1])
+    assert version.tags["stage"] == "grpo" and version.tags["parent_dpo_version"]
