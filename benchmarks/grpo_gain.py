@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import load_model
-from registry.models import CHAT_TORCH_MODEL, download_checkpoint
+from registry.models import CHAT_TORCH_MODEL, download_checkpoint, version_tags
 from registry.tracking import store_client
 from tasks.align_data import corpus_passages, generate_splits
 from tasks.data import PreparedData, prepare_data
@@ -57,7 +57,7 @@ def main() -> None:
     train, test = generate_splits(config.sft.task_mix, corpus_passages("\n".join(data.documents())))
     dpo_version = latest_version(args.workdir, "dpo")
     dpo_ckpt = download_checkpoint(args.workdir, f"{CHAT_TORCH_MODEL}/{dpo_version}")
-    sft_version = dpo_ckpt.version.tags.get("parent_sft_version") or latest_version(args.workdir, "sft")
+    sft_version = version_tags(args.workdir, dpo_ckpt.version)["parent_sft_version"]
     sft = load_model(download_checkpoint(args.workdir, f"{CHAT_TORCH_MODEL}/{sft_version}").checkpoint_dir).eval()
     dpo = load_model(dpo_ckpt.checkpoint_dir).eval()
     print(f"{args.workdir}: SFT {CHAT_TORCH_MODEL}/{sft_version}, DPO {CHAT_TORCH_MODEL}/{dpo_version}; grpo {grpo}")
