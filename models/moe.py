@@ -110,7 +110,7 @@ def experts_loop(
         [swiglu(h, gate_ups[e], downs[e]) if n else h for e, (h, n) in enumerate(zip(chunks, sizes, strict=True))]
     )
     out = out * weights.reshape(-1)[order, None].to(out.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of_pair, out)
+    return torch.zeros_like(x).index_add_(0, token_of_pair, out.to(x.dtype))  # bf16 autocast: back to x's dtype
 
 
 def experts_grouped_mm(
@@ -126,7 +126,7 @@ def experts_grouped_mm(
     gate, up = torch._grouped_mm(x_sorted, gate_up.to(dtype).transpose(1, 2), offs=offsets).chunk(2, dim=-1)
     out = torch._grouped_mm(F.silu(gate) * up, down.to(dtype).transpose(1, 2), offs=offsets).to(x.dtype)
     out = out * weights.reshape(-1)[order, None].to(out.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of_pair, out)
+    return torch.zeros_like(x).index_add_(0, token_of_pair, out.to(x.dtype))  # bf16 autocast: back to x's dtype
 
 
 def experts_export(

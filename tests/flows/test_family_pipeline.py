@@ -1,4 +1,4 @@
-"""A family from one pipeline run (`family: [{name: small, ...}]`): the main member and a smaller one cut from the
+"""A family from one pipeline run (`family: [{name: large, ...}]`): the main member and a larger one cut from the
 same supernet, each searched under its own budget, aligned, exported and gated into its own registered model,
 then served behind one endpoint by `trainonce serve --also`."""
 
@@ -16,7 +16,7 @@ from registry.promotion import CHAMPION, alias_version
 from registry.tracking import store_client
 from tests.serving.test_server import API_KEY, running_server
 
-SMALL = f"{CHAT_MODEL}-small"
+LARGE = f"{CHAT_MODEL}-large"
 
 
 @pytest.mark.slow
@@ -36,26 +36,26 @@ def test_one_run_deploys_a_family_that_one_server_serves(
         "search.max_evaluations=4",
         "deploy.variants=[fp32]",
         "deploy.hugging_face=false",
-        "family=[{name: small, active_params_fraction: 0.55}]",
+        "family=[{name: large, active_params_fraction: 0.75}]",
     ]
     with prefect_test_harness():
         main(["pipeline", "--config", "tiny", "--workdir", str(workdir), *(f"--set={o}" for o in overrides)])
     out = capsys.readouterr().out
-    assert f"--also {SMALL}" in out and "family member small" in out
+    assert f"--also {LARGE}" in out and "family member large" in out
 
     client = store_client(workdir)
-    champions = {name: alias_version(workdir, name, CHAMPION) for name in (CHAT_MODEL, SMALL)}
+    champions = {name: alias_version(workdir, name, CHAMPION) for name in (CHAT_MODEL, LARGE)}
     assert all(champions.values()), champions  # each member passed its own gate (no champion before)
     main_tags = client.get_model_version(CHAT_MODEL, champions[CHAT_MODEL]).tags
-    small_tags = client.get_model_version(SMALL, champions[SMALL]).tags
-    assert small_tags["family_member"] == "small"
-    assert small_tags["parent_supernet"] == main_tags["parent_supernet"]  # cut from the same elastic run
-    assert small_tags["subnet"] != main_tags["subnet"]
+    large_tags = client.get_model_version(LARGE, champions[LARGE]).tags
+    assert large_tags["family_member"] == "large"
+    assert large_tags["parent_supernet"] == main_tags["parent_supernet"]  # cut from the same elastic run
+    assert large_tags["subnet"] != main_tags["subnet"]
 
-    with running_server(workdir, "--also", SMALL) as url:
+    with running_server(workdir, "--also", LARGE) as url:
         api = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-        assert {m.id for m in api.models.list().data} == {CHAT_MODEL, SMALL}
-        for name in (CHAT_MODEL, SMALL):
+        assert {m.id for m in api.models.list().data} == {CHAT_MODEL, LARGE}
+        for name in (CHAT_MODEL, LARGE):
             reply = api.chat.completions.create(
                 model=name, messages=[{"role": "user", "content": "Repeat: king"}], max_tokens=4
             )

@@ -97,3 +97,16 @@ def test_paths_agree_on_gradients(tiny_config: MoEConfig) -> None:
     for impl in ("grouped_mm", "export"):
         for name, grad in grads["loop"].items():
             torch.testing.assert_close(grads[impl][name], grad, atol=1e-6, rtol=1e-4, msg=f"{impl}: {name}")
+
+
+def test_the_cpu_path_trains_under_bf16_autocast(tiny_config: MoEConfig) -> None:
+    """The small preset trains in bf16: on a CPU the experts' output (bf16) goes back into the fp32 residual
+    stream (`trainonce pretrain --config small` on a CPU crashed in index_add_)."""
+    torch.manual_seed(0)
+    model = ElasticMoE(tiny_config)
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens).logits
+    loss = torch.nn.functional.cross_entropy(logits.float()[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
