@@ -34,13 +34,7 @@ from serving.family import Family
 from serving.metrics import ServingMetrics
 from serving.model_source import LoadedModel
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body, new_id, now
-from serving.responses import (
-    chat_response,
-    chat_stream,
-    completion_response,
-    completion_stream,
-    new_choices,
-)
+from serving.responses import CHAT_SHAPE, COMPLETION_SHAPE, ResponseShape, new_choices
 
 log = logging.getLogger("trainonce.serving")
 
@@ -264,6 +258,34 @@ def create_app(family: Family, api_key: str | None = None) -> FastAPI:
         with metrics.running.labels(model).track_inprogress():
             yield from events
 
+    def respond(
+        request: ChatCompletionRequest | CompletionRequest,
+        loaded: LoadedModel,
+        prompt: list[int],
+        budget: int,
+        params: SamplingParams,
+        response: Response,
+        shape: ResponseShape,
+    ) -> dict | StreamingResponse:
+        """Decode the request's choices on its model and answer in the endpoint's shape, whole or streamed."""
+        package = loaded.package
+        choices = new_choices(package, prompt, budget, params, request.n)
+        base = {
+            "id": new_id(shape.id_prefix),
+            "created": now(),
+            "model": loaded.name,
+            "system_fingerprint": loaded.version,
+        }
+        streams = decoding(loaded, prompt, choices)
+        if request.stream:
+            events = shape.streamed(package, prompt, choices, streams, base, request.include_usage())
+            return StreamingResponse(
+                running(loaded.name, events), media_type="text/event-stream", headers={SERVED_BY_HEADER: loaded.name}
+            )
+        response.headers[SERVED_BY_HEADER] = loaded.name
+        with metrics.running.labels(loaded.name).track_inprogress():
+            return shape.whole(package, prompt, choices, streams, base)
+
     @app.get("/health")
     def health() -> dict:
         """The first member at the top level (a one-model server's shape), every member under `members`."""
@@ -321,17 +343,7 @@ def create_app(family: Family, api_key: str | None = None) -> FastAPI:
         ]
         prompt = package.chat_prompt(messages)
         budget = _budget(package, prompt, request.requested_tokens(), "messages")
-        choices = new_choices(package, prompt, budget, params, request.n)
-        base = {"id": new_id("chatcmpl"), "created": now(), "model": loaded.name, "system_fingerprint": loaded.version}
-        streams = decoding(loaded, prompt, choices)
-        if request.stream:
-            events = chat_stream(package, prompt, choices, streams, base, request.include_usage())
-            return StreamingResponse(
-                running(loaded.name, events), media_type="text/event-stream", headers={SERVED_BY_HEADER: loaded.name}
-            )
-        response.headers[SERVED_BY_HEADER] = loaded.name
-        with metrics.running.labels(loaded.name).track_inprogress():
-            return chat_response(package, prompt, choices, streams, base)
+        return respond(request, loaded, prompt, budget, params, response, CHAT_SHAPE)
 
     @app.post(
         "/v1/completions", dependencies=[Depends(authorize)], response_model=None, responses=_errors(400, 401, 404, 429)
@@ -348,17 +360,7 @@ def create_app(family: Family, api_key: str | None = None) -> FastAPI:
         if not prompt:
             raise ApiError(400, "prompt: must not be empty", "prompt")
         budget = _budget(package, prompt, request.requested_tokens(), "prompt")
-        choices = new_choices(package, prompt, budget, params, request.n)
-        base = {"id": new_id("cmpl"), "created": now(), "model": loaded.name, "system_fingerprint": loaded.version}
-        streams = decoding(loaded, prompt, choices)
-        if request.stream:
-            events = completion_stream(package, prompt, choices, streams, base, request.include_usage())
-            return StreamingResponse(
-                running(loaded.name, events), media_type="text/event-stream", headers={SERVED_BY_HEADER: loaded.name}
-            )
-        response.headers[SERVED_BY_HEADER] = loaded.name
-        with metrics.running.labels(loaded.name).track_inprogress():
-            return completion_response(package, prompt, choices, streams, base)
+        return respond(request, loaded, prompt, budget, params, response, COMPLETION_SHAPE)
 
     return app
 

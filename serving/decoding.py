@@ -67,7 +67,8 @@ class SequenceDecoder:
         self.next_input = sampled.token_id
         if sampled.token_id in self._ending_tokens:
             self.finish_reason = "stop"
-            return self._release(len(self._text()))
+            text = self._text()
+            return self._release(len(text), text)
         self.ids.append(sampled.token_id)
         self._pending.append(sampled)
         text = self._text()
@@ -107,8 +108,7 @@ class SequenceDecoder:
             default=0,
         )
 
-    def _release(self, end: int, text: str | None = None) -> Piece:
-        text = self._text() if text is None else text
+    def _release(self, end: int, text: str) -> Piece:
         if end <= self._released and not self.finished:
             return Piece("")
         piece = Piece(text[self._released : max(end, self._released)], tuple(self._pending))

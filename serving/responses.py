@@ -10,7 +10,8 @@ are sent one after the other, each chunk naming its `index`, as the `openai` cli
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from models.sampling import SampledToken, SamplingParams, choice_generators
@@ -70,6 +71,15 @@ class LogprobFormat:
         }
 
 
+def _whole_choices(
+    choices: list[SequenceDecoder], streams: list[Iterator[Piece]]
+) -> Iterator[tuple[int, SequenceDecoder, str, list[SampledToken]]]:
+    """Each choice decoded to its end: its index, decoder, text and tokens (with their log-probabilities)."""
+    for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
+        pieces = list(stream)
+        yield index, decoder, "".join(p.text for p in pieces), [t for p in pieces for t in p.tokens]
+
+
 def chat_response(
     package: ChatPackage,
     prompt: list[int],
@@ -78,18 +88,15 @@ def chat_response(
     base: dict[str, Any],
 ) -> dict[str, Any]:
     logprobs = LogprobFormat(package)
-    out = []
-    for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
-        pieces = list(stream)
-        tokens = [t for p in pieces for t in p.tokens]
-        out.append(
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
-                "logprobs": logprobs.chat(tokens) if decoder.params.logprobs is not None else None,
-                "finish_reason": decoder.finish_reason,
-            }
-        )
+    out = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs.chat(tokens) if decoder.params.logprobs is not None else None,
+            "finish_reason": decoder.finish_reason,
+        }
+        for index, decoder, text, tokens in _whole_choices(choices, streams)
+    ]
     return {**base, "object": "chat.completion", "choices": out, "usage": _usage(prompt, choices)}
 
 
@@ -132,18 +139,15 @@ def completion_response(
     base: dict[str, Any],
 ) -> dict[str, Any]:
     logprobs = LogprobFormat(package)
-    out = []
-    for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
-        pieces = list(stream)
-        tokens = [t for p in pieces for t in p.tokens]
-        out.append(
-            {
-                "index": index,
-                "text": "".join(p.text for p in pieces),
-                "logprobs": logprobs.completion(tokens, 0) if decoder.params.logprobs is not None else None,
-                "finish_reason": decoder.finish_reason,
-            }
-        )
+    out = [
+        {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs.completion(tokens, 0) if decoder.params.logprobs is not None else None,
+            "finish_reason": decoder.finish_reason,
+        }
+        for index, decoder, text, tokens in _whole_choices(choices, streams)
+    ]
     return {**base, "object": "text_completion", "choices": out, "usage": _usage(prompt, choices)}
 
 
@@ -174,3 +178,16 @@ def completion_stream(
     if usage:
         yield sse({**chunk, "choices": [], "usage": _usage(prompt, choices)})
     yield sse("[DONE]")
+
+
+@dataclass(frozen=True)
+class ResponseShape:
+    """How one endpoint answers: its id prefix, its whole response and its stream of events."""
+
+    id_prefix: str
+    whole: Callable[..., dict[str, Any]]
+    streamed: Callable[..., Iterator[str]]
+
+
+CHAT_SHAPE = ResponseShape("chatcmpl", chat_response, chat_stream)
+COMPLETION_SHAPE = ResponseShape("cmpl", completion_response, completion_stream)

@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import task
 
 from models.checkpoint import load_model, save_model
-from registry.models import CHAT_TORCH_MODEL, SUBNET_MODEL, register_checkpoint
+from registry.models import CHAT_TORCH_MODEL, SUBNET_MODEL, RegisteredVersion, register_checkpoint
 from registry.tracking import RunLogger, git_commit
 from tasks.align_data import corpus_passages, generate_splits, read_preference_jsonl, read_sft_jsonl
 from tasks.data import PreparedData
@@ -54,6 +54,21 @@ def align_task(
         "git_commit": git_commit(),
     }
 
+    def save_and_register(stage: str, logger: RunLogger, tags: dict[str, str]) -> tuple[Path, RegisteredVersion]:
+        """The model as it stands after `stage`, saved and registered in `trainonce-chat-torch` with its lineage."""
+        directory = save_model(model, out_dir / stage)
+        extra = {"stage": stage, "chat_format": data.chat_format.model_dump(mode="json")}
+        version = register_checkpoint(
+            workdir,
+            logger.run_id,
+            CHAT_TORCH_MODEL,
+            directory,
+            data.tokenizer_path,
+            extra,
+            {**lineage, "stage": stage, **tags},
+        )
+        return directory, version
+
     sft_logger = RunLogger(workdir, run_name="sft", tags={"stage": "sft"})
     sft_logger.log_params({"sft": sft.model_dump(mode="json")})
     extra_conversations = read_sft_jsonl(sft.extra_jsonl) if sft.extra_jsonl else []
@@ -67,20 +82,10 @@ def align_task(
         },
         step=sft.steps,
     )
-    sft_dir = save_model(model, out_dir / "sft")
-    sft_version = register_checkpoint(
-        workdir,
-        sft_logger.run_id,
-        CHAT_TORCH_MODEL,
-        sft_dir,
-        data.tokenizer_path,
-        {"stage": "sft", "chat_format": data.chat_format.model_dump(mode="json")},
-        {
-            **lineage,
-            "stage": "sft",
-            **_accuracy_tags("base", sft_result.accuracy_before),
-            **_accuracy_tags("sft", sft_result.accuracy_after),
-        },
+    _, sft_version = save_and_register(
+        "sft",
+        sft_logger,
+        {**_accuracy_tags("base", sft_result.accuracy_before), **_accuracy_tags("sft", sft_result.accuracy_after)},
     )
     sft_logger.finish()
 
@@ -100,17 +105,10 @@ def align_task(
         },
         step=dpo.steps,
     )
-    dpo_dir = save_model(model, out_dir / "dpo")
-    dpo_version = register_checkpoint(
-        workdir,
-        dpo_logger.run_id,
-        CHAT_TORCH_MODEL,
-        dpo_dir,
-        data.tokenizer_path,
-        {"stage": "dpo", "chat_format": data.chat_format.model_dump(mode="json")},
+    final_dir, dpo_version = save_and_register(
+        "dpo",
+        dpo_logger,
         {
-            **lineage,
-            "stage": "dpo",
             "parent_sft_version": sft_version.version,
             **_accuracy_tags("sft", sft_result.accuracy_after),
             **_accuracy_tags("dpo", dpo_result.accuracy_after),
@@ -132,30 +130,23 @@ def align_task(
                 {f"held_out/{k}": v for k, v in held.items() if k != "step"}, step=int(held["step"])
             )
         grpo_logger.log_artifact(plot_grpo(grpo_result.metrics, grpo_result.held_out, out_dir / "grpo.png"))
-        grpo_dir = save_model(model, out_dir / "grpo")
-        grpo_version = register_checkpoint(
-            workdir,
-            grpo_logger.run_id,
-            CHAT_TORCH_MODEL,
-            grpo_dir,
-            data.tokenizer_path,
-            {"stage": "grpo", "chat_format": data.chat_format.model_dump(mode="json")},
+        final_dir, grpo_version = save_and_register(
+            "grpo",
+            grpo_logger,
             {
-                **lineage,
-                "stage": "grpo",
                 "parent_dpo_version": dpo_version.version,
                 **_accuracy_tags("dpo", dpo_result.accuracy_after),
                 **_accuracy_tags("grpo", grpo_result.accuracy_after),
             },
         )
         grpo_logger.finish()
-        grpo_uri, dpo_dir = grpo_version.uri, grpo_dir
+        grpo_uri = grpo_version.uri
         accuracy["grpo"] = grpo_result.accuracy_after
     return AlignedModels(
         sft_uri=sft_version.uri,
         dpo_uri=dpo_version.uri,
         grpo_uri=grpo_uri,
-        final_dir=str(dpo_dir),
+        final_dir=str(final_dir),
         parent_model=lineage["parent_model"],
         accuracy=accuracy,
         reward_accuracy=held_out.reward_accuracy,
