@@ -107,9 +107,11 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     config = _load(args)  # validated before Prefect or any compute starts
     from registry.tracking import check_artifact_store
+    from tasks.llama_cpp import check_gguf_request
 
     try:  # the flow checks again (deployment runs start there); here it fails before Prefect even starts
         check_artifact_store(workdir)
+        check_gguf_request("deploy.gguf", config.deploy.gguf)
     except RuntimeError as error:
         raise SystemExit(f"cannot run the pipeline: {error}") from error
     from flows.pipeline import pipeline
@@ -172,24 +174,56 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     print(f"{args.model}@champion -> version {current} (was {previous})")
 
 
-def cmd_export_hf(args: argparse.Namespace) -> None:
-    """A registered checkpoint as a Hugging Face directory; `trainonce-chat` refs (ONNX packages) export the
-    PyTorch model they were exported from (their `parent_model` tag)."""
-    from models.chat_format import chat_format_of
+def _registered_checkpoint(workdir: str, ref: str):
+    """The PyTorch checkpoint a ref names; `trainonce-chat` refs (ONNX packages) give the PyTorch model they were
+    exported from (their `parent_model` tag)."""
     from registry.models import CHAT_MODEL, download_checkpoint, resolve_version, version_tags
+
+    version = resolve_version(workdir, ref)
+    if version.name == CHAT_MODEL:
+        ref = version_tags(workdir, version)["parent_model"]
+    return download_checkpoint(workdir, ref)
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    """A registered checkpoint as a Hugging Face directory."""
+    from models.chat_format import chat_format_of
     from tasks.export_hf import export_hf
 
     try:
-        ref = args.model
-        version = resolve_version(args.workdir, ref)
-        if version.name == CHAT_MODEL:
-            ref = version_tags(args.workdir, version)["parent_model"]
-        checkpoint = download_checkpoint(args.workdir, ref)
+        checkpoint = _registered_checkpoint(args.workdir, args.model)
         chat_format = chat_format_of(checkpoint.extra)
         out = export_hf(checkpoint.checkpoint_dir, checkpoint.tokenizer_path, chat_format, args.out)
     except (LookupError, ValueError, FileExistsError) as error:
         raise SystemExit(f"export-hf: {error}") from error
     print(f"{checkpoint.version.uri} -> {out} (AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained)")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    """A registered checkpoint as GGUF files, by llama.cpp's converter and quantizer."""
+    from models.chat_format import chat_format_of
+    from tasks.export_gguf import export_gguf
+    from tasks.llama_cpp import check_gguf_request
+
+    try:
+        check_gguf_request("--types", args.types)  # before downloading anything
+        checkpoint = _registered_checkpoint(args.workdir, args.model)
+        chat_format = chat_format_of(checkpoint.extra)
+        files = export_gguf(checkpoint.checkpoint_dir, checkpoint.tokenizer_path, chat_format, args.out, args.types)
+    except (LookupError, ValueError, FileExistsError, RuntimeError) as error:
+        raise SystemExit(f"export-gguf: {error}") from error
+    for gguf_type, path in files.items():
+        print(f"{checkpoint.version.uri} -> {path} ({gguf_type}, {path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _gguf_types(text: str) -> tuple[str, ...]:
+    from tasks.llama_cpp import GGUF_TYPES
+
+    types = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    unknown = [t for t in types if t not in GGUF_TYPES]
+    if unknown or not types:
+        raise argparse.ArgumentTypeError(f"{unknown or 'none'}: choose from {','.join(GGUF_TYPES)}")
+    return types
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -217,7 +251,8 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 
 
 def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
-    """serve, promote, rollback, export-hf: they act on a registry (a workdir's store, or MLFLOW_TRACKING_URI)."""
+    """serve, promote, rollback, export-hf, export-gguf: they act on a registry (a workdir's store, or
+    MLFLOW_TRACKING_URI)."""
     from registry.models import CHAT_MODEL
 
     def registry_parser(name: str, handler, help_text: str) -> argparse.ArgumentParser:
@@ -257,6 +292,20 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--out", required=True, help="the folder to write (new, empty, or an earlier export)")
     export.set_defaults(model=f"{CHAT_MODEL}@champion")
+    gguf = registry_parser(
+        "export-gguf",
+        cmd_export_gguf,
+        "write a registered model as GGUF files for llama.cpp and Ollama (needs `make llama-cpp`)",
+    )
+    gguf.add_argument("--out", required=True, help="the folder to write (new, empty, or an earlier GGUF export)")
+    gguf.add_argument(
+        "--types",
+        type=_gguf_types,
+        default=("f32", "q8_0", "q4_k_m"),
+        help="comma-separated GGUF types: f32, f16, bf16 (converted), q8_0, q6_k, q5_k_m, q4_k_m, q4_0 "
+        "(llama-quantize from f32); default f32,q8_0,q4_k_m",
+    )
+    gguf.set_defaults(model=f"{CHAT_MODEL}@champion")
     imported = commands.add_parser(
         "import-hf",
         help="register a local transformers ERNIE 4.5 MoE checkpoint as a trainonce-supernet version",

@@ -23,6 +23,7 @@ from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow,
 from registry.tracking import ui_hint
 from tasks.data import DataConfig, prepare_data_task
 from tasks.init_from import adapt_config, init_source_task
+from tasks.llama_cpp import check_gguf_request
 from tasks.pipeline_config import FamilyMember, PipelineConfig
 from tasks.pretrain import retrain_data_task
 from tasks.stage_results import FamilyMemberResult, PipelineResult, PretrainedSupernet
@@ -67,6 +68,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
     extract and distil the chosen sub-model, align it, export and quantize it, and promote it if it beats
     the champion; every model registered in MLflow."""
     workdir = checked_workdir(workdir)
+    check_gguf_request("deploy.gguf", config.deploy.gguf)
     create_markdown_artifact(
         key="pipeline-config",
         markdown=f"### Pipeline configuration\nworkdir `{workdir}`; {ui_hint(workdir)}\n\n"

@@ -29,11 +29,13 @@ from tasks.data import DataConfig, prepare_data_task
 from tasks.distill import ExtractConfig
 from tasks.dpo import DPOConfig
 from tasks.export import DeployConfig, export_task
+from tasks.export_gguf import export_gguf_task
 from tasks.export_hf import export_hf_task
 from tasks.extract import extract_task
 from tasks.gate import gate_task
 from tasks.grpo import GRPOConfig
 from tasks.importance_calibration import ImportanceConfig
+from tasks.llama_cpp import check_gguf_request
 from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain import pretrain_task, retrain_data_task
 from tasks.pretrain_config import PretrainConfig
@@ -195,6 +197,7 @@ def deploy_flow(
     """Export and quantize a registered aligned model, register the candidate in `trainonce-chat`, and promote
     it to `champion` if it passes the gate against the current champion."""
     workdir = checked_workdir(workdir)
+    check_gguf_request("deploy.gguf", deploy.gguf)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, aligned)
     lineage = {"parent_model": source["uri"], **(lineage or {})}
@@ -207,8 +210,15 @@ def deploy_flow(
     )
     if hugging_face:
         print("\n".join(hugging_face.summary()))
+    gguf = (
+        cached(export_gguf_task, workdir)(source["checkpoint_dir"], data_dir, workdir, lineage, deploy.gguf)
+        if deploy.gguf
+        else None
+    )
+    if gguf:
+        print("\n".join(gguf.summary()))
     gated = cached(gate_task, workdir)(
         gate, deploy.evaluation, task_mix, exported.version, data_dir, workdir, deploy.model_name
     )
     report(gated, "promotion", "Gate decision: candidate vs champion on the same held-out evaluation", workdir)
-    return DeploymentResult(export=exported, hugging_face=hugging_face, gate=gated)
+    return DeploymentResult(export=exported, hugging_face=hugging_face, gate=gated, gguf=gguf)

@@ -35,6 +35,7 @@ from serving.engine import EVERY_TOKEN, MODEL_FILE, TOKENIZER_FILE, ChatPackage,
 from tasks.align_data import TaskMixConfig
 from tasks.data import PreparedData
 from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
+from tasks.llama_cpp import GgufType
 from tasks.stage_results import ExportedCandidate, OnnxParity
 
 Variant = Literal["fp32", "int8", "int4"]
@@ -81,6 +82,11 @@ class DeployConfig(BaseModel):
         True,
         description="Also register the aligned model as a transformers directory (`trainonce-chat-hf`, MLflow "
         "transformers flavor) for transformers, vLLM, SGLang and FastDeploy.",
+    )
+    gguf: tuple[GgufType, ...] = Field(
+        (),
+        description="Also write these GGUF types for llama.cpp and Ollama (f32, f16, bf16, q8_0, q6_k, q5_k_m, "
+        "q4_k_m, q4_0), logged as an `export-gguf` run's artifacts; needs `make llama-cpp`. Empty: none.",
     )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out measurement.")
 

@@ -249,6 +249,20 @@ class HuggingFaceExport(StageResult):
         ]
 
 
+class GgufExport(StageResult):
+    """The aligned model as GGUF files (llama.cpp, Ollama), logged as the artifacts of an `export-gguf` run."""
+
+    run_id: str
+    artifact_uri: str
+    files: dict[str, str]
+
+    def summary(self, links: Links = PLAIN) -> list[str]:
+        return [
+            f"GGUF files ({', '.join(self.files)}) logged as {self.artifact_uri} in {links.run(self.run_id)}",
+            *(f"  {gguf_type}: {path}" for gguf_type, path in self.files.items()),
+        ]
+
+
 class GateOutcome(StageResult):
     """The gate's decision on a `trainonce-chat` candidate against the champion, measured on the same evaluation."""
 
@@ -272,15 +286,18 @@ class GateOutcome(StageResult):
 
 
 class DeploymentResult(StageResult):
-    """The deploy flow's tasks: the exported candidate, its transformers twin (when asked for) and the gate."""
+    """The deploy flow's tasks: the exported candidate, its transformers twin and GGUF files (when asked for),
+    and the gate."""
 
     export: ExportedCandidate
     hugging_face: HuggingFaceExport | None
     gate: GateOutcome
+    gguf: GgufExport | None = None
 
     def summary(self, links: Links = PLAIN) -> list[str]:
         twin = self.hugging_face.summary(links) if self.hugging_face else []
-        return [*self.export.summary(links), *twin, *self.gate.summary(links)]
+        gguf = self.gguf.summary(links) if self.gguf else []
+        return [*self.export.summary(links), *twin, *gguf, *self.gate.summary(links)]
 
 
 class FamilyMemberResult(StageResult):

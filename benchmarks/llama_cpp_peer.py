@@ -1,0 +1,252 @@
+"""trainonce's onnxruntime path against llama.cpp, the engine a CPU user would otherwise pick: the same weights, the
+same threads, side by side at each precision, in one run.
+
+    .venv/bin/python benchmarks/llama_cpp_peer.py --workdir runs/pipeline          # the pipeline's champion
+    .venv/bin/python benchmarks/llama_cpp_peer.py --shape                          # ~10 M parameters, random
+
+The model is exported both ways: ONNX packages fp32 / INT8 / INT4 (tasks/export.py, what `trainonce serve` runs)
+and GGUF f32 / f16 / Q8_0 / Q4_0 / Q4_K_M (tasks/export_gguf.py: llama.cpp's converter and quantizer). Printed:
+1. quality (a trained model only): validation perplexity of every file on the same windows the deploy stage
+   measures (`EvaluationConfig`), and its change from the float reference of its own runtime;
+2. engine decode speed, batch 1, no HTTP: greedy tokens/s with every token forced, ours
+   (`ChatPackage.complete`) vs llama-cpp-python (`Llama.generate`, llama.cpp's sampler), `--threads` each;
+3. server throughput: `trainonce serve` (batched decoding, `--max-batch 32`) vs `llama-server` (continuous
+   batching, `-np` slots = the most clients), `--clients` concurrent streamed chat requests of `--max-tokens`
+   forced tokens each (`ignore_eos`, which both servers take), aggregate completion tokens/s and TTFT p50.
+Needs llama.cpp (`make llama-cpp`). Nothing is asserted: it is a benchmark; run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from serve_load import load  # this folder (benchmarks/), as the script runs
+
+from flows.readiness import http_ok, wait_until_ready
+from models.chat_format import ChatFormat, Message
+from models.checkpoint import load_model, save_model
+from models.config import MoEConfig
+from models.moe import ElasticMoE
+from registry.models import register_chat_package, version_tags
+from registry.tracking import RunLogger
+from serving import CHAT_PYFUNC_CODE
+from serving.engine import EVERY_TOKEN, ChatPackage
+from tasks.data import PreparedData, prepare_data, train_tokenizer
+from tasks.evaluate import EvaluationConfig, validation_windows
+from tasks.export import DeployConfig, build_packages
+from tasks.export_gguf import export_gguf
+from tasks.llama_cpp import find_llama_cpp
+from tasks.pipeline_config import load_pipeline_config
+
+PAIRS = [("fp32", "f32"), ("fp32", "f16"), ("int8", "q8_0"), ("int4", "q4_0"), ("int4", "q4_k_m")]
+GGUF = tuple(dict.fromkeys(g for _, g in PAIRS))
+PROMPT = "Repeat: king queen crown"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def trained_model(workdir: str, config: str) -> tuple[ElasticMoE, PreparedData]:
+    """The champion's PyTorch parent (the weights its ONNX package was exported from) and its data."""
+    from registry.models import download_checkpoint, resolve_version
+
+    champion = resolve_version(workdir, "trainonce-chat@champion")
+    checkpoint = download_checkpoint(workdir, version_tags(workdir, champion)["parent_model"])
+    return load_model(checkpoint.checkpoint_dir).eval(), prepare_data(load_pipeline_config(config).data)
+
+
+def shaped_model(data: PreparedData, folder: Path) -> tuple[ElasticMoE, Path]:
+    """Random weights at generate_speed.py's ~10 M-parameter shape, with a real 8,192-token BPE vocabulary."""
+    torch.manual_seed(0)
+    config = MoEConfig(
+        vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, n_experts=8, top_k=2,
+        expert_ffn_dim=256, n_shared_experts=1, max_seq_len=512,
+    )  # fmt: skip
+    tokenizer = train_tokenizer(data.documents(), config.vocab_size)
+    path = folder / "tokenizer.json"
+    tokenizer.save(str(path))
+    return ElasticMoE(config).eval(), path
+
+
+def gguf_perplexity(path: Path, windows: list[np.ndarray], threads: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=threads, verbose=False)
+    nll = []
+    for batch in windows:
+        for window in batch.tolist():
+            llm.reset()
+            llm.eval(window)
+            logits = torch.from_numpy(np.array(llm.scores[: len(window)], dtype=np.float32))
+            nll.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(window[1:])).item())
+    llm.close()
+    return math.exp(float(np.mean(nll)))
+
+
+def llama_cpp_speed(path: Path, prompt: list[int], tokens: int, threads: int, repeats: int = 4) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run() -> int:
+        generated = 0
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            generated += 1
+            if generated == tokens:
+                return generated
+        return generated
+
+    run()  # warm-up
+    start = time.perf_counter()
+    generated = sum(run() for _ in range(repeats))
+    speed = generated / (time.perf_counter() - start)
+    llm.close()
+    return speed
+
+
+def onnx_speed(package: ChatPackage, prompt: list[int], tokens: int, repeats: int = 4) -> float:
+    package.complete(prompt, tokens, EVERY_TOKEN)  # warm-up
+    start = time.perf_counter()
+    generated = sum(package.complete(prompt, tokens, EVERY_TOKEN).completion_tokens for _ in range(repeats))
+    return generated / (time.perf_counter() - start)
+
+
+def started(command: list[str], url: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until_ready(http_ok(f"{url}/health"), f"the server at {url}", process)
+    return process
+
+
+def server_rows(
+    label: str, command: list[str], url: str, clients: list[int], requests: int, max_tokens: int
+) -> list[str]:
+    process = started(command, url)
+    rows = []
+    try:
+        for count in clients:
+            wall, outcomes = load(url, count, max(requests, count), max_tokens)
+            errors = [o.error for o in outcomes if o.error]
+            first = [o.first_token for o in outcomes if o.first_token == o.first_token]
+            rows.append(
+                f"{label:<30}{count:>8}{sum(o.tokens for o in outcomes) / wall:>11,.0f}"
+                f"{statistics.median(first) * 1000 if first else float('nan'):>10.0f}{len(errors):>8}"
+            )
+            print(rows[-1], flush=True)
+            if errors:
+                print("  first error:", errors[0])
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", help="a pipeline workdir: benchmark its champion's weights")
+    parser.add_argument("--shape", action="store_true", help="random weights at the ~10 M-parameter shape")
+    parser.add_argument("--config", default="tiny", help="preset whose data the model was trained on")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens per sequence, batch 1")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--requests", type=int, default=64, help="per number of clients")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per server request")
+    args = parser.parse_args()
+    if bool(args.workdir) == args.shape:
+        raise SystemExit("give --workdir DIR (a trained champion) or --shape (random weights)")
+    llama_cpp = find_llama_cpp()
+    torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="llama-cpp-peer-"))
+    data = prepare_data(load_pipeline_config(args.config).data)
+    if args.workdir:
+        model, data = trained_model(args.workdir, args.config)
+        tokenizer_path, chat_format = Path(data.tokenizer_path), data.chat_format
+    else:
+        model, tokenizer_path = shaped_model(data, folder)
+        chat_format = ChatFormat()
+    config = model.config
+    print(
+        f"model: {model.num_parameters():,} parameters, vocab {config.vocab_size}, d {config.d_model}, "
+        f"{config.n_layers} layers, {config.n_experts} experts top-{config.top_k}; {args.threads} threads, "
+        f"{os.cpu_count()} cores; llama.cpp from {llama_cpp.home}"
+    )
+    packages = build_packages(model, tokenizer_path, chat_format, folder / "onnx", DeployConfig())
+    gguf = export_gguf(save_model(model, folder / "checkpoint"), tokenizer_path, chat_format, folder / "gguf", GGUF)
+    sizes = {**{v: (p / "model.onnx").stat().st_size for v, p in packages.items()}}
+    sizes |= {g: path.stat().st_size for g, path in gguf.items()}
+
+    if args.workdir:
+        windows = validation_windows(data, EvaluationConfig())
+        ppl = {v: math.exp(np.mean([ChatPackage(p, threads=args.threads).generator.mean_nll(w) for w in windows]))
+               for v, p in packages.items()}  # fmt: skip
+        ppl |= {g: gguf_perplexity(path, windows, args.threads) for g, path in gguf.items()}
+        print(f"\nvalidation perplexity ({len(windows)} batches of {windows[0].shape} tokens, the deploy stage's)")
+        print(f"{'ours':<8}{'ppl':>8}{'vs fp32':>9}   {'llama.cpp':<9}{'ppl':>8}{'vs f32':>8}")
+        for ours, theirs in PAIRS:
+            print(
+                f"{ours:<8}{ppl[ours]:>8.3f}{ppl[ours] / ppl['fp32'] - 1:>+9.2%}   "
+                f"{theirs:<9}{ppl[theirs]:>8.3f}{ppl[theirs] / ppl['f32'] - 1:>+8.2%}"
+            )
+
+    prompt = ChatPackage(packages["fp32"]).chat_prompt([Message(role="user", content=PROMPT)])
+    print(f"\nengine decode, batch 1, {args.new_tokens} forced tokens after a {len(prompt)}-token prompt")
+    print(f"{'ours':<8}{'MB':>7}{'tok/s':>9}   {'llama.cpp':<9}{'MB':>7}{'tok/s':>9}{'ours / llama.cpp':>18}")
+    for ours, theirs in PAIRS:
+        mine = onnx_speed(ChatPackage(packages[ours], threads=args.threads), prompt, args.new_tokens)
+        peer = llama_cpp_speed(gguf[theirs], prompt, args.new_tokens, args.threads)
+        print(
+            f"{ours:<8}{sizes[ours] / 1e6:>7.2f}{mine:>9,.0f}   {theirs:<9}{sizes[theirs] / 1e6:>7.2f}{peer:>9,.0f}"
+            f"{mine / peer:>17.2f}x",
+            flush=True,
+        )
+
+    workdir = folder / "registry"
+    logger = RunLogger(workdir, run_name="peer-benchmark")
+    versions = {
+        variant: register_chat_package(workdir, logger.run_id, packages[variant], {"quantization": variant},
+                                       CHAT_PYFUNC_CODE).version
+        for variant in ("fp32", "int8", "int4")
+    }  # fmt: skip
+    logger.finish()
+    slots = max(args.clients)
+    print(f"\nservers: {args.requests} streamed chat requests per row, {args.max_tokens} forced tokens each")
+    print(f"{'server':<30}{'clients':>8}{'tok/s':>11}{'TTFT ms':>10}{'errors':>8}")
+    for ours, theirs in PAIRS:
+        port = free_port()
+        server_rows(
+            f"trainonce serve {ours}",
+            [sys.executable, "-m", "flows.cli", "serve", "--workdir", str(workdir), "--version", versions[ours],
+             "--port", str(port), "--threads", str(args.threads), "--max-batch", "32", "--max-waiting", "4096"],
+            f"http://127.0.0.1:{port}", args.clients, args.requests, args.max_tokens,
+        )  # fmt: skip
+        port = free_port()
+        server_rows(
+            f"llama-server {theirs}",
+            [str(llama_cpp.server), "-m", str(gguf[theirs]), "--port", str(port), "--host", "127.0.0.1", "--jinja",
+             "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * 256)],
+            f"http://127.0.0.1:{port}", args.clients, args.requests, args.max_tokens,
+        )  # fmt: skip
+    print(f"\nfiles in {folder}")
+
+
+if __name__ == "__main__":
+    main()

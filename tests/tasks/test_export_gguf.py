@@ -1,0 +1,260 @@
+"""GGUF export: llama.cpp (its Python bindings and its own server) loads what `export_gguf` writes and computes
+what we compute: logits on validation windows, greedy tokens, tokenization, and the chat reply `trainonce serve`
+gives, formatted by the chat template that travelled in the GGUF metadata and stopped at our end-of-turn token.
+
+The tests that run llama.cpp need it built (`make llama-cpp`; `.ci/run` builds it); the others do not."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import torch
+from pydantic import ValidationError
+
+from models.chat_format import Message
+from models.checkpoint import save_model
+from models.generate import greedy_generate
+from models.moe import ElasticMoE
+from registry.models import CHAT_MODEL
+from registry.promotion import promote
+from tasks.data import PreparedData
+from tasks.export_gguf import export_gguf
+from tasks.export_hf import export_hf
+from tasks.gguf_convert import byte_level_bpe_problem, end_of_turn_id, shared_expert_width
+from tasks.llama_cpp import LlamaCpp, LlamaCppMissing, check_gguf_request, default_home
+from tasks.pipeline_config import load_pipeline_config
+from tests.serving.test_server import API_KEY, free_port, running_server, wait_healthy
+
+MESSAGES = [
+    Message(role="system", content="Answer briefly."),
+    Message(role="user", content="Copy: king queen crown"),
+]
+needs_llama_cpp = pytest.mark.skipif(
+    bool(LlamaCpp(default_home()).missing()), reason="llama.cpp is not built: run `make llama-cpp`"
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Without llama.cpp: what the converter is told, and what is refused before any compute.
+
+
+def test_our_tokenizer_is_gpt2_byte_level_bpe_and_other_tokenizers_are_named(small_data: PreparedData) -> None:
+    ours = json.loads(Path(small_data.tokenizer_path).read_text())
+    assert byte_level_bpe_problem(ours) is None
+    assert "Metaspace" in byte_level_bpe_problem({**ours, "pre_tokenizer": {"type": "Metaspace"}})
+    assert "normalizer" in byte_level_bpe_problem({**ours, "normalizer": {"type": "NFC"}})
+    assert "'Unigram'" in byte_level_bpe_problem({**ours, "model": {"type": "Unigram"}})
+    prefixed = {**ours, "pre_tokenizer": {**ours["pre_tokenizer"], "add_prefix_space": True}}
+    assert "prefix space" in byte_level_bpe_problem(prefixed)
+
+
+def test_the_converter_gets_transformers_shared_expert_width_and_our_end_of_turn(
+    tmp_path: Path, chat_model: ElasticMoE, small_data: PreparedData
+) -> None:
+    exported = export_hf(
+        save_model(chat_model, tmp_path / "ckpt"), small_data.tokenizer_path, small_data.chat_format, tmp_path / "hf"
+    )
+    hparams = json.loads((exported / "config.json").read_text())
+    config = chat_model.config
+    assert shared_expert_width(hparams) == config.expert_ffn_dim * config.n_shared_experts
+    ids = small_data.chat_format.token_ids(small_data.tokenizer())
+    assert end_of_turn_id(exported, hparams["eos_token_id"]) == ids["end_of_turn"] != ids["end_of_text"]
+
+
+def test_gguf_asked_without_llama_cpp_is_refused_naming_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chat_model: ElasticMoE, small_data: PreparedData
+) -> None:
+    monkeypatch.setenv("TRAINONCE_LLAMA_CPP", str(tmp_path / "nothing-here"))
+    with pytest.raises(LlamaCppMissing, match=r"deploy\.gguf: q4_k_m asked for.*make llama-cpp"):
+        check_gguf_request("deploy.gguf", ("q4_k_m",))
+    check_gguf_request("deploy.gguf", ())  # nothing asked: nothing needed
+    checkpoint = save_model(chat_model, tmp_path / "ckpt")
+    out = tmp_path / "gguf"
+    with pytest.raises(LlamaCppMissing, match="make llama-cpp"):
+        export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, out, ("f32",))
+    with pytest.raises(ValueError, match=r"types: \['q3'\].*q4_k_m"):
+        export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, out, ("q3",))
+    assert not out.exists()
+    with pytest.raises(ValidationError, match=r"deploy\.gguf\.0"):
+        load_pipeline_config("tiny", {"deploy": {"gguf": ["q3"]}})
+
+
+def test_cli_refuses_unknown_types_and_missing_llama_cpp(tmp_path: Path) -> None:
+    env = {**os.environ, "TRAINONCE_LLAMA_CPP": str(tmp_path / "nothing-here")}
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "export-gguf",
+        "--workdir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    bad_type = subprocess.run([*command, "--types", "f32,q3"], capture_output=True, text=True, env=env)
+    assert bad_type.returncode == 2 and "['q3']: choose from f32,f16,bf16,q8_0" in bad_type.stderr
+    missing = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and "export-gguf: --types: f32, q8_0, q4_k_m asked for" in missing.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# With llama.cpp.
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE, small_data: PreparedData):
+    folder = tmp_path_factory.mktemp("gguf")
+    checkpoint = save_model(chat_model, folder / "checkpoint")
+    return export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, folder / "out", GGUF_TYPES)
+
+
+@contextmanager
+def loaded(path: Path) -> Iterator:
+    """llama.cpp on one GGUF file, logits for every position, an f32 KV cache (its default f16 cache would round
+    the keys and values our model keeps in f32)."""
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    llm = Llama(
+        model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False,
+        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, seed=0,
+    )  # fmt: skip
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def llama_logits(llm, tokens: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def validation_windows(data: PreparedData, count: int = 4, length: int = 96) -> list[list[int]]:
+    val = data.split("val")
+    starts = np.linspace(0, len(val) - length - 1, count).astype(int)
+    return [val[s : s + length].tolist() for s in starts]
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_computes_our_logits_greedy_tokens_and_tokenization(
+    gguf_files: dict[str, Path], chat_model: ElasticMoE, small_data: PreparedData
+) -> None:
+    assert all(path.stat().st_mode & 0o044 == 0o044 for path in gguf_files.values())
+    windows = validation_windows(small_data)
+    with loaded(gguf_files["f32"]) as llm:
+        for window in windows:
+            with torch.no_grad():
+                ours = chat_model(torch.tensor([window])).logits[0].numpy()
+            theirs = llama_logits(llm, window)
+            assert ours.std() > 0.1
+            assert np.abs(ours - theirs).max() <= 1e-3, np.abs(ours - theirs).max()
+        prompt = windows[0][:16]
+        expected = greedy_generate(chat_model, torch.tensor([prompt]), 24)[0, len(prompt) :].tolist()
+        llm.reset()
+        generated = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            generated.append(token)
+            if len(generated) == len(expected):
+                break
+        assert generated == expected
+
+        tokenizer = small_data.tokenizer()
+        text = small_data.documents()[0][:4000]
+        chat, _ = small_data.chat_tokenizer().render([*MESSAGES, Message(role="assistant", content="king queen")])
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text).ids
+        rendered = tokenizer.decode(chat, skip_special_tokens=False)
+        assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == chat
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_the_chat_template_and_stop_tokens_travel_in_the_metadata(
+    gguf_files: dict[str, Path], small_data: PreparedData
+) -> None:
+    import llama_cpp
+
+    ids = small_data.chat_format.token_ids(small_data.tokenizer())
+    with loaded(gguf_files["q8_0"]) as llm:
+        assert llm.metadata["tokenizer.chat_template"] == small_data.chat_format.template
+        assert llm.metadata["general.architecture"] == "ernie4_5-moe"
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        assert llama_cpp.llama_vocab_eot(vocab) == ids["end_of_turn"]
+        assert llama_cpp.llama_vocab_eos(vocab) == ids["end_of_text"]
+        assert llama_cpp.llama_vocab_is_eog(vocab, ids["end_of_turn"])
+        assert not llama_cpp.llama_vocab_get_add_bos(vocab)
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_quantized_files_are_smaller_and_keep_perplexity_close(
+    gguf_files: dict[str, Path], small_data: PreparedData
+) -> None:
+    windows = validation_windows(small_data)
+
+    def perplexity(path: Path) -> float:
+        with loaded(path) as llm:
+            losses = []
+            for window in windows:
+                logits = torch.from_numpy(llama_logits(llm, window))
+                losses.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(window[1:])).item())
+        return math.exp(float(np.mean(losses)))
+
+    reference = perplexity(gguf_files["f32"])
+    sizes = {t: gguf_files[t].stat().st_size for t in GGUF_TYPES}
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q4_0"]
+    for gguf_type in ("f16", "q8_0", "q4_0", "q4_k_m"):
+        ratio = perplexity(gguf_files[gguf_type]) / reference
+        assert 0.9 < ratio < 1.25, (gguf_type, ratio)
+
+
+@contextmanager
+def llama_server(path: Path) -> Iterator[str]:
+    """llama.cpp's own OpenAI-compatible server on one GGUF file, with the GGUF's Jinja chat template."""
+    port = free_port()
+    server = LlamaCpp(default_home()).server
+    process = subprocess.Popen(
+        [str(server), "-m", str(path), "--port", str(port), "--host", "127.0.0.1", "--jinja", "-t", "1",
+         "-c", "512", "-np", "1", "-ctk", "f32", "-ctv", "f32", "--api-key", API_KEY],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_server_chat_gives_trainonce_serve_reply(gguf_files: dict[str, Path], make_chat_registry) -> None:
+    """The same greedy reply, ended at the end-of-turn token, from llama.cpp's chat endpoint and ours (fp32
+    package of the same model), both through the `openai` client."""
+    workdir = make_chat_registry()
+    promote(workdir, CHAT_MODEL, "1")  # version 1: the fp32 package
+    messages = [{"role": m.role, "content": m.content} for m in MESSAGES]
+    replies = []
+    for server in (running_server(workdir), llama_server(gguf_files["f32"])):
+        with server as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY)
+            response = client.chat.completions.create(model=CHAT_MODEL, messages=messages, temperature=0, max_tokens=40)
+            choice = response.choices[0]
+            replies.append((choice.message.content, choice.finish_reason, response.usage.completion_tokens))
+    assert replies[0] == replies[1]
+    assert replies[0][0]
