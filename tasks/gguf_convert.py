@@ -71,6 +71,7 @@ def convert(source: Path, model_dir: Path, out_file: Path, out_type: str) -> Pat
 
     class TrainonceErnie(stock):  # type: ignore[misc, valid-type]
         model_arch = stock.model_arch
+
         def set_vocab(self) -> None:
             if (self.dir_model / "tokenizer.model").is_file():  # Baidu's SentencePiece vocabulary
                 super().set_vocab()
