@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup demo test test-slow lint prefect-server prefect-pool prefect-deploy prefect-worker
+.PHONY: setup demo test test-slow llama-cpp test-llama-cpp lint prefect-server prefect-pool prefect-deploy prefect-worker
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,7 +31,15 @@ test: lint
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m "slow and not llama_cpp"
+
+# llama.cpp (GGUF export, its parity tests, the peer benchmark): built from the llama.cpp that llama-cpp-python
+# vendors, once per user (~/.cache/trainonce/llama.cpp-VERSION); about 5 minutes on 2 cores.
+llama-cpp: setup
+	infra/build_llama_cpp.sh $(PY)
+
+test-llama-cpp: llama-cpp
+	$(PY) -m pytest -q -m llama_cpp
 
 # A local Prefect server, a process work pool, the deployments of prefect.yaml and a worker (README: "Running
 # on a Prefect server"). Run prefect-server in one terminal, the worker in another.

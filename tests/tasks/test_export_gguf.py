@@ -2,7 +2,8 @@
 what we compute: logits on validation windows, greedy tokens, tokenization, and the chat reply `trainonce serve`
 gives, formatted by the chat template that travelled in the GGUF metadata and stopped at our end-of-turn token.
 
-The tests that run llama.cpp need it built (`make llama-cpp`; `.ci/run` builds it); the others do not."""
+The tests that run llama.cpp need it built: `make test-llama-cpp` builds it and runs them, as `.ci/run` does; the
+others are in the default suite."""
 
 from __future__ import annotations
 
@@ -39,9 +40,14 @@ MESSAGES = [
     Message(role="system", content="Answer briefly."),
     Message(role="user", content="Copy: king queen crown"),
 ]
-needs_llama_cpp = pytest.mark.skipif(
+_built = pytest.mark.skipif(
     bool(LlamaCpp(default_home()).missing()), reason="llama.cpp is not built: run `make llama-cpp`"
 )
+
+
+def needs_llama_cpp(test):
+    """Runs with `make test-llama-cpp` (which builds llama.cpp first), not with `make test` or `make test-slow`."""
+    return pytest.mark.llama_cpp(pytest.mark.slow(_built(test)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,7 +155,6 @@ def validation_windows(data: PreparedData, count: int = 4, length: int = 96) -> 
     return [val[s : s + length].tolist() for s in starts]
 
 
-@pytest.mark.slow
 @needs_llama_cpp
 def test_llama_cpp_computes_our_logits_greedy_tokens_and_tokenization(
     gguf_files: dict[str, Path], chat_model: ElasticMoE, small_data: PreparedData
@@ -181,7 +186,6 @@ def test_llama_cpp_computes_our_logits_greedy_tokens_and_tokenization(
         assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == chat
 
 
-@pytest.mark.slow
 @needs_llama_cpp
 def test_the_chat_template_and_stop_tokens_travel_in_the_metadata(
     gguf_files: dict[str, Path], small_data: PreparedData
@@ -199,7 +203,6 @@ def test_the_chat_template_and_stop_tokens_travel_in_the_metadata(
         assert not llama_cpp.llama_vocab_get_add_bos(vocab)
 
 
-@pytest.mark.slow
 @needs_llama_cpp
 def test_quantized_files_are_smaller_and_keep_perplexity_close(
     gguf_files: dict[str, Path], small_data: PreparedData
@@ -241,7 +244,6 @@ def llama_server(path: Path) -> Iterator[str]:
         process.wait(timeout=30)
 
 
-@pytest.mark.slow
 @needs_llama_cpp
 def test_llama_server_chat_gives_trainonce_serve_reply(gguf_files: dict[str, Path], make_chat_registry) -> None:
     """The same greedy reply, ended at the end-of-turn token, from llama.cpp's chat endpoint and ours (fp32
@@ -258,3 +260,21 @@ def test_llama_server_chat_gives_trainonce_serve_reply(gguf_files: dict[str, Pat
             replies.append((choice.message.content, choice.finish_reason, response.usage.completion_tokens))
     assert replies[0] == replies[1]
     assert replies[0][0]
+
+
+@needs_llama_cpp
+def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
+    tmp_path: Path, chat_model: ElasticMoE, small_data: PreparedData
+) -> None:
+    from registry.tracking import store_client
+    from tasks.export_gguf import export_gguf_task
+
+    checkpoint = save_model(chat_model, tmp_path / "checkpoint")
+    lineage = {"parent_model": "models:/trainonce-chat-torch/3", "parent_supernet": "models:/trainonce-supernet/1"}
+    result = export_gguf_task.fn(str(checkpoint), str(small_data.directory), str(tmp_path), lineage, ("q8_0",))
+    client = store_client(tmp_path)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and result.artifact_uri == f"runs:/{result.run_id}/gguf"
+    assert {k: run.data.tags[k] for k in lineage} == lineage and run.data.tags["stage"] == "export-gguf"
+    assert [a.path for a in client.list_artifacts(result.run_id, "gguf")] == ["gguf/model-Q8_0.gguf"]
+    assert run.data.metrics["size_mb/q8_0"] == pytest.approx(Path(result.files["q8_0"]).stat().st_size / 1e6)
