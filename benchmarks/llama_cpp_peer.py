@@ -82,10 +82,10 @@ def shaped_model(data: PreparedData, folder: Path) -> tuple[ElasticMoE, Path]:
     return ElasticMoE(config).eval(), path
 
 
-def gguf_perplexity(path: Path, windows: list[np.ndarray], threads: int) -> float:
+def gguf_perplexity(path: Path, windows: list[np.ndarray], threads: int, context: int) -> float:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=threads, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, n_threads=threads, verbose=False)
     nll = []
     for batch in windows:
         for window in batch.tolist():
@@ -97,10 +97,10 @@ def gguf_perplexity(path: Path, windows: list[np.ndarray], threads: int) -> floa
     return math.exp(float(np.mean(nll)))
 
 
-def llama_cpp_speed(path: Path, prompt: list[int], tokens: int, threads: int, repeats: int = 4) -> float:
+def llama_cpp_speed(path: Path, prompt: list[int], tokens: int, threads: int, context: int, repeats: int) -> float:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run() -> int:
         generated = 0
@@ -118,11 +118,25 @@ def llama_cpp_speed(path: Path, prompt: list[int], tokens: int, threads: int, re
     return speed
 
 
-def onnx_speed(package: ChatPackage, prompt: list[int], tokens: int, repeats: int = 4) -> float:
+def onnx_speed(path: Path, prompt: list[int], tokens: int, threads: int, context: int, repeats: int) -> float:
+    package = ChatPackage(path, threads=threads)
     package.complete(prompt, tokens, EVERY_TOKEN)  # warm-up
     start = time.perf_counter()
     generated = sum(package.complete(prompt, tokens, EVERY_TOKEN).completion_tokens for _ in range(repeats))
     return generated / (time.perf_counter() - start)
+
+
+ENGINES = {"onnxruntime": onnx_speed, "llama.cpp": llama_cpp_speed}
+
+
+def engine_speed(engine: str, path: Path, prompt: list[int], tokens: int, threads: int, context: int) -> float:
+    """Greedy tokens/s of one engine on one file, measured in a process of its own: thread pools left spinning by
+    the export (torch's OpenMP) or by the other engine (llama.cpp's OpenMP, onnxruntime's pool) would otherwise
+    take the cores from the one being timed."""
+    ids = ",".join(map(str, prompt))
+    command = [sys.executable, __file__, "--measure", engine, str(path), ids, str(tokens), str(threads), str(context)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def started(command: list[str], url: str) -> subprocess.Popen:
@@ -161,6 +175,11 @@ def server_rows(
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--measure"]:  # engine_speed's own process
+        engine, path, ids, tokens, threads, context = sys.argv[2:8]
+        prompt = [int(i) for i in ids.split(",")]
+        print(ENGINES[engine](Path(path), prompt, int(tokens), int(threads), int(context), repeats=4))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="a pipeline workdir: benchmark its champion's weights")
     parser.add_argument("--shape", action="store_true", help="random weights at the ~10 M-parameter shape")
@@ -196,9 +215,9 @@ def main() -> None:
 
     if args.workdir:
         windows = validation_windows(data, EvaluationConfig())
-        ppl = {v: math.exp(np.mean([ChatPackage(p, threads=args.threads).generator.mean_nll(w) for w in windows]))
-               for v, p in packages.items()}  # fmt: skip
-        ppl |= {g: gguf_perplexity(path, windows, args.threads) for g, path in gguf.items()}
+        generators = {v: ChatPackage(p, threads=args.threads).generator for v, p in packages.items()}
+        ppl = {v: math.exp(np.mean([g.mean_nll(w) for w in windows])) for v, g in generators.items()}
+        ppl |= {g: gguf_perplexity(path, windows, args.threads, config.max_seq_len) for g, path in gguf.items()}
         print(f"\nvalidation perplexity ({len(windows)} batches of {windows[0].shape} tokens, the deploy stage's)")
         print(f"{'ours':<8}{'ppl':>8}{'vs fp32':>9}   {'llama.cpp':<9}{'ppl':>8}{'vs f32':>8}")
         for ours, theirs in PAIRS:
@@ -211,8 +230,8 @@ def main() -> None:
     print(f"\nengine decode, batch 1, {args.new_tokens} forced tokens after a {len(prompt)}-token prompt")
     print(f"{'ours':<8}{'MB':>7}{'tok/s':>9}   {'llama.cpp':<9}{'MB':>7}{'tok/s':>9}{'ours / llama.cpp':>18}")
     for ours, theirs in PAIRS:
-        mine = onnx_speed(ChatPackage(packages[ours], threads=args.threads), prompt, args.new_tokens)
-        peer = llama_cpp_speed(gguf[theirs], prompt, args.new_tokens, args.threads)
+        mine = engine_speed("onnxruntime", packages[ours], prompt, args.new_tokens, args.threads, config.max_seq_len)
+        peer = engine_speed("llama.cpp", gguf[theirs], prompt, args.new_tokens, args.threads, config.max_seq_len)
         print(
             f"{ours:<8}{sizes[ours] / 1e6:>7.2f}{mine:>9,.0f}   {theirs:<9}{sizes[theirs] / 1e6:>7.2f}{peer:>9,.0f}"
             f"{mine / peer:>17.2f}x",
@@ -228,6 +247,7 @@ def main() -> None:
     }  # fmt: skip
     logger.finish()
     slots = max(args.clients)
+    context = str(slots * config.max_seq_len)  # llama-server divides its context among the slots
     print(f"\nservers: {args.requests} streamed chat requests per row, {args.max_tokens} forced tokens each")
     print(f"{'server':<30}{'clients':>8}{'tok/s':>11}{'TTFT ms':>10}{'errors':>8}")
     for ours, theirs in PAIRS:
@@ -242,7 +262,7 @@ def main() -> None:
         server_rows(
             f"llama-server {theirs}",
             [str(llama_cpp.server), "-m", str(gguf[theirs]), "--port", str(port), "--host", "127.0.0.1", "--jinja",
-             "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * 256)],
+             "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots), "-c", context],
             f"http://127.0.0.1:{port}", args.clients, args.requests, args.max_tokens,
         )  # fmt: skip
     print(f"\nfiles in {folder}")

@@ -64,6 +64,13 @@ class GRPOConfig(BaseModel):
         0.0, ge=0, le=1, description="Added when an answer ends its turn within max_new_tokens (0: none)."
     )
     curriculum: bool = Field(True, description="Draw tasks by p(1 - p) of their recent success rate p.")
+    dynamic_sampling: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="DAPO's dynamic sampling: groups whose rewards all agree are replaced by new prompts, up to "
+        "this many times prompts_per_step drawn per step (0: off; each group kept).",
+    )
     replay_batch_size: int = Field(2, ge=0, le=4096, description="Pre-training windows replayed per step (0: none).")
     replay_weight: float = Field(0.5, ge=0, le=100, description="Weight of the replayed windows' LM loss.")
     replay_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per replayed window.")
@@ -151,6 +158,10 @@ def pass_at_k(model: ElasticMoE, tokenizer: ChatTokenizer, examples: Sequence[Ex
     return float(np.mean(solved)) if solved else 0.0
 
 
+def _weights(curriculum: TaskCurriculum, config: GRPOConfig) -> list[float] | None:
+    return curriculum.weights() if config.curriculum else None
+
+
 def _exact_match(measurement: dict[str, float]) -> dict[str, float]:
     return {k.removeprefix("exact_match/"): v for k, v in measurement.items() if k.startswith("exact_match/")}
 
@@ -199,14 +210,19 @@ def run_grpo(
         for group in optimizer.param_groups:
             group["lr"] = config.lr * warmup_factor(step, config.warmup_steps)
         core.eval()
-        tasks = rng.choices(
-            curriculum.tasks, weights=curriculum.weights() if config.curriculum else None, k=config.prompts_per_step
-        )
-        rollouts = []
-        for i, task in enumerate(tasks):
+        tasks = rng.choices(curriculum.tasks, weights=_weights(curriculum, config), k=config.prompts_per_step)
+        rollouts, drawn, flat_groups = [], 0, 0
+        while tasks:
+            task = tasks.pop()
             example = rng.choice(by_task[task])
-            batch = rollout(core, tokenizer, example, config, config.seed * 1_000_003 + step * 4096 + i)
+            batch = rollout(core, tokenizer, example, config, config.seed * 1_000_003 + step * 4096 + drawn)
+            drawn += 1
             curriculum.update(task, float((batch.rewards >= 1).float().mean()))
+            flat = bool(batch.rewards.std() == 0)
+            flat_groups += flat
+            if flat and drawn + len(tasks) < config.dynamic_sampling * config.prompts_per_step:
+                tasks.append(rng.choices(curriculum.tasks, weights=_weights(curriculum, config))[0])
+                continue  # DAPO's dynamic sampling: a group that all agree teaches nothing; draw another
             rollouts.append(batch)
         core.train()
         advantages = [group_advantages(r.rewards[None], config.scale_advantages)[0] for r in rollouts]
@@ -241,7 +257,8 @@ def run_grpo(
                 "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std()),
                 "useful_groups": float(np.mean(useful)),
-                "zero_variance_groups": 1.0 - float(np.mean(useful)),
+                "zero_variance_groups": flat_groups / drawn,  # of all groups drawn, dropped ones included
+                "groups_drawn": float(drawn),
                 "response_length": float(np.mean([n for r in rollouts for n in r.lengths])),
                 "kl": kl.item(),
                 "loss": loss.item(),

@@ -3,6 +3,7 @@ tasks whose groups disagree."""
 
 import copy
 
+import pytest
 import torch
 
 from models.moe import ElasticMoE
@@ -11,16 +12,23 @@ from tasks.data import PreparedData
 from tasks.grpo import GRPOConfig, TaskCurriculum, run_grpo
 
 
-def test_equal_rewards_produce_no_update(chat_model: ElasticMoE, small_data: PreparedData) -> None:
+@pytest.mark.parametrize("dynamic_sampling", [0, 3])
+def test_equal_rewards_produce_no_update(
+    chat_model: ElasticMoE, small_data: PreparedData, dynamic_sampling: int
+) -> None:
+    """Also with dynamic sampling, which draws new prompts for groups that all agree, up to 3 x 2 groups a step."""
     model = copy.deepcopy(chat_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     impossible = [Example("copy", f"Copy: king {i}", "\x00 no model writes this") for i in range(4)]
     config = GRPOConfig(
-        enabled=True, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=4, replay_batch_size=0, pass_k=2
-    )
+        enabled=True, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=4, replay_batch_size=0, pass_k=2,
+        dynamic_sampling=dynamic_sampling,
+    )  # fmt: skip
     result = run_grpo(config, model, small_data.chat_tokenizer(), impossible, impossible[:2])
     assert [m["reward_mean"] for m in result.metrics] == [0.0, 0.0]
     assert [m["useful_groups"] for m in result.metrics] == [0.0, 0.0]
+    assert [m["zero_variance_groups"] for m in result.metrics] == [1.0, 1.0]
+    assert [m["groups_drawn"] for m in result.metrics] == [6.0, 6.0] if dynamic_sampling else [2.0, 2.0]
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
 
