@@ -13,32 +13,33 @@ HOME_DIR=$("$PY" -m tasks.llama_cpp home)
 VERSION=$("$PY" -m tasks.llama_cpp version)
 JOBS=${JOBS:-$(nproc)}
 
-installed() {
-    [ -x "$HOME_DIR/build/bin/llama-server" ] && [ -x "$HOME_DIR/build/bin/llama-quantize" ] \
-        && "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null
-}
-if installed; then
+built() { [ -x "$HOME_DIR/build/bin/llama-server" ] && [ -x "$HOME_DIR/build/bin/llama-quantize" ]; }
+bound() { "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; }
+
+if built; then
     echo "llama.cpp (llama-cpp-python $VERSION) already built in $HOME_DIR"
-    exit 0
+else
+    STAGE="$HOME_DIR.partial-$$"
+    trap 'rm -rf "$STAGE"' EXIT
+    mkdir -p "$STAGE"
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$STAGE"
+    tar -xzf "$STAGE/llama_cpp_python-$VERSION.tar.gz" -C "$STAGE"
+    mv "$STAGE/llama_cpp_python-$VERSION/vendor/llama.cpp" "$STAGE/src"
+    # Only what trainonce uses: the library, llama-server and llama-quantize (no tests, examples or web UI).
+    # $ORIGIN run paths: the binaries find the libraries beside them after the folder is renamed into place.
+    cmake -S "$STAGE/src" -B "$STAGE/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON
+    cmake --build "$STAGE/build" -j "$JOBS" --target llama-server llama-quantize
+    rm -rf "$HOME_DIR"
+    mv "$STAGE" "$HOME_DIR"
+    trap - EXIT
 fi
 
-STAGE="$HOME_DIR.partial-$$"
-trap 'rm -rf "$STAGE"' EXIT
-mkdir -p "$STAGE"
-"$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$STAGE"
-tar -xzf "$STAGE/llama_cpp_python-$VERSION.tar.gz" -C "$STAGE"
-SDIST="$STAGE/llama_cpp_python-$VERSION"
-mv "$SDIST/vendor/llama.cpp" "$STAGE/src"
-
-# Only what trainonce uses: the library, llama-server and llama-quantize (no tests, examples or web UI).
-cmake -S "$STAGE/src" -B "$STAGE/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON  # $ORIGIN: the folder can be renamed
-cmake --build "$STAGE/build" -j "$JOBS" --target llama-server llama-quantize
-
-rm -rf "$HOME_DIR"
-mv "$STAGE" "$HOME_DIR"
-trap - EXIT
+if bound; then
+    echo "llama-cpp-python $VERSION already in $PY's environment"
+    exit 0
+fi
 # The bindings without a second compilation; their lib/ folder gets the libraries built above. Built from the
 # folder kept beside the build (its vendor/ now empty), so the package is exactly the pinned version.
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$PY" -m pip install --quiet "$HOME_DIR/llama_cpp_python-$VERSION"
