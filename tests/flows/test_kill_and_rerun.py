@@ -1,7 +1,8 @@
-"""`trainonce pipeline` SIGKILLed midway (during pre-training after a checkpoint, during SFT, during export), then run
-again with the same command: it resumes (pre-training from its checkpoint, which it says; finished stages from
-Prefect's cache), ends with a champion, and nothing the killed run left behind stays Running (its Prefect flow,
-subflow and task runs are Crashed; its MLflow runs are resumed or ended KILLED)."""
+"""`trainonce pipeline` SIGKILLed midway (during pre-training after a checkpoint), run again with the same command and
+killed again (during SFT), and again (during export), then run to the end: each run resumes (pre-training from its
+checkpoint, which it says; finished stages from Prefect's cache), the last ends with a champion, and nothing the
+killed runs left behind stays Running (their Prefect flow, subflow and task runs are Crashed; their MLflow runs are
+resumed or ended KILLED)."""
 
 import json
 import os
@@ -65,7 +66,7 @@ def _prefect_record(workdir: Path) -> tuple[list[tuple[str, str]], list[str]]:
     return [(name, state) for name, state in record["states"]], record["summaries"]
 
 
-# where the first run is killed: as soon as this appears in its workdir
+# where each run is killed: as soon as this appears in its workdir
 KILL_POINTS = {
     "pretraining": "pretrain/*/checkpoints/step_*",  # after a checkpoint: pre-training resumes from it
     "sft": "align/subnet-v*",  # the align task started: search and extraction come from the cache
@@ -73,46 +74,53 @@ KILL_POINTS = {
 }
 
 
+def _run_until(command: list[str], env: dict[str, str], workdir: Path, pattern: str, log_path: Path) -> str:
+    """Start the pipeline, SIGKILL it (the flow process and its temporary Prefect server, no warning) as soon as
+    `pattern` appears in the workdir; returns what it printed."""
+    with log_path.open("w") as log:
+        run = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 900
+        while not list(workdir.glob(pattern)):
+            assert run.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the run never reached {pattern}"
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=60)
+    return log_path.read_text()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_a_pipeline_killed_midway_resumes_when_run_again(
-    point: str, tmp_path: Path, small_corpus: Path, short_pipeline: list[str]
+def test_a_pipeline_killed_at_each_stage_in_turn_resumes_each_time(
+    tmp_path: Path, small_corpus: Path, short_pipeline: list[str]
 ) -> None:
+    """Killed during pre-training, then (run again) during SFT, then during export; the fourth run completes. One
+    workdir throughout, so each run resumes from what all the killed ones left."""
     workdir = tmp_path / "pipeline"
     command = _command(workdir, small_corpus, tmp_path / "data", short_pipeline)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = (tmp_path / "killed.log").open("w")
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 900
-    while not list(workdir.glob(KILL_POINTS[point])):
-        assert first.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, f"the run never reached {point}"
-        time.sleep(0.1)
-    os.killpg(first.pid, signal.SIGKILL)  # the flow process and its temporary Prefect server, no warning
-    first.wait(timeout=60)
-    log.close()
+    _run_until(command, env, workdir, KILL_POINTS["pretraining"], tmp_path / "killed-pretraining.log")
+    resumed = _run_until(command, env, workdir, KILL_POINTS["sft"], tmp_path / "killed-sft.log")
+    assert "pre-training resumes at step" in resumed and "resumed from its checkpoint at step" in resumed
+    after_sft = _run_until(command, env, workdir, KILL_POINTS["export"], tmp_path / "killed-export.log")
+    assert "resumes at step" not in after_sft  # pre-training came from the cache
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    output = again.stdout + again.stderr
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumes at step" not in again.stdout + again.stderr
     client = store_client(workdir)
     champion = client.get_model_version_by_alias("trainonce-chat", "champion")
     assert str(champion.version) == "1"
     supernets = client.search_model_versions("name='trainonce-supernet'")
-    assert len(supernets) == 1  # trained once, whether the kill came during or after pre-training
-    if point == "pretraining":
-        assert "pre-training resumes at step" in output and "resumed from its checkpoint at step" in output
-        assert int(supernets[0].tags["resumed_from_step"]) >= 5
-    else:
-        assert "resumes at step" not in output
-        assert len(client.search_model_versions("name='trainonce-subnet'")) == 1  # extraction came from the cache
+    assert len(supernets) == 1  # trained once, across the kill during pre-training and the ones after it
+    assert int(supernets[0].tags["resumed_from_step"]) >= 5
+    assert len(client.search_model_versions("name='trainonce-subnet'")) == 1  # extraction came from the cache
     experiment = client.get_experiment_by_name("trainonce").experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
     states, summaries = _prefect_record(workdir)
     assert not [(name, state) for name, state in states if state in ("RUNNING", "PENDING")], states
-    assert sum(state == "CRASHED" for _, state in states) >= 2, states  # the killed pipeline run and its stage
+    assert sum(state == "CRASHED" for _, state in states) >= 6, states  # 3 killed pipeline runs and their stages
     names = {name for name, _ in states}
     assert {f"{stage}: {workdir.parent.name}/pipeline" for stage in ("pipeline", "pretrain", "deploy")} <= names
-    # the pipeline run's own artifacts hold what it produced, as the command printed it
+    # the completed pipeline run's own artifacts hold what it produced, as the command printed it
     assert len(summaries) == 1 and "trainonce-chat@champion = version 1" in summaries[0]
