@@ -122,9 +122,22 @@ GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE, small_data: PreparedData):
+    """The chat model registered as `trainonce-chat-torch/1`, then `trainonce export-gguf` on that reference."""
+    from flows.cli import main
+    from registry.models import register_checkpoint
+    from registry.tracking import RunLogger
+
     folder = tmp_path_factory.mktemp("gguf")
-    checkpoint = save_model(chat_model, folder / "checkpoint")
-    return export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, folder / "out", GGUF_TYPES)
+    logger = RunLogger(folder / "registry", run_name="align")
+    checkpoint = save_model(chat_model, folder / "dpo")
+    register_checkpoint(
+        folder / "registry", logger.run_id, "trainonce-chat-torch", checkpoint, small_data.tokenizer_path, {},
+        {"stage": "dpo"},
+    )  # fmt: skip
+    logger.finish()
+    main(["export-gguf", "--workdir", str(folder / "registry"), "--model", "trainonce-chat-torch/1",
+          "--out", str(folder / "out"), "--types", ",".join(GGUF_TYPES)])  # fmt: skip
+    return {gguf_type: folder / "out" / f"model-{gguf_type.upper()}.gguf" for gguf_type in GGUF_TYPES}
 
 
 @contextmanager
@@ -278,3 +291,9 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
     assert {k: run.data.tags[k] for k in lineage} == lineage and run.data.tags["stage"] == "export-gguf"
     assert [a.path for a in client.list_artifacts(result.run_id, "gguf")] == ["gguf/model-Q8_0.gguf"]
     assert run.data.metrics["size_mb/q8_0"] == pytest.approx(Path(result.files["q8_0"]).stat().st_size / 1e6)
+
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files other than GGUF"):
+        export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, tmp_path / "occupied", ("f32",))
+    assert [p.name for p in (tmp_path / "occupied").iterdir()] == ["notes.txt"]
