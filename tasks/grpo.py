@@ -18,6 +18,7 @@ import copy
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 import numpy as np
 import torch
@@ -60,6 +61,13 @@ class GRPOConfig(BaseModel):
     scale_advantages: bool = Field(True, description="Divide advantages by the group's std (False: Dr. GRPO).")
     updates_per_rollout: int = Field(1, ge=1, le=64, description="Gradient steps per rollout batch (GRPO's mu).")
     kl_coef: float = Field(0.0, ge=0, le=10, description="Weight of the k3 KL to the starting model (0: none).")
+    partial_credit: float = Field(
+        0.0,
+        ge=0,
+        le=0.99,
+        description="Weight of partial credit for a wrong answer that ends its turn: the word-level similarity "
+        "(difflib ratio) of answer and expected answer, a denser signal on tasks rarely solved (0: exact only).",
+    )
     format_reward: float = Field(
         0.0, ge=0, le=1, description="Added when an answer ends its turn within max_new_tokens (0: none)."
     )
@@ -110,6 +118,7 @@ class Rollout:
     tokens: torch.Tensor
     targets: torch.Tensor
     rewards: torch.Tensor  # (G,)
+    solved: torch.Tensor  # (G,) bool: the task's checker accepted the answer
     lengths: list[int]
 
 
@@ -119,6 +128,13 @@ class GRPOResult:
     held_out: list[dict[str, float]]  # per measurement: step, exact_match/<task> (greedy pass@1), pass_at_k
     accuracy_before: dict[str, float]
     accuracy_after: dict[str, float]
+
+
+def answer_reward(text: str, expected: str, finished: bool, solved: bool, config: GRPOConfig) -> float:
+    """1 for a solved task; else, when the answer ended its turn, `partial_credit` times the word-level similarity
+    to the expected answer; plus `format_reward` for ending the turn at all."""
+    partial = SequenceMatcher(None, text.split(), expected.split()).ratio() if finished and not solved else 0.0
+    return float(solved) + config.partial_credit * partial + config.format_reward * finished
 
 
 def rollout(
@@ -133,11 +149,12 @@ def rollout(
         Sampler(config.rollout_params(), vocab, prompt, g) for g in choice_generators(rng_seed, config.group_size)
     ]
     answers = sample_group(model, prompt, samplers, room, {end})
-    rewards = []
+    rewards, solved = [], []
     for answer in answers:
         finished = answer[-1] == end
         text = tokenizer.decode(answer[:-1] if finished else answer)
-        rewards.append(float(finished and check(text, example.answer)) + config.format_reward * finished)
+        solved.append(finished and check(text, example.answer))
+        rewards.append(answer_reward(text, example.answer, finished, solved[-1], config))
     width = len(prompt) + max(len(a) for a in answers)
     tokens = torch.full((len(answers), width), tokenizer.pad_id, dtype=torch.long)
     targets = torch.full((len(answers), width), IGNORE_INDEX, dtype=torch.long)
@@ -145,14 +162,14 @@ def rollout(
         sequence = torch.tensor(prompt + answer)
         tokens[row, : len(sequence)] = sequence
         targets[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(answer)  # position t predicts t + 1
-    return Rollout(tokens, targets, torch.tensor(rewards), [len(a) for a in answers])
+    return Rollout(tokens, targets, torch.tensor(rewards), torch.tensor(solved), [len(a) for a in answers])
 
 
 def pass_at_k(model: ElasticMoE, tokenizer: ChatTokenizer, examples: Sequence[Example], config: GRPOConfig) -> float:
     """Held-out pass@k: a prompt counts if any of k sampled answers is exact."""
-    k_config = config.model_copy(update={"group_size": config.pass_k, "format_reward": 0.0})
+    k_config = config.model_copy(update={"group_size": config.pass_k})
     solved = [
-        bool(rollout(model, tokenizer, e, k_config, config.seed + 7919 + i).rewards.max() >= 1)
+        bool(rollout(model, tokenizer, e, k_config, config.seed + 7919 + i).solved.any())
         for i, e in enumerate(examples)
     ]
     return float(np.mean(solved)) if solved else 0.0
@@ -217,7 +234,7 @@ def run_grpo(
             example = rng.choice(by_task[task])
             batch = rollout(core, tokenizer, example, config, config.seed * 1_000_003 + step * 4096 + drawn)
             drawn += 1
-            curriculum.update(task, float((batch.rewards >= 1).float().mean()))
+            curriculum.update(task, float(batch.solved.float().mean()))
             flat = bool(batch.rewards.std() == 0)
             flat_groups += flat
             if flat and drawn + len(tasks) < config.dynamic_sampling * config.prompts_per_step:

@@ -9,7 +9,7 @@ import torch
 from models.moe import ElasticMoE
 from tasks.align_data import Example
 from tasks.data import PreparedData
-from tasks.grpo import GRPOConfig, TaskCurriculum, run_grpo
+from tasks.grpo import GRPOConfig, TaskCurriculum, answer_reward, run_grpo
 
 
 @pytest.mark.parametrize("dynamic_sampling", [0, 3])
@@ -31,6 +31,15 @@ def test_equal_rewards_produce_no_update(
     assert [m["groups_drawn"] for m in result.metrics] == [6.0, 6.0] if dynamic_sampling else [2.0, 2.0]
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_rewards_exact_then_partial_credit_then_format() -> None:
+    config = GRPOConfig(partial_credit=0.5, format_reward=0.1)
+    assert answer_reward("king queen crown", "king queen crown", True, True, config) == 1.1
+    # difflib's ratio on words: 2 * 2 matching / (2 + 3) words = 0.8, at half weight, plus the format reward
+    assert answer_reward("king queen", "king queen crown", True, False, config) == pytest.approx(0.5)
+    assert answer_reward("king queen", "king queen crown", False, False, config) == 0.0  # cut off: nothing
+    assert answer_reward("41", "42", True, False, GRPOConfig()) == 0.0  # the default: exact answers only
 
 
 def test_the_curriculum_favours_tasks_whose_groups_disagree() -> None:
