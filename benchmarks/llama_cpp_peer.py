@@ -130,9 +130,9 @@ ENGINES = {"onnxruntime": onnx_speed, "llama.cpp": llama_cpp_speed}
 
 
 def engine_speed(engine: str, path: Path, prompt: list[int], tokens: int, threads: int, context: int) -> float:
-    """Greedy tokens/s of one engine on one file, measured in a process of its own: thread pools left spinning by
-    the export (torch's OpenMP) or by the other engine (llama.cpp's OpenMP, onnxruntime's pool) would otherwise
-    take the cores from the one being timed."""
+    """Greedy tokens/s of one engine on one file, measured in a process of its own: neither engine shares thread
+    pools (llama.cpp's OpenMP, onnxruntime's) or memory with the other or with the export (timed in one process,
+    a first run measured our fp32 at 0.6x of what it does alone)."""
     ids = ",".join(map(str, prompt))
     command = [sys.executable, __file__, "--measure", engine, str(path), ids, str(tokens), str(threads), str(context)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
