@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from serve_load import load  # this folder (benchmarks/), as the script runs
+from serve_load import free_port, load, started  # this folder (benchmarks/), as the script runs
 
-from flows.readiness import http_ok, wait_until_ready
 from models.chat_format import ChatFormat, Message
 from models.checkpoint import load_model, save_model
 from models.config import MoEConfig
@@ -54,19 +52,13 @@ GGUF = tuple(dict.fromkeys(g for _, g in PAIRS))
 PROMPT = "Repeat: king queen crown"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def trained_model(workdir: str, config: str) -> tuple[ElasticMoE, PreparedData]:
-    """The champion's PyTorch parent (the weights its ONNX package was exported from) and its data."""
+def trained_model(workdir: str) -> ElasticMoE:
+    """The champion's PyTorch parent (the weights its ONNX package was exported from)."""
     from registry.models import download_checkpoint, resolve_version
 
     champion = resolve_version(workdir, "trainonce-chat@champion")
     checkpoint = download_checkpoint(workdir, version_tags(workdir, champion)["parent_model"])
-    return load_model(checkpoint.checkpoint_dir).eval(), prepare_data(load_pipeline_config(config).data)
+    return load_model(checkpoint.checkpoint_dir).eval()
 
 
 def shaped_model(data: PreparedData, folder: Path) -> tuple[ElasticMoE, Path]:
@@ -139,18 +131,6 @@ def engine_speed(engine: str, path: Path, prompt: list[int], tokens: int, thread
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def started(command: list[str], url: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        command,
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_until_ready(http_ok(f"{url}/health"), f"the server at {url}", process)
-    return process
-
-
 def server_rows(
     label: str, command: list[str], url: str, clients: list[int], requests: int, max_tokens: int
 ) -> list[str]:
@@ -197,7 +177,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="llama-cpp-peer-"))
     data = prepare_data(load_pipeline_config(args.config).data)
     if args.workdir:
-        model, data = trained_model(args.workdir, args.config)
+        model = trained_model(args.workdir)
         tokenizer_path, chat_format = Path(data.tokenizer_path), data.chat_format
     else:
         model, tokenizer_path = shaped_model(data, folder)
@@ -210,7 +190,7 @@ def main() -> None:
     )
     packages = build_packages(model, tokenizer_path, chat_format, folder / "onnx", DeployConfig())
     gguf = export_gguf(save_model(model, folder / "checkpoint"), tokenizer_path, chat_format, folder / "gguf", GGUF)
-    sizes = {**{v: (p / "model.onnx").stat().st_size for v, p in packages.items()}}
+    sizes = {v: (p / "model.onnx").stat().st_size for v, p in packages.items()}
     sizes |= {g: path.stat().st_size for g, path in gguf.items()}
 
     if args.workdir:

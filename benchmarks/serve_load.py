@@ -42,12 +42,14 @@ PROMPTS = [
 ]
 
 
-def start_server(workdir: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "flows.cli", "serve", "--workdir", workdir, "--port", str(port)]
-    command += ["--threads", str(threads), "--max-batch", str(max_batch), "--max-waiting", "4096"]
+        return sock.getsockname()[1]
+
+
+def started(command: list[str], url: str) -> subprocess.Popen:
+    """`command` (a server listening at `url`) started from the repository root, once its /health answers."""
     process = subprocess.Popen(
         command,
         cwd=Path(__file__).resolve().parents[1],
@@ -55,9 +57,16 @@ def start_server(workdir: str, threads: int, max_batch: int) -> tuple[subprocess
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
     wait_until_ready(http_ok(f"{url}/health"), f"the server at {url}", process)
-    return process, url
+    return process
+
+
+def start_server(workdir: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "flows.cli", "serve", "--workdir", workdir, "--port", str(port)]
+    command += ["--threads", str(threads), "--max-batch", str(max_batch), "--max-waiting", "4096"]
+    url = f"http://127.0.0.1:{port}"
+    return started(command, url), url
 
 
 @dataclass(frozen=True)

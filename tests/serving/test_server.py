@@ -72,7 +72,13 @@ def running_server(workdir: Path, *options: str) -> Iterator[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    with serving(process, f"http://127.0.0.1:{port}") as url:
+        yield url
+
+
+@contextmanager
+def serving(process: subprocess.Popen, url: str) -> Iterator[str]:
+    """A server process listening at `url`, once its /health answers, until the block ends."""
     try:
         wait_healthy(url, process)
         yield url

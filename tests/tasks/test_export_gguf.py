@@ -34,7 +34,7 @@ from tasks.export_hf import export_hf
 from tasks.gguf_convert import byte_level_bpe_problem, end_of_turn_id, shared_expert_width
 from tasks.llama_cpp import LlamaCpp, LlamaCppMissing, check_gguf_request, default_home
 from tasks.pipeline_config import load_pipeline_config
-from tests.serving.test_server import API_KEY, free_port, running_server, wait_healthy
+from tests.serving.test_server import API_KEY, free_port, running_server, serving
 
 MESSAGES = [
     Message(role="system", content="Answer briefly."),
@@ -248,13 +248,8 @@ def llama_server(path: Path) -> Iterator[str]:
          "-c", "512", "-np", "1", "-ctk", "f32", "-ctv", "f32", "--api-key", API_KEY],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process)
+    with serving(process, f"http://127.0.0.1:{port}") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @needs_llama_cpp
