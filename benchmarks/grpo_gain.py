@@ -24,7 +24,7 @@ from registry.models import CHAT_TORCH_MODEL, download_checkpoint, version_tags
 from registry.tracking import store_client
 from tasks.align_data import corpus_passages, generate_splits
 from tasks.data import PreparedData, prepare_data
-from tasks.grpo import run_grpo
+from tasks.grpo import grpo_prompts, run_grpo
 from tasks.pipeline_config import load_pipeline_config, parse_overrides
 from tasks.sft import exact_match
 from tasks.validation_panel import evaluate_panel
@@ -54,7 +54,9 @@ def main() -> None:
     grpo = config.grpo.model_copy(update={"enabled": True})
     data = prepare_data(config.data)
     tokenizer = data.chat_tokenizer()
-    train, test = generate_splits(config.sft.task_mix, corpus_passages("\n".join(data.documents())))
+    passages = corpus_passages("\n".join(data.documents()))
+    train, test = generate_splits(config.sft.task_mix, passages)
+    prompts = grpo_prompts(grpo, config.sft.task_mix, passages, train, test)
     dpo_version = latest_version(args.workdir, "dpo")
     dpo_ckpt = download_checkpoint(args.workdir, f"{CHAT_TORCH_MODEL}/{dpo_version}")
     sft_version = version_tags(args.workdir, dpo_ckpt.version)["parent_sft_version"]
@@ -70,7 +72,7 @@ def main() -> None:
     for seed in args.seeds:
         policy = copy.deepcopy(dpo)
         start = time.perf_counter()
-        result = run_grpo(grpo.model_copy(update={"seed": seed}), policy, tokenizer, train, test, data.split("train"))
+        result = run_grpo(grpo.model_copy(update={"seed": seed}), policy, tokenizer, prompts, test, data.split("train"))
         minutes = (time.perf_counter() - start) / 60
         ppl = val_ppl(policy.eval(), data)
         before, after = result.accuracy_before, result.accuracy_after

@@ -15,7 +15,7 @@ from registry.tracking import RunLogger, git_commit
 from tasks.align_data import corpus_passages, generate_splits, read_preference_jsonl, read_sft_jsonl
 from tasks.data import PreparedData
 from tasks.dpo import DPOConfig, run_dpo
-from tasks.grpo import GRPO_OFF, GRPOConfig, run_grpo
+from tasks.grpo import GRPO_OFF, GRPOConfig, grpo_prompts, run_grpo
 from tasks.plots import plot_grpo
 from tasks.sft import SFTConfig, run_sft
 from tasks.stage_results import AlignedModels
@@ -45,7 +45,8 @@ def align_task(
     data = PreparedData.load(data_dir)
     tokenizer = data.chat_tokenizer()
     model = load_model(subnet_dir)
-    train, test = generate_splits(sft.task_mix, corpus_passages("\n".join(data.documents())))
+    passages = corpus_passages("\n".join(data.documents()))
+    train, test = generate_splits(sft.task_mix, passages)
     out_dir = Path(workdir) / "align" / f"subnet-v{subnet_version}"
     lineage = {
         "parent_model": f"{SUBNET_MODEL}/{subnet_version}",
@@ -122,7 +123,8 @@ def align_task(
     if grpo.enabled:
         grpo_logger = RunLogger(workdir, run_name="grpo", tags={"stage": "grpo"})
         grpo_logger.log_params({"grpo": grpo.model_dump(mode="json")})
-        grpo_result = run_grpo(grpo, model, tokenizer, train, test, data.split("train"))
+        prompts = grpo_prompts(grpo, sft.task_mix, passages, train, test)
+        grpo_result = run_grpo(grpo, model, tokenizer, prompts, test, data.split("train"))
         for step, metrics in enumerate(grpo_result.metrics, start=1):
             grpo_logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
         for held in grpo_result.held_out:

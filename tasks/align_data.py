@@ -162,26 +162,39 @@ class TaskMixConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the training split (held-out uses seed + 1).")
 
 
+def _draw(config: TaskMixConfig, passages: Sequence[str], seed: int, per_task: int, exclude: set[str]) -> list[Example]:
+    """`per_task` distinct examples of each task from `seed`, none whose prompt is in `exclude`."""
+    makers = {"arithmetic": _arithmetic, "copy": _copy, "reverse": _reverse, "sort": _sort, "span": _span(passages)}
+    rng, examples = random.Random(seed), []
+    for name in config.tasks:
+        seen: set[str] = set()
+        for _ in range(per_task * 50):
+            if len(seen) == per_task:
+                break
+            example = makers[name](rng)
+            if example.prompt not in exclude and example.prompt not in seen:
+                seen.add(example.prompt)
+                examples.append(example)
+    return examples
+
+
 def generate_splits(config: TaskMixConfig, passages: Sequence[str]) -> tuple[list[Example], list[Example]]:
     """Train and held-out examples; a held-out prompt never appears in train."""
-    makers = {"arithmetic": _arithmetic, "copy": _copy, "reverse": _reverse, "sort": _sort, "span": _span(passages)}
-
-    def draw(seed: int, per_task: int, exclude: set[str]) -> list[Example]:
-        rng, examples = random.Random(seed), []
-        for name in config.tasks:
-            seen: set[str] = set()
-            for _ in range(per_task * 50):
-                if len(seen) == per_task:
-                    break
-                example = makers[name](rng)
-                if example.prompt not in exclude and example.prompt not in seen:
-                    seen.add(example.prompt)
-                    examples.append(example)
-        return examples
-
-    train = draw(config.seed, config.train_per_task, set())
-    test = draw(config.seed + 1, config.test_per_task, {e.prompt for e in train})
+    train = _draw(config, passages, config.seed, config.train_per_task, set())
+    test = _draw(config, passages, config.seed + 1, config.test_per_task, {e.prompt for e in train})
     return train, test
+
+
+def fresh_examples(
+    config: TaskMixConfig, passages: Sequence[str], per_task: int, splits: Sequence[Sequence[Example]]
+) -> list[Example]:
+    """Examples of the same tasks whose prompts are in none of `splits` (drawn from seed + 2).
+
+    Reinforcement learning needs them: after SFT's epochs the model has memorised its training prompts (on the
+    tiny preset its sampled answers solve 81% of the training copy prompts and 51% of held-out ones), so rewards
+    on those prompts reinforce recall, not the skill that the held-out split measures."""
+    exclude = {e.prompt for split in splits for e in split}
+    return _draw(config, passages, config.seed + 2, per_task, exclude)
 
 
 def as_conversation(example: Example) -> Conversation:

@@ -32,7 +32,7 @@ from models.losses import IGNORE_INDEX, causal_lm_loss, clipped_policy_loss, gro
 from models.losses import token_logprobs as answer_token_logprobs
 from models.moe import ElasticMoE
 from models.sampling import Sampler, SamplingParams, choice_generators
-from tasks.align_data import Example, check
+from tasks.align_data import Example, TaskMixConfig, check, fresh_examples
 from tasks.data import sample_batch
 from tasks.optim import warmup_factor
 from tasks.sft import exact_match
@@ -84,6 +84,13 @@ class GRPOConfig(BaseModel):
     replay_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per replayed window.")
     pass_k: int = Field(4, ge=1, le=256, description="k of the held-out pass@k (answers sampled per prompt).")
     eval_interval: int = Field(10, ge=1, le=1_000_000, description="Steps between held-out measurements.")
+    fresh_prompts_per_task: int = Field(
+        400,
+        ge=0,
+        le=1_000_000,
+        description="Prompts per task drawn for GRPO alone, in neither SFT's training split nor the held-out one "
+        "(0: SFT's training prompts, whose answers the SFT model has memorised, so their rewards teach little).",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of prompt order and sampling.")
 
     def rollout_params(self) -> SamplingParams:
@@ -175,6 +182,19 @@ def pass_at_k(model: ElasticMoE, tokenizer: ChatTokenizer, examples: Sequence[Ex
     return float(np.mean(solved)) if solved else 0.0
 
 
+def grpo_prompts(
+    config: GRPOConfig,
+    task_mix: TaskMixConfig,
+    passages: Sequence[str],
+    train: Sequence[Example],
+    test: Sequence[Example],
+) -> list[Example]:
+    """The prompts GRPO samples from: fresh ones of the same tasks (none in `train` or `test`), or `train` itself."""
+    if not config.fresh_prompts_per_task:
+        return list(train)
+    return fresh_examples(task_mix, passages, config.fresh_prompts_per_task, [train, test])
+
+
 def _weights(curriculum: TaskCurriculum, config: GRPOConfig) -> list[float] | None:
     return curriculum.weights() if config.curriculum else None
 
@@ -191,11 +211,11 @@ def run_grpo(
     config: GRPOConfig,
     policy: ElasticMoE,
     tokenizer: ChatTokenizer,
-    train: Sequence[Example],
+    prompts: Sequence[Example],
     test: Sequence[Example],
     replay_tokens: np.ndarray | None = None,
 ) -> GRPOResult:
-    """GRPO of `policy` (in place) on the training prompts; held-out pass@1 (greedy) and pass@k measured along."""
+    """GRPO of `policy` (in place) on `prompts` (see grpo_prompts); held-out pass@1 (greedy) and pass@k measured along."""
     if config.replay_batch_size and replay_tokens is None:
         raise ValueError("grpo.replay_batch_size > 0 needs the pre-training tokens to replay")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -205,7 +225,7 @@ def run_grpo(
     reference.to(accelerator.device)
     device = accelerator.device
     by_task: dict[str, list[Example]] = {}
-    for example in train:
+    for example in prompts:
         by_task.setdefault(example.task, []).append(example)
     curriculum = TaskCurriculum(sorted(by_task))
     rng = random.Random(config.seed)
