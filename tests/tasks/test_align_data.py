@@ -15,6 +15,7 @@ from tasks.align_data import (
     check,
     corpus_passages,
     corrupt,
+    fresh_examples,
     generate_splits,
     read_preference_jsonl,
     read_sft_jsonl,
@@ -44,6 +45,15 @@ def test_splits_are_seeded_disjoint_and_checkable(passages: list[str]) -> None:
     words = span.prompt.split("\n")[0].removeprefix("Passage: ").split()
     cue = span.prompt.split("'")[1]
     assert words[words.index(cue) + 1] == span.answer
+
+
+def test_fresh_examples_avoid_both_splits(passages: list[str]) -> None:
+    config = TaskMixConfig(train_per_task=60, test_per_task=20)
+    train, test = generate_splits(config, passages)
+    fresh = fresh_examples(config, passages, 30, [train, test])
+    assert fresh == fresh_examples(config, passages, 30, [train, test])
+    assert len(fresh) == 5 * 30 and {e.task for e in fresh} == set(config.tasks)
+    assert not {e.prompt for e in fresh} & {e.prompt for e in train + test}
 
 
 def test_corruptions_are_always_wrong(passages: list[str]) -> None:
