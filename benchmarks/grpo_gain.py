@@ -1,12 +1,13 @@
 """Does GRPO add held-out exact match after DPO, beyond the run-to-run spread, and keep perplexity?
 
-    .venv/bin/python benchmarks/grpo_gain.py --workdir runs/grpo-demo --seeds 0 1 2
+    .venv/bin/python benchmarks/grpo_gain.py --workdir runs/grpo-demo --config tiny-grpo --seeds 0 1 2 3 4 5
 
 Takes the workdir's last DPO model (`trainonce-chat-torch`, stage dpo) and its SFT parent, then for each seed runs
-the GRPO stage (tasks.grpo, the preset's `grpo` section with `--set grpo.KEY=VALUE` overrides) from the same DPO
-model and measures, on the held-out split the alignment stage uses: exact match per task (greedy, pass@1) of
-SFT, DPO and GRPO, GRPO's pass@k, and validation perplexity of SFT and GRPO on the same windows. Prints one row
-per seed, then the mean and the spread (max - min) of the gain over DPO. Nothing is asserted: it is a benchmark.
+the GRPO stage (tasks.grpo, the preset's `grpo` section with `--set grpo.KEY=VALUE` overrides, on the prompts
+tasks.grpo.grpo_prompts gives it) from the same DPO model and measures, on the held-out split the alignment stage
+uses: exact match per task (greedy, pass@1) of SFT, DPO and GRPO, GRPO's pass@k, and validation perplexity of SFT
+and GRPO on the same windows. Prints one row per seed, then the mean and the spread (max - min) of the gain over
+DPO. Nothing is asserted: it is a benchmark.
 """
 
 from __future__ import annotations
