@@ -16,16 +16,18 @@ import argparse
 import copy
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from models.chat_format import ChatTokenizer
 from models.checkpoint import load_model
 from registry.models import CHAT_TORCH_MODEL, download_checkpoint, version_tags
 from registry.tracking import store_client
-from tasks.align_data import corpus_passages, generate_splits
+from tasks.align_data import Example, corpus_passages, generate_splits
 from tasks.data import PreparedData, prepare_data
-from tasks.grpo import grpo_prompts, run_grpo
+from tasks.grpo import GRPOConfig, grpo_prompts, rollout, run_grpo
 from tasks.pipeline_config import load_pipeline_config, parse_overrides
 from tasks.sft import exact_match
 from tasks.validation_panel import evaluate_panel
@@ -44,12 +46,40 @@ def val_ppl(model: torch.nn.Module, data: PreparedData, batches: int = 16) -> fl
     return math.exp(loss)
 
 
+def sampled_success(
+    model: torch.nn.Module, tokenizer: ChatTokenizer, examples: Sequence[Example], answers: int = 8
+) -> dict[str, float]:
+    """Per task, the share of `answers` sampled answers (temperature 1) per prompt that the checker accepts: how
+    well the model does on prompts, beyond its greedy answer."""
+    config = GRPOConfig(group_size=answers)
+    solved: dict[str, list[float]] = {}
+    for i, example in enumerate(examples):
+        solved.setdefault(example.task, []).append(
+            float(rollout(model, tokenizer, example, config, i).solved.float().mean())
+        )
+    return {task: float(np.mean(values)) for task, values in solved.items()}
+
+
+def print_recall(model: torch.nn.Module, tokenizer: ChatTokenizer, splits: dict[str, Sequence[Example]]) -> None:
+    """Sampled success of `model` on each split: far higher on SFT's training prompts than on unseen ones means it
+    has memorised them, and rewards on them teach recall."""
+    for name, examples in splits.items():
+        success = sampled_success(model, tokenizer, examples)
+        print(
+            f"sampled success on {name} ({len(examples)} prompts): "
+            + ", ".join(f"{t} {v:.2f}" for t, v in success.items())
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/grpo-demo")
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument(
+        "--recall", action="store_true", help="also print DPO's sampled success on SFT's, held-out and GRPO's prompts"
+    )
     args = parser.parse_args()
     config = load_pipeline_config(args.config, parse_overrides(args.set))
     grpo = config.grpo.model_copy(update={"enabled": True})
@@ -64,6 +94,8 @@ def main() -> None:
     sft = load_model(download_checkpoint(args.workdir, f"{CHAT_TORCH_MODEL}/{sft_version}").checkpoint_dir).eval()
     dpo = load_model(dpo_ckpt.checkpoint_dir).eval()
     print(f"{args.workdir}: SFT {CHAT_TORCH_MODEL}/{sft_version}, DPO {CHAT_TORCH_MODEL}/{dpo_version}; grpo {grpo}")
+    if args.recall:
+        print_recall(dpo, tokenizer, {"SFT's training prompts": train[::10], "held-out": test, "GRPO's": prompts[::10]})
     sft_accuracy = exact_match(sft, tokenizer, test, grpo.max_new_tokens)
     sft_ppl = val_ppl(sft, data)
     tasks = list(sft_accuracy)
@@ -94,7 +126,8 @@ def main() -> None:
     spread = max(gains) - min(gains)
     print(
         f"overall exact match gain over DPO: mean {np.mean(gains):+.3f}, "
-        f"per seed {[round(g, 3) for g in gains]}, spread {spread:.3f}"
+        f"std {np.std(gains, ddof=1) if len(gains) > 1 else 0.0:.3f}, per seed {[round(g, 3) for g in gains]}, "
+        f"spread {spread:.3f}"
     )
 
 

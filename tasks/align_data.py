@@ -191,7 +191,7 @@ def fresh_examples(
     """Examples of the same tasks whose prompts are in none of `splits` (drawn from seed + 2).
 
     Reinforcement learning needs them: after SFT's epochs the model has memorised its training prompts (on the
-    tiny preset its sampled answers solve 81% of the training copy prompts and 51% of held-out ones), so rewards
+    tiny preset its sampled answers solve 75% of SFT's copy prompts and 51% of held-out ones), so rewards
     on those prompts reinforce recall, not the skill that the held-out split measures."""
     exclude = {e.prompt for split in splits for e in split}
     return _draw(config, passages, config.seed + 2, per_task, exclude)
