@@ -215,7 +215,8 @@ def run_grpo(
     test: Sequence[Example],
     replay_tokens: np.ndarray | None = None,
 ) -> GRPOResult:
-    """GRPO of `policy` (in place) on `prompts` (see grpo_prompts); held-out pass@1 (greedy) and pass@k measured along."""
+    """GRPO of `policy` (in place) on `prompts` (see grpo_prompts); held-out pass@1 (greedy) and pass@k measured
+    along."""
     if config.replay_batch_size and replay_tokens is None:
         raise ValueError("grpo.replay_batch_size > 0 needs the pre-training tokens to replay")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
