@@ -7,6 +7,9 @@ PPO's clipped surrogate (models.losses.clipped_policy_loss, with DAPO's asymmetr
 averaging as options), with an optional KL anchor to the starting model (off by default, as in current practice)
 and pre-training windows replayed as SFT does, so language modelling survives.
 
+The prompts are fresh ones of the same tasks (grpo_prompts): SFT's own prompts are memorised by then, and rewards
+on them would teach recall rather than the skill the held-out split measures.
+
 A group whose answers all succeed or all fail carries no signal. The curriculum samples tasks by their recent
 success rate p with weight p(1 - p) (floored), so groups keep their spread; the fraction of useful groups is
 logged every step.
