@@ -211,7 +211,14 @@ def deploy_flow(
     if hugging_face:
         print("\n".join(hugging_face.summary()))
     gguf = (
-        cached(export_gguf_task, workdir)(source["checkpoint_dir"], data_dir, workdir, lineage, deploy.gguf)
+        cached(export_gguf_task, workdir)(
+            source["checkpoint_dir"],
+            data_dir,
+            workdir,
+            lineage,
+            deploy.gguf,
+            hugging_face.directory if hugging_face and Path(hugging_face.directory, "config.json").is_file() else None,
+        )
         if deploy.gguf
         else None
     )

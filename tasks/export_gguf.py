@@ -61,8 +61,12 @@ def export_gguf(
     chat_format: ChatFormat,
     out_dir: str | Path,
     types: tuple[str, ...] = ("f32", "q8_0", "q4_k_m"),
+    hf_dir: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write the checkpoint as one GGUF file per type into `out_dir`; returns {type: file}.
+
+    llama.cpp's converter reads a transformers directory: `hf_dir` when the checkpoint was already exported as
+    one (export_hf, as the deploy stage does for `deploy.hugging_face`), else one written to a scratch folder.
 
     Unknown types and a missing llama.cpp fail before anything is computed. The folder is assembled beside
     `out_dir` and renamed into place, so a failure never leaves half the files under that name; an earlier GGUF
@@ -77,7 +81,8 @@ def export_gguf(
     types = tuple(dict.fromkeys(types))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".gguf-hf-") as scratch:
-        hf_dir = export_hf(checkpoint_dir, tokenizer_path, chat_format, Path(scratch) / "hf")
+        if hf_dir is None:
+            hf_dir = export_hf(checkpoint_dir, tokenizer_path, chat_format, Path(scratch) / "hf")
         with staged_dir(out_dir) as staged:
             f32 = convert_hf_dir(llama_cpp, hf_dir, staged / gguf_name("f32"), "f32")
             for gguf_type in types:
@@ -94,14 +99,25 @@ def export_gguf(
 
 @task(name="export-gguf", retries=1, retry_delay_seconds=5)
 def export_gguf_task(
-    aligned_dir: str, data_dir: str, workdir: str, lineage: dict, types: tuple[str, ...]
+    aligned_dir: str,
+    data_dir: str,
+    workdir: str,
+    lineage: dict,
+    types: tuple[str, ...],
+    hf_dir: str | None = None,
 ) -> GgufExport:
     """The aligned model as GGUF files, logged as the `gguf/` artifact of an `export-gguf` run tagged with the
-    ONNX candidate's lineage (the same parent model and supernet)."""
+    ONNX candidate's lineage (the same parent model and supernet). `hf_dir`: the same model's transformers
+    directory when the stage has just exported one, so it is not written twice."""
     logger = RunLogger(workdir, run_name="export-gguf", tags={"stage": "export-gguf", **lineage})
     data = PreparedData.load(data_dir)
     files = export_gguf(
-        aligned_dir, data.tokenizer_path, data.chat_format, Path(workdir) / "export-gguf" / logger.run_id, types
+        aligned_dir,
+        data.tokenizer_path,
+        data.chat_format,
+        Path(workdir) / "export-gguf" / logger.run_id,
+        types,
+        hf_dir,
     )
     logger.log_params({"gguf_types": ",".join(files)})
     logger.log_metrics({f"size_mb/{t}": path.stat().st_size / 1e6 for t, path in files.items()}, step=0)
