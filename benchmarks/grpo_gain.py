@@ -78,7 +78,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument(
-        "--recall", action="store_true", help="also print DPO's sampled success on SFT's, held-out and GRPO's prompts"
+        "--recall",
+        action="store_true",
+        help="also print DPO's sampled success on SFT's, held-out and GRPO's prompts, and each GRPO model's on the "
+        "last two",
     )
     args = parser.parse_args()
     config = load_pipeline_config(args.config, parse_overrides(args.set))
@@ -123,6 +126,8 @@ def main() -> None:
             flush=True,
         )
         gains.append(after["overall"] - before["overall"])
+        if args.recall:  # memorised GRPO's own prompts, or learnt the skill the held-out split measures?
+            print_recall(policy, tokenizer, {"held-out": test, "GRPO's": prompts[:: max(1, len(prompts) // len(test))]})
     spread = max(gains) - min(gains)
     print(
         f"overall exact match gain over DPO: mean {np.mean(gains):+.3f}, "

@@ -37,7 +37,7 @@ from models.moe import ElasticMoE
 from models.sampling import Sampler, SamplingParams, choice_generators
 from tasks.align_data import Example, TaskMixConfig, check, fresh_examples
 from tasks.data import sample_batch
-from tasks.optim import warmup_factor
+from tasks.optim import short_run_schedule
 from tasks.sft import exact_match
 
 MIN_TASK_WEIGHT = 0.05  # a task every group solves (or none does) is still drawn now and then
@@ -55,8 +55,15 @@ class GRPOConfig(BaseModel):
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature of the rollouts.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus of the rollouts.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Longest answer; longer ones are cut and fail.")
-    lr: float = Field(5e-5, gt=0, le=1, description="Learning rate (AdamW, constant after the warm-up).")
+    lr: float = Field(5e-5, gt=0, le=1, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(3, ge=0, le=1_000_000, description="Linear warm-up steps.")
+    min_lr_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Final learning rate as a fraction of the peak, reached by cosine decay (1: constant after "
+        "the warm-up).",
+    )
     grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm.")
     clip_low: float = Field(0.2, gt=0, lt=1, description="Ratio clipped below at 1 - clip_low (PPO's epsilon).")
     clip_high: float = Field(0.2, gt=0, le=10, description="Ratio clipped above at 1 + clip_high (DAPO: 0.28).")
@@ -134,7 +141,7 @@ class Rollout:
 
 @dataclass
 class GRPOResult:
-    metrics: list[dict[str, float]]  # per step: reward mean/std, useful groups, length, KL, loss
+    metrics: list[dict[str, float]]  # per step: reward mean/std, useful groups, length, KL, loss, learning rate
     held_out: list[dict[str, float]]  # per measurement: step, exact_match/<task> (greedy pass@1), pass_at_k
     accuracy_before: dict[str, float]
     accuracy_after: dict[str, float]
@@ -235,6 +242,7 @@ def run_grpo(
     rng = random.Random(config.seed)
     replay_rng = np.random.default_rng(config.seed)
     core = accelerator.unwrap_model(model)
+    lr_factor = short_run_schedule(config.warmup_steps, config.steps, config.min_lr_ratio)
 
     def measure(step: int) -> dict[str, float]:
         accuracy = exact_match(core, tokenizer, test, config.max_new_tokens)
@@ -249,7 +257,7 @@ def run_grpo(
     metrics = []
     for step in tqdm(range(config.steps), desc="grpo"):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * warmup_factor(step, config.warmup_steps)
+            group["lr"] = config.lr * lr_factor(step)
         core.eval()
         tasks = rng.choices(curriculum.tasks, weights=_weights(curriculum, config), k=config.prompts_per_step)
         rollouts, drawn, flat_groups = [], 0, 0
@@ -303,6 +311,7 @@ def run_grpo(
                 "response_length": float(np.mean([n for r in rollouts for n in r.lengths])),
                 "kl": kl.item(),
                 "loss": loss.item(),
+                "lr": optimizer.param_groups[0]["lr"],
             }
         )
         if (step + 1) % config.eval_interval == 0 or step + 1 == config.steps:

@@ -22,13 +22,14 @@ def test_equal_rewards_produce_no_update(
     impossible = [Example("copy", f"Copy: king {i}", "\x00 no model writes this") for i in range(4)]
     config = GRPOConfig(
         enabled=True, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=4, replay_batch_size=0, pass_k=2,
-        dynamic_sampling=dynamic_sampling,
+        dynamic_sampling=dynamic_sampling, warmup_steps=0, min_lr_ratio=0.0,
     )  # fmt: skip
     result = run_grpo(config, model, small_data.chat_tokenizer(), impossible, impossible[:2])
     assert [m["reward_mean"] for m in result.metrics] == [0.0, 0.0]
     assert [m["useful_groups"] for m in result.metrics] == [0.0, 0.0]
     assert [m["zero_variance_groups"] for m in result.metrics] == [1.0, 1.0]
     assert [m["groups_drawn"] for m in result.metrics] == [6.0, 6.0] if dynamic_sampling else [2.0, 2.0]
+    assert [m["lr"] for m in result.metrics] == pytest.approx([config.lr, config.lr / 2])  # cosine: halfway at 1/2
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
 
