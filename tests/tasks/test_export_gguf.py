@@ -287,12 +287,19 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
     assert [a.path for a in client.list_artifacts(result.run_id, "gguf")] == ["gguf/model-Q8_0.gguf"]
     assert run.data.metrics["size_mb/q8_0"] == pytest.approx(Path(result.files["q8_0"]).stat().st_size / 1e6)
 
-    # With the model's transformers directory already exported (deploy.hugging_face), the same bytes come out of it.
+    # With the model's transformers directory already exported (deploy.hugging_face), the same bytes come out of it;
+    # and it is that directory which is converted: a comment added to its chat template reaches the GGUF.
     hf_dir = export_hf(checkpoint, small_data.tokenizer_path, small_data.chat_format, tmp_path / "hf")
     reused = export_gguf_task.fn(
         str(checkpoint), str(small_data.directory), str(tmp_path), lineage, ("q8_0",), str(hf_dir)
     )
     assert Path(reused.files["q8_0"]).read_bytes() == Path(result.files["q8_0"]).read_bytes()
+    with (hf_dir / "chat_template.jinja").open("a") as template:
+        template.write("{# read from the given directory #}")
+    marked = export_gguf_task.fn(
+        str(checkpoint), str(small_data.directory), str(tmp_path), lineage, ("q8_0",), str(hf_dir)
+    )
+    assert b"{# read from the given directory #}" in Path(marked.files["q8_0"]).read_bytes()
 
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "notes.txt").write_text("mine")
