@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/train_once.py --config claim --recipe nested_delayed --seeds 0 1 2  # CPU, 2 at once
     .venv/bin/python benchmarks/train_once.py --config small --recipe nested_delayed --seeds 0      # one GPU
     .venv/bin/python benchmarks/train_once.py --config claim --report --results docs/claim-results  # stored runs
+    .venv/bin/python benchmarks/train_once.py --config claim --recipe nested_delayed_kd_anneal+distill_lr_low \
+        --tune-lr --seeds 0 1 2   # every arm at its own best peak learning rate (benchmarks/lr_grid.py)
 
 Rows, every model trained on the same number of tokens of the same data, every figure the validation loss
 (nats/token) on the same 65,536 held-out tokens:
@@ -18,6 +20,14 @@ Rows, every model trained on the same number of tokens of the same data, every f
 Training FLOPs are counted for every row (the elastic run replays every sub-model its sampler drew). Arms run
 in parallel with one thread each on CPU; finished arms are cached under --cache by their config, so the twins
 and (f) of one seed serve every recipe. Nothing is asserted: it is a benchmark.
+
+With --tune-lr no arm trains at a learning rate chosen for another: on the first seed, the elastic run, (f), each
+twin and each distillation ((c) and (m) per member) is trained at a grid of peak learning rates around the preset's
+(0.5x, 1x, 2x, 4x, extended until the best has a worse rate on both sides: benchmarks/lr_grid.py), and every seed
+then trains each arm at its own best. The elastic run is tuned on the mean validation loss of its panel (the full
+model, the smallest sub-model and those in between), every other arm on its own validation loss. The sweep
+(arm x rate -> loss, and its compute) is stored beside the results as lr-sweep.json, so a sweep is run once per
+architecture and a rerun (or a cleared cache) does not repeat it.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import re
 import statistics
 import sys
 import threading
+from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -38,6 +50,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from lr_grid import LrSweep, sweep_learning_rate  # noqa: E402
 
 from models.accounting import subnet_cost  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
@@ -54,7 +68,7 @@ from tasks.pretrain_config import PretrainConfig  # noqa: E402
 from tasks.pretrain_loop import run_pretrain  # noqa: E402
 from tasks.search import SearchConfig, run_search  # noqa: E402
 from tasks.throughput import training_flops  # noqa: E402
-from tasks.validation_panel import evaluate_panel  # noqa: E402
+from tasks.validation_panel import evaluate_panel, evaluation_panel  # noqa: E402
 
 # Each recipe is a set of config overrides (KEY=VALUE as --set takes them): no code forks. Every recipe starts from
 # NEUTRAL, so that it means the same whatever the preset's own recipe is.
@@ -226,6 +240,8 @@ MEMBER_BUDGETS = {
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TUNED = "@tuned_lr"  # the suffix of a recipe's name in the results when every arm trained at its own best rate
+SWEEP_RECORD = "lr-sweep.json"  # beside the per-seed results: every arm's sweep
 
 
 def recipe_overrides(name: str) -> dict[str, object]:
@@ -269,7 +285,8 @@ def train_arm(pretrain_json: str, data_dir: str, output_dir: str) -> dict:
 
 class Arms:
     """The process pool that trains arms, with one future per distinct arm: recipes run side by side share their
-    seed's (f) and twins instead of training them twice into the same folder."""
+    seed's (f) and twins instead of training them twice into the same folder. Distillations are cached too, as JSON
+    under `cache/distills/`, by their teacher, student, settings and budget."""
 
     def __init__(self, pool: ProcessPoolExecutor, cache: Path, data: PreparedData) -> None:
         self.pool, self.cache, self.data = pool, cache, data
@@ -286,11 +303,19 @@ class Arms:
 
     def distill(self, teacher_dir: str, spec: SubnetSpec, extract: ExtractConfig, tokens: int) -> Future:
         args = (teacher_dir, spec.model_dump_json(), extract.model_dump_json(), str(self.data.directory), tokens)
-        return self.pool.submit(distill_arm, *args)
+        key = _key(*args, self.data.fingerprint)
+        with self.lock:
+            if key not in self.futures:
+                out = str(self.cache / "distills" / f"{key}.json")
+                self.futures[key] = self.pool.submit(distill_arm, *args, out)
+            return self.futures[key]
 
 
-def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: str, tokens: int) -> dict:
-    """Cut `spec` from the teacher, then distil it from the teacher (tasks.distill) for its share of `tokens`."""
+def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: str, tokens: int, out: str) -> dict:
+    """Cut `spec` from the teacher, then distil it from the teacher (tasks.distill) for its share of `tokens`; the
+    result is kept in `out` and read back from there when the same distillation is asked for again."""
+    if Path(out).is_file():
+        return json.loads(Path(out).read_text())
     teacher = load_model(teacher_dir, DEVICE).eval()
     spec = SubnetSpec.model_validate_json(spec_json)
     extract = ExtractConfig.model_validate_json(extract_json)
@@ -298,12 +323,22 @@ def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: s
     student = extract_subnet(teacher, spec)
     result = distill_subnet(student, teacher, data, extract, tokens, curve_at=BUDGET_CURVE)
     cut = result.val_loss_before  # measured by student_val_loss, like every other row
-    return {
+    done = {
         "cut": cut,
         "distilled": result.val_loss_after,
         "fraction": result.compute_fraction,
         "curve": [(0.0, cut), *result.curve],
     }
+    _write_atomically(Path(out), json.dumps(done))
+    return done
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A reader (or a killed run) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def elastic_run_flops(config: PretrainConfig) -> float:
@@ -328,8 +363,76 @@ def alone(config: PretrainConfig, arch) -> PretrainConfig:
     )
 
 
-def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> dict:
-    """Every row for one seed of one recipe; returns them as a JSON-able dict."""
+def with_lr(config: PretrainConfig, lr: float) -> PretrainConfig:
+    """`config` at another peak learning rate (the schedule's shape, warm-up and floor, unchanged)."""
+    return config.model_copy(update={"optim": config.optim.model_copy(update={"lr": lr})})
+
+
+def unseeded(identity: dict, *drop: str) -> dict:
+    """An identity without its seed (and the other top-level fields named): what a sweep is keyed by, since a
+    learning rate tuned on one seed serves every seed."""
+    return {name: value for name, value in identity.items() if name not in ("seed", *drop)}
+
+
+class LrTuner:
+    """--tune-lr: the peak learning rate of each arm, swept once (benchmarks/lr_grid.py) on the first seed that
+    trains the arm, stored in `record` (arm -> rate -> validation loss, and the compute of one rate), and from then
+    on the rate that arm trains at on every seed. Sweeps of different arms run side by side; two recipes that need
+    the same arm (the same twin) wait for one sweep."""
+
+    def __init__(self, arms: Arms, record: Path) -> None:
+        self.arms, self.record = arms, record
+        self.sweeps: dict[str, dict] = json.loads(record.read_text()) if record.is_file() else {}
+        self.key_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self.lock = threading.Lock()
+
+    def best_lr(self, key: str, entry: dict, base_lr: float, measure: Callable[[list[float]], dict]) -> float:
+        with self.lock:
+            key_lock = self.key_locks[key]
+        with key_lock:
+            if key not in self.sweeps:
+                sweep = sweep_learning_rate(measure, base_lr)
+                with self.lock:
+                    self.sweeps[key] = {**entry, **sweep.to_json()}
+                    _write_atomically(self.record, json.dumps(self.sweeps, indent=1, sort_keys=True))
+                print(f"lr sweep, {entry['arm']}: {sweep.to_json()}", flush=True)
+            return LrSweep.from_json(self.sweeps[key]).best
+
+    def pretrain(self, config: PretrainConfig, label: str, loss: Callable[[dict], float], flops: float):
+        """`config` at its arm's best peak learning rate; `loss(arm)` scores a trained arm (lower is better)."""
+        identity = unseeded(arm_identity(config), "optim")
+        identity["optim"] = {k: v for k, v in config.optim.model_dump(mode="json").items() if k != "lr"}
+
+        def measure(rates: list[float]) -> dict[float, float]:
+            futures = {lr: self.arms.train(with_lr(config, lr)) for lr in rates}
+            return {lr: loss(future.result()) for lr, future in futures.items()}
+
+        key = _key("pretrain", identity, self.arms.data.fingerprint)
+        entry = {"arm": label, "kind": "pretrain", "tuned_on_seed": config.seed, "flops_per_rate": flops}
+        return with_lr(config, self.best_lr(key, entry, config.optim.lr, measure))
+
+    def extract(
+        self, teacher: PretrainConfig, teacher_dir: str, spec: SubnetSpec, extract: ExtractConfig, tokens: int, **entry
+    ) -> ExtractConfig:
+        """`extract` at the best distillation learning rate of `spec`'s architecture distilled from `teacher`'s arm."""
+
+        def measure(rates: list[float]) -> dict[float, float]:
+            futures = {
+                lr: self.arms.distill(teacher_dir, spec, extract.model_copy(update={"lr": lr}), tokens) for lr in rates
+            }
+            return {lr: future.result()["distilled"] for lr, future in futures.items()}
+
+        settings = unseeded(extract.model_dump(mode="json"), "lr")
+        key = _key(
+            "distill", unseeded(arm_identity(teacher)), spec.describe(), settings, tokens, self.arms.data.fingerprint
+        )
+        entry = {"kind": "distill", "tuned_on_seed": extract.seed, **entry}
+        return extract.model_copy(update={"lr": self.best_lr(key, entry, extract.lr, measure)})
+
+
+def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms, tuner: LrTuner | None = None) -> dict:
+    """Every row for one seed of one recipe; returns them as a JSON-able dict. With `tuner`, every arm trains at its
+    own tuned learning rate (swept first if this is the first seed to need it)."""
     pipeline = pipeline.model_copy(
         update={
             "pretrain": pipeline.pretrain.model_copy(update={"seed": seed}),
@@ -339,81 +442,130 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms) -> di
     )
     pretrain, importance, extract, data = pipeline.pretrain, pipeline.importance, pipeline.extract, arms.data
     tokens = pretrain.tokens_per_step() * pretrain.total_steps()
-    elastic_future, full_future = arms.train(pretrain), arms.train(alone(pretrain, pretrain.model))
-    elastic = elastic_future.result()
-    supernet = load_model(elastic["checkpoint_dir"], DEVICE).eval()
-    rank_importance(supernet, data, importance, pretrain.elastic, pipeline.search.seq_len)  # nested orders are kept
+    val = data.split("val")
 
-    def objective(spec: SubnetSpec) -> float:
-        shape = (pipeline.search.eval_batch_size, pipeline.search.seq_len, pipeline.search.eval_batches)
-        return evaluate_panel(supernet, {"s": spec}, data.split("val"), *shape, DEVICE)["s"]
+    def own_loss(arm: dict) -> float:
+        return student_val_loss(load_model(arm["checkpoint_dir"], DEVICE).eval(), data, extract)
 
-    members: dict[str, SubnetSpec] = {}
-    for label, budget in MEMBER_BUDGETS.items():
-        search = SearchConfig.model_validate(
-            {**pipeline.search.model_dump(), "total_params_fraction": None, "active_params_fraction": None, **budget}
-        )
-        found = run_search(search, supernet.config, pretrain.elastic, supernet.importance(), objective)
-        members[label] = found.chosen.spec
-    twins = {
-        label: arms.train(alone(pretrain, subnet_config(supernet.config, spec))) for label, spec in members.items()
-    }
-    cuts = {label: arms.distill(elastic["checkpoint_dir"], spec, extract, tokens) for label, spec in members.items()}
-    full_dir = full_future.result()
-    parent = load_model(full_dir["checkpoint_dir"], DEVICE).eval()
-    # Minitron ranks the trained parent's own layers and experts (no nesting to respect)
-    unnested = pretrain.elastic.model_copy(update={"layer_sampling": "random", "expert_sampling": "random"})
-    rank_importance(parent, data, importance, unnested, pipeline.search.seq_len)
-    prunes = {}
-    for label, spec in members.items():
-        same_shape = parent.importance().spec(parent.config, len(spec.layers), spec.moe_expert_counts[0], spec.top_k)
-        prunes[label] = arms.distill(full_dir["checkpoint_dir"], same_shape, extract, tokens)
+    def panel_loss(arm: dict) -> float:
+        """The elastic run's score: the mean over its validation panel (full model, smallest and between)."""
+        model = load_model(arm["checkpoint_dir"], DEVICE).eval()
+        shape = (extract.batch_size, extract.seq_len, extract.eval_batches, DEVICE)
+        return statistics.mean(evaluate_panel(model, evaluation_panel(pretrain, model), val, *shape).values())
 
-    full_cost, full_flops = (
-        subnet_cost(pretrain.model),
-        training_flops(pretrain.model, [None], pretrain.seq_len, tokens),
-    )
-    rows = {
-        "elastic": {
-            "flops": elastic_run_flops(pretrain),
-            "val": student_val_loss(supernet, data, extract),
-            "curve": elastic["curve"],
-            "params": full_cost.total_params,
-            "active": full_cost.active_params,
-        },
-        "full_alone": {
-            "flops": full_flops,
-            "val": student_val_loss(parent, data, extract),
-            "curve": full_dir["curve"],
-            "params": full_cost.total_params,
-            "active": full_cost.active_params,
-        },
-        "members": {},
-    }
-    for label, spec in members.items():
-        arch, cost = subnet_config(pretrain.model, spec), subnet_cost(pretrain.model, spec)
-        twin = twins[label].result()
-        twin_flops = training_flops(arch, [None], pretrain.seq_len, tokens)
-        cut, prune = cuts[label].result(), prunes[label].result()
-        rows["members"][label] = {
-            "spec": spec.describe(),
-            "layers": list(spec.layers),
-            "params": cost.total_params,
-            "active": cost.active_params,
-            "twin_flops": twin_flops,
-            "twin_curve": twin["curve"],
-            "twin": student_val_loss(load_model(twin["checkpoint_dir"], DEVICE).eval(), data, extract),
-            "cut": cut["cut"],
-            "distilled": cut["distilled"],
-            "distill_flops": cut["fraction"] * twin_flops,
-            "distill_curve": cut["curve"],
-            "minitron_curve": prune["curve"],
-            "minitron_cut": prune["cut"],
-            "minitron": prune["distilled"],
-            "minitron_flops": prune["fraction"] * twin_flops,
+    def trained(config: PretrainConfig, label: str, loss: Callable[[dict], float], flops: float):
+        """The arm of `config`, trained at its tuned learning rate when tuning: (its config, its result)."""
+        if tuner is not None:
+            config = tuner.pretrain(config, label, loss, flops)
+        return config, arms.train(config).result()
+
+    def distilled(kind: str, teacher: tuple[PretrainConfig, dict], spec: SubnetSpec, twin_flops: float):
+        """A distillation of `spec` from the teacher arm, at its tuned learning rate when tuning: (lr, result)."""
+        settings = extract
+        if tuner is not None:
+            label = f"{kind} {spec.describe()} of {recipe.split('+')[0] if kind == '(c)' else 'the full model'}"
+            flops = extract.distill_compute_fraction * twin_flops
+            teacher_dir = teacher[1]["checkpoint_dir"]
+            settings = tuner.extract(teacher[0], teacher_dir, spec, extract, tokens, arm=label, flops_per_rate=flops)
+        return settings.lr, arms.distill(teacher[1]["checkpoint_dir"], spec, settings, tokens).result()
+
+    full_arch, full_cost = pretrain.model, subnet_cost(pretrain.model)
+    full_flops = training_flops(full_arch, [None], pretrain.seq_len, tokens)
+    with ThreadPoolExecutor(16) as threads:
+        full_future = threads.submit(
+            trained, alone(pretrain, full_arch), f"(f) full model alone {SubnetSpec.full(full_arch).describe()}",
+            own_loss, full_flops,
+        )  # fmt: skip
+        elastic_label = f"(a) elastic run {recipe.split('+')[0]}"
+        elastic_config, elastic = trained(pretrain, elastic_label, panel_loss, elastic_run_flops(pretrain))
+        supernet = load_model(elastic["checkpoint_dir"], DEVICE).eval()
+        rank_importance(supernet, data, importance, pretrain.elastic, pipeline.search.seq_len)  # nested orders kept
+
+        def objective(spec: SubnetSpec) -> float:
+            shape = (pipeline.search.eval_batch_size, pipeline.search.seq_len, pipeline.search.eval_batches)
+            return evaluate_panel(supernet, {"s": spec}, val, *shape, DEVICE)["s"]
+
+        members: dict[str, SubnetSpec] = {}
+        for label, budget in MEMBER_BUDGETS.items():
+            search = SearchConfig.model_validate(
+                {
+                    **pipeline.search.model_dump(),
+                    "total_params_fraction": None,
+                    "active_params_fraction": None,
+                    **budget,
+                }
+            )
+            found = run_search(search, supernet.config, pretrain.elastic, supernet.importance(), objective)
+            members[label] = found.chosen.spec
+        archs = {label: subnet_config(pretrain.model, spec) for label, spec in members.items()}
+        twin_flops = {label: training_flops(arch, [None], pretrain.seq_len, tokens) for label, arch in archs.items()}
+        twins = {
+            label: threads.submit(
+                trained, alone(pretrain, arch), f"(b) twin {members[label].describe()}", own_loss, twin_flops[label]
+            )
+            for label, arch in archs.items()
         }
+        elastic_teacher = (elastic_config, elastic)
+        cuts = {
+            label: threads.submit(distilled, "(c)", elastic_teacher, spec, twin_flops[label])
+            for label, spec in members.items()
+        }
+        full_config, full = full_future.result()
+        parent = load_model(full["checkpoint_dir"], DEVICE).eval()
+        # Minitron ranks the trained parent's own layers and experts (no nesting to respect)
+        unnested = pretrain.elastic.model_copy(update={"layer_sampling": "random", "expert_sampling": "random"})
+        rank_importance(parent, data, importance, unnested, pipeline.search.seq_len)
+        prunes = {}
+        for label, spec in members.items():
+            shape = (len(spec.layers), spec.moe_expert_counts[0], spec.top_k)
+            same_shape = parent.importance().spec(parent.config, *shape)
+            prunes[label] = threads.submit(distilled, "(m)", (full_config, full), same_shape, twin_flops[label])
+
+        rows = {
+            "elastic": {
+                "flops": elastic_run_flops(pretrain),
+                "val": student_val_loss(supernet, data, extract),
+                "curve": elastic["curve"],
+                "params": full_cost.total_params,
+                "active": full_cost.active_params,
+                "lr": elastic_config.optim.lr,
+            },
+            "full_alone": {
+                "flops": full_flops,
+                "val": student_val_loss(parent, data, extract),
+                "curve": full["curve"],
+                "params": full_cost.total_params,
+                "active": full_cost.active_params,
+                "lr": full_config.optim.lr,
+            },
+            "members": {},
+        }
+        for label, spec in members.items():
+            cost = subnet_cost(pretrain.model, spec)
+            twin_config, twin = twins[label].result()
+            (cut_lr, cut), (prune_lr, prune) = cuts[label].result(), prunes[label].result()
+            rows["members"][label] = {
+                "spec": spec.describe(),
+                "layers": list(spec.layers),
+                "params": cost.total_params,
+                "active": cost.active_params,
+                "twin_flops": twin_flops[label],
+                "twin_curve": twin["curve"],
+                "twin": own_loss(twin),
+                "twin_lr": twin_config.optim.lr,
+                "cut": cut["cut"],
+                "distilled": cut["distilled"],
+                "distill_lr": cut_lr,
+                "distill_flops": cut["fraction"] * twin_flops[label],
+                "distill_curve": cut["curve"],
+                "minitron_curve": prune["curve"],
+                "minitron_cut": prune["cut"],
+                "minitron": prune["distilled"],
+                "minitron_lr": prune_lr,
+                "minitron_flops": prune["fraction"] * twin_flops[label],
+            }
     return {
-        "recipe": recipe,
+        "recipe": recipe + (TUNED if tuner is not None else ""),
         "seed": seed,
         "tokens": tokens,
         "rows": rows,
@@ -457,8 +609,52 @@ def family_costs(run: dict) -> dict[str, float]:
     return {"family": family, "separate": separate, "minitron": minitron}
 
 
-def report(runs: list[dict]) -> str:
-    """Markdown table per recipe: mean ± standard deviation over seeds, relative gaps to the twins."""
+def _at(rows: list[dict], key: str) -> str:
+    """` @ lr X` for a row of a tuned run (the rate its arm trained at; ` @ lr X, Y` if seeds differ)."""
+    rates = sorted({row[key] for row in rows if key in row})
+    return f" @ lr {', '.join(f'{lr:.3g}' for lr in rates)}" if rates else ""
+
+
+def sweep_table(sweeps: dict[str, dict]) -> list[str]:
+    """Markdown: one row per swept arm, its validation loss at every rate, the best in bold."""
+    lines = [
+        "| arm (tuned on seed) | validation loss by peak learning rate | best | bracketed |",
+        "|---|---|---|---|",
+    ]
+    for entry in sorted(sweeps.values(), key=lambda e: e["arm"]):
+        sweep = LrSweep.from_json(entry)
+        cells = [
+            f"**{lr:.3g}: {loss:.4f}**" if lr == sweep.best else f"{lr:.3g}: {loss:.4f}"
+            for lr, loss in sorted(sweep.losses.items())
+        ]
+        lines.append(
+            f"| {entry['arm']} ({entry['tuned_on_seed']}) | {', '.join(cells)} | {sweep.best:.3g} | "
+            f"{'yes' if sweep.bracketed else 'no'} |"
+        )
+    return lines
+
+
+def sweep_costs(run: dict, sweeps: dict[str, dict]) -> dict[str, float]:
+    """The compute of the sweeps behind one tuned run, beyond the rate each arm kept: the family's (its elastic run
+    and its distillations) and the separately trained models' (the full model alone and the twins)."""
+    base = run["recipe"].removesuffix(TUNED).split("+")[0]
+    specs = [m["spec"] for m in run["rows"]["members"].values()]
+    family = {f"(a) elastic run {base}", *(f"(c) {spec} of {base}" for spec in specs)}
+    separate = {f"(b) twin {spec}" for spec in specs}
+    extra = {"family": 0.0, "separate": 0.0}
+    for entry in sweeps.values():
+        spent = entry["flops_per_rate"] * (len(entry["losses"]) - 1)
+        if entry["arm"] in family:
+            extra["family"] += spent
+        elif entry["arm"] in separate or entry["arm"].startswith("(f) "):
+            extra["separate"] += spent
+    return extra
+
+
+def report(runs: list[dict], sweeps: dict[str, dict] | None = None) -> str:
+    """Markdown table per recipe: mean ± standard deviation over seeds, relative gaps to the twins; for tuned runs,
+    each arm's learning rate, the sweep table and the cost including the sweeps."""
+    sweeps = sweeps or {}
     lines = []
     for recipe in sorted({r["recipe"] for r in runs}):
         mine = [r for r in runs if r["recipe"] == recipe]
@@ -473,8 +669,10 @@ def report(runs: list[dict]) -> str:
         e, f = first["rows"]["elastic"], first["rows"]["full_alone"]
         full_alone = [r["rows"]["full_alone"]["val"] for r in mine]
         elastic = [r["rows"]["elastic"]["val"] for r in mine]
-        lines.append(_row("(a) elastic run, full model", e["params"], e["active"], e["flops"], elastic, full_alone))
-        lines.append(_row("(f) full model alone", f["params"], f["active"], f["flops"], full_alone))
+        elastic_name = "(a) elastic run, full model" + _at([r["rows"]["elastic"] for r in mine], "lr")
+        full_name = "(f) full model alone" + _at([r["rows"]["full_alone"] for r in mine], "lr")
+        lines.append(_row(elastic_name, e["params"], e["active"], e["flops"], elastic, full_alone))
+        lines.append(_row(full_name, f["params"], f["active"], f["flops"], full_alone))
         # one block per (budget, architecture): the search may pick another member on another seed, and the
         # figures of different architectures do not average
         blocks = {(label, r["rows"]["members"][label]["spec"]): None for r in mine for label in r["rows"]["members"]}
@@ -487,13 +685,26 @@ def report(runs: list[dict]) -> str:
             }
             seeds = "" if len(same) == len(mine) else f" (seeds {', '.join(str(r['seed']) for r in same)})"
             size = (m["params"], m["active"])
+            rows = [r["rows"]["members"][label] for r in same]
             lines += [
                 f"| **{label}**: {spec}{seeds} | | | | | |",
-                _row("(b) twin, trained alone", *size, m["twin_flops"], v["twin"]),
+                _row("(b) twin, trained alone" + _at(rows, "twin_lr"), *size, m["twin_flops"], v["twin"]),
                 _row("(c) cut from (a)", *size, 0, v["cut"], v["twin"]),
-                _row("(c) cut + distilled", *size, m["distill_flops"], v["distilled"], v["twin"]),
+                _row(
+                    "(c) cut + distilled" + _at(rows, "distill_lr"),
+                    *size,
+                    m["distill_flops"],
+                    v["distilled"],
+                    v["twin"],
+                ),
                 _row("(m) pruned from (f)", *size, 0, v["minitron_cut"], v["twin"]),
-                _row("(m) pruned + distilled", *size, m["minitron_flops"], v["minitron"], v["twin"]),
+                _row(
+                    "(m) pruned + distilled" + _at(rows, "minitron_lr"),
+                    *size,
+                    m["minitron_flops"],
+                    v["minitron"],
+                    v["twin"],
+                ),
             ]
             reach = [b for r in same if (b := budget_to_reach(r["rows"]["members"][label])) is not None]
             if reach:
@@ -509,6 +720,20 @@ def report(runs: list[dict]) -> str:
             f"**{ratio:.2f}**; Minitron family (full alone + distillations): {minitron:.2f}.",
             "",
         ]
+        if recipe.endswith(TUNED) and sweeps:
+            extra = [sweep_costs(r, sweeps) for r in mine]
+            with_sweeps = statistics.mean(
+                (c["family"] + x["family"]) / (c["separate"] + x["separate"]) for c, x in zip(costs, extra, strict=True)
+            )
+            lines += [
+                f"Learning-rate sweeps (paid once per architecture, beyond the rate each arm kept): the family's "
+                f"{extra[0]['family'] / 1e12:.2f} TFLOP (elastic run + its distillations), the separate models' "
+                f"{extra[0]['separate'] / 1e12:.2f} TFLOP (full model alone + twins); family / separate cost with "
+                f"the sweeps: {with_sweeps:.2f}.",
+                "",
+            ]
+    if sweeps:
+        lines += ["### Learning-rate sweeps", "", *sweep_table(sweeps), ""]
     return "\n".join(lines)
 
 
@@ -527,6 +752,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="parallel arms (default: 2 on CPU, 1 on GPU)")
     parser.add_argument("--report", action="store_true", help="only print the table and write the PNG")
     parser.add_argument("--results", type=Path, default=None, help="per-seed JSON (default: CACHE/CONFIG/results)")
+    parser.add_argument(
+        "--tune-lr",
+        action="store_true",
+        help=f"every arm at its own best peak learning rate, swept on the first seed ({SWEEP_RECORD} in --results)",
+    )
     args = parser.parse_args()
     results = args.results or args.cache / args.config / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -546,18 +776,24 @@ def main() -> None:
             ThreadPoolExecutor(len(jobs)) as threads,
         ):
             arms = Arms(pool, args.cache / args.config, data)
-            futures = {
-                threads.submit(run_seed, pipelines[recipe], recipe, seed, arms): (recipe, seed) for recipe, seed in jobs
-            }
-            for future in as_completed(futures):
-                recipe, seed = futures[future]
-                run = future.result()
-                (results / f"{recipe}-seed{seed}.json").write_text(json.dumps(run, indent=1))
-                print(report([run]), flush=True)
-    runs = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+            tuner = LrTuner(arms, results / SWEEP_RECORD) if args.tune_lr else None
+            # with tuning, the first seed of every recipe runs (and sweeps) before the other seeds train at its rates
+            first = min(args.seeds)
+            phases = [[j for j in jobs if j[1] == first], [j for j in jobs if j[1] != first]] if tuner else [jobs]
+            for phase in phases:
+                futures = {
+                    threads.submit(run_seed, pipelines[recipe], recipe, seed, arms, tuner): (recipe, seed)
+                    for recipe, seed in phase
+                }
+                for future in as_completed(futures):
+                    run = future.result()
+                    (results / f"{run['recipe']}-seed{run['seed']}.json").write_text(json.dumps(run, indent=1))
+                    print(report([run]), flush=True)
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("*-seed*.json"))]
     if not runs:
         return
-    table = report(runs)
+    sweeps = json.loads((results / SWEEP_RECORD).read_text()) if (results / SWEEP_RECORD).is_file() else {}
+    table = report(runs, sweeps)
     pngs = [
         plot_claim(runs, recipe, args.cache / args.config / f"claim-{recipe}.png")
         for recipe in sorted({r["recipe"] for r in runs})
