@@ -26,7 +26,8 @@ from models.generate import greedy_generate
 from models.hf import hf_config_dict, to_hf_state_dict
 from models.moe import ElasticMoE
 from serving.engine import EVERY_TOKEN, MODEL_FILE, ChatPackage
-from tasks.export import DeployConfig, build_packages
+from tasks.deploy.config import DeployConfig
+from tasks.deploy.onnx_export import build_packages
 
 
 def timed(run: Callable[[list[int]], list[int]], prompts: list[list[int]]) -> tuple[float, list[list[int]]]:

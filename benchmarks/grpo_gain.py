@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/grpo_gain.py --workdir runs/grpo-demo --config tiny-grpo --seeds 0 1 2 3 4 5
 
 Takes the workdir's last DPO model (`trainonce-chat-torch`, stage dpo) and its SFT parent, then for each seed runs
-the GRPO stage (tasks.grpo, the preset's `grpo` section with `--set grpo.KEY=VALUE` overrides, on the prompts
-tasks.grpo.grpo_prompts gives it) from the same DPO model and measures, on the held-out split the alignment stage
+the GRPO stage (tasks.align.grpo, the preset's `grpo` section with `--set grpo.KEY=VALUE` overrides, on the prompts
+tasks.align.grpo.grpo_prompts gives it) from the same DPO model and measures, on the held-out split the alignment stage
 uses: exact match per task (greedy, pass@1) of SFT, DPO and GRPO, GRPO's pass@k, and validation perplexity of SFT
 and GRPO on the same windows. Prints one row per seed, then the mean and the spread (max - min) of the gain over
 DPO. Nothing is asserted: it is a benchmark.
@@ -23,14 +23,16 @@ import torch
 
 from models.chat_format import ChatTokenizer
 from models.checkpoint import load_model
-from registry.models import CHAT_TORCH_MODEL, download_checkpoint, version_tags
+from registry.models import download_checkpoint, version_tags
+from registry.names import CHAT_TORCH_MODEL
 from registry.tracking import store_client
-from tasks.align_data import Example, corpus_passages, generate_splits
-from tasks.data import PreparedData, prepare_data
-from tasks.grpo import GRPOConfig, grpo_prompts, rollout, run_grpo
+from tasks.align.config import GRPOConfig
+from tasks.align.grpo import grpo_prompts, rollout, run_grpo
+from tasks.align.sft import exact_match
+from tasks.data.corpus import PreparedData, prepare_data
+from tasks.data.task_mix import Example, corpus_passages, generate_splits
 from tasks.pipeline_config import load_pipeline_config, parse_overrides
-from tasks.sft import exact_match
-from tasks.validation_panel import evaluate_panel
+from tasks.pretrain.validation_panel import evaluate_panel
 
 
 def latest_version(workdir: str, stage: str) -> str:

@@ -24,7 +24,7 @@ from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 from models.accounting import subnet_cost
 from models.chat_format import END_OF_TEXT, END_OF_TURN, TRAINONCE_TEMPLATE
 from models.hf import config_from_hf
-from tasks.data import train_tokenizer
+from tasks.data.corpus import train_tokenizer
 
 # transformers' Ernie4_5_MoeConfig defaults are baidu/ERNIE-4.5-21B-A3B-PT's config.json
 ERNIE_21B_PARAMS = subnet_cost(config_from_hf(Ernie4_5_MoeConfig().to_dict()), None).total_params

@@ -4,8 +4,9 @@ same threads, side by side at each precision, in one run.
     .venv/bin/python benchmarks/llama_cpp_peer.py --workdir runs/pipeline          # the pipeline's champion
     .venv/bin/python benchmarks/llama_cpp_peer.py --shape                          # ~10 M parameters, random
 
-The model is exported both ways: ONNX packages fp32 / INT8 / INT4 (tasks/export.py, what `trainonce serve` runs)
-and GGUF f32 / f16 / Q8_0 / Q4_0 / Q4_K_M (tasks/export_gguf.py: llama.cpp's converter and quantizer). Printed:
+The model is exported both ways: ONNX packages fp32 / INT8 / INT4 (tasks/deploy/onnx_export.py, what
+`trainonce serve` runs) and GGUF f32 / f16 / Q8_0 / Q4_0 / Q4_K_M (tasks/deploy/gguf.py: llama.cpp's converter and
+quantizer). Printed:
 1. quality (a trained model only): validation perplexity of every file on the same windows the deploy stage
    measures (`EvaluationConfig`), and its change from the float reference of its own runtime;
 2. engine decode speed, batch 1, no HTTP: greedy tokens/s with every token forced, ours
@@ -40,11 +41,12 @@ from registry.models import register_chat_package, version_tags
 from registry.tracking import RunLogger
 from serving import CHAT_PYFUNC_CODE
 from serving.engine import EVERY_TOKEN, ChatPackage
-from tasks.data import PreparedData, prepare_data, train_tokenizer
-from tasks.evaluate import EvaluationConfig, validation_windows
-from tasks.export import DeployConfig, build_packages
-from tasks.export_gguf import export_gguf
-from tasks.llama_cpp import find_llama_cpp
+from tasks.data.corpus import PreparedData, prepare_data, train_tokenizer
+from tasks.deploy.config import DeployConfig, EvaluationConfig
+from tasks.deploy.evaluate import validation_windows
+from tasks.deploy.gguf import export_gguf
+from tasks.deploy.llama_cpp import find_llama_cpp
+from tasks.deploy.onnx_export import build_packages
 from tasks.pipeline_config import load_pipeline_config
 
 PAIRS = [("fp32", "f32"), ("fp32", "f16"), ("int8", "q8_0"), ("int4", "q4_0"), ("int4", "q4_k_m")]

@@ -58,17 +58,19 @@ from models.checkpoint import load_model  # noqa: E402
 from models.extract import extract_subnet, subnet_config  # noqa: E402
 from models.subnet import ElasticSpace, Importance, SubnetSpec  # noqa: E402
 from registry.tracking import RunLogger  # noqa: E402
-from tasks.data import PreparedData, prepare_data  # noqa: E402
-from tasks.distill import ExtractConfig, distill_subnet, student_val_loss  # noqa: E402
-from tasks.elastic_sampling import SamplingConfig, plan_step  # noqa: E402
-from tasks.importance_calibration import rank_importance  # noqa: E402
+from tasks.common.plots import plot_claim  # noqa: E402
+from tasks.common.throughput import training_flops  # noqa: E402
+from tasks.data.corpus import PreparedData, prepare_data  # noqa: E402
+from tasks.extract.config import ExtractConfig  # noqa: E402
+from tasks.extract.distill import distill_subnet, student_val_loss  # noqa: E402
 from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides  # noqa: E402
-from tasks.plots import plot_claim  # noqa: E402
-from tasks.pretrain_config import PretrainConfig  # noqa: E402
-from tasks.pretrain_loop import run_pretrain  # noqa: E402
-from tasks.search import SearchConfig, run_search  # noqa: E402
-from tasks.throughput import training_flops  # noqa: E402
-from tasks.validation_panel import evaluate_panel, evaluation_panel  # noqa: E402
+from tasks.pretrain.config import PretrainConfig, SamplingConfig  # noqa: E402
+from tasks.pretrain.loop import run_pretrain  # noqa: E402
+from tasks.pretrain.sampling import plan_step  # noqa: E402
+from tasks.pretrain.validation_panel import evaluate_panel, evaluation_panel  # noqa: E402
+from tasks.search.config import SearchConfig  # noqa: E402
+from tasks.search.importance import rank_importance  # noqa: E402
+from tasks.search.search import run_search  # noqa: E402
 
 # Each recipe is a set of config overrides (KEY=VALUE as --set takes them): no code forks. Every recipe starts from
 # NEUTRAL, so that it means the same whatever the preset's own recipe is.
@@ -264,7 +266,7 @@ def _key(*parts: object) -> str:
 
 
 def arm_identity(config: PretrainConfig) -> dict:
-    """What an arm's cache key hashes: the run's identity (tasks.pretrain_config: settings added later, at the value
+    """What an arm's cache key hashes: the run's identity (tasks.pretrain.config: settings added later, at the value
     earlier runs trained with, are left out, so those arms are still found)."""
     return config.model_dump(mode="json", exclude=config.identity_exclude())
 
@@ -312,8 +314,8 @@ class Arms:
 
 
 def distill_arm(teacher_dir: str, spec_json: str, extract_json: str, data_dir: str, tokens: int, out: str) -> dict:
-    """Cut `spec` from the teacher, then distil it from the teacher (tasks.distill) for its share of `tokens`; the
-    result is kept in `out` and read back from there when the same distillation is asked for again."""
+    """Cut `spec` from the teacher, then distil it from the teacher (tasks.extract.distill) for its share of
+    `tokens`; the result is kept in `out` and read back from there when the same distillation is asked for again."""
     if Path(out).is_file():
         return json.loads(Path(out).read_text())
     teacher = load_model(teacher_dir, DEVICE).eval()

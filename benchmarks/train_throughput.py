@@ -20,11 +20,11 @@ import torch
 from models.accounting import subnet_cost
 from models.config import MoEConfig
 from models.moe import ElasticMoE
-from tasks.elastic_step import elastic_forward_backward, plan_for_step
-from tasks.optim import build_optimizer
+from tasks.common.optim import build_optimizer
+from tasks.common.throughput import device_peak_flops, training_flops
 from tasks.pipeline_config import load_pipeline_config
-from tasks.pretrain_config import PretrainConfig
-from tasks.throughput import device_peak_flops, training_flops
+from tasks.pretrain.config import PretrainConfig
+from tasks.pretrain.step import elastic_forward_backward, plan_for_step
 
 PEER_SHAPE = MoEConfig(
     vocab_size=8192,

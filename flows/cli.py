@@ -25,7 +25,7 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
-    from tasks.data import prepare_data
+    from tasks.data.corpus import prepare_data
 
     prepared = prepare_data(_load(args).data)
     print(
@@ -43,8 +43,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """Pre-train (resuming from the last checkpoint in --workdir) and register, without Prefect."""
-    from tasks.data import prepare_data
-    from tasks.pretrain import pretrain_task
+    from tasks.data.corpus import prepare_data
+    from tasks.pretrain.task import pretrain_task
 
     config = _load(args)
     data_dir = prepare_data(config.data).directory
@@ -107,7 +107,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     config = _load(args)  # validated before Prefect or any compute starts
     from registry.tracking import check_artifact_store
-    from tasks.llama_cpp import check_gguf_request
+    from tasks.deploy.llama_cpp import check_gguf_request
 
     try:  # the flow checks again (deployment runs start there); here it fails before Prefect even starts
         check_artifact_store(workdir)
@@ -177,7 +177,8 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 def _registered_checkpoint(workdir: str, ref: str):
     """The PyTorch checkpoint a ref names; `trainonce-chat` refs (ONNX packages) give the PyTorch model they were
     exported from (their `parent_model` tag)."""
-    from registry.models import CHAT_MODEL, download_checkpoint, resolve_version, version_tags
+    from registry.models import download_checkpoint, resolve_version, version_tags
+    from registry.names import CHAT_MODEL
 
     version = resolve_version(workdir, ref)
     if version.name == CHAT_MODEL:
@@ -188,7 +189,7 @@ def _registered_checkpoint(workdir: str, ref: str):
 def cmd_export_hf(args: argparse.Namespace) -> None:
     """A registered checkpoint as a Hugging Face directory."""
     from models.chat_format import chat_format_of
-    from tasks.export_hf import export_hf
+    from tasks.deploy.hugging_face import export_hf
 
     try:
         checkpoint = _registered_checkpoint(args.workdir, args.model)
@@ -202,8 +203,8 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 def cmd_export_gguf(args: argparse.Namespace) -> None:
     """A registered checkpoint as GGUF files, by llama.cpp's converter and quantizer."""
     from models.chat_format import chat_format_of
-    from tasks.export_gguf import export_gguf
-    from tasks.llama_cpp import check_gguf_request
+    from tasks.deploy.gguf import export_gguf
+    from tasks.deploy.llama_cpp import check_gguf_request
 
     try:
         check_gguf_request("--types", args.types)  # before downloading anything
@@ -217,7 +218,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
 
 
 def _gguf_types(text: str) -> tuple[str, ...]:
-    from tasks.llama_cpp import GGUF_TYPES
+    from tasks.deploy.llama_cpp import GGUF_TYPES
 
     types = tuple(part.strip().lower() for part in text.split(",") if part.strip())
     unknown = [t for t in types if t not in GGUF_TYPES]
@@ -233,7 +234,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def cmd_import_hf(args: argparse.Namespace) -> None:
     """A local transformers ERNIE 4.5 MoE checkpoint as a new `trainonce-supernet` version."""
     from models.subnet import ElasticSpace
-    from tasks.import_hf import import_hf
+    from tasks.init_from.task import import_hf
 
     lists = {"depths": args.depths, "expert_counts": args.expert_counts, "top_ks": args.top_ks}
     try:
@@ -253,7 +254,7 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     """serve, promote, rollback, export-hf, export-gguf: they act on a registry (a workdir's store, or
     MLFLOW_TRACKING_URI)."""
-    from registry.models import CHAT_MODEL
+    from registry.names import CHAT_MODEL
 
     def registry_parser(name: str, handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)

@@ -21,12 +21,13 @@ from prefect.artifacts import create_markdown_artifact
 from flows.run_guard import guarded_flow, run_name
 from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
 from registry.tracking import ui_hint
-from tasks.data import DataConfig, prepare_data_task
-from tasks.init_from import adapt_config, init_source_task
-from tasks.llama_cpp import check_gguf_request
+from tasks.common.stage_results import FamilyMemberResult, PipelineResult, PretrainedSupernet
+from tasks.data.config import DataConfig
+from tasks.data.task import prepare_data_task
+from tasks.deploy.llama_cpp import check_gguf_request
+from tasks.init_from.task import adapt_config, init_source_task
 from tasks.pipeline_config import FamilyMember, PipelineConfig
-from tasks.pretrain import retrain_data_task
-from tasks.stage_results import FamilyMemberResult, PipelineResult, PretrainedSupernet
+from tasks.pretrain.task import retrain_data_task
 
 STAGES = 4
 

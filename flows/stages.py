@@ -20,28 +20,25 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 from flows.run_guard import guarded_flow, run_name
 from models.subnet import ElasticSpace
-from registry.models import SUPERNET_MODEL, download_checkpoint, version_link
+from registry.models import download_checkpoint, version_link
+from registry.names import SUPERNET_MODEL
 from registry.promotion import GateRules
 from registry.tracking import check_artifact_store, run_link, tracking_uri
-from tasks.align import align_task
-from tasks.align_data import TaskMixConfig
-from tasks.data import DataConfig, prepare_data_task
-from tasks.distill import ExtractConfig
-from tasks.dpo import DPOConfig
-from tasks.export import DeployConfig, export_task
-from tasks.export_gguf import export_gguf_task
-from tasks.export_hf import export_hf_task
-from tasks.extract import extract_task
-from tasks.gate import gate_task
-from tasks.grpo import GRPOConfig
-from tasks.importance_calibration import ImportanceConfig
-from tasks.llama_cpp import check_gguf_request
+from tasks.align.config import DPOConfig, GRPOConfig, SFTConfig
+from tasks.align.task import align_task
+from tasks.common.stage_results import AlignedModels, DeploymentResult, ExtractionResult, Links, PretrainedSupernet
+from tasks.data.config import DataConfig, TaskMixConfig
+from tasks.data.task import prepare_data_task
+from tasks.deploy.config import DeployConfig
+from tasks.deploy.llama_cpp import check_gguf_request
+from tasks.deploy.task import export_gguf_task, export_hf_task, export_task, gate_task
+from tasks.extract.config import ExtractConfig
+from tasks.extract.task import extract_task
 from tasks.pipeline_config import PipelineConfig
-from tasks.pretrain import pretrain_task, retrain_data_task
-from tasks.pretrain_config import PretrainConfig
-from tasks.search import SearchConfig, search_task
-from tasks.sft import SFTConfig
-from tasks.stage_results import AlignedModels, DeploymentResult, ExtractionResult, Links, PretrainedSupernet
+from tasks.pretrain.config import PretrainConfig
+from tasks.pretrain.task import pretrain_task, retrain_data_task
+from tasks.search.config import ImportanceConfig, SearchConfig
+from tasks.search.task import search_task
 
 DEFAULTS = PipelineConfig()  # the tiny preset: what a run with no parameters does
 P = ParamSpec("P")
@@ -96,7 +93,7 @@ class MlflowLinks(Links):
 
 
 class Summarised(Protocol):
-    """A stage result (tasks/stage_results.py)."""
+    """A stage result (tasks/common/stage_results.py)."""
 
     def summary(self, links: Links = ...) -> list[str]: ...
 

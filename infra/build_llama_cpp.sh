@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp for GGUF export, its parity tests and the peer benchmark (`make llama-cpp`).
 #
-# The source is the llama.cpp that llama-cpp-python vendors (pinned in tasks/llama_cpp.py), taken from PyPI's
+# The source is the llama.cpp that llama-cpp-python vendors (pinned in tasks/deploy/llama_cpp.py), taken from PyPI's
 # source distribution, so the converter (convert_hf_to_gguf.py), the binaries (llama-server, llama-quantize)
 # and the Python bindings are one version. llama.cpp is compiled once, as shared libraries; llama-cpp-python
 # is installed without compiling it again and uses those libraries. Written to a staging folder and renamed
@@ -9,8 +9,8 @@
 # Usage: infra/build_llama_cpp.sh PYTHON  (the virtual environment's python)
 set -euo pipefail
 PY=${1:?usage: build_llama_cpp.sh PYTHON}
-HOME_DIR=$("$PY" -m tasks.llama_cpp home)
-VERSION=$("$PY" -m tasks.llama_cpp version)
+HOME_DIR=$("$PY" -m tasks.deploy.llama_cpp home)
+VERSION=$("$PY" -m tasks.deploy.llama_cpp version)
 JOBS=${JOBS:-$(nproc)}
 
 built() { [ -x "$HOME_DIR/build/bin/llama-server" ] && [ -x "$HOME_DIR/build/bin/llama-quantize" ]; }

@@ -16,13 +16,9 @@ from mlflow.types.schema import Array, Object, ParamSchema, ParamSpec, Property
 
 from models.publish import staged_dir
 from models.sampling import SamplingParams
+from registry.names import CHAT_MODEL, HF_MODEL
 from registry.tracking import active_store, configure_tracking, store_client, ui_base_url
 
-SUPERNET_MODEL = "trainonce-supernet"
-SUBNET_MODEL = "trainonce-subnet"
-CHAT_TORCH_MODEL = "trainonce-chat-torch"  # aligned PyTorch checkpoints (SFT, DPO)
-CHAT_MODEL = "trainonce-chat"  # the deployable: ONNX (fp32 / INT8 / INT4) + tokenizer, served by alias
-HF_MODEL = "trainonce-chat-hf"  # the same aligned model as a transformers directory (transformers flavor)
 _SCORER_CODE = Path(__file__).resolve().parent / "scorer_pyfunc.py"
 _PIP_REQUIREMENTS = ["trainonce", "torch", "onnxruntime", "safetensors", "tokenizers", "pandas"]
 _REF = re.compile(r"^(?:models:/)?(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
@@ -151,7 +147,7 @@ def register_chat_package(
 
 
 def register_hf_model(workdir: str | Path, run_id: str, hf_dir: Path, tags: dict[str, Any]) -> RegisteredVersion:
-    """Register a transformers directory (tasks/export_hf.py) as an MLflow `transformers` model, a version of
+    """Register a transformers directory (tasks/deploy/hugging_face.py) as an MLflow `transformers` model, a version of
     `trainonce-chat-hf`: `mlflow.transformers.load_model("models:/trainonce-chat-hf/N")` gives a text-generation
     pipeline, and the logged folder is what transformers, vLLM or SGLang load.
 

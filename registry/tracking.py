@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,12 @@ def _fail_unfinished_runs() -> None:
             client.set_tag(run_id, "trainonce.ended_by", "the process exited before the run finished")
             client.set_terminated(run_id, status="FAILED")
     _open_runs.clear()
+
+
+def run_opener(workdir: str | Path, run_name: str, tags: dict | None = None) -> Callable[[str | None], RunLogger]:
+    """A training loop's `open_run` (tasks.common.tracker): a RunLogger in `workdir`'s store, continuing the run
+    whose id the loop's checkpoint names, or a new one."""
+    return lambda run_id: RunLogger(workdir, run_name=run_name, run_id=run_id, tags=tags)
 
 
 class RunLogger:

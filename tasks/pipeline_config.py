@@ -8,17 +8,15 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from registry.promotion import GateRules
-from tasks.data import DataConfig
-from tasks.distill import ExtractConfig
-from tasks.dpo import DPOConfig
-from tasks.export import DeployConfig
-from tasks.grpo import GRPOConfig
-from tasks.importance_calibration import ImportanceConfig
-from tasks.pretrain_config import PretrainConfig
-from tasks.search import SearchConfig, check_parameter_budgets
-from tasks.sft import SFTConfig
+from tasks.align.config import DPOConfig, GRPOConfig, SFTConfig
+from tasks.data.config import DataConfig
+from tasks.deploy.config import DeployConfig
+from tasks.extract.config import ExtractConfig
+from tasks.pretrain.config import PretrainConfig
+from tasks.search.config import ImportanceConfig, SearchConfig
+from tasks.search.search import check_parameter_budgets
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

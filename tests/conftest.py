@@ -25,7 +25,8 @@ import torch
 from flows.readiness import wait_until_ready
 from models.config import MoEConfig
 from models.moe import ElasticMoE
-from tasks.data import DataConfig, PreparedData, builtin_shakespeare_files, prepare_data
+from tasks.data.config import DataConfig
+from tasks.data.corpus import PreparedData, builtin_shakespeare_files, prepare_data
 
 
 @pytest.fixture(scope="session")
@@ -179,7 +180,7 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory, foreign_tokenizer_di
 def chat_model(small_data: PreparedData) -> ElasticMoE:
     """A small MoE briefly trained on the small corpus (so it is better than chance), for export and serving."""
     from models.losses import causal_lm_loss
-    from tasks.data import sample_batch
+    from tasks.data.corpus import sample_batch
 
     torch.manual_seed(0)
     config = MoEConfig(
@@ -208,7 +209,8 @@ def chat_model(small_data: PreparedData) -> ElasticMoE:
 @pytest.fixture(scope="session")
 def chat_packages(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE, small_data: PreparedData):
     """fp32, INT8 and INT4 chat packages of `chat_model` (exported once per session)."""
-    from tasks.export import DeployConfig, build_packages
+    from tasks.deploy.config import DeployConfig
+    from tasks.deploy.onnx_export import build_packages
 
     output = tmp_path_factory.mktemp("packages")
     return build_packages(chat_model, small_data.tokenizer_path, small_data.chat_format, output, DeployConfig())

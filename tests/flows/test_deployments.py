@@ -12,7 +12,7 @@ import pytest
 
 from flows.prefect_local import create_flow_run, local_prefect, run_deployment, wait_for_final_state
 from registry.tracking import store_client
-from tasks.data import builtin_shakespeare_files
+from tasks.data.corpus import builtin_shakespeare_files
 from tasks.pipeline_config import load_pipeline_config, parse_overrides
 
 

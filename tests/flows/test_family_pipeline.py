@@ -11,7 +11,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from registry.promotion import CHAMPION, alias_version
 from registry.tracking import store_client
 from tests.serving.test_server import API_KEY, running_server

@@ -49,7 +49,7 @@ def test_cached_results_belong_to_the_mlflow_store(tmp_path, monkeypatch: pytest
     from prefect.cache_policies import CacheKeyFnPolicy
 
     from flows.stages import cached
-    from tasks.pretrain import pretrain_task
+    from tasks.pretrain.task import pretrain_task
 
     def store_key() -> str:
         policies = cached(pretrain_task, str(tmp_path)).cache_policy.policies

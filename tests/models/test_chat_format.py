@@ -14,9 +14,10 @@ from tokenizers import Tokenizer
 
 from models.chat_format import ROLE_TOKENS, ChatFormat, ChatTokenizer, Message, chat_format_from_hf
 from models.losses import IGNORE_INDEX
-from tasks.align_data import Conversation
-from tasks.data import DataConfig, PreparedData, prepare_data
-from tasks.sft import encode
+from tasks.align.sft import encode
+from tasks.data.config import DataConfig
+from tasks.data.corpus import PreparedData, prepare_data
+from tasks.data.task_mix import Conversation
 
 CONVERSATION = (
     Message(role="system", content="Be brief."),

@@ -8,7 +8,7 @@ import pytest
 
 from flows.cli import main
 from models.chat_format import Message
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from registry.promotion import (
     CHAMPION,
     GateRules,

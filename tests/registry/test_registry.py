@@ -12,16 +12,11 @@ import torch
 from models.checkpoint import load_model, save_model
 from models.config import MoEConfig
 from models.moe import ElasticMoE
-from registry.models import (
-    SUPERNET_MODEL,
-    download_model,
-    parse_model_ref,
-    register_checkpoint,
-    resolve_version,
-    version_tags,
-)
+from registry.models import download_model, parse_model_ref, register_checkpoint, resolve_version, version_tags
+from registry.names import SUPERNET_MODEL
 from registry.tracking import RunLogger, active_store, flatten, store_client, tracking_uri
-from tasks.data import DataConfig, prepare_data
+from tasks.data.config import DataConfig
+from tasks.data.corpus import prepare_data
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pytest
 
 from registry.s3 import S3AccessError, download_prefix
 from registry.tracking import RunLogger, check_artifact_store, store_client
-from tasks.data import DataConfig, prepare_data
+from tasks.data.config import DataConfig
+from tasks.data.corpus import prepare_data
 
 
 @pytest.fixture

@@ -10,11 +10,13 @@ import torch
 from models.config import MoEConfig
 from models.losses import IGNORE_INDEX, masked_lm_loss
 from models.moe import ElasticMoE
-from tasks.align_data import Example, TaskMixConfig, as_conversation, corpus_passages, generate_splits
-from tasks.data import PreparedData
-from tasks.dpo import DPOConfig, preference_pairs, run_dpo
-from tasks.grpo import GRPOConfig, run_grpo
-from tasks.sft import SFTConfig, collate, encode, exact_match, generate_reply, run_sft
+from tasks.align.config import DPOConfig, GRPOConfig, SFTConfig
+from tasks.align.dpo import preference_pairs, run_dpo
+from tasks.align.grpo import run_grpo
+from tasks.align.sft import collate, encode, exact_match, generate_reply, run_sft
+from tasks.data.config import TaskMixConfig
+from tasks.data.corpus import PreparedData
+from tasks.data.task_mix import Example, as_conversation, corpus_passages, generate_splits
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.align_data import (
+from tasks.data.config import TaskMixConfig
+from tasks.data.task_mix import (
     Conversation,
     Example,
-    TaskMixConfig,
     as_conversation,
     check,
     corpus_passages,

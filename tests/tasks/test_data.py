@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 from models.chat_format import SPECIAL_TOKENS
-from tasks.data import (
-    DataConfig,
-    builtin_shakespeare_files,
-    prepare_data,
-    read_documents,
-    resolve_source,
-    sample_batch,
-)
+from tasks.data.config import DataConfig
+from tasks.data.corpus import builtin_shakespeare_files, prepare_data, read_documents, resolve_source, sample_batch
 
 
 def test_builtin_corpus_is_real_shakespeare() -> None:
@@ -132,7 +126,7 @@ def test_a_mismatched_tokenizer_file_is_refused_naming_the_field(tmp_path: Path,
 _RACING_WRITER = """
 import json, sys, time, traceback
 from pathlib import Path
-from tasks.data import DataConfig, prepare_data
+from tasks.data.corpus import DataConfig, prepare_data
 source, base, name, writers, rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 for round in range(rounds):
     (base / f"ready-{round}-{name}").touch()

@@ -12,10 +12,10 @@ from models.config import MoEConfig
 from models.losses import causal_lm_loss
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance
-from tasks.elastic_sampling import SEED_STRIDE, SamplingConfig, StepPlan, elastic_lr_schedule, plan_step, restrict_space
-from tasks.elastic_step import elastic_forward_backward, project_conflict
-from tasks.optim import OptimConfig
-from tasks.pretrain_config import PretrainConfig
+from tasks.common.optim import OptimConfig
+from tasks.pretrain.config import PretrainConfig, SamplingConfig
+from tasks.pretrain.sampling import SEED_STRIDE, StepPlan, elastic_lr_schedule, plan_step, restrict_space
+from tasks.pretrain.step import elastic_forward_backward, project_conflict
 
 SPACE = ElasticSpace(depths=(2, 3, 4), expert_counts=(2, 4, 6), top_ks=(1, 2), expert_sampling="nested")
 

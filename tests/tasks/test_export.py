@@ -13,10 +13,11 @@ from models.chat_format import Message
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from serving.engine import EVERY_TOKEN, MODEL_FILE, ChatPackage
-from tasks.align_data import TaskMixConfig
-from tasks.data import PreparedData
-from tasks.evaluate import EvaluationConfig, PackageEvaluation, evaluate_package, held_out_examples
-from tasks.export import DeployConfig, check_parity, choose_candidate
+from tasks.data.config import TaskMixConfig
+from tasks.data.corpus import PreparedData
+from tasks.deploy.config import DeployConfig, EvaluationConfig
+from tasks.deploy.evaluate import PackageEvaluation, evaluate_package, held_out_examples
+from tasks.deploy.onnx_export import check_parity, choose_candidate
 
 
 def _ops(package: Path) -> Counter:

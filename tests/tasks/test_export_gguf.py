@@ -26,13 +26,13 @@ from models.chat_format import Message
 from models.checkpoint import save_model
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from registry.promotion import promote
-from tasks.data import PreparedData
-from tasks.export_gguf import export_gguf
-from tasks.export_hf import export_hf
-from tasks.gguf_convert import byte_level_bpe_problem, end_of_turn_id, shared_expert_width
-from tasks.llama_cpp import LlamaCpp, LlamaCppMissing, check_gguf_request, default_home
+from tasks.data.corpus import PreparedData
+from tasks.deploy.gguf import export_gguf
+from tasks.deploy.gguf_convert import byte_level_bpe_problem, end_of_turn_id, shared_expert_width
+from tasks.deploy.hugging_face import export_hf
+from tasks.deploy.llama_cpp import LlamaCpp, LlamaCppMissing, check_gguf_request, default_home
 from tasks.pipeline_config import load_pipeline_config
 from tests.serving.test_server import API_KEY, free_port, running_server, serving
 
@@ -275,7 +275,7 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
     tmp_path: Path, chat_model: ElasticMoE, small_data: PreparedData
 ) -> None:
     from registry.tracking import store_client
-    from tasks.export_gguf import export_gguf_task
+    from tasks.deploy.task import export_gguf_task
 
     checkpoint = save_model(chat_model, tmp_path / "checkpoint")
     lineage = {"parent_model": "models:/trainonce-chat-torch/3", "parent_supernet": "models:/trainonce-supernet/1"}

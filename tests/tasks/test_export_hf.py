@@ -15,8 +15,8 @@ from models.extract import extract_subnet
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from models.subnet import SubnetSpec
-from tasks.data import PreparedData
-from tasks.export_hf import export_hf
+from tasks.data.corpus import PreparedData
+from tasks.deploy.hugging_face import export_hf
 
 MESSAGES = [
     Message(role="system", content="Answer briefly."),

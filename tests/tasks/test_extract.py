@@ -10,11 +10,14 @@ from models.config import MoEConfig
 from models.extract import extract_subnet
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance, SubnetSpec
-from tasks.data import DataConfig, PreparedData, prepare_data
-from tasks.distill import ExtractConfig, distill_subnet
-from tasks.extract import run_extract
-from tasks.importance_calibration import ImportanceConfig, rank_importance
-from tasks.throughput import training_flops
+from tasks.common.throughput import training_flops
+from tasks.data.config import DataConfig
+from tasks.data.corpus import PreparedData, prepare_data
+from tasks.extract.config import ExtractConfig
+from tasks.extract.distill import distill_subnet
+from tasks.extract.task import run_extract
+from tasks.search.config import ImportanceConfig
+from tasks.search.importance import rank_importance
 
 CONFIG = MoEConfig(vocab_size=300, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, n_experts=8, expert_ffn_dim=32)
 SPEC = SubnetSpec(layers=(0, 2, 3), experts=((0, 1, 2, 3),) * 3, top_k=1)

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from registry.models import CHAT_MODEL, resolve_version, version_tags
+from registry.models import resolve_version, version_tags
+from registry.names import CHAT_MODEL
 from registry.promotion import CHAMPION, GateRules, alias_version
-from tasks.align_data import TaskMixConfig
-from tasks.data import PreparedData
-from tasks.evaluate import EvaluationConfig
-from tasks.gate import run_gate
+from tasks.data.config import TaskMixConfig
+from tasks.data.corpus import PreparedData
+from tasks.deploy.config import EvaluationConfig
+from tasks.deploy.task import run_gate
 
 EVALUATION = EvaluationConfig(
     val_batches=2, batch_size=2, seq_len=32, max_new_tokens=8, speed_prompts=1, speed_new_tokens=4

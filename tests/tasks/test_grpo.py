@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from models.moe import ElasticMoE
-from tasks.align_data import Example
-from tasks.data import PreparedData
-from tasks.grpo import GRPOConfig, TaskCurriculum, answer_reward, run_grpo
+from tasks.align.config import GRPOConfig
+from tasks.align.grpo import TaskCurriculum, answer_reward, run_grpo
+from tasks.data.corpus import PreparedData
+from tasks.data.task_mix import Example
 
 
 @pytest.mark.parametrize("dynamic_sampling", [0, 3])
@@ -59,10 +60,9 @@ def test_the_align_stage_registers_grpo_after_dpo_and_deploys_it(
 ) -> None:
     from models.checkpoint import save_model
     from registry.tracking import store_client
-    from tasks.align import align_task
-    from tasks.align_data import TaskMixConfig
-    from tasks.dpo import DPOConfig
-    from tasks.sft import SFTConfig
+    from tasks.align.config import DPOConfig, SFTConfig
+    from tasks.align.task import align_task
+    from tasks.data.config import TaskMixConfig
 
     mix = TaskMixConfig(tasks=("copy",), train_per_task=8, test_per_task=2)
     sft = SFTConfig(task_mix=mix, steps=2, batch_size=4, max_new_tokens=4, replay_batch_size=0)

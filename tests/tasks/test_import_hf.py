@@ -24,8 +24,9 @@ from models.extract import extract_subnet
 from models.subnet import ElasticSpace, Importance
 from registry.models import download_checkpoint
 from registry.tracking import store_client
-from tasks.export_hf import export_hf
-from tasks.import_hf import default_elastic_space, import_hf
+from tasks.deploy.hugging_face import export_hf
+from tasks.init_from.import_hf import default_elastic_space
+from tasks.init_from.task import import_hf
 
 
 def test_import_registers_a_supernet_that_computes_what_transformers_computes(
@@ -112,7 +113,7 @@ def test_init_from_imports_once_and_hands_later_stages_the_sources_shape_and_tok
 ) -> None:
     from pydantic import ValidationError
 
-    from tasks.init_from import adapt_config, resolve_init_source
+    from tasks.init_from.task import adapt_config, resolve_init_source
     from tasks.pipeline_config import load_pipeline_config
 
     workdir = tmp_path / "registry"

@@ -1,5 +1,5 @@
 """Data-parallel pre-training: with `pretrain.launch` = 2 processes and infra/accelerate/multi-cpu.yaml the task
-runs `accelerate launch --config_file infra/accelerate/multi-cpu.yaml --num_processes 2 -m tasks.pretrain_entry` (gloo,
+runs `accelerate launch --config_file infra/accelerate/multi-cpu.yaml --num_processes 2 -m tasks.pretrain.entry` (gloo,
 two real processes) on the same global batches as one process, so losses and weights after N steps match the
 single-process run."""
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.data import PreparedData
+from tasks.data.corpus import PreparedData
 from tasks.pipeline_config import load_pipeline_config
-from tasks.pretrain import run_pretrain_launched
-from tasks.pretrain_config import PretrainConfig
-from tasks.pretrain_loop import run_pretrain
+from tasks.pretrain.config import PretrainConfig
+from tasks.pretrain.loop import run_pretrain
+from tasks.pretrain.task import run_pretrain_launched
 
 MULTI_CPU = Path(__file__).resolve().parents[2] / "infra" / "accelerate" / "multi-cpu.yaml"
 
@@ -37,7 +37,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path: Path
     two = run_pretrain_launched(_config(2), small_data, tmp_path / "two")
     assert one.config_hash == two.config_hash  # the process count is not part of the run's identity
     launched = (tmp_path / "two" / "launch.log").read_text()
-    assert f"--config_file {MULTI_CPU} --num_processes 2 -m tasks.pretrain_entry" in launched
+    assert f"--config_file {MULTI_CPU} --num_processes 2 -m tasks.pretrain.entry" in launched
     assert two.steps == 10 and two.checkpoint_dir == (tmp_path / "two" / "supernet").resolve()
 
     assert two.train_loss == pytest.approx(one.train_loss, abs=1e-4)

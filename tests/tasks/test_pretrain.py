@@ -10,13 +10,14 @@ from models.accounting import subnet_cost
 from models.checkpoint import load_model
 from models.moe import ElasticMoE
 from models.subnet import Importance
-from tasks.data import DataConfig, PreparedData, prepare_data
-from tasks.elastic_step import plan_for_step
-from tasks.optim import cosine_with_warmup, warmup_factor
+from tasks.common.optim import cosine_with_warmup, warmup_factor
+from tasks.data.config import DataConfig
+from tasks.data.corpus import PreparedData, prepare_data
 from tasks.pipeline_config import load_pipeline_config
-from tasks.pretrain_config import PretrainConfig
-from tasks.pretrain_loop import run_pretrain
-from tasks.validation_panel import evaluation_panel
+from tasks.pretrain.config import PretrainConfig
+from tasks.pretrain.loop import run_pretrain
+from tasks.pretrain.step import plan_for_step
+from tasks.pretrain.validation_panel import evaluation_panel
 
 
 def _tiny_pretrain(**overrides) -> PretrainConfig:

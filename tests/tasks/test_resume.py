@@ -35,7 +35,7 @@ def _command(corpus: Path, data_dir: Path, output_dir: Path, tracking_dir: Path 
         "pretrain.keep_checkpoints": 10,
         "pretrain.optim.warmup_steps": 5,
     }
-    command = [sys.executable, "-m", "tasks.pretrain_entry", "--config", "tiny", "--output-dir", str(output_dir)]
+    command = [sys.executable, "-m", "tasks.pretrain.entry", "--config", "tiny", "--output-dir", str(output_dir)]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
     if tracking_dir is not None:

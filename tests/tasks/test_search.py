@@ -9,7 +9,8 @@ from models.accounting import subnet_cost
 from models.config import MoEConfig
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance, SubnetSpec
-from tasks.search import Candidate, SearchConfig, SearchSpace, measure_latency_ms, pareto_front, run_search
+from tasks.search.config import SearchConfig
+from tasks.search.search import Candidate, SearchSpace, measure_latency_ms, pareto_front, run_search
 
 CONFIG = MoEConfig(
     vocab_size=300, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, n_experts=8, top_k=2, expert_ffn_dim=32
@@ -113,7 +114,7 @@ def synthetic_loss_for(config: MoEConfig):
 
 def test_choice_margin_is_paired_and_says_when_it_is_within_the_noise() -> None:
     """The search picks the lowest mean; the margin to the runner-up is judged on the per-batch differences."""
-    from tasks.search import _key, choice_margin
+    from tasks.search.search import _key, choice_margin
 
     result = run_search(SearchConfig(active_params_fraction=0.6), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
     ranked = sorted(result.evaluated, key=lambda c: c.val_loss)

@@ -8,7 +8,7 @@ import math
 import pytest
 from prefect.serializers import JSONSerializer
 
-from tasks.stage_results import (
+from tasks.common.stage_results import (
     AlignedModels,
     DeploymentResult,
     ExportedCandidate,

@@ -1,0 +1,134 @@
+"""Supervised fine-tuning on chat data: the loss counts the assistant's tokens only.
+
+Accuracy is exact match per task on the held-out split, with greedy KV-cache generation that stops at the
+end-of-turn token, so base, SFT and DPO numbers compare directly (DPO reuses `exact_match` and `generate_reply`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from models.chat_format import ChatTokenizer
+from models.generate import greedy_generate
+from models.losses import IGNORE_INDEX, causal_lm_loss, masked_lm_loss
+from models.moe import ElasticMoE
+from tasks.align.config import SFTConfig
+from tasks.common.optim import short_run_schedule
+from tasks.data.corpus import sample_batch
+from tasks.data.task_mix import (
+    Conversation,
+    Example,
+    Message,
+    as_conversation,
+    exact_match_by_task,
+)
+
+
+@dataclass(frozen=True)
+class EncodedConversation:
+    tokens: list[int]
+    targets: list[int]  # targets[t] = tokens[t + 1] where that token is trained, else IGNORE_INDEX
+
+
+def encode(conversation: Conversation, tokenizer: ChatTokenizer, max_len: int) -> EncodedConversation:
+    """Tokens and next-token targets that count only the assistant's reply (and its end-of-turn)."""
+    ids, mask = tokenizer.render(conversation.messages)
+    ids, mask = ids[:max_len], mask[:max_len]
+    targets = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+    return EncodedConversation(ids, targets)
+
+
+def collate(batch: Sequence[EncodedConversation], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) tokens and targets; causal attention never lets pads reach real positions."""
+    width = max(len(e.tokens) for e in batch)
+    tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(batch):
+        tokens[row, : len(example.tokens)] = torch.tensor(example.tokens)
+        targets[row, : len(example.targets)] = torch.tensor(example.targets)
+    return tokens, targets
+
+
+@torch.no_grad()
+def generate_reply(model: ElasticMoE, tokenizer: ChatTokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy reply to one user turn, up to its end-of-turn token."""
+    end = tokenizer.end_of_turn_id
+    ids, _ = tokenizer.render([Message(role="user", content=prompt)], add_generation_prompt=True)
+    device = next(model.parameters()).device
+    room = model.config.max_seq_len - len(ids)
+    out = greedy_generate(model, torch.tensor([ids], device=device), min(max_new_tokens, room), eos_id=end)
+    reply = out[0, len(ids) :].tolist()
+    return tokenizer.decode(reply[: reply.index(end)] if end in reply else reply)
+
+
+def exact_match(
+    model: ElasticMoE, tokenizer: ChatTokenizer, examples: Sequence[Example], max_new_tokens: int
+) -> dict[str, float]:
+    """Held-out accuracy per task (and `overall`): the generated reply must equal the answer."""
+    was_training = model.training
+    model.eval()
+    accuracy = exact_match_by_task(examples, lambda prompt: generate_reply(model, tokenizer, prompt, max_new_tokens))
+    model.train(was_training)
+    return accuracy
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    losses: list[float]  # per step
+    accuracy_before: dict[str, float]
+    accuracy_after: dict[str, float]
+
+
+def run_sft(
+    config: SFTConfig,
+    model: ElasticMoE,
+    tokenizer: ChatTokenizer,
+    train: Sequence[Example],
+    test: Sequence[Example],
+    extra: Sequence[Conversation] = (),
+    replay_tokens: np.ndarray | None = None,
+) -> SFTResult:
+    """Fine-tune `model` in place on the training examples (plus `extra` conversations), replaying windows of
+    `replay_tokens` (pre-training data) when `config.replay_batch_size` > 0; measure held-out exact match
+    before and after."""
+    if config.replay_batch_size and replay_tokens is None:
+        raise ValueError("sft.replay_batch_size > 0 needs the pre-training tokens to replay")
+    accelerator = Accelerator()
+    before = exact_match(model, tokenizer, test, config.max_new_tokens)
+    encoded = [encode(as_conversation(e), tokenizer, config.max_len) for e in train]
+    encoded += [encode(c, tokenizer, config.max_len) for c in extra]
+    pad = tokenizer.pad_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    factor = short_run_schedule(config.warmup_steps, config.steps)
+    rng = random.Random(config.seed)
+    replay_rng = np.random.default_rng(config.seed)
+    losses = []
+    model.train()
+    for step in tqdm(range(config.steps), desc="sft"):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * factor(step)
+        tokens, targets = collate(rng.sample(encoded, min(config.batch_size, len(encoded))), pad)
+        out = model(tokens.to(accelerator.device))
+        loss = masked_lm_loss(out.logits, targets.to(accelerator.device))
+        total = loss + out.balancing_loss(accelerator.unwrap_model(model).config)
+        if config.replay_batch_size and replay_tokens is not None:
+            window = sample_batch(replay_tokens, config.replay_batch_size, config.max_len, replay_rng)
+            window = window.to(accelerator.device)
+            replay = model(window)
+            total = total + config.replay_weight * causal_lm_loss(replay.logits, window)
+        accelerator.backward(total)
+        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    core = accelerator.unwrap_model(model)
+    after = exact_match(core, tokenizer, test, config.max_new_tokens)
+    return SFTResult(losses, before, after)

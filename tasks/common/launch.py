@@ -1,0 +1,73 @@
+"""Running a training entry point in several processes with `accelerate launch`.
+
+A Prefect task runs in one process; data-parallel training needs one process per device (or several CPU
+processes with gloo). The pre-training task therefore hands its job to `accelerate launch -m tasks.pretrain.task
+--job FILE` when more than one process is asked for, and reads the result back from the job's folder. The
+accelerate config file (infra/accelerate/*.yaml) carries what accelerate owns: multi-GPU, multi-node, mixed
+precision backends, rendezvous.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LaunchConfig(BaseModel):
+    """How many processes train, and the accelerate config that places them (results do not depend on it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_processes: int = Field(
+        1, ge=1, le=65_536, description="Training processes (GPUs, or CPU processes with gloo); 1 runs in-process."
+    )
+    config_file: str | None = Field(
+        None,
+        description="An `accelerate config` YAML (e.g. infra/accelerate/multi-gpu.yaml or multi-node.yaml); "
+        "None: all processes on this machine, on its GPUs or, without one, on the CPU.",
+    )
+
+    @property
+    def in_process(self) -> bool:
+        return self.num_processes == 1 and self.config_file is None
+
+    def command(self, module: str, args: list[str]) -> list[str]:
+        """The `accelerate launch` command line running `python -m module args` in every process."""
+        command = [sys.executable, "-m", "accelerate.commands.launch"]
+        if self.config_file is not None:
+            path = Path(self.config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"pretrain.launch.config_file: {path} does not exist")
+            command += ["--config_file", str(path)]
+        command += ["--num_processes", str(self.num_processes)]
+        if self.config_file is None and not torch.cuda.is_available():
+            command.append("--cpu")
+        return [*command, "-m", module, *args]
+
+
+def run_launched(command: list[str], log_path: Path) -> None:
+    """Run a launch command from the repository root, echoing its output and keeping it in `log_path`; a
+    failure raises with the end of that output, which names the failing process's error."""
+    tail: deque[str] = deque(maxlen=40)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            tail.append(line)
+        code = process.wait()
+    if code != 0:
+        raise RuntimeError(f"`{' '.join(command)}` exited with {code}; last output:\n{''.join(tail)}")

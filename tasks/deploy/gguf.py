@@ -1,0 +1,100 @@
+"""GGUF export: a trainonce checkpoint as the files llama.cpp, Ollama and LM Studio load.
+
+Built only with llama.cpp's own tools (tasks/deploy/llama_cpp.py says where they live): the checkpoint is first written
+as a transformers directory (tasks/deploy/hugging_face.py, with our chat template and stop tokens), which llama.cpp's
+converter turns into a float GGUF (tasks/deploy/gguf_convert.py); the quantized types are made from the f32 file by
+`llama-quantize`, as llama.cpp's documentation does it. The chat template and the end-of-turn and end-of-text
+tokens travel in the GGUF metadata, so llama.cpp formats a chat and stops a reply exactly as `trainonce serve`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from models.chat_format import ChatFormat
+from models.publish import staged_dir
+from tasks.deploy.hugging_face import export_hf
+from tasks.deploy.llama_cpp import GGUF_TYPES, LlamaCpp, find_llama_cpp
+
+_CONVERTED = ("f32", "f16", "bf16")  # written by the converter; the rest by llama-quantize from f32
+_QUANTIZE_NAME = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0"}
+
+
+def gguf_name(gguf_type: str) -> str:
+    """`model-Q4_K_M.gguf`: llama.cpp's and Ollama's way of naming a file by its type."""
+    return f"model-{gguf_type.upper()}.gguf"
+
+
+def _run(command: list[str], what: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"{what} failed (exit {done.returncode}):\n{tail}")
+
+
+def convert_hf_dir(llama_cpp: LlamaCpp, hf_dir: Path, out_file: Path, gguf_type: str) -> Path:
+    """llama.cpp's converter on a transformers directory (in its own process: tasks/deploy/gguf_convert.py)."""
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "tasks.deploy.gguf_convert",
+            str(llama_cpp.source),
+            str(hf_dir),
+            str(out_file),
+            gguf_type,
+        ],
+        f"llama.cpp's convert_hf_to_gguf ({gguf_type})",
+    )
+    return out_file
+
+
+def quantize(llama_cpp: LlamaCpp, f32_file: Path, out_file: Path, gguf_type: str) -> Path:
+    """llama-quantize from the f32 file (types whose blocks do not fit a tensor fall back as llama.cpp decides)."""
+    _run([str(llama_cpp.quantize), str(f32_file), str(out_file), _QUANTIZE_NAME[gguf_type]], "llama-quantize")
+    return out_file
+
+
+def export_gguf(
+    checkpoint_dir: str | Path,
+    tokenizer_path: str | Path,
+    chat_format: ChatFormat,
+    out_dir: str | Path,
+    types: tuple[str, ...] = ("f32", "q8_0", "q4_k_m"),
+    hf_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Write the checkpoint as one GGUF file per type into `out_dir`; returns {type: file}.
+
+    llama.cpp's converter reads a transformers directory: `hf_dir` when the checkpoint was already exported as
+    one (export_hf, as the deploy stage does for `deploy.hugging_face`), else one written to a scratch folder.
+
+    Unknown types and a missing llama.cpp fail before anything is computed. The folder is assembled beside
+    `out_dir` and renamed into place, so a failure never leaves half the files under that name; an earlier GGUF
+    export there is replaced, any other non-empty folder is refused."""
+    unknown = [t for t in types if t not in GGUF_TYPES]
+    if unknown or not types:
+        raise ValueError(f"types: {unknown or 'none'} given; choose one or more of {', '.join(GGUF_TYPES)}")
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(p.suffix != ".gguf" for p in out_dir.iterdir()):
+        raise FileExistsError(f"out: {out_dir} holds files other than GGUF; give a new or empty folder")
+    llama_cpp = find_llama_cpp()
+    types = tuple(dict.fromkeys(types))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".gguf-hf-") as scratch:
+        if hf_dir is None:
+            hf_dir = export_hf(checkpoint_dir, tokenizer_path, chat_format, Path(scratch) / "hf")
+        with staged_dir(out_dir) as staged:
+            f32 = convert_hf_dir(llama_cpp, hf_dir, staged / gguf_name("f32"), "f32")
+            for gguf_type in types:
+                if gguf_type in _CONVERTED and gguf_type != "f32":
+                    convert_hf_dir(llama_cpp, hf_dir, staged / gguf_name(gguf_type), gguf_type)
+                elif gguf_type in _QUANTIZE_NAME:
+                    quantize(llama_cpp, f32, staged / gguf_name(gguf_type), gguf_type)
+            if "f32" not in types:
+                f32.unlink()
+            for written in staged.iterdir():
+                written.chmod(0o644)
+    return {gguf_type: out_dir / gguf_name(gguf_type) for gguf_type in types}

@@ -1,0 +1,71 @@
+"""Hugging Face export: a trainonce checkpoint as a directory that `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load offline, and so transformers, vLLM, SGLang and FastDeploy serve.
+
+The weights are written by transformers' own `Ernie4_5_MoeForCausalLM.save_pretrained` (config.json,
+generation_config.json, safetensors, weight tying as transformers expects it) and the tokenizer by
+`PreTrainedTokenizerFast.save_pretrained`, with the chat template SFT rendered its data with
+(`models.chat_format`), so `apply_chat_template` yields exactly the token ids the model was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+from models.chat_format import ChatFormat
+from models.checkpoint import load_model
+from models.hf import hf_config_dict, to_hf_state_dict
+from models.publish import staged_dir
+
+
+def export_hf(
+    checkpoint_dir: str | Path, tokenizer_path: str | Path, chat_format: ChatFormat, out_dir: str | Path
+) -> Path:
+    """Write the checkpoint (supernet, sub-model or aligned model) as a transformers model directory.
+
+    A sub-model transformers cannot express (different expert counts per layer) fails before anything is
+    written, naming the layer. The directory is assembled beside `out_dir` and renamed into place, so a
+    failure never leaves a half-written model under that name; an earlier export there is replaced, any other
+    non-empty folder is refused."""
+    model = load_model(checkpoint_dir).eval()
+    config = hf_config_dict(model.config)  # raises, naming the layer, before any file is written
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    ids = chat_format.token_ids(tokenizer)
+    end_of_turn, end_of_text, pad = ids["end_of_turn"], ids["end_of_text"], ids["pad"]
+    config.update(eos_token_id=end_of_text, pad_token_id=pad, bos_token_id=None)
+
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FileExistsError(f"out: {out_dir} exists and is not a model directory; give a new or empty folder")
+    with torch.device("meta"):  # no second copy of the weights: load_state_dict(assign=True) adopts ours
+        hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**config))
+    result = hf.load_state_dict(to_hf_state_dict(model), strict=False, assign=True)
+    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+        raise ValueError(f"weights do not match Ernie4_5_MoeForCausalLM: {result}")
+    if config["tie_word_embeddings"]:
+        hf.tie_weights()
+    # A chat reply ends with the end-of-turn token, plain text with end-of-text: generation stops at either.
+    stops = list(dict.fromkeys([end_of_turn, end_of_text]))
+    hf.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad, do_sample=False)
+    with staged_dir(out_dir) as staged:
+        hf.save_pretrained(staged, safe_serialization=True)
+        PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer,
+            eos_token=chat_format.end_of_text,
+            pad_token=chat_format.pad,
+            # every special token the tokenizer itself declares (our role tokens, an imported model's markers)
+            additional_special_tokens=[
+                v.content
+                for v in tokenizer.get_added_tokens_decoder().values()
+                if v.special and v.content not in (chat_format.end_of_text, chat_format.pad)
+            ],
+            chat_template=chat_format.template,
+            model_max_length=model.config.max_seq_len,
+            **{k: v for k, v in chat_format.variables.items() if k in ("bos_token", "unk_token")},
+        ).save_pretrained(staged)
+        for written in staged.iterdir():  # save_pretrained leaves the weights owner-only (0600); serving
+            written.chmod(0o644)  # containers often run as another user
+    return out_dir

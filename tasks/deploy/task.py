@@ -1,0 +1,220 @@
+"""The deploy stage's Prefect tasks: export and quantize the aligned model to ONNX and register the candidate
+(`export`), register it as a transformers directory (`export-hf`) and as GGUF files (`export-gguf`), and the gate that
+measures the candidate against the champion on the same held-out evaluation and moves `champion` only if the rules
+pass (`gate`). The work itself is in tasks/deploy/onnx_export.py, evaluate.py, hugging_face.py and gguf.py; this module
+logs it to MLflow and versions it in the registry."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from prefect import task
+
+from models.checkpoint import load_model
+from models.hf import HF_ARCHITECTURE
+from registry.models import download_chat_package, register_chat_package, register_hf_model, set_alias
+from registry.names import CHAT_MODEL
+from registry.promotion import (
+    CHAMPION,
+    GateDecision,
+    GateRules,
+    Scores,
+    alias_version,
+    gate_decision,
+    promote,
+    record_decision,
+)
+from registry.tracking import RunLogger, git_commit
+from serving import CHAT_PYFUNC_CODE
+from tasks.common.stage_results import ExportedCandidate, GateOutcome, GgufExport, HuggingFaceExport, OnnxParity
+from tasks.data.config import TaskMixConfig
+from tasks.data.corpus import PreparedData
+from tasks.deploy.config import DeployConfig, EvaluationConfig
+from tasks.deploy.evaluate import PackageEvaluation, evaluate_package, held_out_examples
+from tasks.deploy.gguf import export_gguf
+from tasks.deploy.hugging_face import export_hf
+from tasks.deploy.onnx_export import (
+    run_export,
+    variant_table,
+)
+
+
+@task(name="export", retries=1, retry_delay_seconds=5)
+def export_task(
+    config: DeployConfig, tasks: TaskMixConfig, aligned_dir: str, data_dir: str, workdir: str, lineage: dict
+) -> ExportedCandidate:
+    """Export and quantize the aligned model; register the chosen variant in `config.model_name`
+    (`trainonce-chat`) as `candidate`."""
+    data = PreparedData.load(data_dir)
+    model = load_model(aligned_dir).eval()
+    logger = RunLogger(workdir, run_name="export", tags={"stage": "export"})
+    logger.log_params({"deploy": config.model_dump(mode="json")})
+    output = Path(workdir) / "export" / logger.run_id
+    result = run_export(model, data, tasks, config, output)
+    for variant, evaluation in result.evaluations.items():
+        logger.log_metrics(evaluation.as_metrics(f"{variant}/"), step=0)
+    logger.log_metrics(
+        {
+            "parity/max_abs_logit_diff": result.parity.max_abs_logit_diff,
+            "parity/greedy_tokens_equal": float(result.parity.greedy_tokens_equal),
+        },
+        step=0,
+    )
+    table = "\n".join(variant_table(result))
+    (output / "variants.md").write_text(table + "\n")
+    logger.log_artifact(output / "variants.md")
+    chosen = result.evaluations[result.candidate]
+    reference = result.evaluations["fp32"]
+    tags = {
+        **lineage,
+        "stage": "export",
+        "quantization": result.candidate,
+        "data_fingerprint": data.fingerprint,
+        "git_commit": git_commit(),
+        "val_ppl": f"{chosen.val_ppl:.4f}",
+        "ppl_delta_vs_fp32": f"{chosen.val_ppl / reference.val_ppl - 1:.5f}",
+        "accuracy_overall": f"{chosen.accuracy['overall']:.4f}",
+        "size_bytes": str(chosen.size_bytes),
+        "tokens_per_second": f"{chosen.tokens_per_second:.1f}",
+        "onnx_max_abs_logit_diff": f"{result.parity.max_abs_logit_diff:.3e}",
+        "onnx_greedy_tokens_equal": str(result.parity.greedy_tokens_equal),
+        "evaluation": json.dumps({v: e.to_dict() for v, e in result.evaluations.items()}),
+    }
+    package = result.packages[result.candidate]
+    version = register_chat_package(workdir, logger.run_id, package, tags, CHAT_PYFUNC_CODE, config.model_name)
+    set_alias(workdir, config.model_name, "candidate", version.version)
+    logger.finish()
+    return ExportedCandidate(
+        model_uri=version.uri,
+        version=version.version,
+        candidate=result.candidate,
+        package_dir=str(result.packages[result.candidate]),
+        table=table,
+        parity=OnnxParity(
+            max_abs_logit_diff=result.parity.max_abs_logit_diff, greedy_tokens_equal=result.parity.greedy_tokens_equal
+        ),
+        evaluations={v: e.to_dict() for v, e in result.evaluations.items()},
+    )
+
+
+@task(name="export-hf", retries=1, retry_delay_seconds=5)
+def export_hf_task(aligned_dir: str, data_dir: str, workdir: str, lineage: dict) -> HuggingFaceExport:
+    """The aligned model as a transformers directory, registered in `trainonce-chat-hf` with the lineage of the
+    ONNX candidate exported from the same model."""
+    logger = RunLogger(workdir, run_name="export-hf", tags={"stage": "export-hf"})
+    data = PreparedData.load(data_dir)
+    out = export_hf(aligned_dir, data.tokenizer_path, data.chat_format, Path(workdir) / "export-hf" / logger.run_id)
+    version = register_hf_model(
+        workdir, logger.run_id, out, {**lineage, "stage": "export-hf", "architecture": HF_ARCHITECTURE}
+    )
+    logger.finish()
+    return HuggingFaceExport(model_uri=version.uri, version=version.version, directory=str(out))
+
+
+@task(name="export-gguf", retries=1, retry_delay_seconds=5)
+def export_gguf_task(
+    aligned_dir: str,
+    data_dir: str,
+    workdir: str,
+    lineage: dict,
+    types: tuple[str, ...],
+    hf_dir: str | None = None,
+) -> GgufExport:
+    """The aligned model as GGUF files, logged as the `gguf/` artifact of an `export-gguf` run tagged with the
+    ONNX candidate's lineage (the same parent model and supernet). `hf_dir`: the same model's transformers
+    directory when the stage has just exported one, so it is not written twice."""
+    logger = RunLogger(workdir, run_name="export-gguf", tags={"stage": "export-gguf", **lineage})
+    data = PreparedData.load(data_dir)
+    files = export_gguf(
+        aligned_dir,
+        data.tokenizer_path,
+        data.chat_format,
+        Path(workdir) / "export-gguf" / logger.run_id,
+        types,
+        hf_dir,
+    )
+    logger.log_params({"gguf_types": ",".join(files)})
+    logger.log_metrics({f"size_mb/{t}": path.stat().st_size / 1e6 for t, path in files.items()}, step=0)
+    folder = next(iter(files.values())).parent
+    logger.log_artifact(folder, "gguf")
+    logger.finish()
+    return GgufExport(
+        run_id=logger.run_id,
+        artifact_uri=f"runs:/{logger.run_id}/gguf",
+        files={t: str(path) for t, path in files.items()},
+    )
+
+
+def _scores(evaluation: PackageEvaluation) -> Scores:
+    return Scores(evaluation.val_ppl, evaluation.accuracy["overall"])
+
+
+def run_gate(
+    workdir: str,
+    model_name: str,
+    candidate_version: str,
+    rules: GateRules,
+    evaluation: EvaluationConfig,
+    tasks: TaskMixConfig,
+    data: PreparedData,
+) -> tuple[GateDecision, dict[str, PackageEvaluation]]:
+    """Evaluate candidate (and champion, if any) with onnxruntime, decide, and promote when it passes."""
+    champion_version = alias_version(workdir, model_name, CHAMPION)
+    examples = held_out_examples(data, tasks)
+    measured: dict[str, PackageEvaluation] = {}
+    with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
+        refs = {"candidate": candidate_version}
+        if champion_version is not None and champion_version != candidate_version:
+            refs["champion"] = champion_version
+        for role, version in refs.items():
+            package = download_chat_package(workdir, f"{model_name}/{version}", Path(scratch) / role)
+            measured[role] = evaluate_package(package, data, examples, evaluation)
+    champion = _scores(measured["champion"]) if "champion" in measured else None
+    if champion_version == candidate_version:  # re-gating the champion itself: it passes against itself
+        champion = _scores(measured["candidate"])
+    decision = gate_decision(_scores(measured["candidate"]), champion, rules, champion_version)
+    record_decision(workdir, model_name, candidate_version, decision)
+    if decision.promote:
+        promote(workdir, model_name, candidate_version, reason="gate: " + decision.summary())
+    return decision, measured
+
+
+@task(name="gate", retries=1, retry_delay_seconds=5)
+def gate_task(
+    rules: GateRules,
+    evaluation: EvaluationConfig,
+    tasks: TaskMixConfig,
+    candidate_version: str,
+    data_dir: str,
+    workdir: str,
+    model_name: str = CHAT_MODEL,
+) -> GateOutcome:
+    """Compare `<model_name>/<candidate_version>` with its champion; promote it if the rules pass."""
+    tags = {"stage": "gate", "candidate_version": candidate_version, "model_name": model_name}
+    logger = RunLogger(workdir, run_name="gate", tags=tags)
+    logger.log_params({"gate": rules.model_dump(mode="json"), "evaluation": evaluation.model_dump(mode="json")})
+    data = PreparedData.load(data_dir)
+    decision, measured = run_gate(workdir, model_name, candidate_version, rules, evaluation, tasks, data)
+    for role, result in measured.items():
+        logger.log_metrics(result.as_metrics(f"{role}/"), step=0)
+    verdict = "promoted" if decision.promote else "rejected"
+    logger.set_tags(
+        {
+            "decision": verdict,
+            "reasons": " | ".join(decision.reasons),
+            "champion_version": decision.champion_version or "none",
+        }
+    )
+    logger.finish()
+    return GateOutcome(
+        model_name=model_name,
+        promoted=decision.promote,
+        reasons=decision.reasons,
+        candidate_version=candidate_version,
+        champion_version=alias_version(workdir, model_name, CHAMPION),
+        previous_champion_version=decision.champion_version,
+        candidate_scores=measured["candidate"].to_dict(),
+        champion_scores=measured["champion"].to_dict() if "champion" in measured else None,
+    )

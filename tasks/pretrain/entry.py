@@ -1,0 +1,70 @@
+"""The entry point of each pre-training process: `accelerate launch -m tasks.pretrain.entry --config tiny` (a
+preset, for a cluster job), or `--job job.json` (what the pre-training task writes when it runs in several
+processes, tasks.pretrain.task.run_pretrain_launched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from accelerate import PartialState
+
+from registry.tracking import run_opener
+from tasks.common.tracker import OpenRun
+from tasks.data.corpus import PreparedData
+from tasks.pretrain.config import PretrainConfig
+from tasks.pretrain.loop import run_pretrain
+
+
+def pretrain_run(tracking_dir: str | Path | None) -> OpenRun | None:
+    """The MLflow run pre-training logs to in `tracking_dir`'s store (None: no tracking)."""
+    return None if tracking_dir is None else run_opener(tracking_dir, "pretrain", {"stage": "pretrain"})
+
+
+def _run_job(path: Path) -> None:
+    """One process of `run_pretrain_launched`: the main process writes the result next to the job."""
+    job = json.loads(path.read_text())
+    config = PretrainConfig.model_validate(job["pretrain"])
+    data = PreparedData.load(job["data_dir"])
+    result = run_pretrain(
+        config, data, path.parent, pretrain_run(job["tracking_dir"]), job["init_from"], job["init_label"]
+    )
+    if PartialState().is_main_process:
+        payload = {
+            **asdict(result),
+            "checkpoint_dir": str(result.checkpoint_dir),
+            "loss_curve": str(result.loss_curve) if result.loss_curve else None,
+        }
+        (path.parent / "result.json").write_text(json.dumps(payload, indent=2))
+
+
+def main() -> None:
+    """Entry point for `accelerate launch -m tasks.pretrain.entry --config tiny` (and for `--job`, see above)."""
+    # Imported here: tasks.pipeline_config imports this module for PretrainConfig.
+    from tasks.data.corpus import prepare_data
+    from tasks.pipeline_config import load_pipeline_config, parse_overrides
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    parser.add_argument("--output-dir", default="runs/pretrain", help="checkpoints and the final supernet")
+    parser.add_argument("--tracking-dir", default=None, help="MLflow embedded store folder (default: no MLflow)")
+    parser.add_argument("--job", type=Path, default=None, help="a job.json written by run_pretrain_launched")
+    args = parser.parse_args()
+    if args.job is not None:
+        _run_job(args.job)
+        return
+    config = load_pipeline_config(args.config, parse_overrides(args.set))
+    state = PartialState()
+    with state.main_process_first():  # one process tokenizes; the others then find its dataset on disk
+        data = prepare_data(config.data)
+    result = run_pretrain(config.pretrain, data, args.output_dir, pretrain_run(args.tracking_dir))
+    if state.is_main_process:
+        print(json.dumps({"steps": result.steps, "resumed_from": result.resumed_from, "val_loss": result.val_loss}))
+
+
+if __name__ == "__main__":
+    main()

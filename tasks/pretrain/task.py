@@ -1,0 +1,201 @@
+"""Pre-training stage: the Prefect tasks that prepare a retrain's data and run pre-training, the registration of
+the finished supernet (with its lineage and warm start), and the run in several processes.
+
+The stage's other parts each have a module: its settings (tasks/pretrain/config.py), one elastic step
+(tasks/pretrain/step.py), the validation panel (tasks/pretrain/validation_panel.py), the training loop
+(tasks/pretrain/loop.py) and the entry point of each process (`accelerate launch -m tasks.pretrain.entry`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from uuid import UUID
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+
+from models.chat_format import chat_format_of
+from models.checkpoint import load_config
+from registry.models import (
+    DownloadedCheckpoint,
+    RegisteredVersion,
+    download_checkpoint,
+    register_checkpoint,
+    version_tags,
+)
+from registry.names import SUPERNET_MODEL
+from registry.tracking import git_commit
+from tasks.common.launch import run_launched
+from tasks.common.stage_results import PretrainedSupernet
+from tasks.data.config import DataConfig
+from tasks.data.corpus import PreparedData
+from tasks.pretrain.config import PretrainConfig, PretrainResult
+from tasks.pretrain.entry import pretrain_run
+from tasks.pretrain.loop import run_pretrain
+from tasks.pretrain.validation_panel import metric_key
+
+
+def register_pretrained(
+    result: PretrainResult,
+    config: PretrainConfig,
+    data: PreparedData,
+    tracking_dir: str | Path,
+    parent: DownloadedCheckpoint | None = None,
+) -> RegisteredVersion:
+    """Register the trained supernet as a new `trainonce-supernet` version with its lineage and metrics
+    (and the supernet it was warm-started from, if any)."""
+    if result.mlflow_run_id is None:
+        raise ValueError("register_pretrained needs a run trained with tracking_dir set")
+    tokens = config.tokens_per_step() * result.steps + (parent.extra.get("pretrain_tokens", 0) if parent else 0)
+    lineage = (
+        {"warm_started_from": parent.version.uri, "parent_supernet_version": parent.version.version} if parent else {}
+    )
+    tags = {
+        **lineage,
+        "stage": "pretrain",
+        "data_fingerprint": data.fingerprint,
+        "config_hash": result.config_hash,
+        "git_commit": git_commit(),
+        "steps": result.steps,
+        **({"resumed_from_step": result.resumed_from} if result.resumed_from else {}),
+        **{metric_key(label): f"{loss:.4f}" for label, loss in result.val_loss.items()},
+    }
+    return register_checkpoint(
+        tracking_dir,
+        result.mlflow_run_id,
+        SUPERNET_MODEL,
+        result.checkpoint_dir,
+        data.tokenizer_path,
+        {
+            "elastic_space": config.elastic.model_dump(mode="json"),
+            "pretrain_tokens": tokens,  # incl. the warm-start parent's: what this supernet has seen
+            "chat_format": data.chat_format.model_dump(mode="json"),
+        },
+        tags,
+    )
+
+
+def latest_supernet(workdir: str | Path) -> DownloadedCheckpoint | None:
+    try:
+        return download_checkpoint(workdir, f"{SUPERNET_MODEL}/latest")
+    except LookupError:  # nothing registered yet
+        return None
+
+
+def warm_start_source(config: PretrainConfig, data: PreparedData, workdir: str | Path) -> DownloadedCheckpoint | None:
+    """The latest registered supernet, when `warm_start` is on, it has this architecture and it was trained on
+    other data than `data` (a retrain); else None (train from scratch)."""
+    if config.warm_start == "never":
+        return None
+    parent = latest_supernet(workdir)
+    if parent is None or version_tags(workdir, parent.version).get("data_fingerprint") == data.fingerprint:
+        return None
+    return parent if load_config(parent.checkpoint_dir) == config.model else None
+
+
+def retrain_data_config(data: DataConfig, config: PretrainConfig, workdir: str | Path) -> DataConfig:
+    """With warm starts on, prepare data with the latest supernet's tokenizer: a warm start needs the token ids
+    the weights were trained on. Unchanged data then gets its old fingerprint back (it hashes the tokenizer
+    itself), so every stage stays cached; new data gets a new one."""
+    if config.warm_start == "never" or data.tokenizer_file:
+        return data
+    parent = latest_supernet(workdir)
+    if parent is None or load_config(parent.checkpoint_dir) != config.model:
+        return data
+    return data.model_copy(
+        update={"tokenizer_file": str(parent.tokenizer_path), "chat_format": chat_format_of(parent.extra)}
+    )
+
+
+def progress_bar(description: str) -> Callable[[int, int], None]:
+    """A progress callback that draws a Prefect progress artifact (a bar in the UI) for the task run it is called
+    in, created at the first call; outside a task run (`trainonce pretrain` calls the task's function) it does
+    nothing."""
+    artifact: list[UUID] = []
+
+    def report(done: int, total: int) -> None:
+        if TaskRunContext.get() is None:
+            return
+        percent = 100.0 * done / max(total, 1)
+        if not artifact:
+            artifact.append(create_progress_artifact(percent, description=description))
+        else:
+            update_progress_artifact(artifact[0], percent)
+
+    return report
+
+
+@task(name="retrain-data", retries=2, retry_delay_seconds=[2, 10])
+def retrain_data_task(data: DataConfig, config: PretrainConfig, workdir: str) -> DataConfig:
+    """The data config this run prepares with (see retrain_data_config); reads the registry, so never cached."""
+    return retrain_data_config(data, config, workdir)
+
+
+@task(name="pretrain", retries=1, retry_delay_seconds=5)
+def pretrain_task(
+    config: PretrainConfig, data_dir: str, workdir: str, parent_ref: str | None = None
+) -> PretrainedSupernet:
+    """Elastic pre-training (warm-started on new data, see warm_start_source, or continued from `parent_ref`,
+    a registered supernet such as an imported checkpoint), then registration; a retry resumes from the last
+    checkpoint."""
+    data = PreparedData.load(data_dir)
+    parent = download_checkpoint(workdir, parent_ref) if parent_ref else warm_start_source(config, data, workdir)
+    if parent is not None and config.warm_start_steps is not None:
+        config = config.model_copy(update={"max_steps": config.warm_start_steps, "max_tokens": None})
+    init_label = parent.version.uri if parent else ""
+    output_dir = Path(workdir) / "pretrain" / config.config_hash(data.fingerprint + init_label)[:16]
+    init_from = parent.checkpoint_dir if parent else None
+    if config.launch.in_process:
+        bar = progress_bar(f"pre-training, {config.total_steps()} steps")
+        result = run_pretrain(config, data, output_dir, pretrain_run(workdir), init_from, init_label, on_progress=bar)
+    else:  # other processes: no bar
+        result = run_pretrain_launched(config, data, output_dir, workdir, init_from, init_label)
+    version = register_pretrained(result, config, data, workdir, parent)
+    return PretrainedSupernet(
+        model_uri=version.uri,
+        data_dir=data_dir,
+        version=version.version,
+        run_id=result.mlflow_run_id,
+        checkpoint_dir=str(result.checkpoint_dir),
+        val_loss=result.val_loss,
+        tokens_per_second=result.tokens_per_second,
+        mfu=result.mfu,
+        warm_started_from=init_label or None,
+        resumed_from_step=result.resumed_from,
+    )
+
+
+def run_pretrain_launched(
+    config: PretrainConfig,
+    data: PreparedData,
+    output_dir: str | Path,
+    tracking_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    init_label: str = "",
+) -> PretrainResult:
+    """`run_pretrain` in `config.launch.num_processes` processes (accelerate launch), for a caller that is one
+    process (a Prefect task). The job and its result travel as JSON files in `output_dir`."""
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job = {
+        "pretrain": config.model_dump(mode="json"),
+        "data_dir": str(data.directory.resolve()),
+        "tracking_dir": str(Path(tracking_dir).resolve()) if tracking_dir is not None else None,
+        "init_from": str(init_from) if init_from is not None else None,
+        "init_label": init_label,
+    }
+    (output_dir / "job.json").write_text(json.dumps(job, indent=2))
+    (output_dir / "result.json").unlink(missing_ok=True)
+    command = config.launch.command("tasks.pretrain.entry", ["--job", str(output_dir / "job.json")])
+    run_launched(command, output_dir / "launch.log")
+    result = json.loads((output_dir / "result.json").read_text())
+    return PretrainResult(
+        **{
+            **result,
+            "checkpoint_dir": Path(result["checkpoint_dir"]),
+            "loss_curve": Path(result["loss_curve"]) if result["loss_curve"] else None,
+        }
+    )
