@@ -269,6 +269,20 @@ class RunLogger:
         _open_runs.pop(self.run_id, None)
 
 
+@contextmanager
+def stage_run(workdir: str | Path, stage: str, tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
+    """The MLflow run of one stage, for a `with` block: named and tagged `stage`, ended FINISHED when the block
+    completes and FAILED when it raises (the error goes on), so a stage that fails leaves no run RUNNING behind for
+    its retry to wonder about. (A process killed outright cannot end its run: the next RunLogger ends it KILLED.)"""
+    logger = RunLogger(workdir, run_name=stage, tags={"stage": stage, **(tags or {})})
+    try:
+        yield logger
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    logger.finish()
+
+
 def ui_base_url() -> str:
     """Where the MLflow UI of the active store is: `MLFLOW_UI_URL` when set (a UI behind a proxy, another port),
     else the tracking server itself, else for the embedded store the address `mlflow ui --backend-store-uri

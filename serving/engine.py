@@ -1,6 +1,6 @@
 """Run an exported chat package with onnxruntime: decoding with the KV cache (greedy or sampled), and scoring.
 
-A package is the folder `tasks/export.py` writes and the registry versions as `trainonce-chat`:
+A package is the folder `tasks/deploy/onnx_export.py` writes and the registry versions as `trainonce-chat`:
 `model.onnx` (fp32, INT8 or INT4), `tokenizer.json` and `generation_config.json`. The same engine serves
 HTTP requests (serving/app.py), answers the MLflow pyfunc's `predict` (serving/chat_pyfunc.py) and measures
 every variant for the export stage and the gate, so what is evaluated is exactly what is served.

@@ -3,7 +3,8 @@ metrics so that existing dashboards translate: requests by endpoint and status, 
 generated tokens, time to first token, inter-token latency and whole-request latency, each labelled with the
 model that served it.
 
-Each app owns its registry, so two servers in one process (tests) do not share counters.
+Each app owns its registry, so two servers in one process (tests) do not share counters. Requests are counted by
+`CountedRequests`, a middleware, so that refusals made before any route runs are counted too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette import types as asgi
 
 from serving.decoding import Piece
 
@@ -79,3 +81,25 @@ class ServingMetrics:
             self.generation_tokens.labels(model).inc(len(piece.tokens))
             yield piece
         self.request_latency.labels(model).observe(time.perf_counter() - started)
+
+
+class CountedRequests:
+    """Counts every answered request by path and status; a path not in `paths` (an unknown one, or one with a
+    parameter such as /v1/models/{model}) counts as `other`, so that a scanner cannot create a series per URL it
+    tries."""
+
+    def __init__(self, app: asgi.ASGIApp, metrics: ServingMetrics, paths: set[str]) -> None:
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in self.paths else "other"
+
+        async def counted(message: asgi.Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)

@@ -1,15 +1,14 @@
-"""OpenAI request and response shapes (the subset trainonce serves), so the `openai` client works unchanged.
+"""OpenAI's request shapes (the subset trainonce serves), so the `openai` client works unchanged; what the server
+answers is typed in serving/response_models.py and serving/errors.py.
 
 Requests ignore fields that do not change what is generated (`user`, `metadata`...); fields that would but
 that this server cannot honour (`tools`, `response_format` json...) are refused by name (`UNSUPPORTED`); what
-is used is validated here (ranges shared with models.sampling) and by the app against the loaded model's
-context length and vocabulary, with OpenAI-style error objects.
+is used is validated here (ranges shared with models.sampling), then against the chosen model's context length
+and vocabulary (serving/generation.py), with OpenAI-style error objects.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -230,44 +229,3 @@ class CompletionRequest(_GenerationRequest):
         if len(self.prompt) != 1:
             raise ValueError("prompt: exactly one prompt per request is supported")
         return self.prompt[0]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str = Field(description="invalid_request_error, authentication_error or server_error.")
-    param: str | None = Field(description="The request field at fault, as a dotted path: messages.0.content.")
-    code: str | None = Field(description="A stable name for the error: model_not_found, context_length_exceeded...")
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error object: what every refusal and failure answers, whatever its status."""
-
-    error: ErrorDetail
-
-
-def error_body(
-    message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
-) -> dict:
-    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()

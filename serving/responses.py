@@ -1,5 +1,6 @@
-"""Decoded choices in OpenAI's shapes: chat completions and text completions, whole or streamed as server-sent
-events, with `n` choices, log-probabilities in each endpoint's own layout, and usage.
+"""Decoded choices in OpenAI's shapes: chat completions and text completions, whole (typed by
+serving/response_models.py) or streamed as server-sent events, with `n` choices, log-probabilities in each
+endpoint's own layout, and usage.
 
 A request's choices are decoders (serving/decoding.py) that share the prompt; each has its own generator
 (models.sampling.choice_generators), so a seeded request repeats and its choices differ. Each choice arrives
@@ -12,12 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from models.sampling import SampledToken, SamplingParams, choice_generators
 from serving.decoding import Piece, SequenceDecoder
 from serving.engine import ChatPackage
-from serving.protocol import Usage
+from serving.response_models import ChatCompletion, Completion, Usage
 
 
 def new_choices(
@@ -86,7 +87,7 @@ def chat_response(
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
-) -> dict[str, Any]:
+) -> ChatCompletion:
     logprobs = LogprobFormat(package)
     out = [
         {
@@ -97,7 +98,7 @@ def chat_response(
         }
         for index, decoder, text, tokens in _whole_choices(choices, streams)
     ]
-    return {**base, "object": "chat.completion", "choices": out, "usage": _usage(prompt, choices)}
+    return ChatCompletion.model_validate({**base, "choices": out, "usage": _usage(prompt, choices)})
 
 
 def chat_stream(
@@ -137,7 +138,7 @@ def completion_response(
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
-) -> dict[str, Any]:
+) -> Completion:
     logprobs = LogprobFormat(package)
     out = [
         {
@@ -148,7 +149,7 @@ def completion_response(
         }
         for index, decoder, text, tokens in _whole_choices(choices, streams)
     ]
-    return {**base, "object": "text_completion", "choices": out, "usage": _usage(prompt, choices)}
+    return Completion.model_validate({**base, "choices": out, "usage": _usage(prompt, choices)})
 
 
 def completion_stream(
@@ -180,12 +181,15 @@ def completion_stream(
     yield sse("[DONE]")
 
 
+Whole = TypeVar("Whole", ChatCompletion, Completion)
+
+
 @dataclass(frozen=True)
-class ResponseShape:
+class ResponseShape(Generic[Whole]):
     """How one endpoint answers: its id prefix, its whole response and its stream of events."""
 
     id_prefix: str
-    whole: Callable[..., dict[str, Any]]
+    whole: Callable[..., Whole]
     streamed: Callable[..., Iterator[str]]
 
 

@@ -13,7 +13,7 @@ from prefect import task
 from models.checkpoint import load_model, save_model
 from registry.models import RegisteredVersion, register_checkpoint
 from registry.names import CHAT_TORCH_MODEL, SUBNET_MODEL
-from registry.tracking import RunLogger, git_commit
+from registry.tracking import RunLogger, git_commit, stage_run
 from tasks.align.config import GRPO_OFF, DPOConfig, GRPOConfig, SFTConfig
 from tasks.align.dpo import run_dpo
 from tasks.align.grpo import grpo_prompts, run_grpo
@@ -73,78 +73,75 @@ def align_task(
         )
         return directory, version
 
-    sft_logger = RunLogger(workdir, run_name="sft", tags={"stage": "sft"})
-    sft_logger.log_params({"sft": sft.model_dump(mode="json")})
-    extra_conversations = read_sft_jsonl(sft.extra_jsonl) if sft.extra_jsonl else []
-    extra_pairs = read_preference_jsonl(dpo.extra_jsonl) if dpo.extra_jsonl else []
-    sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations, data.split("train"))
-    _log_loss_curve(sft_logger, sft_result.losses)
-    sft_logger.log_metrics(
-        {
-            **{f"accuracy_base/{k}": v for k, v in sft_result.accuracy_before.items()},
-            **{f"accuracy_sft/{k}": v for k, v in sft_result.accuracy_after.items()},
-        },
-        step=sft.steps,
-    )
-    _, sft_version = save_and_register(
-        "sft",
-        sft_logger,
-        {**_accuracy_tags("base", sft_result.accuracy_before), **_accuracy_tags("sft", sft_result.accuracy_after)},
-    )
-    sft_logger.finish()
+    with stage_run(workdir, "sft") as sft_logger:
+        sft_logger.log_params({"sft": sft.model_dump(mode="json")})
+        extra_conversations = read_sft_jsonl(sft.extra_jsonl) if sft.extra_jsonl else []
+        extra_pairs = read_preference_jsonl(dpo.extra_jsonl) if dpo.extra_jsonl else []
+        sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations, data.split("train"))
+        _log_loss_curve(sft_logger, sft_result.losses)
+        sft_logger.log_metrics(
+            {
+                **{f"accuracy_base/{k}": v for k, v in sft_result.accuracy_before.items()},
+                **{f"accuracy_sft/{k}": v for k, v in sft_result.accuracy_after.items()},
+            },
+            step=sft.steps,
+        )
+        _, sft_version = save_and_register(
+            "sft",
+            sft_logger,
+            {**_accuracy_tags("base", sft_result.accuracy_before), **_accuracy_tags("sft", sft_result.accuracy_after)},
+        )
 
-    dpo_logger = RunLogger(workdir, run_name="dpo", tags={"stage": "dpo"})
-    dpo_logger.log_params({"dpo": dpo.model_dump(mode="json")})
-    dpo_result = run_dpo(dpo, model, tokenizer, train, test, extra_pairs)
-    _log_loss_curve(dpo_logger, dpo_result.losses)
-    held_out = dpo_result.held_out
-    dpo_logger.log_metrics(
-        {
-            "held_out/reward_accuracy": held_out.reward_accuracy,
-            "held_out/chosen_reward": held_out.chosen_reward,
-            "held_out/rejected_reward": held_out.rejected_reward,
-            "held_out/margin": held_out.margin,
-            **{f"pairs/{k}": v for k, v in dpo_result.train_pair_kinds.items()},
-            **{f"accuracy_dpo/{k}": v for k, v in dpo_result.accuracy_after.items()},
-        },
-        step=dpo.steps,
-    )
-    final_dir, dpo_version = save_and_register(
-        "dpo",
-        dpo_logger,
-        {
-            "parent_sft_version": sft_version.version,
-            **_accuracy_tags("sft", sft_result.accuracy_after),
-            **_accuracy_tags("dpo", dpo_result.accuracy_after),
-            "reward_accuracy": f"{held_out.reward_accuracy:.4f}",
-            "pairs": json.dumps(dpo_result.train_pair_kinds),
-        },
-    )
-    dpo_logger.finish()
+    with stage_run(workdir, "dpo") as dpo_logger:
+        dpo_logger.log_params({"dpo": dpo.model_dump(mode="json")})
+        dpo_result = run_dpo(dpo, model, tokenizer, train, test, extra_pairs)
+        _log_loss_curve(dpo_logger, dpo_result.losses)
+        held_out = dpo_result.held_out
+        dpo_logger.log_metrics(
+            {
+                "held_out/reward_accuracy": held_out.reward_accuracy,
+                "held_out/chosen_reward": held_out.chosen_reward,
+                "held_out/rejected_reward": held_out.rejected_reward,
+                "held_out/margin": held_out.margin,
+                **{f"pairs/{k}": v for k, v in dpo_result.train_pair_kinds.items()},
+                **{f"accuracy_dpo/{k}": v for k, v in dpo_result.accuracy_after.items()},
+            },
+            step=dpo.steps,
+        )
+        final_dir, dpo_version = save_and_register(
+            "dpo",
+            dpo_logger,
+            {
+                "parent_sft_version": sft_version.version,
+                **_accuracy_tags("sft", sft_result.accuracy_after),
+                **_accuracy_tags("dpo", dpo_result.accuracy_after),
+                "reward_accuracy": f"{held_out.reward_accuracy:.4f}",
+                "pairs": json.dumps(dpo_result.train_pair_kinds),
+            },
+        )
     accuracy = {"base": sft_result.accuracy_before, "sft": sft_result.accuracy_after, "dpo": dpo_result.accuracy_after}
     grpo_uri = None
     if grpo.enabled:
-        grpo_logger = RunLogger(workdir, run_name="grpo", tags={"stage": "grpo"})
-        grpo_logger.log_params({"grpo": grpo.model_dump(mode="json")})
-        prompts = grpo_prompts(grpo, sft.task_mix, passages, train, test)
-        grpo_result = run_grpo(grpo, model, tokenizer, prompts, test, data.split("train"))
-        for step, metrics in enumerate(grpo_result.metrics, start=1):
-            grpo_logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
-        for held in grpo_result.held_out:
-            grpo_logger.log_metrics(
-                {f"held_out/{k}": v for k, v in held.items() if k != "step"}, step=int(held["step"])
+        with stage_run(workdir, "grpo") as grpo_logger:
+            grpo_logger.log_params({"grpo": grpo.model_dump(mode="json")})
+            prompts = grpo_prompts(grpo, sft.task_mix, passages, train, test)
+            grpo_result = run_grpo(grpo, model, tokenizer, prompts, test, data.split("train"))
+            for step, metrics in enumerate(grpo_result.metrics, start=1):
+                grpo_logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+            for held in grpo_result.held_out:
+                grpo_logger.log_metrics(
+                    {f"held_out/{k}": v for k, v in held.items() if k != "step"}, step=int(held["step"])
+                )
+            grpo_logger.log_artifact(plot_grpo(grpo_result.metrics, grpo_result.held_out, out_dir / "grpo.png"))
+            final_dir, grpo_version = save_and_register(
+                "grpo",
+                grpo_logger,
+                {
+                    "parent_dpo_version": dpo_version.version,
+                    **_accuracy_tags("dpo", dpo_result.accuracy_after),
+                    **_accuracy_tags("grpo", grpo_result.accuracy_after),
+                },
             )
-        grpo_logger.log_artifact(plot_grpo(grpo_result.metrics, grpo_result.held_out, out_dir / "grpo.png"))
-        final_dir, grpo_version = save_and_register(
-            "grpo",
-            grpo_logger,
-            {
-                "parent_dpo_version": dpo_version.version,
-                **_accuracy_tags("dpo", dpo_result.accuracy_after),
-                **_accuracy_tags("grpo", grpo_result.accuracy_after),
-            },
-        )
-        grpo_logger.finish()
         grpo_uri = grpo_version.uri
         accuracy["grpo"] = grpo_result.accuracy_after
     return AlignedModels(

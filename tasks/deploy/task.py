@@ -26,7 +26,7 @@ from registry.promotion import (
     promote,
     record_decision,
 )
-from registry.tracking import RunLogger, git_commit
+from registry.tracking import git_commit, stage_run
 from serving import CHAT_PYFUNC_CODE
 from tasks.common.stage_results import ExportedCandidate, GateOutcome, GgufExport, HuggingFaceExport, OnnxParity
 from tasks.data.config import TaskMixConfig
@@ -49,43 +49,42 @@ def export_task(
     (`trainonce-chat`) as `candidate`."""
     data = PreparedData.load(data_dir)
     model = load_model(aligned_dir).eval()
-    logger = RunLogger(workdir, run_name="export", tags={"stage": "export"})
-    logger.log_params({"deploy": config.model_dump(mode="json")})
-    output = Path(workdir) / "export" / logger.run_id
-    result = run_export(model, data, tasks, config, output)
-    for variant, evaluation in result.evaluations.items():
-        logger.log_metrics(evaluation.as_metrics(f"{variant}/"), step=0)
-    logger.log_metrics(
-        {
-            "parity/max_abs_logit_diff": result.parity.max_abs_logit_diff,
-            "parity/greedy_tokens_equal": float(result.parity.greedy_tokens_equal),
-        },
-        step=0,
-    )
-    table = "\n".join(variant_table(result))
-    (output / "variants.md").write_text(table + "\n")
-    logger.log_artifact(output / "variants.md")
-    chosen = result.evaluations[result.candidate]
-    reference = result.evaluations["fp32"]
-    tags = {
-        **lineage,
-        "stage": "export",
-        "quantization": result.candidate,
-        "data_fingerprint": data.fingerprint,
-        "git_commit": git_commit(),
-        "val_ppl": f"{chosen.val_ppl:.4f}",
-        "ppl_delta_vs_fp32": f"{chosen.val_ppl / reference.val_ppl - 1:.5f}",
-        "accuracy_overall": f"{chosen.accuracy['overall']:.4f}",
-        "size_bytes": str(chosen.size_bytes),
-        "tokens_per_second": f"{chosen.tokens_per_second:.1f}",
-        "onnx_max_abs_logit_diff": f"{result.parity.max_abs_logit_diff:.3e}",
-        "onnx_greedy_tokens_equal": str(result.parity.greedy_tokens_equal),
-        "evaluation": json.dumps({v: e.to_dict() for v, e in result.evaluations.items()}),
-    }
-    package = result.packages[result.candidate]
-    version = register_chat_package(workdir, logger.run_id, package, tags, CHAT_PYFUNC_CODE, config.model_name)
-    set_alias(workdir, config.model_name, "candidate", version.version)
-    logger.finish()
+    with stage_run(workdir, "export") as logger:
+        logger.log_params({"deploy": config.model_dump(mode="json")})
+        output = Path(workdir) / "export" / logger.run_id
+        result = run_export(model, data, tasks, config, output)
+        for variant, evaluation in result.evaluations.items():
+            logger.log_metrics(evaluation.as_metrics(f"{variant}/"), step=0)
+        logger.log_metrics(
+            {
+                "parity/max_abs_logit_diff": result.parity.max_abs_logit_diff,
+                "parity/greedy_tokens_equal": float(result.parity.greedy_tokens_equal),
+            },
+            step=0,
+        )
+        table = "\n".join(variant_table(result))
+        (output / "variants.md").write_text(table + "\n")
+        logger.log_artifact(output / "variants.md")
+        chosen = result.evaluations[result.candidate]
+        reference = result.evaluations["fp32"]
+        tags = {
+            **lineage,
+            "stage": "export",
+            "quantization": result.candidate,
+            "data_fingerprint": data.fingerprint,
+            "git_commit": git_commit(),
+            "val_ppl": f"{chosen.val_ppl:.4f}",
+            "ppl_delta_vs_fp32": f"{chosen.val_ppl / reference.val_ppl - 1:.5f}",
+            "accuracy_overall": f"{chosen.accuracy['overall']:.4f}",
+            "size_bytes": str(chosen.size_bytes),
+            "tokens_per_second": f"{chosen.tokens_per_second:.1f}",
+            "onnx_max_abs_logit_diff": f"{result.parity.max_abs_logit_diff:.3e}",
+            "onnx_greedy_tokens_equal": str(result.parity.greedy_tokens_equal),
+            "evaluation": json.dumps({v: e.to_dict() for v, e in result.evaluations.items()}),
+        }
+        package = result.packages[result.candidate]
+        version = register_chat_package(workdir, logger.run_id, package, tags, CHAT_PYFUNC_CODE, config.model_name)
+        set_alias(workdir, config.model_name, "candidate", version.version)
     return ExportedCandidate(
         model_uri=version.uri,
         version=version.version,
@@ -103,13 +102,12 @@ def export_task(
 def export_hf_task(aligned_dir: str, data_dir: str, workdir: str, lineage: dict) -> HuggingFaceExport:
     """The aligned model as a transformers directory, registered in `trainonce-chat-hf` with the lineage of the
     ONNX candidate exported from the same model."""
-    logger = RunLogger(workdir, run_name="export-hf", tags={"stage": "export-hf"})
-    data = PreparedData.load(data_dir)
-    out = export_hf(aligned_dir, data.tokenizer_path, data.chat_format, Path(workdir) / "export-hf" / logger.run_id)
-    version = register_hf_model(
-        workdir, logger.run_id, out, {**lineage, "stage": "export-hf", "architecture": HF_ARCHITECTURE}
-    )
-    logger.finish()
+    with stage_run(workdir, "export-hf") as logger:
+        data = PreparedData.load(data_dir)
+        out = export_hf(aligned_dir, data.tokenizer_path, data.chat_format, Path(workdir) / "export-hf" / logger.run_id)
+        version = register_hf_model(
+            workdir, logger.run_id, out, {**lineage, "stage": "export-hf", "architecture": HF_ARCHITECTURE}
+        )
     return HuggingFaceExport(model_uri=version.uri, version=version.version, directory=str(out))
 
 
@@ -125,21 +123,20 @@ def export_gguf_task(
     """The aligned model as GGUF files, logged as the `gguf/` artifact of an `export-gguf` run tagged with the
     ONNX candidate's lineage (the same parent model and supernet). `hf_dir`: the same model's transformers
     directory when the stage has just exported one, so it is not written twice."""
-    logger = RunLogger(workdir, run_name="export-gguf", tags={"stage": "export-gguf", **lineage})
-    data = PreparedData.load(data_dir)
-    files = export_gguf(
-        aligned_dir,
-        data.tokenizer_path,
-        data.chat_format,
-        Path(workdir) / "export-gguf" / logger.run_id,
-        types,
-        hf_dir,
-    )
-    logger.log_params({"gguf_types": ",".join(files)})
-    logger.log_metrics({f"size_mb/{t}": path.stat().st_size / 1e6 for t, path in files.items()}, step=0)
-    folder = next(iter(files.values())).parent
-    logger.log_artifact(folder, "gguf")
-    logger.finish()
+    with stage_run(workdir, "export-gguf", {**lineage}) as logger:
+        data = PreparedData.load(data_dir)
+        files = export_gguf(
+            aligned_dir,
+            data.tokenizer_path,
+            data.chat_format,
+            Path(workdir) / "export-gguf" / logger.run_id,
+            types,
+            hf_dir,
+        )
+        logger.log_params({"gguf_types": ",".join(files)})
+        logger.log_metrics({f"size_mb/{t}": path.stat().st_size / 1e6 for t, path in files.items()}, step=0)
+        folder = next(iter(files.values())).parent
+        logger.log_artifact(folder, "gguf")
     return GgufExport(
         run_id=logger.run_id,
         artifact_uri=f"runs:/{logger.run_id}/gguf",
@@ -193,21 +190,20 @@ def gate_task(
 ) -> GateOutcome:
     """Compare `<model_name>/<candidate_version>` with its champion; promote it if the rules pass."""
     tags = {"stage": "gate", "candidate_version": candidate_version, "model_name": model_name}
-    logger = RunLogger(workdir, run_name="gate", tags=tags)
-    logger.log_params({"gate": rules.model_dump(mode="json"), "evaluation": evaluation.model_dump(mode="json")})
-    data = PreparedData.load(data_dir)
-    decision, measured = run_gate(workdir, model_name, candidate_version, rules, evaluation, tasks, data)
-    for role, result in measured.items():
-        logger.log_metrics(result.as_metrics(f"{role}/"), step=0)
-    verdict = "promoted" if decision.promote else "rejected"
-    logger.set_tags(
-        {
-            "decision": verdict,
-            "reasons": " | ".join(decision.reasons),
-            "champion_version": decision.champion_version or "none",
-        }
-    )
-    logger.finish()
+    with stage_run(workdir, "gate", tags) as logger:
+        logger.log_params({"gate": rules.model_dump(mode="json"), "evaluation": evaluation.model_dump(mode="json")})
+        data = PreparedData.load(data_dir)
+        decision, measured = run_gate(workdir, model_name, candidate_version, rules, evaluation, tasks, data)
+        for role, result in measured.items():
+            logger.log_metrics(result.as_metrics(f"{role}/"), step=0)
+        verdict = "promoted" if decision.promote else "rejected"
+        logger.set_tags(
+            {
+                "decision": verdict,
+                "reasons": " | ".join(decision.reasons),
+                "champion_version": decision.champion_version or "none",
+            }
+        )
     return GateOutcome(
         model_name=model_name,
         promoted=decision.promote,

@@ -11,63 +11,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
-from models.accounting import subnet_cost
-from models.checkpoint import load_model, save_model
-from models.extract import extract_subnet
-from models.moe import ElasticMoE
+from models.checkpoint import load_model
 from models.subnet import SubnetSpec
 from registry.models import register_checkpoint
 from registry.names import SUBNET_MODEL, SUPERNET_MODEL
-from registry.tracking import RunLogger, git_commit
+from registry.tracking import git_commit, stage_run
 from tasks.common.stage_results import ExtractedSubnet, SubnetAchieved, SubnetBudget
 from tasks.data.corpus import PreparedData
 from tasks.extract.config import ExtractConfig
-from tasks.extract.distill import DistillResult, distill_subnet, student_val_loss
-
-
-@dataclass(frozen=True)
-class ExtractResult:
-    model_dir: Path
-    spec: SubnetSpec
-    total_params: int
-    active_params: int
-    total_fraction: float
-    active_fraction: float
-    distill: DistillResult
-
-
-def run_extract(
-    supernet: ElasticMoE,
-    spec: SubnetSpec,
-    data: PreparedData,
-    config: ExtractConfig,
-    pretrain_tokens: int,
-    output_dir: str | Path,
-) -> ExtractResult:
-    """Extract `spec`, distil it if configured, save it (safetensors + config + spec JSON)."""
-    student = extract_subnet(supernet, spec)
-    if config.distill:
-        distilled = distill_subnet(student, supernet, data, config, pretrain_tokens)
-    else:
-        loss = student_val_loss(student, data, config)
-        distilled = DistillResult(0, 0.0, loss, loss)
-    model_dir = save_model(student, Path(output_dir) / "subnet")
-    (model_dir / "subnet_spec.json").write_text(spec.model_dump_json())
-    full, cost = subnet_cost(supernet.config), subnet_cost(supernet.config, spec)
-    return ExtractResult(
-        model_dir,
-        spec,
-        cost.total_params,
-        cost.active_params,
-        cost.total_params / full.total_params,
-        cost.active_params / full.active_params,
-        distilled,
-    )
+from tasks.extract.extract import ExtractResult, run_extract
 
 
 def describe_result(result: ExtractResult) -> dict[str, str]:
@@ -102,40 +58,39 @@ def extract_task(
     data = PreparedData.load(data_dir)
     supernet = load_model(ranked_supernet_dir).eval()
     spec = SubnetSpec.model_validate_json(spec_json)
-    logger = RunLogger(workdir, run_name="extract", tags={"stage": "extract"})
-    logger.log_params({"extract": config.model_dump(mode="json"), "subnet_spec": spec_json})
-    output = Path(workdir) / "extract" / Path(ranked_supernet_dir).parent.name / spec.describe().replace(" ", "_")
-    result = run_extract(supernet, spec, data, config, pretrain_tokens, output)
-    logger.log_metrics(
-        {
-            "val_loss_before_distill": result.distill.val_loss_before,
-            "val_loss_after_distill": result.distill.val_loss_after,
-            "distill_steps": result.distill.steps,
-            "distill_compute_fraction": result.distill.compute_fraction,
-            "total_params_fraction": result.total_fraction,
-            "active_params_fraction": result.active_fraction,
-        },
-        step=0,
-    )
-    tags = {
-        "stage": "extract",
-        "parent_model": f"{SUPERNET_MODEL}/{supernet_version}",
-        "parent_supernet_version": supernet_version,
-        "data_fingerprint": data.fingerprint,
-        "budgets": json.dumps(limits),
-        "git_commit": git_commit(),
-        **describe_result(result),
-    }
-    version = register_checkpoint(
-        workdir,
-        logger.run_id,
-        SUBNET_MODEL,
-        result.model_dir,
-        data.tokenizer_path,
-        {"subnet_spec": spec.model_dump(mode="json"), "chat_format": data.chat_format.model_dump(mode="json")},
-        tags,
-    )
-    logger.finish()
+    with stage_run(workdir, "extract") as logger:
+        logger.log_params({"extract": config.model_dump(mode="json"), "subnet_spec": spec_json})
+        output = Path(workdir) / "extract" / Path(ranked_supernet_dir).parent.name / spec.describe().replace(" ", "_")
+        result = run_extract(supernet, spec, data, config, pretrain_tokens, output)
+        logger.log_metrics(
+            {
+                "val_loss_before_distill": result.distill.val_loss_before,
+                "val_loss_after_distill": result.distill.val_loss_after,
+                "distill_steps": result.distill.steps,
+                "distill_compute_fraction": result.distill.compute_fraction,
+                "total_params_fraction": result.total_fraction,
+                "active_params_fraction": result.active_fraction,
+            },
+            step=0,
+        )
+        tags = {
+            "stage": "extract",
+            "parent_model": f"{SUPERNET_MODEL}/{supernet_version}",
+            "parent_supernet_version": supernet_version,
+            "data_fingerprint": data.fingerprint,
+            "budgets": json.dumps(limits),
+            "git_commit": git_commit(),
+            **describe_result(result),
+        }
+        version = register_checkpoint(
+            workdir,
+            logger.run_id,
+            SUBNET_MODEL,
+            result.model_dir,
+            data.tokenizer_path,
+            {"subnet_spec": spec.model_dump(mode="json"), "chat_format": data.chat_format.model_dump(mode="json")},
+            tags,
+        )
     return ExtractedSubnet(
         model_uri=version.uri,
         version=version.version,

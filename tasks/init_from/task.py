@@ -15,7 +15,7 @@ from models.hf import config_from_hf
 from models.subnet import ElasticSpace
 from registry.models import RegisteredVersion, download_checkpoint, register_checkpoint
 from registry.names import SUPERNET_MODEL
-from registry.tracking import RunLogger, git_commit, store_client
+from registry.tracking import git_commit, stage_run, store_client
 from tasks.data.corpus import check_tokenizer
 from tasks.init_from.import_hf import (
     check_weights,
@@ -114,30 +114,29 @@ def import_hf(
 
     digest = files_sha256(directory)
     model = load_hf_weights(directory, hf_config, headers)
-    logger = RunLogger(workdir, run_name="import-hf", tags={"stage": "import-hf"})
-    logger.log_params(
-        {
-            "source": str(directory),
-            "files_sha256": digest,
-            "model": config.model_dump(mode="json"),
+    with stage_run(workdir, "import-hf") as logger:
+        logger.log_params(
+            {
+                "source": str(directory),
+                "files_sha256": digest,
+                "model": config.model_dump(mode="json"),
+                "pretrain_tokens": pretrain_tokens,
+            }
+        )
+        checkpoint = save_model(model, Path(workdir) / "imports" / digest[:16] / "supernet")
+        del model
+        extra = {
+            "elastic_space": elastic.model_dump(mode="json"),
             "pretrain_tokens": pretrain_tokens,
+            "source": f"hf:{directory}",
+            "chat_format": chat_format.model_dump(mode="json"),
         }
-    )
-    checkpoint = save_model(model, Path(workdir) / "imports" / digest[:16] / "supernet")
-    del model
-    extra = {
-        "elastic_space": elastic.model_dump(mode="json"),
-        "pretrain_tokens": pretrain_tokens,
-        "source": f"hf:{directory}",
-        "chat_format": chat_format.model_dump(mode="json"),
-    }
-    tags = {
-        "stage": "import-hf",
-        "source": f"hf:{directory}",
-        "files_sha256": digest,
-        "git_commit": git_commit(),
-        "architecture": hf_config.get("architectures", ["?"])[0],
-    }
-    version = register_checkpoint(workdir, logger.run_id, SUPERNET_MODEL, checkpoint, tokenizer_path, extra, tags)
-    logger.finish()
+        tags = {
+            "stage": "import-hf",
+            "source": f"hf:{directory}",
+            "files_sha256": digest,
+            "git_commit": git_commit(),
+            "architecture": hf_config.get("architectures", ["?"])[0],
+        }
+        version = register_checkpoint(workdir, logger.run_id, SUPERNET_MODEL, checkpoint, tokenizer_path, extra, tags)
     return version

@@ -1,6 +1,7 @@
-"""The entry point of each pre-training process: `accelerate launch -m tasks.pretrain.entry --config tiny` (a
-preset, for a cluster job), or `--job job.json` (what the pre-training task writes when it runs in several
-processes, tasks.pretrain.task.run_pretrain_launched).
+"""Pre-training in several processes, both sides: `run_pretrain_launched` starts them (accelerate launch) for a caller
+that is one process (the Prefect task), and this module is the entry point of each of them: `accelerate launch -m
+tasks.pretrain.entry --config tiny` (a preset, for a cluster job), or `--job job.json` (what run_pretrain_launched
+writes). It is orchestration (it opens the MLflow run), so it sits beside task.py outside the algorithm contract.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 from accelerate import PartialState
 
 from registry.tracking import run_opener
+from tasks.common.launch import run_launched
 from tasks.common.tracker import OpenRun
 from tasks.data.corpus import PreparedData
-from tasks.pretrain.config import PretrainConfig
+from tasks.pretrain.config import PretrainConfig, PretrainResult
 from tasks.pretrain.loop import run_pretrain
 
 
@@ -39,6 +41,39 @@ def _run_job(path: Path) -> None:
             "loss_curve": str(result.loss_curve) if result.loss_curve else None,
         }
         (path.parent / "result.json").write_text(json.dumps(payload, indent=2))
+
+
+def run_pretrain_launched(
+    config: PretrainConfig,
+    data: PreparedData,
+    output_dir: str | Path,
+    tracking_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    init_label: str = "",
+) -> PretrainResult:
+    """`run_pretrain` in `config.launch.num_processes` processes (accelerate launch), for a caller that is one
+    process (a Prefect task). The job and its result travel as JSON files in `output_dir`."""
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job = {
+        "pretrain": config.model_dump(mode="json"),
+        "data_dir": str(data.directory.resolve()),
+        "tracking_dir": str(Path(tracking_dir).resolve()) if tracking_dir is not None else None,
+        "init_from": str(init_from) if init_from is not None else None,
+        "init_label": init_label,
+    }
+    (output_dir / "job.json").write_text(json.dumps(job, indent=2))
+    (output_dir / "result.json").unlink(missing_ok=True)
+    command = config.launch.command("tasks.pretrain.entry", ["--job", str(output_dir / "job.json")])
+    run_launched(command, output_dir / "launch.log")
+    result = json.loads((output_dir / "result.json").read_text())
+    return PretrainResult(
+        **{
+            **result,
+            "checkpoint_dir": Path(result["checkpoint_dir"]),
+            "loss_curve": Path(result["loss_curve"]) if result["loss_curve"] else None,
+        }
+    )
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ The stage's other parts each have a module: its settings (tasks/pretrain/config.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
@@ -28,12 +27,11 @@ from registry.models import (
 )
 from registry.names import SUPERNET_MODEL
 from registry.tracking import git_commit
-from tasks.common.launch import run_launched
 from tasks.common.stage_results import PretrainedSupernet
 from tasks.data.config import DataConfig
 from tasks.data.corpus import PreparedData
 from tasks.pretrain.config import PretrainConfig, PretrainResult
-from tasks.pretrain.entry import pretrain_run
+from tasks.pretrain.entry import pretrain_run, run_pretrain_launched
 from tasks.pretrain.loop import run_pretrain
 from tasks.pretrain.validation_panel import metric_key
 
@@ -165,37 +163,4 @@ def pretrain_task(
         mfu=result.mfu,
         warm_started_from=init_label or None,
         resumed_from_step=result.resumed_from,
-    )
-
-
-def run_pretrain_launched(
-    config: PretrainConfig,
-    data: PreparedData,
-    output_dir: str | Path,
-    tracking_dir: str | Path | None = None,
-    init_from: str | Path | None = None,
-    init_label: str = "",
-) -> PretrainResult:
-    """`run_pretrain` in `config.launch.num_processes` processes (accelerate launch), for a caller that is one
-    process (a Prefect task). The job and its result travel as JSON files in `output_dir`."""
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    job = {
-        "pretrain": config.model_dump(mode="json"),
-        "data_dir": str(data.directory.resolve()),
-        "tracking_dir": str(Path(tracking_dir).resolve()) if tracking_dir is not None else None,
-        "init_from": str(init_from) if init_from is not None else None,
-        "init_label": init_label,
-    }
-    (output_dir / "job.json").write_text(json.dumps(job, indent=2))
-    (output_dir / "result.json").unlink(missing_ok=True)
-    command = config.launch.command("tasks.pretrain.entry", ["--job", str(output_dir / "job.json")])
-    run_launched(command, output_dir / "launch.log")
-    result = json.loads((output_dir / "result.json").read_text())
-    return PretrainResult(
-        **{
-            **result,
-            "checkpoint_dir": Path(result["checkpoint_dir"]),
-            "loss_curve": Path(result["loss_curve"]) if result["loss_curve"] else None,
-        }
     )

@@ -12,7 +12,7 @@ from prefect import task
 
 from models.checkpoint import load_model, save_model
 from models.subnet import ElasticSpace, SubnetSpec
-from registry.tracking import RunLogger
+from registry.tracking import stage_run
 from tasks.common.plots import plot_pareto
 from tasks.common.stage_results import RankingCheck, SearchOutcome
 from tasks.data.corpus import PreparedData
@@ -51,63 +51,62 @@ def search_task(
         ]
     )
     out_dir = Path(workdir) / "search" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    logger = RunLogger(workdir, run_name="search", tags={"stage": "search"})
-    logger.log_params({"search": search.model_dump(mode="json"), "supernet_dir": supernet_dir})
-    effect = None
-    if importance.enabled:
-        _, effect = rank_importance(supernet, data, importance, elastic, search.seq_len)
+    with stage_run(workdir, "search") as logger:
+        logger.log_params({"search": search.model_dump(mode="json"), "supernet_dir": supernet_dir})
+        effect = None
+        if importance.enabled:
+            _, effect = rank_importance(supernet, data, importance, elastic, search.seq_len)
+            logger.log_metrics(
+                {
+                    "ranking/val_loss_importance_order": effect.loss_importance,
+                    "ranking/val_loss_identity_order": effect.loss_identity,
+                },
+                step=0,
+            )
+        ranked_dir = save_model(supernet, out_dir / "ranked_supernet")
+        val = data.split("val")
+        device = next(supernet.parameters()).device
+
+        batch_losses: dict[str, list[float]] = {}
+
+        def objective(spec: SubnetSpec) -> float:
+            shape = (search.eval_batch_size, search.seq_len, search.eval_batches)
+            losses = batch_losses[_key(spec)] = panel_batch_losses(supernet, {"s": spec}, val, *shape, device)["s"]
+            return statistics.fmean(losses)
+
+        result = run_search(
+            search,
+            supernet.config,
+            elastic,
+            supernet.importance(),
+            objective,
+            (lambda spec: measure_latency_ms(supernet, spec, search)) if search.needs_latency else None,
+        )
+        rows = [candidate_row(c, batch_losses[_key(c.spec)]) for c in result.evaluated]
+        margin = choice_margin(result, batch_losses)
+        (out_dir / "candidates.json").write_text(json.dumps(rows, indent=2))
+        png = plot_pareto(
+            [(c.active_params, c.val_loss) for c in result.evaluated],
+            [(c.active_params, c.val_loss) for c in result.pareto],
+            (result.chosen.active_params, result.chosen.val_loss),
+            out_dir / "pareto.png",
+        )
+        logger.log_artifact(png, "plots")
+        logger.log_artifact(out_dir / "candidates.json", "search")
         logger.log_metrics(
             {
-                "ranking/val_loss_importance_order": effect.loss_importance,
-                "ranking/val_loss_identity_order": effect.loss_identity,
+                "search/evaluated": len(result.evaluated),
+                "search/chosen_val_loss": result.chosen.val_loss,
+                "search/chosen_active_params": result.chosen.active_params,
+                **(
+                    {}
+                    if margin is None
+                    else {"search/margin_to_runner_up": margin.margin, "search/margin_stderr": margin.stderr}
+                ),
             },
             step=0,
         )
-    ranked_dir = save_model(supernet, out_dir / "ranked_supernet")
-    val = data.split("val")
-    device = next(supernet.parameters()).device
-
-    batch_losses: dict[str, list[float]] = {}
-
-    def objective(spec: SubnetSpec) -> float:
-        shape = (search.eval_batch_size, search.seq_len, search.eval_batches)
-        losses = batch_losses[_key(spec)] = panel_batch_losses(supernet, {"s": spec}, val, *shape, device)["s"]
-        return statistics.fmean(losses)
-
-    result = run_search(
-        search,
-        supernet.config,
-        elastic,
-        supernet.importance(),
-        objective,
-        (lambda spec: measure_latency_ms(supernet, spec, search)) if search.needs_latency else None,
-    )
-    rows = [candidate_row(c, batch_losses[_key(c.spec)]) for c in result.evaluated]
-    margin = choice_margin(result, batch_losses)
-    (out_dir / "candidates.json").write_text(json.dumps(rows, indent=2))
-    png = plot_pareto(
-        [(c.active_params, c.val_loss) for c in result.evaluated],
-        [(c.active_params, c.val_loss) for c in result.pareto],
-        (result.chosen.active_params, result.chosen.val_loss),
-        out_dir / "pareto.png",
-    )
-    logger.log_artifact(png, "plots")
-    logger.log_artifact(out_dir / "candidates.json", "search")
-    logger.log_metrics(
-        {
-            "search/evaluated": len(result.evaluated),
-            "search/chosen_val_loss": result.chosen.val_loss,
-            "search/chosen_active_params": result.chosen.active_params,
-            **(
-                {}
-                if margin is None
-                else {"search/margin_to_runner_up": margin.margin, "search/margin_stderr": margin.stderr}
-            ),
-        },
-        step=0,
-    )
-    logger.set_tags({"chosen_spec": result.chosen.spec.model_dump_json(), "method": result.method})
-    logger.finish()
+        logger.set_tags({"chosen_spec": result.chosen.spec.model_dump_json(), "method": result.method})
     chosen = result.chosen
     ranking = None
     if effect is not None:

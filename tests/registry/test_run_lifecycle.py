@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from registry.tracking import OWNER_TAG, RunLogger, store_client
+from registry.tracking import OWNER_TAG, RunLogger, stage_run, store_client
 
 CHILD = textwrap.dedent(
     """
@@ -72,3 +72,18 @@ def test_a_run_from_another_store_is_not_continued_but_replaced(tmp_path: Path) 
     continued = RunLogger(tmp_path, run_name="pretrain", run_id=first.run_id)
     assert continued.run_id == first.run_id
     continued.finish()
+
+
+def test_a_stage_run_ends_with_its_block_and_fails_with_it_in_the_same_process(tmp_path: Path) -> None:
+    with stage_run(tmp_path, "export", {"parent_model": "trainonce-chat-torch/3"}) as done:
+        done.log_metrics({"val_ppl": 55.0}, step=0)
+    try:
+        with stage_run(tmp_path, "gate") as failed:
+            raise ValueError("the candidate could not be measured")
+    except ValueError:
+        pass
+    client = store_client(tmp_path)
+    finished, crashed = client.get_run(done.run_id), client.get_run(failed.run_id)
+    assert finished.info.status == "FINISHED" and crashed.info.status == "FAILED"  # not RUNNING until exit
+    assert finished.info.run_name == "export" and finished.data.tags["stage"] == "export"
+    assert finished.data.tags["parent_model"] == "trainonce-chat-torch/3" and crashed.data.tags["stage"] == "gate"

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from serving.app import create_app
 from serving.family import Family
 from serving.model_source import ModelSource

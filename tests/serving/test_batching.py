@@ -11,7 +11,7 @@ import pytest
 
 from models.chat_format import Message
 from models.sampling import SamplingParams
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from serving.app import create_app
 from serving.batching import DecodeBatcher, QueueFull
 from serving.engine import ChatPackage

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 from models.sampling import SamplingParams
 from serving.decoding import SequenceDecoder
 from serving.token_text import TokenTexts
-from tasks.data import PreparedData
+from tasks.data.corpus import PreparedData
 
 EOS = 5  # <|end|> in tokenizers we train
 

@@ -13,12 +13,14 @@ import pytest
 from models.extract import extract_subnet
 from models.moe import ElasticMoE
 from models.subnet import SubnetSpec
-from registry.models import CHAT_MODEL, register_chat_package
+from registry.models import register_chat_package
+from registry.names import CHAT_MODEL
 from registry.promotion import promote
 from registry.tracking import RunLogger
 from serving import CHAT_PYFUNC_CODE
-from tasks.data import PreparedData
-from tasks.export import DeployConfig, build_packages
+from tasks.data.corpus import PreparedData
+from tasks.deploy.config import DeployConfig
+from tasks.deploy.onnx_export import build_packages
 
 from .test_server import API_KEY, running_server
 

@@ -10,7 +10,7 @@ import pytest
 
 from models.chat_format import Message
 from models.sampling import SamplingParams
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from registry.promotion import promote
 from registry.tracking import tracking_uri
 from serving.engine import ChatPackage

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models.chat_format import Message
 from models.sampling import log_softmax
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from registry.promotion import promote
 from serving.engine import EVERY_TOKEN, ChatPackage
 

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from flows.readiness import http_ok, wait_until_ready
 from models.chat_format import Message
-from registry.models import CHAT_MODEL
+from registry.names import CHAT_MODEL
 from registry.promotion import promote
 from serving.engine import ChatPackage
 
@@ -279,6 +279,25 @@ def test_openapi_declares_the_errors_the_routes_answer(server) -> None:
     for path in ("/v1/chat/completions", "/v1/completions"):
         assert {"400", "404"} <= set(paths[path]["post"]["responses"])
     assert "404" in paths["/v1/models/{model}"]["get"]["responses"]
+
+
+def test_openapi_declares_the_typed_answers(server) -> None:
+    document = httpx.get(f"{server[0]}/openapi.json").json()
+    for path, method, model in (
+        ("/health", "get", "Health"),
+        ("/v1/models", "get", "ModelList"),
+        ("/v1/models/{model}", "get", "ModelCard"),
+        ("/v1/chat/completions", "post", "ChatCompletion"),
+        ("/v1/completions", "post", "Completion"),
+    ):
+        answer = document["paths"][path][method]["responses"]["200"]["content"]
+        assert answer["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert ("text/event-stream" in answer) == (method == "post")  # the generation routes also stream
+    schemas = document["components"]["schemas"]
+    choice = schemas["ChatCompletionChoice"]
+    assert set(choice["required"]) == {"index", "message", "logprobs", "finish_reason"}
+    assert choice["properties"]["finish_reason"]["enum"] == ["stop", "length"]
+    assert {"object", "owned_by", "context_length", "ms_per_token"} <= set(schemas["ModelCard"]["required"])
 
 
 def test_promotion_is_picked_up_without_dropping_requests(server, client: openai.OpenAI, chat_packages) -> None:

@@ -1,0 +1,119 @@
+"""What both generation endpoints do around their prompt: check the request's sampling controls and token budget
+against the model it runs on, decode its choices (counted and timed per model, refused with a 429 when the batch
+queue is full) and answer in the endpoint's shape (serving/responses.py), whole or streamed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+from fastapi import Response
+from fastapi.responses import StreamingResponse
+
+from models.sampling import SamplingParams
+from serving.batching import QueueFull
+from serving.decoding import Piece, SequenceDecoder
+from serving.engine import ChatPackage
+from serving.errors import ApiError, error_responses
+from serving.metrics import ServingMetrics
+from serving.model_source import LoadedModel
+from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.responses import ResponseShape, Whole, new_choices
+
+SERVED_BY_HEADER = "X-Trainonce-Model"  # the member that answered (also the response's `model`)
+
+# A generation route's OpenAPI `responses`: its answer is JSON, or with `stream: true` server-sent events
+# (ending in `data: [DONE]`), and its refusals are OpenAI's error object.
+RESPONSES = {200: {"content": {"text/event-stream": {}}}, **error_responses(400, 401, 404, 429)}
+
+
+def sampling(request: ChatCompletionRequest | CompletionRequest, package: ChatPackage) -> SamplingParams:
+    """The request's decoding controls, refused before any decoding if this model cannot honour them."""
+    unsupported = request.unsupported_parameter()
+    if unsupported is not None:
+        raise ApiError(400, f"{unsupported} is not supported by this server.", unsupported, "unsupported_parameter")
+    params = request.sampling(request.requested_logprobs())
+    vocab = package.config.vocab_size
+    for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            raise ApiError(400, f"{param}: token ids must be in [0, {vocab - 1}]; got {outside[:5]}", param)
+    return params
+
+
+def token_budget(package: ChatPackage, prompt: list[int], requested: int | None, prompt_param: str) -> int:
+    """How many tokens to generate: the request's max_tokens checked against the context left after the prompt."""
+    limit = package.config.max_seq_len
+    room = package.room_for(prompt)
+    if room < 1:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt)}. Shorten it.",
+            prompt_param,
+            "context_length_exceeded",
+        )
+    if requested is None:
+        return min(package.config.default_max_new_tokens, room)
+    if not 1 <= requested <= room:
+        raise ApiError(
+            400,
+            f"max_tokens={requested} is out of range: it must be in [1, {room}] (the "
+            f"{limit}-token context minus the {len(prompt)}-token prompt).",
+            "max_tokens",
+        )
+    return requested
+
+
+def _decoding(
+    metrics: ServingMetrics, loaded: LoadedModel, prompt: list[int], choices: list[SequenceDecoder]
+) -> list[Iterator[Piece]]:
+    """Start this request's choices on its model (refused with a 429 if the batch queue is full), timed and
+    counted per model."""
+    started = time.perf_counter()
+    try:
+        streams = loaded.decode(choices)
+    except QueueFull as error:
+        raise ApiError(
+            429, f"The server is busy ({error}); retry shortly.", None, "queue_full", "server_busy"
+        ) from error
+    metrics.prompt_tokens.labels(loaded.name).inc(len(prompt))
+    return [metrics.observed(loaded.name, stream, started) for stream in streams]
+
+
+def _running(metrics: ServingMetrics, model: str, events: Iterator[str]) -> Iterator[str]:
+    with metrics.running.labels(model).track_inprogress():
+        yield from events
+
+
+def respond(
+    request: ChatCompletionRequest | CompletionRequest,
+    loaded: LoadedModel,
+    prompt: list[int],
+    budget: int,
+    params: SamplingParams,
+    shape: ResponseShape[Whole],
+    metrics: ServingMetrics,
+    response: Response,
+) -> Whole | StreamingResponse:
+    """Decode the request's choices on its model and answer in the endpoint's shape, whole or streamed."""
+    package = loaded.package
+    choices = new_choices(package, prompt, budget, params, request.n)
+    base = {
+        "id": f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}",
+        "created": int(time.time()),
+        "model": loaded.name,
+        "system_fingerprint": loaded.version,
+    }
+    streams = _decoding(metrics, loaded, prompt, choices)
+    if request.stream:
+        events = shape.streamed(package, prompt, choices, streams, base, request.include_usage())
+        return StreamingResponse(
+            _running(metrics, loaded.name, events),
+            media_type="text/event-stream",
+            headers={SERVED_BY_HEADER: loaded.name},
+        )
+    response.headers[SERVED_BY_HEADER] = loaded.name
+    with metrics.running.labels(loaded.name).track_inprogress():
+        return shape.whole(package, prompt, choices, streams, base)

@@ -1,0 +1,131 @@
+"""The bodies of the non-streamed answers, typed: each is its route's `response_model`, so the OpenAPI document
+shows it and FastAPI checks what a route returns against it. OpenAI's model list and card, chat completion and
+text completion, field for field what the `openai` client parses (the model card adds what a client needs to
+size its requests and to choose by latency), and the server's own /health.
+
+Every field is always present, `null` where OpenAI's is (a choice's `logprobs` when none were asked for).
+Streamed chunks are not modelled here: serving/responses.py writes them as server-sent events.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Answer(BaseModel):
+    # every field is always sent, those with a default too: the schema says so (`required`)
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+class HealthMember(_Answer):
+    model: str
+    version: str = Field(description="The registered version serving now: it changes when the alias moves.")
+    reference: str = Field(description="What the server follows: `name@alias`, or `name/version` when pinned.")
+    ms_per_token: float = Field(description="Decode latency measured at load: what a latency budget is routed on.")
+
+
+class Health(_Answer):
+    status: Literal["ok"] = "ok"
+    model: str
+    version: str
+    reference: str
+    members: list[HealthMember]
+
+
+class ModelCard(_Answer):
+    """OpenAI's model object, with what a client needs to size its requests."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="When this version was loaded (Unix seconds).")
+    owned_by: str = "trainonce"
+    version: str
+    quantization: str = Field(description="fp32, int8 or int4.")
+    context_length: int = Field(description="Prompt and generated tokens together.")
+    ms_per_token: float = Field(description="Decode latency measured at load: what a latency budget is routed on.")
+
+
+class ModelList(_Answer):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Usage(_Answer):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class _Generated(_Answer):
+    """What every answer of one request carries, each streamed chunk too."""
+
+    id: str
+    created: int
+    model: str = Field(description="The member that answered (also the `X-Trainonce-Model` header).")
+    system_fingerprint: str = Field(description="The version of that member that answered.")
+
+
+class TopLogprob(_Answer):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatCompletionLogprobs(_Answer):
+    content: list[ChatCompletionTokenLogprob]
+    refusal: None
+
+
+class ChatCompletionMessage(_Answer):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatCompletionChoice(_Answer):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: ChatCompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Generated):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(_Answer):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="Each token's offset in the completion's text.")
+
+
+class CompletionChoice(_Answer):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class Completion(_Generated):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage

@@ -1,0 +1,30 @@
+"""/v1/chat/completions: OpenAI's chat completions, the messages rendered in the model's own chat format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+
+from models.chat_format import Message
+from serving import generation
+from serving.dependencies import Metrics, ServedFamily, authorize, requested_model
+from serving.protocol import ChatCompletionRequest
+from serving.response_models import ChatCompletion
+from serving.responses import CHAT_SHAPE
+
+router = APIRouter(dependencies=[Depends(authorize)])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=generation.RESPONSES)
+def chat_completions(
+    request: ChatCompletionRequest, http: Request, response: Response, family: ServedFamily, metrics: Metrics
+) -> ChatCompletion | StreamingResponse:
+    loaded = requested_model(request, http, family)
+    package = loaded.package
+    params = generation.sampling(request, package)
+    messages = [  # `developer` is OpenAI's newer name for `system`
+        Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in request.messages
+    ]
+    prompt = package.chat_prompt(messages)
+    budget = generation.token_budget(package, prompt, request.requested_tokens(), "messages")
+    return generation.respond(request, loaded, prompt, budget, params, CHAT_SHAPE, metrics, response)
