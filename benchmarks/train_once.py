@@ -89,7 +89,7 @@ NEUTRAL: dict[str, object] = {
     "pretrain.sampling.size_skew": 0.0,
     "pretrain.sampling.project_conflicts": False,
     "pretrain.sampling.elastic_lr": None,
-    "extract.lr": 1.0e-3,  # the distillation learning rate before the claim was measured
+    "extract.optim.lr": 1.0e-3,  # the distillation learning rate before the claim was measured
 }
 RECIPES: dict[str, dict[str, object]] = {
     # what the presets did before the claim was measured: random layers and experts from step 0, equal weights
@@ -228,7 +228,7 @@ RECIPES.update(
     {
         "kl_only": {"extract.ce_weight": 0.0},  # Minitron distils with logit KL alone
         "kd_t2": {"extract.temperature": 2.0},
-        "distill_lr_low": {"extract.lr": 3.0e-4},  # NVIDIA's guidance: about 1/5 of the pre-training peak
+        "distill_lr_low": {"extract.optim.lr": 3.0e-4},  # NVIDIA's guidance: about 1/5 of the pre-training peak
     }
 )
 # Compute fractions of a twin's training at which distillation also measures the member: the budget curve.
@@ -370,6 +370,11 @@ def with_lr(config: PretrainConfig, lr: float) -> PretrainConfig:
     return config.model_copy(update={"optim": config.optim.model_copy(update={"lr": lr})})
 
 
+def with_distill_lr(extract: ExtractConfig, lr: float) -> ExtractConfig:
+    """`extract` distilling at another peak learning rate."""
+    return extract.model_copy(update={"optim": extract.optim.model_copy(update={"lr": lr})})
+
+
 def unseeded(identity: dict, *drop: str) -> dict:
     """An identity without its seed (and the other top-level fields named): what a sweep is keyed by, since a
     learning rate tuned on one seed serves every seed."""
@@ -419,17 +424,16 @@ class LrTuner:
         """`extract` at the best distillation learning rate of `spec`'s architecture distilled from `teacher`'s arm."""
 
         def measure(rates: list[float]) -> dict[float, float]:
-            futures = {
-                lr: self.arms.distill(teacher_dir, spec, extract.model_copy(update={"lr": lr}), tokens) for lr in rates
-            }
+            futures = {lr: self.arms.distill(teacher_dir, spec, with_distill_lr(extract, lr), tokens) for lr in rates}
             return {lr: future.result()["distilled"] for lr, future in futures.items()}
 
-        settings = unseeded(extract.model_dump(mode="json"), "lr")
+        settings = unseeded(extract.model_dump(mode="json"))
+        settings["optim"].pop("lr")
         key = _key(
             "distill", unseeded(arm_identity(teacher)), spec.describe(), settings, tokens, self.arms.data.fingerprint
         )
         entry = {"kind": "distill", "tuned_on_seed": extract.seed, **entry}
-        return extract.model_copy(update={"lr": self.best_lr(key, entry, extract.lr, measure)})
+        return with_distill_lr(extract, self.best_lr(key, entry, extract.optim.lr, measure))
 
 
 def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms, tuner: LrTuner | None = None) -> dict:
@@ -469,7 +473,7 @@ def run_seed(pipeline: PipelineConfig, recipe: str, seed: int, arms: Arms, tuner
             flops = extract.distill_compute_fraction * twin_flops
             teacher_dir = teacher[1]["checkpoint_dir"]
             settings = tuner.extract(teacher[0], teacher_dir, spec, extract, tokens, arm=label, flops_per_rate=flops)
-        return settings.lr, arms.distill(teacher[1]["checkpoint_dir"], spec, settings, tokens).result()
+        return settings.optim.lr, arms.distill(teacher[1]["checkpoint_dir"], spec, settings, tokens).result()
 
     full_arch, full_cost = pretrain.model, subnet_cost(pretrain.model)
     full_flops = training_flops(full_arch, [None], pretrain.seq_len, tokens)

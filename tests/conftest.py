@@ -90,7 +90,7 @@ def short_pipeline() -> list[str]:
         "sft.steps=20",
         "sft.task_mix.train_per_task=20",
         "sft.task_mix.test_per_task=4",
-        "sft.replay_batch_size=2",
+        "sft.replay.batch_size=2",
         "dpo.steps=5",
         "deploy.evaluation.val_batches=2",
         "deploy.evaluation.speed_prompts=1",

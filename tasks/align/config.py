@@ -8,8 +8,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.sampling import SamplingParams
+from tasks.common.optim import fine_tuning_optim
+from tasks.common.replay import ReplayConfig
+from tasks.common.settings import OPTIM_MOVES, REPLAY_MOVES, refuse_moved_keys, with_defaults
 from tasks.data.config import TaskMixConfig
 from tasks.data.task_mix import read_preference_jsonl, read_sft_jsonl
+
+# Each stage's optimiser (tasks.common.optim.fine_tuning_optim) and GRPO's replay: what a key left unset means
+SFT_OPTIM = fine_tuning_optim(1e-3, 10)
+DPO_OPTIM = fine_tuning_optim(2e-4, 10, min_lr_ratio=1.0)  # constant after the warm-up
+GRPO_OPTIM = fine_tuning_optim(5e-5, 3, min_lr_ratio=1.0)
+GRPO_REPLAY = ReplayConfig(batch_size=2, weight=0.5, seq_len=128)
 
 
 class SFTConfig(BaseModel):
@@ -24,19 +33,22 @@ class SFTConfig(BaseModel):
     steps: int = Field(300, ge=1, le=10_000_000, description="Optimiser steps.")
     batch_size: int = Field(16, ge=1, le=65_536, description="Conversations per batch.")
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
-    lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW, warm-up then cosine).")
-    warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
-    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm; larger steps are scaled down.")
-    max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit when measuring accuracy.")
-    replay_batch_size: int = Field(
-        0,
-        ge=0,
-        le=65_536,
-        description="Pre-training windows (of max_len tokens) per step trained on with the LM loss beside the "
-        "chat batch, so fine-tuning does not erase language modelling; 0 = no replay.",
+    optim: with_defaults(SFT_OPTIM) = Field(
+        default_factory=SFT_OPTIM.model_copy,
+        description="Optimiser and schedule: AdamW, linear warm-up, cosine to optim.min_lr_ratio of the peak.",
     )
-    replay_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the replay LM loss.")
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit when measuring accuracy.")
+    replay: ReplayConfig = Field(
+        default_factory=ReplayConfig,
+        description="Pre-training windows (of max_len tokens unless replay.seq_len says) trained on with the LM loss "
+        "beside the chat batch, so fine-tuning does not erase language modelling.",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of batch order.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        return refuse_moved_keys("sft", data, {**OPTIM_MOVES, **REPLAY_MOVES})
 
     @model_validator(mode="after")
     def _user_file_parses(self) -> SFTConfig:
@@ -63,9 +75,10 @@ class DPOConfig(BaseModel):
     steps: int = Field(100, ge=1, le=10_000_000, description="Optimiser steps.")
     batch_size: int = Field(16, ge=1, le=65_536, description="Preference pairs per batch.")
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
-    lr: float = Field(2e-4, gt=0, le=1, description="Learning rate (AdamW, constant after the warm-up).")
-    warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
-    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm; larger steps are scaled down.")
+    optim: with_defaults(DPO_OPTIM) = Field(
+        default_factory=DPO_OPTIM.model_copy,
+        description="Optimiser and schedule: AdamW, linear warm-up, then constant (optim.min_lr_ratio 1).",
+    )
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit for on-policy pairs and accuracy.")
     max_pairs: int | None = Field(
         None,
@@ -78,6 +91,11 @@ class DPOConfig(BaseModel):
         None, description='Your own preference pairs, one {"prompt", "chosen", "rejected"} per line.'
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of batch order and corruptions.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        return refuse_moved_keys("dpo", data, OPTIM_MOVES)
 
     @model_validator(mode="after")
     def _user_file_parses(self) -> DPOConfig:
@@ -98,16 +116,11 @@ class GRPOConfig(BaseModel):
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature of the rollouts.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus of the rollouts.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Longest answer; longer ones are cut and fail.")
-    lr: float = Field(5e-5, gt=0, le=1, description="Peak learning rate (AdamW).")
-    warmup_steps: int = Field(3, ge=0, le=1_000_000, description="Linear warm-up steps.")
-    min_lr_ratio: float = Field(
-        1.0,
-        ge=0,
-        le=1,
-        description="Final learning rate as a fraction of the peak, reached by cosine decay (1: constant after "
-        "the warm-up).",
+    optim: with_defaults(GRPO_OPTIM) = Field(
+        default_factory=GRPO_OPTIM.model_copy,
+        description="Optimiser and schedule: AdamW, linear warm-up, cosine to optim.min_lr_ratio of the peak (1: "
+        "constant after the warm-up).",
     )
-    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm.")
     clip_low: float = Field(0.2, gt=0, lt=1, description="Ratio clipped below at 1 - clip_low (PPO's epsilon).")
     clip_high: float = Field(0.2, gt=0, le=10, description="Ratio clipped above at 1 + clip_high (DAPO: 0.28).")
     token_level: bool = Field(False, description="Average the loss over all answer tokens (DAPO), not per answer.")
@@ -132,9 +145,10 @@ class GRPOConfig(BaseModel):
         description="DAPO's dynamic sampling: groups whose rewards all agree are replaced by new prompts, up to "
         "this many times prompts_per_step drawn per step (0: off; each group kept).",
     )
-    replay_batch_size: int = Field(2, ge=0, le=4096, description="Pre-training windows replayed per step (0: none).")
-    replay_weight: float = Field(0.5, ge=0, le=100, description="Weight of the replayed windows' LM loss.")
-    replay_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per replayed window.")
+    replay: with_defaults(GRPO_REPLAY) = Field(
+        default_factory=GRPO_REPLAY.model_copy,
+        description="Pre-training windows trained on with the LM loss beside the policy loss at every update.",
+    )
     pass_k: int = Field(4, ge=1, le=256, description="k of the held-out pass@k (answers sampled per prompt).")
     eval_interval: int = Field(10, ge=1, le=1_000_000, description="Steps between held-out measurements.")
     fresh_prompts_per_task: int = Field(
@@ -145,6 +159,11 @@ class GRPOConfig(BaseModel):
         "(0: SFT's training prompts, whose answers the SFT model has memorised, so their rewards teach little).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of prompt order and sampling.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        return refuse_moved_keys("grpo", data, {**OPTIM_MOVES, **REPLAY_MOVES, "replay_len": "replay.seq_len"})
 
     def rollout_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p)

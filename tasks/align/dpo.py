@@ -9,15 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from models.chat_format import ChatTokenizer
 from models.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 from models.moe import ElasticMoE
 from tasks.align.config import DPOConfig
 from tasks.align.sft import EncodedConversation, collate, encode, exact_match, generate_reply
-from tasks.common.optim import warmup_factor
+from tasks.common.training_loop import TrainingLoop
 from tasks.data.task_mix import (
     Conversation,
     Example,
@@ -125,28 +123,21 @@ def run_dpo(
     test_pairs, _ = preference_pairs(policy, tokenizer, test, config.max_new_tokens, config.seed + 1)
     encoded = [encode_pair(p, tokenizer, config.max_len) for p in [*train_pairs, *extra_pairs]]
     held_out = [encode_pair(p, tokenizer, config.max_len) for p in test_pairs]
-    accelerator = Accelerator()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    reference.to(accelerator.device)
+    loop = TrainingLoop(policy, config.optim, config.steps)
+    reference.to(loop.device)
     rng = random.Random(config.seed)
     losses = []
-    model.train()
-    for step in tqdm(range(config.steps), desc="dpo"):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * warmup_factor(step, config.warmup_steps)
+    loop.model.train()
+    for _ in loop.steps("dpo"):
         batch = rng.sample(encoded, min(config.batch_size, len(encoded)))
-        pc, pr, n_chosen = _pair_logprobs(model, batch, pad)
+        pc, pr, n_chosen = _pair_logprobs(loop.model, batch, pad)
         with torch.no_grad():
             rc, rr, _ = _pair_logprobs(reference, batch, pad)
         loss, _, _ = dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing, config.loss_type)
         if config.chosen_nll_weight > 0:  # keep the chosen answers likely, not only preferred (RPO)
             loss = loss + config.chosen_nll_weight * (-pc / n_chosen.clamp(min=1)).mean()
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loop.update(loss)
         losses.append(loss.item())
-    core = accelerator.unwrap_model(model).eval()
+    core = loop.core.eval()
     metrics = preference_metrics(core, reference, held_out, config, pad)
     return DPOResult(losses, kinds, metrics, exact_match(core, tokenizer, test, config.max_new_tokens))

@@ -25,20 +25,18 @@ from difflib import SequenceMatcher
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from models.chat_format import ChatTokenizer, Message
 from models.generate import sample_group
-from models.losses import IGNORE_INDEX, causal_lm_loss, clipped_policy_loss, group_advantages, kl_to_reference
+from models.losses import IGNORE_INDEX, clipped_policy_loss, group_advantages, kl_to_reference
 from models.losses import token_logprobs as answer_token_logprobs
 from models.moe import ElasticMoE
 from models.sampling import Sampler, choice_generators
 from tasks.align.config import GRPOConfig
 from tasks.align.sft import exact_match
-from tasks.common.optim import short_run_schedule
+from tasks.common.replay import replay_loss
+from tasks.common.training_loop import TrainingLoop
 from tasks.data.config import TaskMixConfig
-from tasks.data.corpus import sample_batch
 from tasks.data.task_mix import Example, check, fresh_examples
 
 MIN_TASK_WEIGHT = 0.05  # a task every group solves (or none does) is still drawn now and then
@@ -161,22 +159,19 @@ def run_grpo(
 ) -> GRPOResult:
     """GRPO of `policy` (in place) on `prompts` (see grpo_prompts); held-out pass@1 (greedy) and pass@k measured
     along."""
-    if config.replay_batch_size and replay_tokens is None:
-        raise ValueError("grpo.replay_batch_size > 0 needs the pre-training tokens to replay")
+    if config.replay.batch_size and replay_tokens is None:
+        raise ValueError("grpo.replay.batch_size > 0 needs the pre-training tokens to replay")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    accelerator = Accelerator()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    reference.to(accelerator.device)
-    device = accelerator.device
+    loop = TrainingLoop(policy, config.optim, config.steps)
+    model, device = loop.model, loop.device
+    reference.to(device)
     by_task: dict[str, list[Example]] = {}
     for example in prompts:
         by_task.setdefault(example.task, []).append(example)
     curriculum = TaskCurriculum(sorted(by_task))
     rng = random.Random(config.seed)
     replay_rng = np.random.default_rng(config.seed)
-    core = accelerator.unwrap_model(model)
-    lr_factor = short_run_schedule(config.warmup_steps, config.steps, config.min_lr_ratio)
+    core = loop.core
 
     def measure(step: int) -> dict[str, float]:
         accuracy = exact_match(core, tokenizer, test, config.max_new_tokens)
@@ -189,9 +184,7 @@ def run_grpo(
     held_out = [measure(0)]
     before = _exact_match(held_out[0])
     metrics = []
-    for step in tqdm(range(config.steps), desc="grpo"):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step)
+    for step in loop.steps("grpo"):
         core.eval()
         tasks = rng.choices(curriculum.tasks, weights=_weights(curriculum, config), k=config.prompts_per_step)
         rollouts, drawn, flat_groups = [], 0, 0
@@ -226,13 +219,10 @@ def run_grpo(
             loss = torch.stack(losses).mean()
             kl = torch.stack(kls).mean()
             total = loss + config.kl_coef * kl if config.kl_coef else loss
-            if config.replay_batch_size and replay_tokens is not None:
-                window = sample_batch(replay_tokens, config.replay_batch_size, config.replay_len, replay_rng).to(device)
-                total = total + config.replay_weight * causal_lm_loss(model(window).logits, window)
-            accelerator.backward(total)
-            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if config.replay.batch_size and replay_tokens is not None:
+                seq_len = config.replay.seq_len or core.config.max_seq_len
+                total = total + replay_loss(model, replay_tokens, config.replay, seq_len, replay_rng, device)
+            loop.update(total)
         rewards = torch.cat([r.rewards for r in rollouts])
         useful = [bool(r.rewards.std() > 0) for r in rollouts]
         metrics.append(
@@ -245,7 +235,7 @@ def run_grpo(
                 "response_length": float(np.mean([n for r in rollouts for n in r.lengths])),
                 "kl": kl.item(),
                 "loss": loss.item(),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": loop.lr,
             }
         )
         if (step + 1) % config.eval_interval == 0 or step + 1 == config.steps:

@@ -12,16 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from models.chat_format import ChatTokenizer
 from models.generate import greedy_generate
-from models.losses import IGNORE_INDEX, causal_lm_loss, masked_lm_loss
+from models.losses import IGNORE_INDEX, masked_lm_loss
 from models.moe import ElasticMoE
 from tasks.align.config import SFTConfig
-from tasks.common.optim import short_run_schedule
-from tasks.data.corpus import sample_batch
+from tasks.common.replay import replay_loss
+from tasks.common.training_loop import TrainingLoop
 from tasks.data.task_mix import (
     Conversation,
     Example,
@@ -96,39 +94,29 @@ def run_sft(
     replay_tokens: np.ndarray | None = None,
 ) -> SFTResult:
     """Fine-tune `model` in place on the training examples (plus `extra` conversations), replaying windows of
-    `replay_tokens` (pre-training data) when `config.replay_batch_size` > 0; measure held-out exact match
+    `replay_tokens` (pre-training data) when `config.replay.batch_size` > 0; measure held-out exact match
     before and after."""
-    if config.replay_batch_size and replay_tokens is None:
-        raise ValueError("sft.replay_batch_size > 0 needs the pre-training tokens to replay")
-    accelerator = Accelerator()
+    if config.replay.batch_size and replay_tokens is None:
+        raise ValueError("sft.replay.batch_size > 0 needs the pre-training tokens to replay")
     before = exact_match(model, tokenizer, test, config.max_new_tokens)
     encoded = [encode(as_conversation(e), tokenizer, config.max_len) for e in train]
     encoded += [encode(c, tokenizer, config.max_len) for c in extra]
     pad = tokenizer.pad_id
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    factor = short_run_schedule(config.warmup_steps, config.steps)
+    loop = TrainingLoop(model, config.optim, config.steps)
     rng = random.Random(config.seed)
     replay_rng = np.random.default_rng(config.seed)
     losses = []
-    model.train()
-    for step in tqdm(range(config.steps), desc="sft"):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * factor(step)
+    loop.model.train()
+    for _ in loop.steps("sft"):
         tokens, targets = collate(rng.sample(encoded, min(config.batch_size, len(encoded))), pad)
-        out = model(tokens.to(accelerator.device))
-        loss = masked_lm_loss(out.logits, targets.to(accelerator.device))
-        total = loss + out.balancing_loss(accelerator.unwrap_model(model).config)
-        if config.replay_batch_size and replay_tokens is not None:
-            window = sample_batch(replay_tokens, config.replay_batch_size, config.max_len, replay_rng)
-            window = window.to(accelerator.device)
-            replay = model(window)
-            total = total + config.replay_weight * causal_lm_loss(replay.logits, window)
-        accelerator.backward(total)
-        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out = loop.model(tokens.to(loop.device))
+        loss = masked_lm_loss(out.logits, targets.to(loop.device))
+        total = loss + out.balancing_loss(loop.core.config)
+        if config.replay.batch_size and replay_tokens is not None:
+            total = total + replay_loss(
+                loop.model, replay_tokens, config.replay, config.max_len, replay_rng, loop.device
+            )
+        loop.update(total)
         losses.append(loss.item())
-    core = accelerator.unwrap_model(model)
-    after = exact_match(core, tokenizer, test, config.max_new_tokens)
+    after = exact_match(loop.core, tokenizer, test, config.max_new_tokens)
     return SFTResult(losses, before, after)

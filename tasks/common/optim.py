@@ -22,6 +22,12 @@ class OptimConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm.")
 
 
+def fine_tuning_optim(lr: float, warmup_steps: int, min_lr_ratio: float = 0.1) -> OptimConfig:
+    """A fine-tuning stage's default optimiser (distillation, SFT, DPO, GRPO): AdamW without weight decay and with
+    torch's default betas (0.9, 0.999), as those stages have always trained; pre-training's default is the class's."""
+    return OptimConfig(lr=lr, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=0.0, beta2=0.999)
+
+
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Learning-rate multiplier of a linear warm-up: (step + 1) / warmup_steps, then 1 (DPO's whole schedule)."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0

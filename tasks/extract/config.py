@@ -3,7 +3,12 @@ after it is cut out (tasks/extract/distill.py)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.common.optim import fine_tuning_optim
+from tasks.common.settings import OPTIM_MOVES, refuse_moved_keys, with_defaults
+
+DISTILL_OPTIM = fine_tuning_optim(3e-4, 5)  # what an `optim:` key left unset means
 
 
 class ExtractConfig(BaseModel):
@@ -22,16 +27,18 @@ class ExtractConfig(BaseModel):
     kd_weight: float = Field(1.0, ge=0, le=100, description="Weight of KL(supernet || sub-model) on logits.")
     ce_weight: float = Field(1.0, ge=0, le=100, description="Weight of the next-token cross entropy.")
     temperature: float = Field(1.0, gt=0, le=20, description="Softmax temperature of the distillation KL.")
-    lr: float = Field(
-        3e-4,
-        gt=0,
-        le=1,
-        description="Peak learning rate of distillation (AdamW, cosine). About 1/10 of pre-training's: in the claim "
-        "benchmark 1e-3 first undid what the cut had learned, 3e-4 improved it from the first step (docs/claim.md).",
+    optim: with_defaults(DISTILL_OPTIM) = Field(
+        default_factory=DISTILL_OPTIM.model_copy,
+        description="Optimiser and schedule of distillation (AdamW, warm-up, cosine). Its peak rate is about 1/10 of "
+        "pre-training's: in the claim benchmark 1e-3 first undid what the cut had learned, 3e-4 improved it from "
+        "the first step (docs/claim.md).",
     )
-    warmup_steps: int = Field(5, ge=0, le=1_000_000, description="Linear warm-up steps of distillation.")
-    grad_clip: float = Field(1.0, gt=0, le=1000, description="Max global gradient norm; larger steps are scaled down.")
     batch_size: int = Field(16, ge=1, le=65_536, description="Sequences per distillation batch.")
     seq_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per distillation sequence.")
     eval_batches: int = Field(4, ge=1, le=10_000, description="Validation batches before/after distillation.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of distillation batches.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        return refuse_moved_keys("extract", data, OPTIM_MOVES)

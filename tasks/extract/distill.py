@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from models.losses import DistillationTarget, causal_lm_loss, distillation_loss
 from models.moe import ElasticMoE
-from tasks.common.optim import short_run_schedule
 from tasks.common.throughput import training_flops
+from tasks.common.training_loop import TrainingLoop
 from tasks.data.corpus import PreparedData, sample_batch
 from tasks.extract.config import ExtractConfig
 from tasks.pretrain.validation_panel import evaluate_panel
@@ -60,30 +59,23 @@ def distill_subnet(
     before = student_val_loss(student, data, config)
     if steps == 0:
         return DistillResult(0, 0.0, before, before)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
-    factor = short_run_schedule(config.warmup_steps, steps)
+    loop = TrainingLoop(student, config.optim, steps)
     teacher.eval()
     student.train()
     train = data.split("train")
     curve_steps = {max(1, round(f * scratch / per_step)): f for f in curve_at if f <= config.distill_compute_fraction}
     curve: list[tuple[float, float]] = []
-    for step in tqdm(range(steps), desc="distill"):
+    for step in loop.steps("distill"):
         if step in curve_steps:
             curve.append((step * per_step / scratch, student_val_loss(student, data, config)))
             student.train()
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * factor(step)
         batch = sample_batch(train, config.batch_size, config.seq_len, np.random.default_rng([config.seed, step]))
         batch = batch.to(device)
         with torch.no_grad():
             target = DistillationTarget.from_logits(teacher(batch).logits, config.temperature)
-        out = student(batch)
+        out = loop.model(batch)
         loss = config.ce_weight * causal_lm_loss(out.logits, batch) + out.balancing_loss(student.config)
-        loss = loss + config.kd_weight * distillation_loss(out.logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-        optimizer.step()
+        loop.update(loss + config.kd_weight * distillation_loss(out.logits, target))
     student.eval()
     after = student_val_loss(student, data, config)
     spent = steps * per_step / scratch

@@ -64,7 +64,10 @@ def sft_run(tokenizer, small_corpus: Path):
     """A small model fine-tuned on the copy task: the starting point of the DPO tests."""
     passages = corpus_passages("\n".join(p.read_text() for p in sorted(small_corpus.iterdir())))
     config = SFTConfig(
-        task_mix=TaskMixConfig(tasks=("copy",), train_per_task=400, test_per_task=30), steps=300, lr=3e-3, batch_size=32
+        task_mix=TaskMixConfig(tasks=("copy",), train_per_task=400, test_per_task=30),
+        steps=300,
+        optim={"lr": 3e-3},
+        batch_size=32,
     )
     train, test = generate_splits(config.task_mix, passages)
     model = _model()
@@ -82,7 +85,7 @@ def test_sft_raises_held_out_exact_match(sft_run, tokenizer) -> None:
 def test_dpo_prefers_chosen_on_held_out_pairs_without_losing_accuracy(sft_run, tokenizer) -> None:
     model, sft, train, test = sft_run
     policy = copy.deepcopy(model)
-    result = run_dpo(DPOConfig(steps=60, lr=5e-5, batch_size=16), policy, tokenizer, train[:200], test)
+    result = run_dpo(DPOConfig(steps=60, optim={"lr": 5e-5}, batch_size=16), policy, tokenizer, train[:200], test)
     assert sum(result.train_pair_kinds.values()) == 200 and result.train_pair_kinds["on_policy"] > 0
     assert result.held_out.reward_accuracy > 0.5 and result.held_out.margin > 0
     assert result.accuracy_after["overall"] >= sft.accuracy_after["overall"]
@@ -119,7 +122,9 @@ def test_user_files_are_checked_before_any_compute(tmp_path: Path) -> None:
 def test_user_conversations_are_trained_on(tokenizer) -> None:
     model = _model()
     extra = [as_conversation(Example("user", "Who wrote Hamlet?", "Shakespeare"))]
-    config = SFTConfig(task_mix=TaskMixConfig(tasks=("copy",), train_per_task=1, test_per_task=1), steps=40, lr=3e-3)
+    config = SFTConfig(
+        task_mix=TaskMixConfig(tasks=("copy",), train_per_task=1, test_per_task=1), steps=40, optim={"lr": 3e-3}
+    )
     train = [Example("copy", "Repeat: king", "king")]
     run_sft(config, model, tokenizer, train, train, extra)
 
@@ -130,7 +135,13 @@ def test_grpo_learns_from_groups_with_spread_and_keeps_accuracy(sft_run, tokeniz
     model, sft, train, test = sft_run
     policy = copy.deepcopy(model)
     config = GRPOConfig(
-        enabled=True, steps=12, prompts_per_step=4, group_size=6, lr=5e-5, replay_batch_size=0, eval_interval=6
+        enabled=True,
+        steps=12,
+        prompts_per_step=4,
+        group_size=6,
+        optim={"lr": 5e-5},
+        replay={"batch_size": 0},
+        eval_interval=6,
     )
     result = run_grpo(config, policy, tokenizer, train[:200], test)
     useful = [m["useful_groups"] for m in result.metrics]

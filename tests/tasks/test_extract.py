@@ -15,7 +15,7 @@ from tasks.data.config import DataConfig
 from tasks.data.corpus import PreparedData, prepare_data
 from tasks.extract.config import ExtractConfig
 from tasks.extract.distill import distill_subnet
-from tasks.extract.task import run_extract
+from tasks.extract.extract import run_extract
 from tasks.search.config import ImportanceConfig
 from tasks.search.importance import rank_importance
 

@@ -22,15 +22,17 @@ def test_equal_rewards_produce_no_update(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     impossible = [Example("copy", f"Copy: king {i}", "\x00 no model writes this") for i in range(4)]
     config = GRPOConfig(
-        enabled=True, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=4, replay_batch_size=0, pass_k=2,
-        dynamic_sampling=dynamic_sampling, warmup_steps=0, min_lr_ratio=0.0,
+        enabled=True, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=4, replay={"batch_size": 0}, pass_k=2,
+        dynamic_sampling=dynamic_sampling, optim={"warmup_steps": 0, "min_lr_ratio": 0.0},
     )  # fmt: skip
     result = run_grpo(config, model, small_data.chat_tokenizer(), impossible, impossible[:2])
     assert [m["reward_mean"] for m in result.metrics] == [0.0, 0.0]
     assert [m["useful_groups"] for m in result.metrics] == [0.0, 0.0]
     assert [m["zero_variance_groups"] for m in result.metrics] == [1.0, 1.0]
     assert [m["groups_drawn"] for m in result.metrics] == [6.0, 6.0] if dynamic_sampling else [2.0, 2.0]
-    assert [m["lr"] for m in result.metrics] == pytest.approx([config.lr, config.lr / 2])  # cosine: halfway at 1/2
+    assert [m["lr"] for m in result.metrics] == pytest.approx(
+        [config.optim.lr, config.optim.lr / 2]
+    )  # cosine: halfway at 1/2
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
 
@@ -65,7 +67,7 @@ def test_the_align_stage_registers_grpo_after_dpo_and_deploys_it(
     from tasks.data.config import TaskMixConfig
 
     mix = TaskMixConfig(tasks=("copy",), train_per_task=8, test_per_task=2)
-    sft = SFTConfig(task_mix=mix, steps=2, batch_size=4, max_new_tokens=4, replay_batch_size=0)
+    sft = SFTConfig(task_mix=mix, steps=2, batch_size=4, max_new_tokens=4, replay={"batch_size": 0})
     dpo = DPOConfig(steps=1, batch_size=2, max_new_tokens=4, max_pairs=4)
     grpo = GRPOConfig(enabled=True, steps=2, prompts_per_step=1, group_size=2, max_new_tokens=4, pass_k=2)
     subnet = save_model(copy.deepcopy(chat_model), tmp_path / "subnet")

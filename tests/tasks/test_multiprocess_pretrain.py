@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from tasks.data.corpus import PreparedData
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain.config import PretrainConfig
+from tasks.pretrain.entry import run_pretrain_launched
 from tasks.pretrain.loop import run_pretrain
-from tasks.pretrain.task import run_pretrain_launched
 
 MULTI_CPU = Path(__file__).resolve().parents[2] / "infra" / "accelerate" / "multi-cpu.yaml"
 

@@ -11,13 +11,13 @@ from tasks.pipeline_config import PipelineConfig, load_pipeline_config
 
 
 def test_a_section_that_sets_one_field_keeps_the_presets_other_fields(tmp_path: Path) -> None:
-    """A user's file with `sft: {steps: 10}` used to get replay_batch_size=0 (the code default, which the README
+    """A user's file with `sft: {steps: 10}` used to get replay.batch_size=0 (the code default, which the README
     says destroys language modelling in SFT) instead of the preset's 4."""
     user = tmp_path / "mine.yaml"
     user.write_text(yaml.safe_dump({"sft": {"steps": 10}}))
     config, tiny = load_pipeline_config(user), load_pipeline_config("tiny")
     assert config.sft.steps == 10
-    assert config.sft.replay_batch_size == tiny.sft.replay_batch_size == 4
+    assert config.sft.replay.batch_size == tiny.sft.replay.batch_size == 4
     assert config.sft.task_mix == tiny.sft.task_mix
 
 
@@ -25,7 +25,7 @@ def test_deployment_parameters_merge_the_same_way() -> None:
     """Prefect validates a deployment run's `config` parameter with PipelineConfig: the same merge applies."""
     config = PipelineConfig.model_validate({"sft": {"steps": 10}, "pretrain": {"optim": {"lr": 1e-3}}})
     tiny = load_pipeline_config("tiny")
-    assert (config.sft.steps, config.sft.replay_batch_size) == (10, tiny.sft.replay_batch_size)
+    assert (config.sft.steps, config.sft.replay.batch_size) == (10, tiny.sft.replay.batch_size)
     assert config.pretrain.optim.lr == 1e-3
     assert config.pretrain.optim.warmup_steps == tiny.pretrain.optim.warmup_steps
     assert config.pretrain.model == tiny.pretrain.model
@@ -38,7 +38,7 @@ def test_a_file_can_name_its_base_preset(tmp_path: Path) -> None:
     assert config.dpo.steps == 7
     assert config.dpo.batch_size == small.dpo.batch_size
     assert config.pretrain == small.pretrain
-    assert small.sft.replay_batch_size == 8  # the small preset's SFT keeps replay (it was 0 before the merge)
+    assert small.sft.replay.batch_size == 8  # the small preset's SFT keeps replay (it was 0 before the merge)
 
 
 def test_bad_files_are_refused_naming_the_problem(tmp_path: Path) -> None:
