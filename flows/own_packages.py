@@ -1,7 +1,7 @@
 """A loud error when another installed project's package shadows one of ours.
 
-trainonce keeps its promised layout (top-level `models`, `tasks`, `flows`, `registry`, `serving`), and those are
-generic names: a second project with a `models` package earlier on the import path would make our imports fail
+trainonce keeps its promised layout (top-level `models`, `tasks`, `flows`, `registry`, `serving`, `configs`), and
+those are generic names: a second project with a `models` package earlier on the import path would make our imports fail
 deep inside a stage, with a message about a missing attribute. The CLI calls `check_own_packages` first, so such a
 clash is reported at once, naming the package, where it came from and where ours is.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-OWN_PACKAGES = ("models", "tasks", "flows", "registry", "serving")
+OWN_PACKAGES = ("models", "tasks", "flows", "registry", "serving", "configs")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -46,11 +46,12 @@ section models it nests) and from the presets in `configs/`. After changing a fi
 
 How a configuration is put together:
 
-- A preset file (`--config tiny`, or a YAML path) is a set of changes over a base preset, field by field: what
-  it leaves out, a whole section or one field of it, keeps the base's value (`configs/{DEFAULT_PRESET}.yaml` unless
-  the file names another with `base: small`). `--set KEY=VALUE` changes one field (the value is parsed as YAML),
-  and a Prefect deployment run's `config` parameter merges over the {DEFAULT_PRESET} preset the same way.
-- The **default** column is therefore the `{DEFAULT_PRESET}` preset's value: what a field you leave unset gets.
+- The code's defaults are the `{DEFAULT_PRESET}` preset: every field defaults to its value (the **default** column),
+  so `configs/{DEFAULT_PRESET}.yaml` sets nothing and every other preset holds only its differences. A preset file
+  (`--config small`, or a YAML path) is a set of changes field by field: what it leaves out, a whole section or
+  one field of it, keeps the default (or the value of the preset it names as `base:`). `--set KEY=VALUE` changes
+  one field (the value is parsed as YAML), and a Prefect deployment run's `config` parameter works the same way.
+  The presets ship inside the package, so an installed wheel finds them too.
 - **Bounds** are the fields' own constraints (`[a, b]` inclusive, `(a, b)` exclusive). Every field is validated
   before any compute starts; a bad value names the field and its allowed range. Rules between fields (for example
   `data.vocab_size` equal to `pretrain.model.vocab_size`, an elastic space that fits the supernet, a search budget

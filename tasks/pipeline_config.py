@@ -1,8 +1,9 @@
-"""The pipeline's configuration: one pydantic model per stage, loaded from a YAML preset in configs/."""
+"""The pipeline's configuration: one pydantic model per stage, loaded from a YAML preset in configs/ (package data).
+The code's defaults are the tiny preset's values, so a preset holds only its differences."""
 
 from __future__ import annotations
 
-import functools
+import importlib.resources
 from pathlib import Path
 
 import yaml
@@ -18,22 +19,11 @@ from tasks.pretrain.config import PretrainConfig
 from tasks.search.config import ImportanceConfig, SearchConfig
 from tasks.search.search import check_parameter_budgets
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets ship inside the package (configs/__init__.py), so a wheel install finds them as a checkout does.
+CONFIG_DIR = Path(str(importlib.resources.files("configs")))
 
 
 DEFAULT_PRESET = "tiny"
-
-
-@functools.cache
-def _default_sections() -> dict:
-    return yaml.safe_load((CONFIG_DIR / f"{DEFAULT_PRESET}.yaml").read_text())
-
-
-def _default(section: str):  # noqa: ANN202 - the section's own config type
-    """A field's default is its section of configs/tiny.yaml: `PipelineConfig()` (and so the Prefect form, and a
-    deployment run with no parameters) is the tiny CPU preset the README's main command runs."""
-    field = PipelineConfig.model_fields[section]
-    return field.annotation.model_validate(_default_sections().get(section, {}))  # type: ignore[union-attr]
 
 
 def merge_sections(base: dict, changes: dict) -> dict:
@@ -85,35 +75,26 @@ class FamilyMember(BaseModel):
 
 class PipelineConfig(BaseModel):
     """All stages' settings; every field is validated before any compute starts. What a config leaves unset, a
-    whole section or one field of it, takes its value from configs/tiny.yaml (a preset file can name another base
-    with `base:`)."""
+    whole section or one field of it, takes the code's default, which is the tiny CPU preset's value: `PipelineConfig()`
+    (and so the Prefect form, and a deployment run with no parameters) is the run the README's first command makes.
+    A preset file holds only its differences (and can name another preset as its `base:`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    data: DataConfig = Field(default_factory=lambda: _default("data"), description="Corpus, tokenizer and split.")
-    pretrain: PretrainConfig = Field(default_factory=lambda: _default("pretrain"), description="Elastic pre-training.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus, tokenizer and split.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Elastic pre-training.")
     importance: ImportanceConfig = Field(
-        default_factory=lambda: _default("importance"), description="Expert and layer ranking before the search."
+        default_factory=ImportanceConfig, description="Expert and layer ranking before the search."
     )
-    search: SearchConfig = Field(
-        default_factory=lambda: _default("search"), description="Sub-model search under budgets."
-    )
-    extract: ExtractConfig = Field(
-        default_factory=lambda: _default("extract"), description="Extraction and distillation."
-    )
-    sft: SFTConfig = Field(
-        default_factory=lambda: _default("sft"), description="Supervised fine-tuning on verifiable tasks."
-    )
-    dpo: DPOConfig = Field(default_factory=lambda: _default("dpo"), description="Preference optimisation after SFT.")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Sub-model search under budgets.")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Extraction and distillation.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning on verifiable tasks.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference optimisation after SFT.")
     grpo: GRPOConfig = Field(
-        default_factory=lambda: _default("grpo"), description="Reinforcement learning on verifiable rewards after DPO."
+        default_factory=GRPOConfig, description="Reinforcement learning on verifiable rewards after DPO."
     )
-    deploy: DeployConfig = Field(
-        default_factory=lambda: _default("deploy"), description="ONNX export, quantization, candidate."
-    )
-    gate: GateRules = Field(
-        default_factory=lambda: _default("gate"), description="When the candidate replaces the champion."
-    )
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="ONNX export, quantization, candidate.")
+    gate: GateRules = Field(default_factory=GateRules, description="When the candidate replaces the champion.")
     family: tuple[FamilyMember, ...] = Field(
         (),
         max_length=16,
@@ -129,12 +110,6 @@ class PipelineConfig(BaseModel):
     init_steps: int = Field(
         0, ge=0, le=10_000_000, description="Elastic continued pre-training steps after init_from (0: none)."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _over_the_default_preset(cls, data: object) -> object:
-        """Deployment parameters and `model_validate` get the same field-by-field merge as a YAML file."""
-        return merge_sections(_default_sections(), data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _stages_fit_the_model(self) -> PipelineConfig:

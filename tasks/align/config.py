@@ -15,10 +15,11 @@ from tasks.data.config import TaskMixConfig
 from tasks.data.task_mix import read_preference_jsonl, read_sft_jsonl
 
 # Each stage's optimiser (tasks.common.optim.fine_tuning_optim) and GRPO's replay: what a key left unset means
-SFT_OPTIM = fine_tuning_optim(1e-3, 10)
-DPO_OPTIM = fine_tuning_optim(2e-4, 10, min_lr_ratio=1.0)  # constant after the warm-up
+SFT_OPTIM = fine_tuning_optim(3e-3, 10)
+DPO_OPTIM = fine_tuning_optim(5e-5, 10, min_lr_ratio=1.0)  # constant after the warm-up
 GRPO_OPTIM = fine_tuning_optim(5e-5, 3, min_lr_ratio=1.0)
 GRPO_REPLAY = ReplayConfig(batch_size=2, weight=0.5, seq_len=128)
+SFT_REPLAY = ReplayConfig(batch_size=4)  # without replay, SFT erases language modelling (docs/benchmarks.md)
 
 
 class SFTConfig(BaseModel):
@@ -30,16 +31,16 @@ class SFTConfig(BaseModel):
     extra_jsonl: str | None = Field(
         None, description='Your own conversations, one {"messages": [...]} per line, trained on with the tasks.'
     )
-    steps: int = Field(300, ge=1, le=10_000_000, description="Optimiser steps.")
-    batch_size: int = Field(16, ge=1, le=65_536, description="Conversations per batch.")
+    steps: int = Field(1500, ge=1, le=10_000_000, description="Optimiser steps.")
+    batch_size: int = Field(32, ge=1, le=65_536, description="Conversations per batch.")
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
     optim: with_defaults(SFT_OPTIM) = Field(
         default_factory=SFT_OPTIM.model_copy,
         description="Optimiser and schedule: AdamW, linear warm-up, cosine to optim.min_lr_ratio of the peak.",
     )
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit when measuring accuracy.")
-    replay: ReplayConfig = Field(
-        default_factory=ReplayConfig,
+    replay: with_defaults(SFT_REPLAY) = Field(
+        default_factory=SFT_REPLAY.model_copy,
         description="Pre-training windows (of max_len tokens unless replay.seq_len says) trained on with the LM loss "
         "beside the chat batch, so fine-tuning does not erase language modelling.",
     )
@@ -72,7 +73,7 @@ class DPOConfig(BaseModel):
         description="Weight of the chosen answers' per-token NLL added to the DPO loss (RPO, Pang et al., 2024): "
         "plain DPO can lower the chosen answers' likelihood too, which costs exact-match accuracy.",
     )
-    steps: int = Field(100, ge=1, le=10_000_000, description="Optimiser steps.")
+    steps: int = Field(60, ge=1, le=10_000_000, description="Optimiser steps.")
     batch_size: int = Field(16, ge=1, le=65_536, description="Preference pairs per batch.")
     max_len: int = Field(128, ge=8, le=1_048_576, description="Longest tokenized conversation; longer are cut.")
     optim: with_defaults(DPO_OPTIM) = Field(
@@ -81,7 +82,7 @@ class DPOConfig(BaseModel):
     )
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Generation limit for on-policy pairs and accuracy.")
     max_pairs: int | None = Field(
-        None,
+        960,
         ge=1,
         le=10_000_000,
         description="Training prompts (a seeded sample) turned into preference pairs; each costs one greedy "

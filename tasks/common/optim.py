@@ -15,7 +15,7 @@ class OptimConfig(BaseModel):
 
     lr: float = Field(3e-3, gt=0, le=1, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
-    warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear warm-up steps.")
+    warmup_steps: int = Field(5, ge=0, le=1_000_000, description="Linear warm-up steps.")
     weight_decay: float = Field(0.1, ge=0, le=1, description="AdamW decoupled weight decay (matrices only).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")

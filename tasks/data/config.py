@@ -25,7 +25,7 @@ class DataConfig(BaseModel):
     )
     text_field: str = Field("text", min_length=1, description="Key holding the text in .jsonl lines.")
     vocab_size: int = Field(
-        2048, ge=300, le=1_048_576, description="BPE vocabulary size incl. 256 bytes and the special tokens."
+        1024, ge=300, le=1_048_576, description="BPE vocabulary size incl. 256 bytes and the special tokens."
     )
     val_fraction: float = Field(
         0.05, gt=0, lt=0.5, description="Tail fraction of every document held out for validation."
@@ -58,5 +58,5 @@ class TaskMixConfig(BaseModel):
         ("arithmetic", "copy", "reverse", "sort", "span"), min_length=1, description="Tasks in the mix."
     )
     train_per_task: int = Field(400, ge=1, le=1_000_000, description="Training examples per task.")
-    test_per_task: int = Field(50, ge=1, le=100_000, description="Held-out examples per task.")
+    test_per_task: int = Field(40, ge=1, le=100_000, description="Held-out examples per task.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the training split (held-out uses seed + 1).")

@@ -15,11 +15,11 @@ class SearchConfig(BaseModel):
 
     total_params: int | None = Field(None, ge=1, description="Upper bound on total parameters (absolute).")
     total_params_fraction: float | None = Field(
-        None, gt=0, le=1, description="Upper bound on total parameters as a fraction of the supernet's."
+        0.34, gt=0, le=1, description="Upper bound on total parameters as a fraction of the supernet's."
     )
     active_params: int | None = Field(None, ge=1, description="Upper bound on active parameters per token.")
     active_params_fraction: float | None = Field(
-        None, gt=0, le=1, description="Upper bound on active parameters as a fraction of the supernet's."
+        0.5, gt=0, le=1, description="Upper bound on active parameters as a fraction of the supernet's."
     )
     latency_ms: float | None = Field(
         None, gt=0, description="Upper bound on measured ms per generated token (KV cache, batch 1)."
@@ -30,7 +30,7 @@ class SearchConfig(BaseModel):
     method: Literal["auto", "exhaustive", "evolutionary"] = Field(
         "auto", description="`auto`: exhaustive when the feasible space fits in max_evaluations, else evolutionary."
     )
-    max_evaluations: int = Field(32, ge=2, le=100_000, description="Objective evaluations the search may spend.")
+    max_evaluations: int = Field(24, ge=2, le=100_000, description="Objective evaluations the search may spend.")
     population: int = Field(8, ge=2, le=1024, description="Evolutionary search: random initial population.")
     parents: int = Field(4, ge=2, le=1024, description="Evolutionary search: best candidates that breed.")
     mutation_rate: float = Field(0.3, gt=0, le=1, description="Evolutionary search: per-gene mutation chance.")

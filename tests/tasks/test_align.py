@@ -67,6 +67,7 @@ def sft_run(tokenizer, small_corpus: Path):
         task_mix=TaskMixConfig(tasks=("copy",), train_per_task=400, test_per_task=30),
         steps=300,
         optim={"lr": 3e-3},
+        replay={"batch_size": 0},  # no corpus to replay here
         batch_size=32,
     )
     train, test = generate_splits(config.task_mix, passages)
@@ -123,7 +124,10 @@ def test_user_conversations_are_trained_on(tokenizer) -> None:
     model = _model()
     extra = [as_conversation(Example("user", "Who wrote Hamlet?", "Shakespeare"))]
     config = SFTConfig(
-        task_mix=TaskMixConfig(tasks=("copy",), train_per_task=1, test_per_task=1), steps=40, optim={"lr": 3e-3}
+        task_mix=TaskMixConfig(tasks=("copy",), train_per_task=1, test_per_task=1),
+        steps=40,
+        optim={"lr": 3e-3},
+        replay={"batch_size": 0},
     )
     train = [Example("copy", "Repeat: king", "king")]
     run_sft(config, model, tokenizer, train, train, extra)

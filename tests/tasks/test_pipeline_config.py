@@ -77,3 +77,67 @@ def test_family_members_get_their_own_search_and_registered_model() -> None:
 def test_bad_family_members_are_refused_before_any_compute(family: list[dict], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         load_pipeline_config("tiny", {"family": family})
+
+
+def test_the_code_defaults_are_the_tiny_preset_and_stage_configs_agree() -> None:
+    """One source of defaults: a section built on its own (`SFTConfig()`, as a test or a script does) is the one the
+    pipeline runs with no preset, and tiny.yaml sets nothing."""
+    from tasks.align.config import DPOConfig, SFTConfig
+    from tasks.pipeline_config import CONFIG_DIR
+
+    default = PipelineConfig()
+    assert load_pipeline_config("tiny") == default
+    assert yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text()) == {}
+    assert SFTConfig() == default.sft and DPOConfig() == default.dpo
+    assert default.sft.replay.batch_size == 4 and default.sft.optim.weight_decay == 0.0
+
+
+@pytest.mark.parametrize(
+    ("override", "moved"),
+    [
+        ({"sft": {"lr": 1e-3}}, "sft.lr is now sft.optim.lr"),
+        ({"sft": {"replay_batch_size": 2}}, "sft.replay_batch_size is now sft.replay.batch_size"),
+        ({"grpo": {"replay_len": 64}}, "grpo.replay_len is now grpo.replay.seq_len"),
+        ({"extract": {"warmup_steps": 3}}, "extract.warmup_steps is now extract.optim.warmup_steps"),
+    ],
+)
+def test_a_moved_key_is_refused_naming_its_new_place(override: dict, moved: str) -> None:
+    with pytest.raises(ValidationError, match=moved.replace(".", r"\.")):
+        PipelineConfig.model_validate(override)
+
+
+def test_a_stage_optimiser_key_left_unset_keeps_the_stages_default() -> None:
+    """SFT's `optim: {lr: ...}` keeps fine-tuning's AdamW (no weight decay, beta2 0.999), not pre-training's."""
+    config = PipelineConfig.model_validate({"sft": {"optim": {"lr": 1e-4}}, "dpo": {"optim": {"warmup_steps": 2}}})
+    assert (config.sft.optim.lr, config.sft.optim.weight_decay, config.sft.optim.beta2) == (1e-4, 0.0, 0.999)
+    assert (config.dpo.optim.lr, config.dpo.optim.min_lr_ratio) == (5e-5, 1.0)  # DPO: constant after warm-up
+    assert config.pretrain.optim.weight_decay == 0.1
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_finds_every_preset(tmp_path: Path) -> None:
+    """The presets ship as package data: `--config small` works from a wheel, outside any checkout."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "wheel"), str(root)], check=True, timeout=600)
+    wheel = next((tmp_path / "wheel").glob("trainonce-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=600)
+    probe = (
+        "from tasks.pipeline_config import CONFIG_DIR, load_pipeline_config; "
+        "print(CONFIG_DIR); print(load_pipeline_config('small').pretrain.model.d_model)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, d_model = done.stdout.split()
+    assert where == str(target / "configs") and d_model == "512"

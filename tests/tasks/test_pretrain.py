@@ -19,6 +19,9 @@ from tasks.pretrain.loop import run_pretrain
 from tasks.pretrain.step import plan_for_step
 from tasks.pretrain.validation_panel import evaluation_panel
 
+# Sub-models from the first step to the last (the tiny preset's recipe delays them and ends with the full model alone)
+UNDELAYED = {"elastic_start": 0.0, "ramp": 0.0, "elastic_end": 1.0}
+
 
 def _tiny_pretrain(**overrides) -> PretrainConfig:
     """The tiny preset's loop settings on a smaller 4-layer, 8-expert supernet (fast enough for many tests)."""
@@ -65,11 +68,11 @@ def test_presets_are_valid() -> None:
 def test_sampling_policies(tiny_config) -> None:
     model = ElasticMoE(tiny_config)
     elastic = {"depths": [2, 4], "expert_counts": [2, 6], "top_ks": [1, 2]}
-    full = plan_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "full"}), model, 0).members
+    full = plan_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "full", **UNDELAYED}), model, 0).members
     assert full == [None]
-    rand = plan_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "random"}), model, 0).members
+    rand = plan_for_step(_tiny_pretrain(elastic=elastic, sampling={"policy": "random", **UNDELAYED}), model, 0).members
     assert rand[0] is None and len(rand) == 2
-    config = _tiny_pretrain(elastic=elastic, sampling={"policy": "sandwich", "n_random": 3})
+    config = _tiny_pretrain(elastic=elastic, sampling={"policy": "sandwich", "n_random": 3, **UNDELAYED})
     sandwich = plan_for_step(config, model, 0).members
     assert sandwich[0] is None and len(sandwich) == 5
     assert sandwich[1] == config.elastic.smallest(tiny_config, model.importance())

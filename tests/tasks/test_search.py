@@ -20,6 +20,13 @@ IMPORTANCE = Importance.identity(CONFIG)
 LAYER_VALUE = (0.9, 0.2, 0.5, 0.1, 0.4, 0.8)  # what dropping each layer costs
 
 
+def searching(**fields) -> SearchConfig:
+    """A search with only the budgets a test names (the defaults add the tiny preset's ERNIE 5.1 cut)."""
+    return SearchConfig(
+        **{"total_params_fraction": None, "active_params_fraction": None, "max_evaluations": 32, **fields}
+    )
+
+
 def synthetic_loss(spec: SubnetSpec) -> float:
     """A structured landscape: more active compute helps, and some layers matter far more than others."""
     dropped = sum(LAYER_VALUE[i] for i in range(CONFIG.n_layers) if i not in spec.layers)
@@ -30,13 +37,13 @@ def synthetic_loss(spec: SubnetSpec) -> float:
 def test_evolutionary_search_finds_the_exhaustive_optimum_with_a_quarter_of_the_evaluations(fraction: float) -> None:
     """A stochastic search, so judged over ten seeds: nearly always the optimum, never far from it."""
     budget = {"active_params_fraction": fraction}
-    exhaustive = run_search(SearchConfig(method="exhaustive", **budget), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
+    exhaustive = run_search(searching(method="exhaustive", **budget), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
     quarter = len(exhaustive.evaluated) // 4
     assert quarter >= 50, "the space must be large enough for the comparison to mean something"
     limit = exhaustive.limits["active_params"]
     gaps = []
     for seed in range(10):
-        search = SearchConfig(method="evolutionary", max_evaluations=quarter, seed=seed, **budget)
+        search = searching(method="evolutionary", max_evaluations=quarter, seed=seed, **budget)
         evolutionary = run_search(search, CONFIG, SPACE, IMPORTANCE, synthetic_loss)
         assert evolutionary.method == "evolutionary" and len(evolutionary.evaluated) <= quarter
         assert all(c.active_params <= limit for c in evolutionary.evaluated)
@@ -47,7 +54,7 @@ def test_evolutionary_search_finds_the_exhaustive_optimum_with_a_quarter_of_the_
 
 def test_exhaustive_respects_every_budget_and_returns_the_best() -> None:
     result = run_search(
-        SearchConfig(total_params_fraction=0.5, active_params=100_000), CONFIG, SPACE, IMPORTANCE, synthetic_loss
+        searching(total_params_fraction=0.5, active_params=100_000), CONFIG, SPACE, IMPORTANCE, synthetic_loss
     )
     full = subnet_cost(CONFIG)
     assert result.method == "exhaustive" or len(result.evaluated) <= 32
@@ -64,14 +71,14 @@ def test_infeasible_budget_names_the_smallest_achievable_value() -> None:
     with pytest.raises(
         ValueError, match=f"active_params budget 1,000 is infeasible: the smallest sub-model has {smallest:,}"
     ):
-        run_search(SearchConfig(active_params=1000), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
+        run_search(searching(active_params=1000), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
     with pytest.raises(ValueError, match="total_params budget .* is infeasible"):
-        run_search(SearchConfig(total_params_fraction=0.01), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
+        run_search(searching(total_params_fraction=0.01), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
 
 
 def test_budget_given_twice_is_rejected() -> None:
     with pytest.raises(ValidationError, match="set active_params or active_params_fraction, not both"):
-        SearchConfig(active_params=10, active_params_fraction=0.5)
+        searching(active_params=10, active_params_fraction=0.5)
 
 
 def test_pareto_front_keeps_only_non_dominated() -> None:
@@ -89,7 +96,7 @@ def test_latency_budget_uses_real_measurements(tiny_supernet: ElasticMoE) -> Non
     space = ElasticSpace(depths=(2, 4), expert_counts=(2, 6), top_ks=(1,))
     # a budget every real measurement meets, on a busy machine too (a fraction of the full model's own measurement
     # failed when a sub-model was timed while another process took the core)
-    search = SearchConfig(latency_ms=10_000.0, latency_new_tokens=4, latency_repeats=1, latency_prompt_tokens=4)
+    search = searching(latency_ms=10_000.0, latency_new_tokens=4, latency_repeats=1, latency_prompt_tokens=4)
 
     def probe(spec: SubnetSpec | None) -> float:
         return measure_latency_ms(tiny_supernet, spec, search)
@@ -116,7 +123,7 @@ def test_choice_margin_is_paired_and_says_when_it_is_within_the_noise() -> None:
     """The search picks the lowest mean; the margin to the runner-up is judged on the per-batch differences."""
     from tasks.search.search import _key, choice_margin
 
-    result = run_search(SearchConfig(active_params_fraction=0.6), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
+    result = run_search(searching(active_params_fraction=0.6), CONFIG, SPACE, IMPORTANCE, synthetic_loss)
     ranked = sorted(result.evaluated, key=lambda c: c.val_loss)
     chosen, runner = ranked[0], ranked[1]
     # batches that are hard for every member alike: a large spread of each loss, a steady difference
