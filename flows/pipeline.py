@@ -12,8 +12,8 @@ finished stage (flows/stages.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -21,13 +21,22 @@ from prefect.artifacts import create_markdown_artifact
 from flows.run_guard import guarded_flow, run_name
 from flows.stages import align_flow, checked_workdir, deploy_flow, extract_flow, pretrain_flow
 from registry.tracking import ui_hint
-from tasks.common.stage_results import FamilyMemberResult, PipelineResult, PretrainedSupernet
+from tasks.common.stage_results import (
+    AlignedModels,
+    DeploymentResult,
+    ExtractionResult,
+    FamilyMemberResult,
+    PipelineResult,
+    PretrainedSupernet,
+)
 from tasks.data.config import DataConfig
 from tasks.data.task import prepare_data_task
+from tasks.deploy.config import DeployConfig
 from tasks.deploy.llama_cpp import check_gguf_request
 from tasks.init_from.task import adapt_config, init_source_task
-from tasks.pipeline_config import FamilyMember, PipelineConfig
+from tasks.pipeline_config import PipelineConfig
 from tasks.pretrain.task import retrain_data_task
+from tasks.search.config import SearchConfig
 
 STAGES = 4
 
@@ -43,23 +52,34 @@ def stage(number: int, what: str, total: int = STAGES) -> Iterator[None]:
 
 
 def deploy_member(
-    member: FamilyMember, pretrained: PretrainedSupernet, data: DataConfig, config: PipelineConfig, workdir: str
-) -> FamilyMemberResult:
-    """Another member of the family from the same supernet: searched under its own budgets, then extracted,
-    aligned, exported and gated into its own registered model, as the main member is."""
-    search = member.search(config.search)
-    extraction = extract_flow(pretrained.model_uri, data, config.importance, search, config.extract, workdir)
-    aligned = align_flow(extraction.subnet.model_uri, data, config.sft, config.dpo, workdir, config.grpo)
+    search: SearchConfig,
+    deploy: DeployConfig,
+    pretrained: PretrainedSupernet,
+    data: DataConfig,
+    config: PipelineConfig,
+    workdir: str,
+    member: str | None = None,
+    progress: Callable[[str], AbstractContextManager] = lambda _what: nullcontext(),
+) -> tuple[ExtractionResult, AlignedModels, DeploymentResult]:
+    """One member of the family from the supernet, the main one or a `family` member alike: searched under
+    `search`'s budgets, extracted, aligned, exported and gated into `deploy.model_name`. `progress(what)` wraps
+    each of the three parts (the main member logs them as numbered pipeline stages)."""
+    with progress("search and extraction"):
+        extraction = extract_flow(pretrained.model_uri, data, config.importance, search, config.extract, workdir)
+        print(f"sub-model {extraction.subnet.subnet}: {extraction.subnet.model_uri}")
+    with progress("SFT, DPO (and GRPO)"):
+        aligned = align_flow(extraction.subnet.model_uri, data, config.sft, config.dpo, workdir, config.grpo)
+        print(f"aligned: {aligned.final_uri}")
     lineage = {
         "parent_sft": aligned.sft_uri,
         "parent_subnet": extraction.subnet.model_uri,
         "parent_supernet": pretrained.model_uri,
         "subnet": extraction.subnet.subnet,
-        "family_member": member.name,
+        **({"family_member": member} if member else {}),
     }
-    deploy = config.deploy.model_copy(update={"model_name": member.model_name()})
-    deployed = deploy_flow(aligned.final_uri, data, deploy, config.gate, config.sft.task_mix, lineage, workdir)
-    return FamilyMemberResult(name=member.name, extraction=extraction, alignment=aligned, deployment=deployed)
+    with progress("export, quantization and gate"):
+        deployed = deploy_flow(aligned.final_uri, data, deploy, config.gate, config.sft.task_mix, lineage, workdir)
+    return extraction, aligned, deployed
 
 
 @flow(name="pipeline", flow_run_name=run_name("pipeline"), log_prints=True)
@@ -88,27 +108,24 @@ def pipeline(config: PipelineConfig = PipelineConfig(), workdir: str = "runs/pip
         else:
             pretrained = pretrain_flow(data, config.pretrain, workdir, parent=source)
         print(f"supernet: {pretrained.model_uri}")
-    with stage(2, "search and extraction", total):
-        extraction = extract_flow(pretrained.model_uri, data, config.importance, config.search, config.extract, workdir)
-        extracted = extraction.subnet
-        print(f"sub-model {extracted.subnet}: {extracted.model_uri}")
-    with stage(3, "SFT, DPO (and GRPO)", total):
-        aligned = align_flow(extracted.model_uri, data, config.sft, config.dpo, workdir, config.grpo)
-        print(f"aligned: {aligned.final_uri}")
-    lineage = {
-        "parent_sft": aligned.sft_uri,
-        "parent_subnet": extracted.model_uri,
-        "parent_supernet": pretrained.model_uri,
-        "subnet": extracted.subnet,
-    }
-    with stage(4, "export, quantization and gate", total):
-        deployed = deploy_flow(
-            aligned.final_uri, data, config.deploy, config.gate, config.sft.task_mix, lineage, workdir
-        )
+    numbers = iter(range(2, STAGES + 1))
+    extraction, aligned, deployed = deploy_member(
+        config.search,
+        config.deploy,
+        pretrained,
+        data,
+        config,
+        workdir,
+        progress=lambda what: stage(next(numbers), what, total),
+    )
     family = []
     for number, member in enumerate(config.family, start=STAGES + 1):
         with stage(number, f"family member {member.name}: search to gate", total):
-            family.append(deploy_member(member, pretrained, data, config, workdir))
+            deploy = config.deploy.model_copy(update={"model_name": member.model_name()})
+            parts = deploy_member(member.search(config.search), deploy, pretrained, data, config, workdir, member.name)
+        family.append(
+            FamilyMemberResult(name=member.name, extraction=parts[0], alignment=parts[1], deployment=parts[2])
+        )
     result = PipelineResult(
         pretrain=pretrained, extraction=extraction, alignment=aligned, deployment=deployed, family=family
     )

@@ -313,7 +313,8 @@ class FamilyMemberResult(StageResult):
             f"family member {self.name}:",
             *(
                 f"  {line}"
-                for line in (*self.extraction.summary(), *self.alignment.summary(), *self.deployment.summary())
+                for part in (self.extraction, self.alignment, self.deployment)
+                for line in part.summary(links)
             ),
         ]
 

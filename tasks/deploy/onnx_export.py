@@ -24,6 +24,7 @@ from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from models.onnx_forward import ExportableDecoder, past_names, present_names
 from serving.engine import EVERY_TOKEN, MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig
+from tasks.common.stage_results import OnnxParity
 from tasks.data.config import TaskMixConfig
 from tasks.data.corpus import PreparedData
 from tasks.deploy.config import DeployConfig
@@ -185,17 +186,11 @@ def choose_candidate(evaluations: dict[str, PackageEvaluation], config: DeployCo
     return min(eligible, key=lambda v: evaluations[v].size_bytes)
 
 
-@dataclass(frozen=True)
-class Parity:
-    max_abs_logit_diff: float  # onnxruntime fp32 vs PyTorch: a prefill, then cached single-token steps
-    greedy_tokens_equal: bool  # greedy continuations of the held-out prompts, token for token
-
-
 PARITY_TOLERANCE = 1e-3  # fp32 export differs by ~1e-6; beyond this something is wrong, not rounding
 
 
 @torch.no_grad()
-def check_parity(model: ElasticMoE, package: ChatPackage, prompts: list[list[int]], new_tokens: int = 16) -> Parity:
+def check_parity(model: ElasticMoE, package: ChatPackage, prompts: list[list[int]], new_tokens: int = 16) -> OnnxParity:
     """Compare the fp32 package with the PyTorch model it came from; raises (before anything is registered)
     when the logits differ by more than PARITY_TOLERANCE."""
     generator = package.generator
@@ -215,7 +210,7 @@ def check_parity(model: ElasticMoE, package: ChatPackage, prompts: list[list[int
         == greedy_generate(model, torch.tensor([p]), new_tokens)[0, len(p) :].tolist()
         for p in prompts
     )
-    return Parity(diff, same)
+    return OnnxParity(max_abs_logit_diff=diff, greedy_tokens_equal=same)
 
 
 @dataclass(frozen=True)
@@ -223,7 +218,7 @@ class ExportResult:
     packages: dict[str, Path]
     evaluations: dict[str, PackageEvaluation]
     candidate: str
-    parity: Parity
+    parity: OnnxParity
 
 
 def run_export(

@@ -28,7 +28,7 @@ from registry.promotion import (
 )
 from registry.tracking import git_commit, stage_run
 from serving import CHAT_PYFUNC_CODE
-from tasks.common.stage_results import ExportedCandidate, GateOutcome, GgufExport, HuggingFaceExport, OnnxParity
+from tasks.common.stage_results import ExportedCandidate, GateOutcome, GgufExport, HuggingFaceExport
 from tasks.data.config import TaskMixConfig
 from tasks.data.corpus import PreparedData
 from tasks.deploy.config import DeployConfig, EvaluationConfig
@@ -91,9 +91,7 @@ def export_task(
         candidate=result.candidate,
         package_dir=str(result.packages[result.candidate]),
         table=table,
-        parity=OnnxParity(
-            max_abs_logit_diff=result.parity.max_abs_logit_diff, greedy_tokens_equal=result.parity.greedy_tokens_equal
-        ),
+        parity=result.parity,
         evaluations={v: e.to_dict() for v, e in result.evaluations.items()},
     )
 
