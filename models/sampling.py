@@ -95,7 +95,7 @@ class Sampler:
         if out_of_vocab:
             raise ValueError(f"token ids must be in [0, {vocab_size - 1}]; got {out_of_vocab[:5]}")
         self.params = params
-        self.rng = rng if rng is not None else np.random.default_rng(params.seed)
+        self.rng = rng if rng is not None else np.random.default_rng(seed_entropy(params.seed))
         self.generated_counts = np.zeros(vocab_size, dtype=np.int64)
         self.seen = np.zeros(vocab_size, dtype=bool)  # prompt or output: what repetition_penalty discourages
         self.seen[np.asarray(prompt, dtype=np.int64)] = True
@@ -149,7 +149,14 @@ class Sampler:
         return min(drawn, probs.size - 1)
 
 
+def seed_entropy(seed: int | None) -> int | None:
+    """A request's seed as numpy takes it: any integer a client sends is a seed, as vLLM takes it (some clients send
+    -1 for "random"); numpy refuses negative entropy, so a negative seed wraps modulo 2**64, and a seed that is
+    already non-negative is used as it is (the same seed gives the same tokens as before)."""
+    return seed if seed is None or seed >= 0 else seed % 2**64
+
+
 def choice_generators(seed: int | None, n: int) -> list[np.random.Generator]:
     """One generator per choice of a request: with a seed, the same request draws the same n choices, and
     the choices differ from each other."""
-    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed_entropy(seed)).spawn(n)]

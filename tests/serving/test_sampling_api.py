@@ -76,6 +76,19 @@ def test_a_seed_reproduces_and_temperature_varies_across_seeds(client: openai.Op
     assert {sample(seed, top_p=0.01) for seed in range(3)} == {greedy}
 
 
+@pytest.mark.parametrize("seed", [-1, -(2**63), 0, 2**63 - 1])
+def test_any_integer_is_a_seed_on_both_endpoints_streamed_or_not(client: openai.OpenAI, seed: int) -> None:
+    """Some clients send -1 for "random"; numpy refuses negative seeds, which used to answer 500 (retried 3 times)."""
+    sampled = {"max_tokens": 8, "temperature": 1.0, "seed": seed}
+    first, again = (chat(client, **sampled).choices[0].message.content for _ in range(2))
+    assert first == again  # a seed, negative or not, reproduces
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, stream=True, **sampled))
+    assert streamed == first
+    completion = {"model": CHAT_MODEL, "prompt": "The king", **sampled}
+    text = client.completions.create(**completion).choices[0].text
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **completion)) == text
+
+
 def test_n_choices_are_independent_and_counted(client: openai.OpenAI) -> None:
     reply = chat(client, max_tokens=12, temperature=1.0, seed=11, n=3)
     assert [c.index for c in reply.choices] == [0, 1, 2]
