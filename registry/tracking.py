@@ -269,6 +269,17 @@ class RunLogger:
         _open_runs.pop(self.run_id, None)
 
 
+def lineage_tags(stage: str, data_fingerprint: str | None = None, **tags: Any) -> dict[str, Any]:
+    """What every version a stage registers is tagged with: the stage, the code (git commit) and the data
+    (fingerprint) that made it, and the stage's own `tags` (its parents first: `parent_model`, ...)."""
+    return {
+        **tags,
+        "stage": stage,
+        **({"data_fingerprint": data_fingerprint} if data_fingerprint is not None else {}),
+        "git_commit": git_commit(),
+    }
+
+
 @contextmanager
 def stage_run(workdir: str | Path, stage: str, tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
     """The MLflow run of one stage, for a `with` block: named and tagged `stage`, ended FINISHED when the block

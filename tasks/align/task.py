@@ -13,7 +13,7 @@ from prefect import task
 from models.checkpoint import load_model, save_model
 from registry.models import RegisteredVersion, register_checkpoint
 from registry.names import CHAT_TORCH_MODEL, SUBNET_MODEL
-from registry.tracking import RunLogger, git_commit, stage_run
+from registry.tracking import RunLogger, lineage_tags, stage_run
 from tasks.align.config import GRPO_OFF, DPOConfig, GRPOConfig, SFTConfig
 from tasks.align.dpo import run_dpo
 from tasks.align.grpo import grpo_prompts, run_grpo
@@ -51,12 +51,7 @@ def align_task(
     passages = corpus_passages("\n".join(data.documents()))
     train, test = generate_splits(sft.task_mix, passages)
     out_dir = Path(workdir) / "align" / f"subnet-v{subnet_version}"
-    lineage = {
-        "parent_model": f"{SUBNET_MODEL}/{subnet_version}",
-        "parent_subnet_version": subnet_version,
-        "data_fingerprint": data.fingerprint,
-        "git_commit": git_commit(),
-    }
+    parents = {"parent_model": f"{SUBNET_MODEL}/{subnet_version}", "parent_subnet_version": subnet_version}
 
     def save_and_register(stage: str, logger: RunLogger, tags: dict[str, str]) -> tuple[Path, RegisteredVersion]:
         """The model as it stands after `stage`, saved and registered in `trainonce-chat-torch` with its lineage."""
@@ -69,7 +64,7 @@ def align_task(
             directory,
             data.tokenizer_path,
             extra,
-            {**lineage, "stage": stage, **tags},
+            {**lineage_tags(stage, data.fingerprint, **parents), **tags},
         )
         return directory, version
 
@@ -149,7 +144,7 @@ def align_task(
         dpo_uri=dpo_version.uri,
         grpo_uri=grpo_uri,
         final_dir=str(final_dir),
-        parent_model=lineage["parent_model"],
+        parent_model=parents["parent_model"],
         accuracy=accuracy,
         reward_accuracy=held_out.reward_accuracy,
         pairs=dpo_result.train_pair_kinds,

@@ -26,7 +26,7 @@ from registry.promotion import (
     promote,
     record_decision,
 )
-from registry.tracking import git_commit, stage_run
+from registry.tracking import lineage_tags, stage_run
 from serving import CHAT_PYFUNC_CODE
 from tasks.common.stage_results import ExportedCandidate, GateOutcome, GgufExport, HuggingFaceExport
 from tasks.data.config import TaskMixConfig
@@ -68,11 +68,8 @@ def export_task(
         chosen = result.evaluations[result.candidate]
         reference = result.evaluations["fp32"]
         tags = {
-            **lineage,
-            "stage": "export",
+            **lineage_tags("export", data.fingerprint, **lineage),
             "quantization": result.candidate,
-            "data_fingerprint": data.fingerprint,
-            "git_commit": git_commit(),
             "val_ppl": f"{chosen.val_ppl:.4f}",
             "ppl_delta_vs_fp32": f"{chosen.val_ppl / reference.val_ppl - 1:.5f}",
             "accuracy_overall": f"{chosen.accuracy['overall']:.4f}",

@@ -19,7 +19,7 @@ from models.checkpoint import load_model
 from models.subnet import SubnetSpec
 from registry.models import register_checkpoint
 from registry.names import SUBNET_MODEL, SUPERNET_MODEL
-from registry.tracking import git_commit, stage_run
+from registry.tracking import lineage_tags, stage_run
 from tasks.common.stage_results import ExtractedSubnet, SubnetAchieved, SubnetBudget
 from tasks.data.corpus import PreparedData
 from tasks.extract.config import ExtractConfig
@@ -73,13 +73,10 @@ def extract_task(
             },
             step=0,
         )
+        parents = {"parent_model": f"{SUPERNET_MODEL}/{supernet_version}", "parent_supernet_version": supernet_version}
         tags = {
-            "stage": "extract",
-            "parent_model": f"{SUPERNET_MODEL}/{supernet_version}",
-            "parent_supernet_version": supernet_version,
-            "data_fingerprint": data.fingerprint,
+            **lineage_tags("extract", data.fingerprint, **parents),
             "budgets": json.dumps(limits),
-            "git_commit": git_commit(),
             **describe_result(result),
         }
         version = register_checkpoint(

@@ -15,7 +15,7 @@ from models.hf import config_from_hf
 from models.subnet import ElasticSpace
 from registry.models import RegisteredVersion, download_checkpoint, register_checkpoint
 from registry.names import SUPERNET_MODEL
-from registry.tracking import git_commit, stage_run, store_client
+from registry.tracking import lineage_tags, stage_run, store_client
 from tasks.data.corpus import check_tokenizer
 from tasks.init_from.import_hf import (
     check_weights,
@@ -131,12 +131,11 @@ def import_hf(
             "source": f"hf:{directory}",
             "chat_format": chat_format.model_dump(mode="json"),
         }
-        tags = {
-            "stage": "import-hf",
-            "source": f"hf:{directory}",
-            "files_sha256": digest,
-            "git_commit": git_commit(),
-            "architecture": hf_config.get("architectures", ["?"])[0],
-        }
+        tags = lineage_tags(
+            "import-hf",
+            source=f"hf:{directory}",
+            files_sha256=digest,
+            architecture=hf_config.get("architectures", ["?"])[0],
+        )
         version = register_checkpoint(workdir, logger.run_id, SUPERNET_MODEL, checkpoint, tokenizer_path, extra, tags)
     return version

@@ -26,7 +26,7 @@ from registry.models import (
     version_tags,
 )
 from registry.names import SUPERNET_MODEL
-from registry.tracking import git_commit
+from registry.tracking import lineage_tags
 from tasks.common.stage_results import PretrainedSupernet
 from tasks.data.config import DataConfig
 from tasks.data.corpus import PreparedData
@@ -52,11 +52,8 @@ def register_pretrained(
         {"warm_started_from": parent.version.uri, "parent_supernet_version": parent.version.version} if parent else {}
     )
     tags = {
-        **lineage,
-        "stage": "pretrain",
-        "data_fingerprint": data.fingerprint,
+        **lineage_tags("pretrain", data.fingerprint, **lineage),
         "config_hash": result.config_hash,
-        "git_commit": git_commit(),
         "steps": result.steps,
         **({"resumed_from_step": result.resumed_from} if result.resumed_from else {}),
         **{metric_key(label): f"{loss:.4f}" for label, loss in result.val_loss.items()},
