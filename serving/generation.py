@@ -20,7 +20,7 @@ from serving.errors import ApiError, error_responses
 from serving.metrics import ServingMetrics
 from serving.model_source import LoadedModel
 from serving.protocol import ChatCompletionRequest, CompletionRequest
-from serving.responses import ResponseShape, Whole, new_choices
+from serving.responses import LogprobFormat, ResponseShape, StreamUsage, Whole, new_choices
 
 SERVED_BY_HEADER = "X-Trainonce-Model"  # the member that answered (also the response's `model`)
 
@@ -34,13 +34,28 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, package: ChatPa
     unsupported = request.unsupported_parameter()
     if unsupported is not None:
         raise ApiError(400, f"{unsupported} is not supported by this server.", unsupported, "unsupported_parameter")
-    params = request.sampling(request.requested_logprobs())
+    params = request.sampling(request.requested_logprobs(), _bad_words_ids(package, request.bad_words or []))
     vocab = package.config.vocab_size
-    for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+    for param, ids in params.token_ids().items():
         outside = [t for t in ids if not 0 <= t < vocab]
         if outside:
-            raise ApiError(400, f"{param}: token ids must be in [0, {vocab - 1}]; got {outside[:5]}", param)
+            raise ApiError(
+                400, f"{param}: token ids must be in [0, {vocab - 1}]; got {outside[:5]}", param, "invalid_token_id"
+            )
     return params
+
+
+def _bad_words_ids(package: ChatPackage, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Each bad word as vLLM tokenizes it: alone, and after a space when that makes a different word of as many
+    tokens, so the word is banned at the start of the text and inside it."""
+    ids: list[tuple[int, ...]] = []
+    for word in words:
+        alone = tuple(package.tokenizer.encode(word.lstrip(), add_special_tokens=False).ids)
+        spaced = tuple(package.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False).ids)
+        ids.append(alone)
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            ids.append(spaced)
+    return tuple(ids)
 
 
 def token_budget(package: ChatPackage, prompt: list[int], requested: int | None, prompt_param: str) -> int:
@@ -107,8 +122,10 @@ def respond(
         "system_fingerprint": loaded.version,
     }
     streams = _decoding(metrics, loaded, prompt, choices)
+    logprobs = LogprobFormat(package, request.return_tokens_as_token_ids)
     if request.stream:
-        events = shape.streamed(package, prompt, choices, streams, base, request.include_usage())
+        usage = StreamUsage(request.include_usage(), request.continuous_usage())
+        events = shape.streamed(logprobs, prompt, choices, streams, base, usage)
         return StreamingResponse(
             _running(metrics, loaded.name, events),
             media_type="text/event-stream",
@@ -116,4 +133,4 @@ def respond(
         )
     response.headers[SERVED_BY_HEADER] = loaded.name
     with metrics.running.labels(loaded.name).track_inprogress():
-        return shape.whole(package, prompt, choices, streams, base)
+        return shape.whole(logprobs, prompt, choices, streams, base)
