@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 from fastapi import Response
 from fastapi.responses import StreamingResponse
+from prometheus_client import Gauge
+from starlette.types import Receive, Scope, Send
 
 from models.sampling import SamplingParams
 from serving.batching import QueueFull
@@ -58,8 +60,9 @@ def _bad_words_ids(package: ChatPackage, words: list[str]) -> tuple[tuple[int, .
     return tuple(ids)
 
 
-def token_budget(package: ChatPackage, prompt: list[int], requested: int | None, prompt_param: str) -> int:
-    """How many tokens to generate: the request's max_tokens checked against the context left after the prompt."""
+def token_budget(package: ChatPackage, prompt: list[int], requested: tuple[str, int | None], prompt_param: str) -> int:
+    """How many tokens to generate: the request's max_tokens (or max_completion_tokens: `requested` names the field
+    the client sent) checked against the context left after the prompt."""
     limit = package.config.max_seq_len
     room = package.room_for(prompt)
     if room < 1:
@@ -69,16 +72,18 @@ def token_budget(package: ChatPackage, prompt: list[int], requested: int | None,
             prompt_param,
             "context_length_exceeded",
         )
-    if requested is None:
+    param, tokens = requested
+    if tokens is None:
         return min(package.config.default_max_new_tokens, room)
-    if not 1 <= requested <= room:
+    if not 1 <= tokens <= room:
         raise ApiError(
             400,
-            f"max_tokens={requested} is out of range: it must be in [1, {room}] (the "
+            f"{param}={tokens} is out of range: it must be in [1, {room}] (the "
             f"{limit}-token context minus the {len(prompt)}-token prompt).",
-            "max_tokens",
+            param,
+            "context_length_exceeded",
         )
-    return requested
+    return tokens
 
 
 def _decoding(
@@ -97,9 +102,23 @@ def _decoding(
     return [metrics.observed(loaded.name, stream, started) for stream in streams]
 
 
-def _running(metrics: ServingMetrics, model: str, events: Iterator[str]) -> Iterator[str]:
-    with metrics.running.labels(model).track_inprogress():
-        yield from events
+class RunningStream(StreamingResponse):
+    """A streamed answer, counted as running from its creation until it ends, however it ends: sent to the end,
+    its client gone (Starlette cancels the sending) or failed. Its events are then closed, which drops the
+    choices' piece streams and so stops their decoding. A `with` inside the event generator would only end when
+    the abandoned generator is collected, which after a disconnect took minutes."""
+
+    def __init__(self, events: Generator[str, None, None], running: Gauge, headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.events, self.running = events, running
+        running.inc()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # no thread is inside the generator now: Starlette waits for a step it started
+            self.running.dec()
+            self.events.close()
 
 
 def respond(
@@ -126,11 +145,7 @@ def respond(
     if request.stream:
         usage = StreamUsage(request.include_usage(), request.continuous_usage())
         events = shape.streamed(logprobs, prompt, choices, streams, base, usage)
-        return StreamingResponse(
-            _running(metrics, loaded.name, events),
-            media_type="text/event-stream",
-            headers={SERVED_BY_HEADER: loaded.name},
-        )
+        return RunningStream(events, metrics.running.labels(loaded.name), {SERVED_BY_HEADER: loaded.name})
     response.headers[SERVED_BY_HEADER] = loaded.name
     with metrics.running.labels(loaded.name).track_inprogress():
         return shape.whole(logprobs, prompt, choices, streams, base)

@@ -164,7 +164,11 @@ class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept, so that `unsupported_parameter` can see them
 
     model: str
-    max_tokens: int | None = Field(None, description="Tokens to generate; default: the package's default.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens to generate, at most the context left after the prompt; default: the package's default.",
+    )
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per request, each sampled independently.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -178,9 +182,11 @@ class _GenerationRequest(BaseModel):
     logit_bias: LogitBias | None = None
     seed: int | None = None
     stop: list[StopSequence] | None = Field(None, max_length=MAX_STOP_SEQUENCES, description="Up to 16 texts.")
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Token ids that end a choice, besides the end of turn (vLLM's)."
+    )
     include_stop_str_in_output: bool = False
-    allowed_token_ids: list[int] | None = Field(
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, description="Only these token ids can be generated (vLLM's)."
     )
     bad_words: list[BadWord] | None = Field(
@@ -196,7 +202,13 @@ class _GenerationRequest(BaseModel):
         None, gt=0, description="A latency budget: served by the best model of the family that fits it."
     )
 
-    @field_validator("stop", mode="before", json_schema_input_type=str | list[str] | None)
+    @field_validator(
+        "stop",
+        mode="before",
+        json_schema_input_type=StopSequence
+        | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
+        | None,
+    )
     @classmethod
     def _stop_as_list(cls, stop: Any) -> Any:
         return [stop] if isinstance(stop, str) else stop
@@ -224,7 +236,9 @@ class _GenerationRequest(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="The newer name of max_tokens; when both are sent, this one counts."
+    )
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = Field(None, description="Alternatives per token; needs logprobs=true.")
 
@@ -235,8 +249,10 @@ class ChatCompletionRequest(_GenerationRequest):
             raise PydanticCustomError("logprobs_required", "top_logprobs needs logprobs=true")
         return top_logprobs
 
-    def requested_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def requested_tokens(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
 
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -252,8 +268,9 @@ class CompletionRequest(_GenerationRequest):
         _encodable([prompt] if isinstance(prompt, str) else prompt)
         return prompt
 
-    def requested_tokens(self) -> int | None:
-        return self.max_tokens
+    def requested_tokens(self) -> tuple[str, int | None]:
+        """The field that sets the budget, as the client named it (for its errors), and its value."""
+        return "max_tokens", self.max_tokens
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs

@@ -11,7 +11,7 @@ are sent one after the other, each chunk naming its `index`, as the `openai` cli
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -125,7 +125,7 @@ def chat_stream(
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
     usage: StreamUsage,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     chunk = {**base, "object": "chat.completion.chunk"}
     sent = 0
 
@@ -176,7 +176,7 @@ def completion_stream(
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
     usage: StreamUsage,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     chunk = {**base, "object": "text_completion"}
     sent = 0
     for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
@@ -208,7 +208,7 @@ class ResponseShape(Generic[Whole]):
 
     id_prefix: str
     whole: Callable[..., Whole]
-    streamed: Callable[..., Iterator[str]]
+    streamed: Callable[..., Generator[str, None, None]]
 
 
 CHAT_SHAPE = ResponseShape("chatcmpl", chat_response, chat_stream)

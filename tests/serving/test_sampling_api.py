@@ -361,3 +361,37 @@ def test_metrics_count_requests_tokens_and_latencies(client: openai.OpenAI) -> N
     assert delta("trainonce_inter_token_latency_seconds_count") == (12 - 2) + (5 - 1)
     assert delta("trainonce_e2e_request_latency_seconds_count") == 3
     assert after[("trainonce_requests_running", model)] == 0
+
+
+def test_a_budget_error_names_the_field_the_client_sent(client: openai.OpenAI) -> None:
+    for fields, param in (
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
+        ({"max_completion_tokens": 100_000}, "max_completion_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            chat(client, **fields)
+        assert refused.value.param == param, refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "headers"),
+    [
+        ("chat/completions", {"messages": USER, "max_tokens": 0}, {}),
+        ("chat/completions", {"messages": USER, "max_tokens": 100_000}, {}),
+        ("chat/completions", {"messages": USER, "logit_bias": {"100000": 1}}, {}),
+        ("chat/completions", {"messages": USER, "extra_body_field": 1, "echo": True}, {}),
+        ("chat/completions", {"messages": USER}, {"X-Max-Ms-Per-Token": "fast"}),
+        ("completions", {"prompt": ""}, {}),
+        ("completions", {"prompt": ["a", "b"]}, {}),
+        ("completions", {"prompt": "word " * 400}, {}),
+    ],
+)
+def test_every_refusal_has_a_code(client: openai.OpenAI, route: str, fields: dict, headers: dict) -> None:
+    refused = httpx.post(
+        f"{client.base_url}{route}",
+        json={"model": CHAT_MODEL, **fields},
+        headers={"Authorization": f"Bearer {API_KEY}", **headers},
+    )
+    assert refused.status_code == 400 and isinstance(refused.json()["error"]["code"], str), refused.text
