@@ -1,12 +1,13 @@
 """Choosing the next token from a model's logits, as vLLM and OpenAI define the controls: logit bias,
-presence/frequency/repetition penalties, temperature, top-k, top-p and min-p, a seed, and the log-probabilities
-of the chosen token and its best alternatives.
+presence/frequency/repetition penalties, allowed tokens and bad words, temperature, top-k, top-p and min-p, a seed,
+and the log-probabilities of the chosen token and its best alternatives.
 
 One sampler for every consumer: the server and the MLflow pyfunc (serving/engine.py) and evaluation, which
 stays greedy by its parameters (`SamplingParams()`: temperature 0), not by a second code path. It works on
 one sequence's logits row in NumPy, so an onnxruntime decoder and a PyTorch one can both feed it.
 
-Order of operations (vLLM's): bias and penalties change the logits; temperature 0 takes the argmax of those;
+Order of operations (vLLM's): bias and penalties change the logits, and tokens outside `allowed_token_ids` or
+completing a bad word get -inf; temperature 0 takes the argmax of those;
 otherwise temperature scales them, top-k, min-p and top-p cut the tail, and the seeded generator draws.
 Log-probabilities are the model's own (log-softmax of the raw logits), so they score the text the model
 produced whatever the controls, as vLLM's default `raw_logprobs` does.
@@ -60,12 +61,30 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past the end of turn (benchmarks).")
     stop: tuple[StopSequence, ...] = Field((), max_length=MAX_STOP_SEQUENCES, description="Texts that end it.")
     stop_token_ids: tuple[int, ...] = Field((), description="Token ids that end it, besides the end of turn.")
+    allowed_token_ids: tuple[int, ...] | None = Field(
+        None, min_length=1, description="Only these tokens can be chosen (vLLM's); None: any token."
+    )
+    bad_words_ids: tuple[tuple[int, ...], ...] = Field(
+        (),
+        description="Token sequences never generated: a sequence's last token is banned wherever the tokens "
+        "generated so far end in the rest of it (vLLM's `bad_words`, tokenized).",
+    )
+    skip_special_tokens: bool = Field(True, description="False: special tokens stay in the text (vLLM's).")
     include_stop_str_in_output: bool = False
     logprobs: TopLogprobs | None = Field(None, description="None: no log-probabilities; k: the token's and k more.")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def token_ids(self) -> dict[str, list[int]]:
+        """Every token id the parameters name, by parameter: each must be in the model's vocabulary."""
+        return {
+            "logit_bias": list(self.logit_bias),
+            "stop_token_ids": list(self.stop_token_ids),
+            "allowed_token_ids": list(self.allowed_token_ids or ()),
+            "bad_words": [t for word in self.bad_words_ids for t in word],
+        }
 
 
 @dataclass(frozen=True)
@@ -91,20 +110,36 @@ class Sampler:
         prompt: np.ndarray | list[int],
         rng: np.random.Generator | None = None,
     ) -> None:
-        out_of_vocab = [t for t in (*params.logit_bias, *params.stop_token_ids) if not 0 <= t < vocab_size]
+        out_of_vocab = [t for ids in params.token_ids().values() for t in ids if not 0 <= t < vocab_size]
         if out_of_vocab:
             raise ValueError(f"token ids must be in [0, {vocab_size - 1}]; got {out_of_vocab[:5]}")
         self.params = params
         self.rng = rng if rng is not None else np.random.default_rng(seed_entropy(params.seed))
+        self.generated: list[int] = []  # what bad words are matched against
         self.generated_counts = np.zeros(vocab_size, dtype=np.int64)
         self.seen = np.zeros(vocab_size, dtype=bool)  # prompt or output: what repetition_penalty discourages
         self.seen[np.asarray(prompt, dtype=np.int64)] = True
         self.bias = np.zeros(vocab_size, dtype=np.float32)
         for token, value in params.logit_bias.items():
             self.bias[token] = value
+        if params.allowed_token_ids is not None:
+            allowed = np.zeros(vocab_size, dtype=bool)
+            allowed[list(params.allowed_token_ids)] = True
+            self.bias[~allowed] = -np.inf
+
+    def _bad_word_ends(self) -> list[int]:
+        """The last token of every bad word whose other tokens the generated tokens end in (all of a one-token
+        word's), as vLLM bans them: only generated tokens count, not the prompt's."""
+        return [
+            word[-1]
+            for word in self.params.bad_words_ids
+            if len(word) - 1 <= len(self.generated)
+            and self.generated[len(self.generated) - len(word) + 1 :] == list(word[:-1])
+        ]
 
     def adjusted(self, logits: np.ndarray, banned: tuple[int, ...] = ()) -> np.ndarray:
-        """The logits after bias and penalties, in float64; `banned` tokens get -inf (min_tokens)."""
+        """The logits after bias and penalties, in float64; `banned` tokens (min_tokens), tokens not allowed and
+        those that would complete a bad word get -inf."""
         params = self.params
         out = logits.astype(np.float64) + self.bias
         if params.repetition_penalty != 1.0:
@@ -114,6 +149,7 @@ class Sampler:
             out -= params.frequency_penalty * self.generated_counts + params.presence_penalty * (
                 self.generated_counts > 0
             )
+        banned = (*banned, *self._bad_word_ends())
         if banned:
             out[list(banned)] = -np.inf
         return out
@@ -123,6 +159,7 @@ class Sampler:
         params = self.params
         adjusted = self.adjusted(logits, banned)
         token = int(adjusted.argmax()) if params.greedy else self._draw(adjusted)
+        self.generated.append(token)
         self.generated_counts[token] += 1
         self.seen[token] = True
         if params.logprobs is None:

@@ -84,7 +84,7 @@ class SequenceDecoder:
         return self._release(len(text) - self._held_back(text), text)
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.ids)
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.params.skip_special_tokens)
 
     def _stop_string_at(self, text: str) -> int | None:
         """Where the released text ends if a stop string appeared: before it, or after it when it is kept.

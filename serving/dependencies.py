@@ -90,7 +90,12 @@ def _latency_budget(request: ChatCompletionRequest | CompletionRequest, http: Re
     except ValueError:
         budget = -1.0
     if not budget > 0:
-        raise ApiError(400, f"{LATENCY_HEADER}: must be a number of milliseconds > 0, got {header!r}", LATENCY_HEADER)
+        raise ApiError(
+            400,
+            f"{LATENCY_HEADER}: must be a number of milliseconds > 0, got {header!r}",
+            LATENCY_HEADER,
+            "invalid_value",
+        )
     return budget
 
 

@@ -41,15 +41,11 @@ def _error_body(
 
 
 class ApiError(Exception):
-    """A request the server refuses, answered with OpenAI's error object."""
+    """A request the server refuses, answered with OpenAI's error object; `code` is required, so that a client
+    can tell refusals apart without parsing messages."""
 
     def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
+        self, status: int, message: str, param: str | None, code: str, kind: str = "invalid_request_error"
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
@@ -101,7 +97,7 @@ def _refused_by_starlette(request: Request, error: HTTPException) -> JSONRespons
             "invalid_json",
         )
     else:
-        body = _error_body(str(error.detail), None, None)
+        body = _error_body(str(error.detail), None, f"http_{error.status_code}")
     return JSONResponse(body, error.status_code, headers=error.headers)
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 from fastapi import Response
 from fastapi.responses import StreamingResponse
+from prometheus_client import Gauge
+from starlette.types import Receive, Scope, Send
 
 from models.sampling import SamplingParams
 from serving.batching import QueueFull
@@ -20,7 +22,7 @@ from serving.errors import ApiError, error_responses
 from serving.metrics import ServingMetrics
 from serving.model_source import LoadedModel
 from serving.protocol import ChatCompletionRequest, CompletionRequest
-from serving.responses import ResponseShape, Whole, new_choices
+from serving.responses import LogprobFormat, ResponseShape, StreamUsage, Whole, new_choices
 
 SERVED_BY_HEADER = "X-Trainonce-Model"  # the member that answered (also the response's `model`)
 
@@ -34,17 +36,33 @@ def sampling(request: ChatCompletionRequest | CompletionRequest, package: ChatPa
     unsupported = request.unsupported_parameter()
     if unsupported is not None:
         raise ApiError(400, f"{unsupported} is not supported by this server.", unsupported, "unsupported_parameter")
-    params = request.sampling(request.requested_logprobs())
+    params = request.sampling(request.requested_logprobs(), _bad_words_ids(package, request.bad_words or []))
     vocab = package.config.vocab_size
-    for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+    for param, ids in params.token_ids().items():
         outside = [t for t in ids if not 0 <= t < vocab]
         if outside:
-            raise ApiError(400, f"{param}: token ids must be in [0, {vocab - 1}]; got {outside[:5]}", param)
+            raise ApiError(
+                400, f"{param}: token ids must be in [0, {vocab - 1}]; got {outside[:5]}", param, "invalid_token_id"
+            )
     return params
 
 
-def token_budget(package: ChatPackage, prompt: list[int], requested: int | None, prompt_param: str) -> int:
-    """How many tokens to generate: the request's max_tokens checked against the context left after the prompt."""
+def _bad_words_ids(package: ChatPackage, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Each bad word as vLLM tokenizes it: alone, and after a space when that makes a different word of as many
+    tokens, so the word is banned at the start of the text and inside it."""
+    ids: list[tuple[int, ...]] = []
+    for word in words:
+        alone = tuple(package.tokenizer.encode(word.lstrip(), add_special_tokens=False).ids)
+        spaced = tuple(package.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False).ids)
+        ids.append(alone)
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            ids.append(spaced)
+    return tuple(ids)
+
+
+def token_budget(package: ChatPackage, prompt: list[int], requested: tuple[str, int | None], prompt_param: str) -> int:
+    """How many tokens to generate: the request's max_tokens (or max_completion_tokens: `requested` names the field
+    the client sent) checked against the context left after the prompt."""
     limit = package.config.max_seq_len
     room = package.room_for(prompt)
     if room < 1:
@@ -54,16 +72,18 @@ def token_budget(package: ChatPackage, prompt: list[int], requested: int | None,
             prompt_param,
             "context_length_exceeded",
         )
-    if requested is None:
+    param, tokens = requested
+    if tokens is None:
         return min(package.config.default_max_new_tokens, room)
-    if not 1 <= requested <= room:
+    if not 1 <= tokens <= room:
         raise ApiError(
             400,
-            f"max_tokens={requested} is out of range: it must be in [1, {room}] (the "
+            f"{param}={tokens} is out of range: it must be in [1, {room}] (the "
             f"{limit}-token context minus the {len(prompt)}-token prompt).",
-            "max_tokens",
+            param,
+            "context_length_exceeded",
         )
-    return requested
+    return tokens
 
 
 def _decoding(
@@ -82,9 +102,23 @@ def _decoding(
     return [metrics.observed(loaded.name, stream, started) for stream in streams]
 
 
-def _running(metrics: ServingMetrics, model: str, events: Iterator[str]) -> Iterator[str]:
-    with metrics.running.labels(model).track_inprogress():
-        yield from events
+class RunningStream(StreamingResponse):
+    """A streamed answer, counted as running from its creation until it ends, however it ends: sent to the end,
+    its client gone (Starlette cancels the sending) or failed. Its events are then closed, which drops the
+    choices' piece streams and so stops their decoding. A `with` inside the event generator would only end when
+    the abandoned generator is collected, which after a disconnect took minutes."""
+
+    def __init__(self, events: Generator[str, None, None], running: Gauge, headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.events, self.running = events, running
+        running.inc()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # no thread is inside the generator now: Starlette waits for a step it started
+            self.running.dec()
+            self.events.close()
 
 
 def respond(
@@ -107,13 +141,11 @@ def respond(
         "system_fingerprint": loaded.version,
     }
     streams = _decoding(metrics, loaded, prompt, choices)
+    logprobs = LogprobFormat(package, request.return_tokens_as_token_ids)
     if request.stream:
-        events = shape.streamed(package, prompt, choices, streams, base, request.include_usage())
-        return StreamingResponse(
-            _running(metrics, loaded.name, events),
-            media_type="text/event-stream",
-            headers={SERVED_BY_HEADER: loaded.name},
-        )
+        usage = StreamUsage(request.include_usage(), request.continuous_usage())
+        events = shape.streamed(logprobs, prompt, choices, streams, base, usage)
+        return RunningStream(events, metrics.running.labels(loaded.name), {SERVED_BY_HEADER: loaded.name})
     response.headers[SERVED_BY_HEADER] = loaded.name
     with metrics.running.labels(loaded.name).track_inprogress():
-        return shape.whole(package, prompt, choices, streams, base)
+        return shape.whole(logprobs, prompt, choices, streams, base)

@@ -10,7 +10,7 @@ and vocabulary (serving/generation.py), with OpenAI-style error objects.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -76,6 +76,20 @@ class ChatMessage(BaseModel):
         _encodable([p.text for p in parts])
         return parts
 
+    tool_calls: list[Any] | None = Field(
+        None, description="Refused when not empty: this model's chat format has no way to show a tool call."
+    )
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, tool_calls: list[Any] | None) -> list[Any] | None:
+        """An assistant's tool calls cannot be rendered; dropping them would answer a different conversation."""
+        if tool_calls:
+            raise PydanticCustomError(
+                "unsupported_tool_calls", "tool calls are not supported: this model's chat format has no tool calls"
+            )
+        return tool_calls
+
     def text(self) -> str:
         return "".join(p.text for p in self.content)
 
@@ -83,10 +97,14 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="A last chunk with the request's usage.")
+    continuous_usage_stats: bool = Field(
+        False, description="With include_usage, every chunk carries the usage so far (vLLM's)."
+    )
 
 
 MAX_CHOICES = 16
+BadWord = Annotated[str, Field(min_length=1, max_length=256, pattern=r"\S", description="Not only whitespace.")]
 
 
 def _inactive(value: Any) -> bool:
@@ -125,9 +143,11 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
             "chat_template_kwargs",
             "documents",
             "truncate_prompt_tokens",
+            "logits_processors",  # names of server-side code to run: none is installed here
         ),
         _inactive,
     ),  # vLLM's extra body
+    "priority": lambda v: v in (None, 0),  # requests are scheduled in arrival order, without priorities
     "tool_choice": lambda v: _inactive(v) or v == "none",
     "response_format": lambda v: _inactive(v) or v == {"type": "text"},
     "modalities": lambda v: _inactive(v) or v == ["text"],
@@ -144,7 +164,11 @@ class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept, so that `unsupported_parameter` can see them
 
     model: str
-    max_tokens: int | None = Field(None, description="Tokens to generate; default: the package's default.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens to generate, at most the context left after the prompt; default: the package's default.",
+    )
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per request, each sampled independently.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -158,15 +182,33 @@ class _GenerationRequest(BaseModel):
     logit_bias: LogitBias | None = None
     seed: int | None = None
     stop: list[StopSequence] | None = Field(None, max_length=MAX_STOP_SEQUENCES, description="Up to 16 texts.")
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Token ids that end a choice, besides the end of turn (vLLM's)."
+    )
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="Only these token ids can be generated (vLLM's)."
+    )
+    bad_words: list[BadWord] | None = Field(
+        None, description="Words never generated, at the start of the text or inside it (vLLM's)."
+    )
+    skip_special_tokens: bool = Field(True, description="False: special tokens stay in the text (vLLM's).")
+    return_tokens_as_token_ids: bool = Field(
+        False, description="Log-probability entries name their token `token_id:N` (vLLM's)."
+    )
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     max_ms_per_token: float | None = Field(
         None, gt=0, description="A latency budget: served by the best model of the family that fits it."
     )
 
-    @field_validator("stop", mode="before", json_schema_input_type=str | list[str] | None)
+    @field_validator(
+        "stop",
+        mode="before",
+        json_schema_input_type=StopSequence
+        | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
+        | None,
+    )
     @classmethod
     def _stop_as_list(cls, stop: Any) -> Any:
         return [stop] if isinstance(stop, str) else stop
@@ -181,15 +223,22 @@ class _GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, logprobs: int | None) -> SamplingParams:
-        """The request's controls as sampling parameters; what it leaves out keeps the greedy defaults."""
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk: vLLM's `continuous_usage_stats`, which counts only with `include_usage`."""
+        return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def sampling(self, logprobs: int | None, bad_words_ids: tuple[tuple[int, ...], ...] = ()) -> SamplingParams:
+        """The request's controls as sampling parameters, with its bad words as tokenized for the model; what it
+        leaves out keeps the greedy defaults."""
         fields = self.model_dump(include=set(SamplingParams.model_fields) - {"logprobs"}, exclude_none=True)
-        return SamplingParams(**fields, logprobs=logprobs)
+        return SamplingParams(**fields, logprobs=logprobs, bad_words_ids=bad_words_ids)
 
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="The newer name of max_tokens; when both are sent, this one counts."
+    )
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = Field(None, description="Alternatives per token; needs logprobs=true.")
 
@@ -200,8 +249,10 @@ class ChatCompletionRequest(_GenerationRequest):
             raise PydanticCustomError("logprobs_required", "top_logprobs needs logprobs=true")
         return top_logprobs
 
-    def requested_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def requested_tokens(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
 
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -217,8 +268,9 @@ class CompletionRequest(_GenerationRequest):
         _encodable([prompt] if isinstance(prompt, str) else prompt)
         return prompt
 
-    def requested_tokens(self) -> int | None:
-        return self.max_tokens
+    def requested_tokens(self) -> tuple[str, int | None]:
+        """The field that sets the budget, as the client named it (for its errors), and its value."""
+        return "max_tokens", self.max_tokens
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs

@@ -11,7 +11,7 @@ are sent one after the other, each chunk naming its `index`, as the `openai` cli
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -37,14 +37,19 @@ def _usage(prompt: Sequence[int], choices: Sequence[SequenceDecoder]) -> dict[st
 
 
 class LogprobFormat:
-    """Sampled tokens as the two endpoints report them."""
+    """Sampled tokens as the two endpoints report them; with `as_token_ids` each token is named `token_id:N`, as
+    vLLM's `return_tokens_as_token_ids` names it (a token that is not valid UTF-8 alone stays identifiable), while
+    `bytes` and `text_offset` still follow the text."""
 
-    def __init__(self, package: ChatPackage) -> None:
+    def __init__(self, package: ChatPackage, as_token_ids: bool = False) -> None:
         self.token_text = package.token_texts
+        self.as_token_ids = as_token_ids
+
+    def name(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_token_ids else self.token_text(token_id)[0]
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text, raw = self.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+        return {"token": self.name(token_id), "logprob": logprob, "bytes": list(self.token_text(token_id)[1])}
 
     def chat(self, tokens: Sequence[SampledToken]) -> dict[str, Any]:
         """`choices[i].logprobs` of a chat completion: one entry per token, with its alternatives."""
@@ -65,11 +70,24 @@ class LogprobFormat:
         texts = [self.token_text(t.token_id)[0] for t in tokens]
         offsets = [offset + sum(len(x) for x in texts[:i]) for i in range(len(texts))]
         return {
-            "tokens": texts,
+            "tokens": [self.name(t.token_id) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{self.token_text(i)[0]: lp for i, lp in t.top_logprobs} for t in tokens],
+            "top_logprobs": [{self.name(i): lp for i, lp in t.top_logprobs} for t in tokens],
             "text_offset": offsets,
         }
+
+
+@dataclass(frozen=True)
+class StreamUsage:
+    """Which chunks of a stream carry the request's usage: a last chunk of its own (`include_usage`), and with
+    `every_chunk` (vLLM's `continuous_usage_stats`) every chunk too, counting the tokens sent so far."""
+
+    final: bool = False
+    every_chunk: bool = False
+
+    def so_far(self, prompt: Sequence[int], sent: int) -> dict[str, Any]:
+        """What a chunk adds after `sent` completion tokens: `usage`, or nothing."""
+        return {"usage": Usage.of(len(prompt), sent).model_dump()} if self.every_chunk else {}
 
 
 def _whole_choices(
@@ -82,13 +100,12 @@ def _whole_choices(
 
 
 def chat_response(
-    package: ChatPackage,
+    logprobs: LogprobFormat,
     prompt: list[int],
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
 ) -> ChatCompletion:
-    logprobs = LogprobFormat(package)
     out = [
         {
             "index": index,
@@ -102,15 +119,15 @@ def chat_response(
 
 
 def chat_stream(
-    package: ChatPackage,
+    logprobs: LogprobFormat,
     prompt: list[int],
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
-    usage: bool,
-) -> Iterator[str]:
+    usage: StreamUsage,
+) -> Generator[str, None, None]:
     chunk = {**base, "object": "chat.completion.chunk"}
-    logprobs = LogprobFormat(package)
+    sent = 0
 
     def event(index: int, delta: dict, piece: Piece | None = None, finish: str | None = None) -> str:
         with_logprobs = piece is not None and piece.tokens and choices[index].params.logprobs is not None
@@ -120,26 +137,26 @@ def chat_stream(
             "logprobs": logprobs.chat(piece.tokens) if with_logprobs else None,
             "finish_reason": finish,
         }
-        return sse({**chunk, "choices": [choice]})
+        return sse({**chunk, "choices": [choice], **usage.so_far(prompt, sent)})
 
     for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
         yield event(index, {"role": "assistant", "content": ""})
         for piece in stream:
+            sent += len(piece.tokens)
             yield event(index, {"content": piece.text} if piece.text else {}, piece)
         yield event(index, {}, finish=decoder.finish_reason)
-    if usage:
+    if usage.final:
         yield sse({**chunk, "choices": [], "usage": _usage(prompt, choices)})
     yield sse("[DONE]")
 
 
 def completion_response(
-    package: ChatPackage,
+    logprobs: LogprobFormat,
     prompt: list[int],
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
 ) -> Completion:
-    logprobs = LogprobFormat(package)
     out = [
         {
             "index": index,
@@ -153,15 +170,15 @@ def completion_response(
 
 
 def completion_stream(
-    package: ChatPackage,
+    logprobs: LogprobFormat,
     prompt: list[int],
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
-    usage: bool,
-) -> Iterator[str]:
+    usage: StreamUsage,
+) -> Generator[str, None, None]:
     chunk = {**base, "object": "text_completion"}
-    logprobs = LogprobFormat(package)
+    sent = 0
     for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
         offset = 0
         for piece in stream:
@@ -173,10 +190,11 @@ def completion_stream(
                 "finish_reason": None,
             }
             offset += sum(len(logprobs.token_text(t.token_id)[0]) for t in piece.tokens)
-            yield sse({**chunk, "choices": [choice]})
+            sent += len(piece.tokens)
+            yield sse({**chunk, "choices": [choice], **usage.so_far(prompt, sent)})
         final = {"index": index, "text": "", "logprobs": None, "finish_reason": decoder.finish_reason}
-        yield sse({**chunk, "choices": [final]})
-    if usage:
+        yield sse({**chunk, "choices": [final], **usage.so_far(prompt, sent)})
+    if usage.final:
         yield sse({**chunk, "choices": [], "usage": _usage(prompt, choices)})
     yield sse("[DONE]")
 
@@ -190,7 +208,7 @@ class ResponseShape(Generic[Whole]):
 
     id_prefix: str
     whole: Callable[..., Whole]
-    streamed: Callable[..., Iterator[str]]
+    streamed: Callable[..., Generator[str, None, None]]
 
 
 CHAT_SHAPE = ResponseShape("chatcmpl", chat_response, chat_stream)

@@ -25,9 +25,9 @@ def completions(
     try:
         text = request.prompt_text()
     except ValueError as error:
-        raise ApiError(400, str(error), "prompt") from error
+        raise ApiError(400, str(error), "prompt", "unsupported_value") from error
     prompt = package.text_prompt(text)
     if not prompt:
-        raise ApiError(400, "prompt: must not be empty", "prompt")
+        raise ApiError(400, "prompt: must not be empty", "prompt", "empty_prompt")
     budget = generation.token_budget(package, prompt, request.requested_tokens(), "prompt")
     return generation.respond(request, loaded, prompt, budget, params, COMPLETION_SHAPE, metrics, response)

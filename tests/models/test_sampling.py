@@ -24,6 +24,24 @@ def test_greedy_takes_the_argmax_after_the_bias() -> None:
     assert Sampler(banned, 4, []).choose(LOGITS).token_id == 1
 
 
+def test_allowed_token_ids_leave_only_those_tokens_greedy_or_sampled() -> None:
+    assert Sampler(SamplingParams(allowed_token_ids=(2, 3)), 4, []).choose(LOGITS).token_id == 2
+    np.testing.assert_allclose(
+        draws(SamplingParams(temperature=1.0, allowed_token_ids=(2, 3))), [0, 0, 0.75, 0.25], atol=0.03
+    )
+    with pytest.raises(ValueError, match="token ids"):
+        Sampler(SamplingParams(allowed_token_ids=(4,)), 4, [])
+
+
+def test_a_bad_word_bans_its_last_token_only_after_the_rest_of_it() -> None:
+    sampler = Sampler(SamplingParams(bad_words_ids=((1,), (0, 0, 2))), 4, [0, 0])  # the prompt does not count
+    assert sampler.choose(LOGITS).token_id == 0  # nothing generated yet: (0, 0, 2) is not begun
+    assert sampler.choose(LOGITS).token_id == 0
+    assert sampler.adjusted(LOGITS)[[1, 2]].tolist() == [-np.inf, -np.inf]  # 0, 0 generated: 2 would end it
+    assert sampler.choose(LOGITS).token_id == 0  # 1 is banned everywhere, 2 after 0, 0
+    assert np.isfinite(Sampler(SamplingParams(bad_words_ids=((0, 0, 2),)), 4, []).adjusted(LOGITS)).all()
+
+
 def test_temperature_one_draws_the_model_distribution_and_lower_sharpens_it() -> None:
     np.testing.assert_allclose(draws(SamplingParams(temperature=1.0)), PROBS, atol=0.03)
     sharpened = PROBS**2 / (PROBS**2).sum()  # temperature 0.5 squares the probabilities

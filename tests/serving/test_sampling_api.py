@@ -20,6 +20,7 @@ from .test_server import API_KEY, running_server
 
 PROMPT = "Repeat: king queen"
 USER = [{"role": "user", "content": PROMPT}]
+SPEECH = "To be, or not to be"
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,113 @@ def test_bias_penalties_and_lengths_change_the_output(client: openai.OpenAI, pac
     assert ended.choices[0].message.content == "" and ended.choices[0].finish_reason == "stop"
 
 
+def token_ids(reply) -> list[int]:  # noqa: ANN001 - a chat completion or chunk
+    """The chosen tokens of a reply asked with `return_tokens_as_token_ids`."""
+    return [int(t.token.removeprefix("token_id:")) for t in reply.choices[0].logprobs.content]
+
+
+def test_allowed_token_ids_limit_every_choice_greedy_or_sampled(client: openai.OpenAI, package: ChatPackage) -> None:
+    allowed = package.tokenizer.encode(" king queen").ids[:2]
+    as_ids = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+    greedy = chat(client, max_tokens=8, logprobs=True, extra_body=as_ids)
+    assert set(token_ids(greedy)) - set(allowed)  # without it the model chooses other tokens
+    for fields in ({}, {"temperature": 1.0, "seed": 2, "n": 3}):
+        reply = chat(client, max_tokens=8, logprobs=True, extra_body={**as_ids, "allowed_token_ids": allowed}, **fields)
+        for choice in reply.choices:
+            chosen = [int(t.token.removeprefix("token_id:")) for t in choice.logprobs.content]
+            assert len(chosen) == 8 and set(chosen) <= set(allowed), (fields, chosen)
+    for wrong in ([], [package.config.vocab_size]):
+        with pytest.raises(openai.BadRequestError) as refused:
+            chat(client, max_tokens=2, extra_body={"allowed_token_ids": wrong})
+        assert refused.value.param.split(".")[0] == "allowed_token_ids"
+
+
+def test_bad_words_are_never_generated(client: openai.OpenAI, package: ChatPackage) -> None:
+    def generated(**extra) -> list[int]:
+        body = {"return_tokens_as_token_ids": True, "ignore_eos": True, **extra}
+        reply = client.completions.create(model=CHAT_MODEL, prompt=SPEECH, max_tokens=24, logprobs=0, extra_body=body)
+        return [int(t.removeprefix("token_id:")) for t in reply.choices[0].logprobs.tokens]
+
+    greedy = generated()
+    word = max(package.tokenizer.decode(greedy).split(), key=len)  # a word of the greedy continuation
+    variants = [package.tokenizer.encode(w, add_special_tokens=False).ids for w in (word, " " + word)]
+    chosen = generated(bad_words=[word])
+    assert chosen != greedy
+    for ids in variants:  # neither tokenization of the word appears, at the start of the text or inside it
+        assert not any(chosen[i : i + len(ids)] == ids for i in range(len(chosen))), (word, ids, chosen)
+    reply = chat(client, max_tokens=16, extra_body={"ignore_eos": True, "bad_words": [word]})
+    assert word not in reply.choices[0].message.content.split()
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, max_tokens=2, extra_body={"bad_words": ["  "]})
+    assert refused.value.param == "bad_words.0"
+
+
+def test_return_tokens_as_token_ids_names_every_token(client: openai.OpenAI, package: ChatPackage) -> None:
+    fields = {"max_tokens": 6, "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True}}
+    reply = chat(client, logprobs=True, top_logprobs=2, **fields)
+    plain = chat(client, logprobs=True, max_tokens=6, extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    assert all(t.token.startswith("token_id:") for t in content)
+    assert (
+        package.tokenizer.decode(token_ids(reply))
+        == reply.choices[0].message.content
+        == plain.choices[0].message.content
+    )
+    assert all(a.token.startswith("token_id:") for t in content for a in t.top_logprobs)
+    assert b"".join(bytes(t.bytes) for t in content).decode() == reply.choices[0].message.content
+    completion = client.completions.create(model=CHAT_MODEL, prompt="The king", logprobs=1, **fields)
+    logprobs = completion.choices[0].logprobs
+    assert package.tokenizer.decode([int(t.removeprefix("token_id:")) for t in logprobs.tokens]) == (
+        completion.choices[0].text
+    )
+    assert all(key.startswith("token_id:") for top in logprobs.top_logprobs for key in top)
+    streamed = list(chat(client, logprobs=True, stream=True, **fields))
+    assert [t.token for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == [
+        t.token for t in content
+    ]
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(client: openai.OpenAI, package: ChatPackage) -> None:
+    end = package.config.eos_token_id
+    assert end in package.token_texts.special
+    forced = {"max_tokens": 3, "logit_bias": {str(end): 100}, "extra_body": {"ignore_eos": True}}
+    assert chat(client, **forced).choices[0].message.content == ""  # skipped by default, as vLLM does
+    kept = {**forced, "extra_body": {"ignore_eos": True, "skip_special_tokens": False}}
+    assert chat(client, **kept).choices[0].message.content == package.tokenizer.id_to_token(end) * 3
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, stream=True, **kept))
+    assert streamed == package.tokenizer.id_to_token(end) * 3
+    completion = client.completions.create(model=CHAT_MODEL, prompt="The king", **kept)
+    assert completion.choices[0].text == package.tokenizer.id_to_token(end) * 3
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(client: openai.OpenAI) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    fields = {"max_tokens": 6, "n": 2, "stream": True, "extra_body": {"ignore_eos": True}}
+    for chunks in (
+        list(chat(client, stream_options=options, **fields)),
+        list(client.completions.create(model=CHAT_MODEL, prompt="The king", stream_options=options, **fields)),
+    ):
+        assert all(c.usage is not None for c in chunks)
+        counts = [c.usage.completion_tokens for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == 12 and counts[-2] == 12
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+        assert chunks[-1].choices == []
+    final_only = list(chat(client, stream_options={"include_usage": True}, **fields))
+    assert [c.usage is not None for c in final_only] == [False] * (len(final_only) - 1) + [True]
+    without = list(chat(client, stream_options={"continuous_usage_stats": True}, **fields))
+    assert all(c.usage is None for c in without)  # as vLLM: only together with include_usage
+
+
+def test_assistant_tool_calls_in_the_history_are_refused(client: openai.OpenAI) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [*USER, {"role": "assistant", "content": "", "tool_calls": [call]}, *USER]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=CHAT_MODEL, messages=messages, max_tokens=2)
+    assert refused.value.param == "messages.1.tool_calls"
+    empty = [*USER, {"role": "assistant", "content": "Hi", "tool_calls": []}, *USER]
+    assert client.chat.completions.create(model=CHAT_MODEL, messages=empty, max_tokens=2).choices
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -177,6 +285,8 @@ def test_bias_penalties_and_lengths_change_the_output(client: openai.OpenAI, pac
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"extra_body": {"best_of": 2}}, "best_of"),
         ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+        ({"extra_body": {"logits_processors": ["my_module.Processor"]}}, "logits_processors"),
+        ({"extra_body": {"priority": 1}}, "priority"),
         ({"top_p": 5}, "top_p"),
         ({"extra_body": {"min_p": 3}}, "min_p"),
         ({"extra_body": {"top_k": -2}}, "top_k"),
@@ -215,7 +325,7 @@ def test_a_client_sending_explicit_defaults_is_served(client: openai.OpenAI) -> 
         tools=openai.NOT_GIVEN,
         tool_choice="none",
         response_format={"type": "text"},
-        extra_body={"best_of": 1, "top_p": None, "temperature": None, "stop": None},
+        extra_body={"best_of": 1, "top_p": None, "temperature": None, "stop": None, "priority": 0},
     )
     assert reply.choices[0].message.content == chat(client, max_tokens=4).choices[0].message.content
 
@@ -251,3 +361,37 @@ def test_metrics_count_requests_tokens_and_latencies(client: openai.OpenAI) -> N
     assert delta("trainonce_inter_token_latency_seconds_count") == (12 - 2) + (5 - 1)
     assert delta("trainonce_e2e_request_latency_seconds_count") == 3
     assert after[("trainonce_requests_running", model)] == 0
+
+
+def test_a_budget_error_names_the_field_the_client_sent(client: openai.OpenAI) -> None:
+    for fields, param in (
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
+        ({"max_completion_tokens": 100_000}, "max_completion_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            chat(client, **fields)
+        assert refused.value.param == param, refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "headers"),
+    [
+        ("chat/completions", {"messages": USER, "max_tokens": 0}, {}),
+        ("chat/completions", {"messages": USER, "max_tokens": 100_000}, {}),
+        ("chat/completions", {"messages": USER, "logit_bias": {"100000": 1}}, {}),
+        ("chat/completions", {"messages": USER, "extra_body_field": 1, "echo": True}, {}),
+        ("chat/completions", {"messages": USER}, {"X-Max-Ms-Per-Token": "fast"}),
+        ("completions", {"prompt": ""}, {}),
+        ("completions", {"prompt": ["a", "b"]}, {}),
+        ("completions", {"prompt": "word " * 400}, {}),
+    ],
+)
+def test_every_refusal_has_a_code(client: openai.OpenAI, route: str, fields: dict, headers: dict) -> None:
+    refused = httpx.post(
+        f"{client.base_url}{route}",
+        json={"model": CHAT_MODEL, **fields},
+        headers={"Authorization": f"Bearer {API_KEY}", **headers},
+    )
+    assert refused.status_code == 400 and isinstance(refused.json()["error"]["code"], str), refused.text
