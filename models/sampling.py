@@ -100,6 +100,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
+def scored(token: int, logits: np.ndarray, top: int) -> SampledToken:
+    """`token` with the model's log-probability of it under `logits` (V,) and the `top` most likely alternatives:
+    a generated token's, or a prompt token's (scored by the logits before it)."""
+    log_probs = log_softmax(logits)
+    best = np.argsort(-log_probs, kind="stable")[:top]
+    return SampledToken(token, float(log_probs[token]), tuple((int(t), float(log_probs[t])) for t in best))
+
+
 class Sampler:
     """One sequence's sampler: its random generator and the counts its penalties need."""
 
@@ -162,11 +170,7 @@ class Sampler:
         self.generated.append(token)
         self.generated_counts[token] += 1
         self.seen[token] = True
-        if params.logprobs is None:
-            return SampledToken(token, None, ())
-        log_probs = log_softmax(logits)
-        top = np.argsort(-log_probs, kind="stable")[: params.logprobs]
-        return SampledToken(token, float(log_probs[token]), tuple((int(t), float(log_probs[t])) for t in top))
+        return SampledToken(token, None, ()) if params.logprobs is None else scored(token, logits, params.logprobs)
 
     def _draw(self, adjusted: np.ndarray) -> int:
         params = self.params

@@ -49,6 +49,8 @@ class SequenceDecoder:
         self.sampler = Sampler(self.params, self.vocab_size, list(self.prompt), self.rng)
         ends = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else {self.eos_token_id})
         self._ending_tokens = tuple(sorted(ends))
+        if self.budget < 1:  # nothing to generate: an echoed prompt that is only scored (`max_tokens: 0`)
+            self.finish_reason = "length"
 
     @property
     def finished(self) -> bool:

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from models.chat_format import ChatFormat, ChatTokenizer, Message
-from models.sampling import SampledToken, SamplingParams
+from models.sampling import SampledToken, SamplingParams, scored
 from serving.decoding import Piece, SequenceDecoder
 from serving.token_text import TokenTexts
 
@@ -118,6 +118,16 @@ class ChatPackage:
     def room_for(self, prompt: Sequence[int]) -> int:
         """How many tokens may still be generated after `prompt` within the context."""
         return self.config.max_seq_len - len(prompt)
+
+    def prompt_logprobs(self, prompt: Sequence[int], top: int) -> list[SampledToken]:
+        """Each prompt token with the model's log-probability of it given the tokens before it (teacher-forced, in
+        one forward pass over the prompt) and its `top` alternatives, as an echoed completion reports them: the
+        first token has nothing before it, so its log-probability is None."""
+        logits, _ = self.generator.forward(np.asarray([prompt], dtype=np.int64), self.generator.empty_past(1))
+        return [
+            SampledToken(prompt[0], None, ()),
+            *(scored(token, logits[0, i], top) for i, token in enumerate(prompt[1:])),
+        ]
 
     def decoder(
         self,

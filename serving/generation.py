@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 
 from fastapi import Response
 from fastapi.responses import StreamingResponse
@@ -22,7 +22,7 @@ from serving.errors import ApiError, error_responses
 from serving.metrics import ServingMetrics
 from serving.model_source import LoadedModel
 from serving.protocol import ChatCompletionRequest, CompletionRequest
-from serving.responses import LogprobFormat, ResponseShape, StreamUsage, Whole, new_choices
+from serving.responses import Echo, LogprobFormat, ResponseShape, StreamUsage, Whole, new_choices
 
 SERVED_BY_HEADER = "X-Trainonce-Model"  # the member that answered (also the response's `model`)
 
@@ -60,12 +60,20 @@ def _bad_words_ids(package: ChatPackage, words: list[str]) -> tuple[tuple[int, .
     return tuple(ids)
 
 
-def token_budget(package: ChatPackage, prompt: list[int], requested: tuple[str, int | None], prompt_param: str) -> int:
+def token_budget(
+    package: ChatPackage,
+    prompt: list[int],
+    requested: tuple[str, int | None],
+    prompt_param: str,
+    scores_prompt: bool = False,
+) -> int:
     """How many tokens to generate: the request's max_tokens (or max_completion_tokens: `requested` names the field
-    the client sent) checked against the context left after the prompt."""
+    the client sent) checked against the context left after the prompt. A request that `scores_prompt` (an echo)
+    may generate nothing, so its prompt may fill the context."""
     limit = package.config.max_seq_len
     room = package.room_for(prompt)
-    if room < 1:
+    least = 0 if scores_prompt else 1
+    if room < least:
         raise ApiError(
             400,
             f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt)}. Shorten it.",
@@ -75,10 +83,10 @@ def token_budget(package: ChatPackage, prompt: list[int], requested: tuple[str, 
     param, tokens = requested
     if tokens is None:
         return min(package.config.default_max_new_tokens, room)
-    if not 1 <= tokens <= room:
+    if not least <= tokens <= room:
         raise ApiError(
             400,
-            f"{param}={tokens} is out of range: it must be in [1, {room}] (the "
+            f"{param}={tokens} is out of range: it must be in [{least}, {room}] (the "
             f"{limit}-token context minus the {len(prompt)}-token prompt).",
             param,
             "context_length_exceeded",
@@ -87,19 +95,19 @@ def token_budget(package: ChatPackage, prompt: list[int], requested: tuple[str, 
 
 
 def _decoding(
-    metrics: ServingMetrics, loaded: LoadedModel, prompt: list[int], choices: list[SequenceDecoder]
+    metrics: ServingMetrics, loaded: LoadedModel, prompt_tokens: int, choices: list[SequenceDecoder]
 ) -> list[Iterator[Piece]]:
-    """Start this request's choices on its model (refused with a 429 if the batch queue is full), timed and
-    counted per model."""
+    """Start this request's choices on its model, all in one submission (refused with a 429 if the batch queue is
+    full), timed and counted per model; a choice with nothing to generate (`max_tokens: 0`) is not decoded."""
     started = time.perf_counter()
     try:
-        streams = loaded.decode(choices)
+        decoding = iter(loaded.decode([c for c in choices if not c.finished]))
     except QueueFull as error:
         raise ApiError(
             429, f"The server is busy ({error}); retry shortly.", None, "queue_full", "server_busy"
         ) from error
-    metrics.prompt_tokens.labels(loaded.name).inc(len(prompt))
-    return [metrics.observed(loaded.name, stream, started) for stream in streams]
+    metrics.prompt_tokens.labels(loaded.name).inc(prompt_tokens)
+    return [iter(()) if c.finished else metrics.observed(loaded.name, next(decoding), started) for c in choices]
 
 
 class RunningStream(StreamingResponse):
@@ -124,28 +132,32 @@ class RunningStream(StreamingResponse):
 def respond(
     request: ChatCompletionRequest | CompletionRequest,
     loaded: LoadedModel,
-    prompt: list[int],
-    budget: int,
+    prompts: Sequence[tuple[list[int], int]],
     params: SamplingParams,
     shape: ResponseShape[Whole],
     metrics: ServingMetrics,
     response: Response,
+    echoes: Sequence[Echo] = (),
 ) -> Whole | StreamingResponse:
-    """Decode the request's choices on its model and answer in the endpoint's shape, whole or streamed."""
+    """Decode the request's choices on its model and answer in the endpoint's shape, whole or streamed. Each of
+    `prompts` (its token ids and budget) gets `n` choices, in order, all decoded together; `echoes`, when given,
+    has one per prompt."""
     package = loaded.package
-    choices = new_choices(package, prompt, budget, params, request.n)
+    choices = [c for ids, budget in prompts for c in new_choices(package, ids, budget, params, request.n)]
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    extra = {"echoes": [e for e in echoes for _ in range(request.n)]} if echoes else {}
     base = {
         "id": f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}",
         "created": int(time.time()),
         "model": loaded.name,
         "system_fingerprint": loaded.version,
     }
-    streams = _decoding(metrics, loaded, prompt, choices)
+    streams = _decoding(metrics, loaded, prompt_tokens, choices)
     logprobs = LogprobFormat(package, request.return_tokens_as_token_ids)
     if request.stream:
         usage = StreamUsage(request.include_usage(), request.continuous_usage())
-        events = shape.streamed(logprobs, prompt, choices, streams, base, usage)
+        events = shape.streamed(logprobs, prompt_tokens, choices, streams, base, usage, **extra)
         return RunningStream(events, metrics.running.labels(loaded.name), {SERVED_BY_HEADER: loaded.name})
     response.headers[SERVED_BY_HEADER] = loaded.name
     with metrics.running.labels(loaded.name).track_inprogress():
-        return shape.whole(logprobs, prompt, choices, streams, base)
+        return shape.whole(logprobs, prompt_tokens, choices, streams, base, **extra)

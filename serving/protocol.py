@@ -124,7 +124,7 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
             "prediction",
             "web_search_options",
             "reasoning_effort",
-            "echo",
+            "echo",  # a chat request's (vLLM's): completions declare their own
             "suffix",
         ),
         _inactive,
@@ -258,14 +258,31 @@ class ChatCompletionRequest(_GenerationRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="A text, a list of texts, token ids or a list of token-id lists; each prompt gets its own `n` "
+        "choices (prompt i's are choices i*n .. i*n+n-1)."
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens to generate, at most the context left after the prompt; 0 only with echo (the prompt "
+        "scored, nothing generated); default: the package's default.",
+    )
+    echo: bool = Field(
+        False,
+        description="Each choice's text starts with its prompt (and its logprobs with the "
+        "prompt's, the first token's null).",
+    )
     logprobs: TopLogprobs | None = Field(None, description="Alternatives per token (0: the chosen token's only).")
 
     @field_validator("prompt")
     @classmethod
-    def _encodable_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        _encodable([prompt] if isinstance(prompt, str) else prompt)
+    def _encodable_prompt(cls, prompt: Any) -> Any:
+        _encodable([p for p in ([prompt] if isinstance(prompt, str) else prompt) if isinstance(p, str)])
         return prompt
 
     def requested_tokens(self) -> tuple[str, int | None]:
@@ -275,9 +292,8 @@ class CompletionRequest(_GenerationRequest):
     def requested_logprobs(self) -> int | None:
         return self.logprobs
 
-    def prompt_text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise ValueError("prompt: exactly one prompt per request is supported")
-        return self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, each a text or token ids: a list of ints is one prompt, as OpenAI reads it."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]

@@ -113,8 +113,8 @@ class ChatCompletion(_Generated):
 
 class CompletionLogprobs(_Answer):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None] = Field(description="null only for an echoed prompt's first token.")
+    top_logprobs: list[dict[str, float] | None] = Field(description="null only for an echoed prompt's first token.")
     text_offset: list[int] = Field(description="Each token's offset in the completion's text.")
 
 

@@ -5,11 +5,13 @@ endpoint's own layout, and usage.
 A request's choices are decoders (serving/decoding.py) that share the prompt; each has its own generator
 (models.sampling.choice_generators), so a seeded request repeats and its choices differ. Each choice arrives
 here as the stream of its pieces (decoded alone or in a shared batch: serving/batching.py). Streamed choices
-are sent one after the other, each chunk naming its `index`, as the `openai` client reassembles them.
+are sent one after the other, each chunk naming its `index`, as the `openai` client reassembles them. A text
+completion may have many prompts (prompt i's `n` choices are i*n .. i*n+n-1) and echo each before its choices.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,13 +29,22 @@ def new_choices(
     return [package.decoder(prompt, budget, params, rng) for rng in choice_generators(params.seed, n)]
 
 
+@dataclass(frozen=True)
+class Echo:
+    """A prompt as an echoed text completion starts its choices: its text and, when log-probabilities are asked
+    for, its tokens scored by the model (serving/engine.py's `prompt_logprobs`, the first one unscored)."""
+
+    text: str
+    tokens: tuple[SampledToken, ...] = ()
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def _usage(prompt: Sequence[int], choices: Sequence[SequenceDecoder]) -> dict[str, int]:
-    """The prompt counts once, however many choices were generated from it (as OpenAI counts)."""
-    return Usage.of(len(prompt), sum(d.completion_tokens for d in choices)).model_dump()
+def _usage(prompt_tokens: int, choices: Sequence[SequenceDecoder]) -> dict[str, int]:
+    """Each prompt counts once, however many choices were generated from it (as OpenAI counts)."""
+    return Usage.of(prompt_tokens, sum(d.completion_tokens for d in choices)).model_dump()
 
 
 class LogprobFormat:
@@ -66,13 +77,16 @@ class LogprobFormat:
 
     def completion(self, tokens: Sequence[SampledToken], offset: int) -> dict[str, Any]:
         """`choices[i].logprobs` of a text completion: parallel lists, `text_offset` counted from the start of
-        the completion (`offset` characters already sent)."""
+        the completion (`offset` characters already sent). An echoed prompt's first token, which nothing scores,
+        has null for its log-probability and its alternatives."""
         texts = [self.token_text(t.token_id)[0] for t in tokens]
         offsets = [offset + sum(len(x) for x in texts[:i]) for i in range(len(texts))]
         return {
             "tokens": [self.name(t.token_id) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{self.name(i): lp for i, lp in t.top_logprobs} for t in tokens],
+            "top_logprobs": [
+                None if t.logprob is None else {self.name(i): lp for i, lp in t.top_logprobs} for t in tokens
+            ],
             "text_offset": offsets,
         }
 
@@ -85,9 +99,9 @@ class StreamUsage:
     final: bool = False
     every_chunk: bool = False
 
-    def so_far(self, prompt: Sequence[int], sent: int) -> dict[str, Any]:
+    def so_far(self, prompt_tokens: int, sent: int) -> dict[str, Any]:
         """What a chunk adds after `sent` completion tokens: `usage`, or nothing."""
-        return {"usage": Usage.of(len(prompt), sent).model_dump()} if self.every_chunk else {}
+        return {"usage": Usage.of(prompt_tokens, sent).model_dump()} if self.every_chunk else {}
 
 
 def _whole_choices(
@@ -101,7 +115,7 @@ def _whole_choices(
 
 def chat_response(
     logprobs: LogprobFormat,
-    prompt: list[int],
+    prompt_tokens: int,
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
@@ -115,12 +129,12 @@ def chat_response(
         }
         for index, decoder, text, tokens in _whole_choices(choices, streams)
     ]
-    return ChatCompletion.model_validate({**base, "choices": out, "usage": _usage(prompt, choices)})
+    return ChatCompletion.model_validate({**base, "choices": out, "usage": _usage(prompt_tokens, choices)})
 
 
 def chat_stream(
     logprobs: LogprobFormat,
-    prompt: list[int],
+    prompt_tokens: int,
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
@@ -137,7 +151,7 @@ def chat_stream(
             "logprobs": logprobs.chat(piece.tokens) if with_logprobs else None,
             "finish_reason": finish,
         }
-        return sse({**chunk, "choices": [choice], **usage.so_far(prompt, sent)})
+        return sse({**chunk, "choices": [choice], **usage.so_far(prompt_tokens, sent)})
 
     for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
         yield event(index, {"role": "assistant", "content": ""})
@@ -146,42 +160,53 @@ def chat_stream(
             yield event(index, {"content": piece.text} if piece.text else {}, piece)
         yield event(index, {}, finish=decoder.finish_reason)
     if usage.final:
-        yield sse({**chunk, "choices": [], "usage": _usage(prompt, choices)})
+        yield sse({**chunk, "choices": [], "usage": _usage(prompt_tokens, choices)})
     yield sse("[DONE]")
 
 
 def completion_response(
     logprobs: LogprobFormat,
-    prompt: list[int],
+    prompt_tokens: int,
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
+    echoes: Sequence[Echo | None] = (),
 ) -> Completion:
-    out = [
-        {
-            "index": index,
-            "text": text,
-            "logprobs": logprobs.completion(tokens, 0) if decoder.params.logprobs is not None else None,
-            "finish_reason": decoder.finish_reason,
-        }
-        for index, decoder, text, tokens in _whole_choices(choices, streams)
-    ]
-    return Completion.model_validate({**base, "choices": out, "usage": _usage(prompt, choices)})
+    """`echoes`: per choice, the prompt its text starts with (none: not echoed)."""
+    out = []
+    for index, decoder, text, tokens in _whole_choices(choices, streams):
+        echo = echoes[index] if echoes else None
+        if echo is not None:
+            text, tokens = echo.text + text, [*echo.tokens, *tokens]
+        with_logprobs = decoder.params.logprobs is not None
+        out.append(
+            {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs.completion(tokens, 0) if with_logprobs else None,
+                "finish_reason": decoder.finish_reason,
+            }
+        )
+    return Completion.model_validate({**base, "choices": out, "usage": _usage(prompt_tokens, choices)})
 
 
 def completion_stream(
     logprobs: LogprobFormat,
-    prompt: list[int],
+    prompt_tokens: int,
     choices: list[SequenceDecoder],
     streams: list[Iterator[Piece]],
     base: dict[str, Any],
     usage: StreamUsage,
+    echoes: Sequence[Echo | None] = (),
 ) -> Generator[str, None, None]:
+    """`echoes` as for `completion_response`: an echoed prompt is its choice's first chunk."""
     chunk = {**base, "object": "text_completion"}
     sent = 0
     for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
         offset = 0
-        for piece in stream:
+        echo = echoes[index] if echoes else None
+        echoed = [(Piece(echo.text, echo.tokens), 0)] if echo is not None else []
+        for piece, generated in itertools.chain(echoed, ((p, len(p.tokens)) for p in stream)):
             with_logprobs = piece.tokens and decoder.params.logprobs is not None
             choice = {
                 "index": index,
@@ -190,12 +215,12 @@ def completion_stream(
                 "finish_reason": None,
             }
             offset += sum(len(logprobs.token_text(t.token_id)[0]) for t in piece.tokens)
-            sent += len(piece.tokens)
-            yield sse({**chunk, "choices": [choice], **usage.so_far(prompt, sent)})
+            sent += generated  # an echoed prompt's tokens are not completion tokens
+            yield sse({**chunk, "choices": [choice], **usage.so_far(prompt_tokens, sent)})
         final = {"index": index, "text": "", "logprobs": None, "finish_reason": decoder.finish_reason}
-        yield sse({**chunk, "choices": [final], **usage.so_far(prompt, sent)})
+        yield sse({**chunk, "choices": [final], **usage.so_far(prompt_tokens, sent)})
     if usage.final:
-        yield sse({**chunk, "choices": [], "usage": _usage(prompt, choices)})
+        yield sse({**chunk, "choices": [], "usage": _usage(prompt_tokens, choices)})
     yield sse("[DONE]")
 
 

@@ -27,4 +27,4 @@ def chat_completions(
     ]
     prompt = package.chat_prompt(messages)
     budget = generation.token_budget(package, prompt, request.requested_tokens(), "messages")
-    return generation.respond(request, loaded, prompt, budget, params, CHAT_SHAPE, metrics, response)
+    return generation.respond(request, loaded, [(prompt, budget)], params, CHAT_SHAPE, metrics, response)

@@ -108,6 +108,62 @@ def test_n_choices_are_independent_and_counted(client: openai.OpenAI) -> None:
     assert two.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
 
 
+def test_many_prompts_as_texts_or_token_ids_each_get_n_choices_in_order(
+    client: openai.OpenAI, package: ChatPackage
+) -> None:
+    texts = ["The king", SPEECH]
+    fields = {"model": CHAT_MODEL, "max_tokens": 6, "n": 2, "extra_body": {"ignore_eos": True}}
+    alone = [client.completions.create(prompt=text, **fields) for text in texts]
+    expected = [c.text for reply in alone for c in reply.choices]  # prompt i's choices at i*n .. i*n+n-1
+    ids = [package.text_prompt(text) for text in texts]
+    for prompt in (texts, ids):
+        reply = client.completions.create(prompt=prompt, **fields)
+        assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+        assert [c.text for c in reply.choices] == expected
+        assert reply.usage.prompt_tokens == sum(len(i) for i in ids)  # each prompt counts once
+        assert reply.usage.completion_tokens == 4 * 6
+        streamed = list(client.completions.create(prompt=prompt, stream=True, **fields))
+        by_index = ["".join(c.choices[0].text for c in streamed if c.choices[0].index == i) for i in range(4)]
+        assert by_index == expected
+    one = client.completions.create(prompt=ids[1], **fields)  # token ids alone: one prompt
+    assert [c.text for c in one.choices] == expected[2:]
+
+
+def test_echo_returns_the_prompt_with_its_teacher_forced_logprobs(client: openai.OpenAI, package: ChatPackage) -> None:
+    ids = package.text_prompt(SPEECH)
+    # the model's own scores of the prompt, computed here from the fp32 package's logits
+    logits, _ = package.generator.forward(np.asarray([ids]), package.generator.empty_past(1))
+    expected = [log_softmax(logits[0, i])[t] for i, t in enumerate(ids[1:])]
+    scored = {"model": CHAT_MODEL, "echo": True, "logprobs": 1}
+    for prompt in (SPEECH, ids):  # as lm-evaluation-harness scores a continuation: max_tokens 0, or 1
+        only = client.completions.create(prompt=prompt, max_tokens=0, **scored).choices[0]
+        assert only.text == SPEECH and only.finish_reason == "length"
+        logprobs = only.logprobs
+        assert len(logprobs.tokens) == len(ids) and logprobs.token_logprobs[0] is None
+        assert logprobs.top_logprobs[0] is None
+        np.testing.assert_allclose(logprobs.token_logprobs[1:], expected, atol=1e-4)
+        greedy = [int(row.argmax()) for row in logits[0, :-1]]  # lm-eval's is_greedy: the best alternative
+        best = [max(alt, key=alt.get) for alt in logprobs.top_logprobs[1:]]
+        assert [b == t for b, t in zip(best, logprobs.tokens[1:], strict=True)] == [
+            g == t for g, t in zip(greedy, ids[1:], strict=True)
+        ]
+    generating = {"max_tokens": 3, "extra_body": {"ignore_eos": True}}
+    plain = client.completions.create(model=CHAT_MODEL, prompt=SPEECH, logprobs=1, **generating)
+    echoed = client.completions.create(prompt=SPEECH, **generating, **scored)
+    choice = echoed.choices[0]
+    assert choice.text == SPEECH + plain.choices[0].text
+    assert choice.logprobs.token_logprobs[len(ids) :] == plain.choices[0].logprobs.token_logprobs
+    np.testing.assert_allclose(choice.logprobs.token_logprobs[1 : len(ids)], expected, atol=1e-4)
+    assert echoed.usage == plain.usage  # the echoed prompt is not completion tokens
+    streamed = list(client.completions.create(prompt=[SPEECH, SPEECH], stream=True, **generating, **scored))
+    for index in (0, 1):
+        chunks = [c.choices[0] for c in streamed if c.choices[0].index == index]
+        assert "".join(c.text for c in chunks) == choice.text
+        assert [lp for c in chunks if c.logprobs for lp in c.logprobs.token_logprobs] == choice.logprobs.token_logprobs
+    text_only = client.completions.create(prompt=SPEECH, max_tokens=0, model=CHAT_MODEL, echo=True).choices[0]
+    assert text_only.text == SPEECH and text_only.logprobs is None
+
+
 def test_chat_logprobs_are_the_models_own_scores(client: openai.OpenAI, package: ChatPackage) -> None:
     reply = chat(client, max_tokens=12, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
     content = reply.choices[0].logprobs.content
@@ -311,11 +367,18 @@ def test_unsupported_and_out_of_range_parameters_are_refused_by_name(
     assert refused.value.status_code == 400
 
 
-def test_completions_refuse_echo_and_suffix(client: openai.OpenAI) -> None:
-    for fields, param in (({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"logprobs": 21}, "logprobs")):
+def test_completions_refuse_suffix_and_out_of_range_prompts(client: openai.OpenAI) -> None:
+    for fields, param in (
+        ({"suffix": "end"}, "suffix"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"prompt": [[1, 2], [3, 10**9]]}, "prompt"),
+        ({"prompt": [[1], []]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"max_tokens": 0}, "max_tokens"),  # only an echo may generate nothing
+    ):
         with pytest.raises(openai.BadRequestError) as refused:
-            client.completions.create(model=CHAT_MODEL, prompt="The king", max_tokens=2, **fields)
-        assert refused.value.param == param
+            client.completions.create(**{"model": CHAT_MODEL, "prompt": "The king", "max_tokens": 2, **fields})
+        assert refused.value.param == param, refused.value.message
 
 
 def test_a_client_sending_explicit_defaults_is_served(client: openai.OpenAI) -> None:
@@ -384,7 +447,9 @@ def test_a_budget_error_names_the_field_the_client_sent(client: openai.OpenAI) -
         ("chat/completions", {"messages": USER, "extra_body_field": 1, "echo": True}, {}),
         ("chat/completions", {"messages": USER}, {"X-Max-Ms-Per-Token": "fast"}),
         ("completions", {"prompt": ""}, {}),
-        ("completions", {"prompt": ["a", "b"]}, {}),
+        ("completions", {"prompt": ["a", ""]}, {}),
+        ("completions", {"prompt": [1, 10**9]}, {}),
+        ("completions", {"prompt": "a", "max_tokens": 0}, {}),
         ("completions", {"prompt": "word " * 400}, {}),
     ],
 )

@@ -332,6 +332,7 @@ def test_openapi_declares_the_limits_the_server_enforces(server) -> None:
 
     chat = "ChatCompletionRequest"
     assert bounds(chat, "max_tokens") == bounds(chat, "max_completion_tokens") == {"minimum": 1}
+    assert bounds("CompletionRequest", "max_tokens") == {"minimum": 0}  # 0 only with echo
     assert bounds(chat, "n") == {"minimum": 1, "maximum": 16}
     assert bounds(chat, "temperature") == {"minimum": 0, "maximum": 2}
     assert bounds(chat, "top_p") == {"exclusiveMinimum": 0, "maximum": 1}
