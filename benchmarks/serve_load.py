@@ -8,8 +8,8 @@ both cores), then for each number of concurrent clients sends `--requests` strea
 fixed-length replies (`ignore_eos`, `max_tokens`), so that every setting generates the same number of tokens.
 Prints aggregate completion tokens/s, time to first token and request latency (p50/p99), and the error count
 (which must be 0); then the same decoding without HTTP, in-process, alone vs batched (the engine's share).
-The model must have been exported with batched decoding (a `pad_lengths` graph input); the server logs a
-warning and decodes alone otherwise.
+The model must have been exported with batched decoding (a `seqlens_k` or `pad_lengths` graph input); the server
+logs a warning and decodes alone otherwise.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 A small model on a CPU spends most of a single-row decode step in per-call overhead, so requests that decode
 alone leave the cores idle (32 concurrent clients used about one core). Here one loop thread owns a batch:
 each new sequence is prefilled alone and joins the batch, and every step feeds the batch's last tokens in one
-call. Rows of different lengths share the cache tensors by left padding (`pad_lengths`, which the exported
-graph masks and leaves out of the rotary positions, models/onnx_forward.py), so every row computes exactly
-what it computes alone. Finished and abandoned rows leave the batch at once; columns that became padding for
+call. Rows of different lengths share the cache tensors, padded (each row's length is fed to the graph, which masks
+the padding and leaves it out of the rotary positions: serving/engine.py), so every row computes exactly what it
+computes alone. Finished and abandoned rows leave the batch at once; columns that became padding for
 every row are cut off.
 
 The queue is bounded: a sequence submitted while `max_waiting` are already waiting is refused (`QueueFull`),
@@ -65,45 +65,59 @@ class _PieceStream(Iterator[Piece]):
 
 @dataclass
 class _Batch:
-    """The running rows: their sequences, cache tensors (B, nkv, L, hd) and left padding (B,)."""
+    """The running rows: their sequences, cache tensors (B, nkv, L, hd) and how many of the L columns hold each
+    row's tokens (B,). The rest is padding: on the right for the fused graph, on the left for the traced one
+    (OnnxGenerator.forward)."""
 
+    left_padded: bool
     rows: list[_Sequence] = field(default_factory=list)
     past: list[np.ndarray] = field(default_factory=list)
-    pad: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def add(self, sequence: _Sequence, past: list[np.ndarray]) -> None:
-        """Join a freshly prefilled row (its cache (1, nkv, L', hd)), padding whichever side is shorter."""
+        """Join a freshly prefilled row (its cache (1, nkv, L', hd)), padding whichever cache is narrower."""
+        new = past[0].shape[2]
         if not self.rows:
-            self.rows, self.past, self.pad = [sequence], past, np.zeros(1, np.int64)
+            self.rows, self.past, self.lengths = [sequence], past, np.array([new], np.int64)
             return
-        length, new = self.past[0].shape[2], past[0].shape[2]
-        widen = ((0, 0), (0, 0), (abs(length - new), 0), (0, 0))
-        if new < length:
-            past = [np.pad(p, widen) for p in past]
-        elif new > length:
-            self.past = [np.pad(p, widen) for p in self.past]
-            self.pad = self.pad + (new - length)
+        width = max(new, self.past[0].shape[2])
         self.rows.append(sequence)
-        self.past = [np.concatenate([b, p]) for b, p in zip(self.past, past, strict=True)]
-        self.pad = np.append(self.pad, max(length - new, 0))
+        self.past = [
+            np.concatenate([self._widen(b, width), self._widen(p, width)]) for b, p in zip(self.past, past, strict=True)
+        ]
+        self.lengths = np.append(self.lengths, new)
+
+    def _widen(self, cache: np.ndarray, width: int) -> np.ndarray:
+        missing = width - cache.shape[2]
+        if not missing:
+            return cache
+        side = (missing, 0) if self.left_padded else (0, missing)
+        return np.pad(cache, ((0, 0), (0, 0), side, (0, 0)))
+
+    def stepped(self, present: list[np.ndarray]) -> None:
+        """Every row took one more token."""
+        self.past, self.lengths = present, self.lengths + 1
 
     def keep(self, keep: list[int]) -> None:
-        """Keep only the rows at `keep`; cut the leading columns that are padding in every remaining row."""
+        """Keep only the rows at `keep`; cut the columns that are padding in every remaining row."""
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
-            self.past, self.pad = [], np.zeros(0, np.int64)
+            self.past, self.lengths = [], np.zeros(0, np.int64)
             return
-        cut = int(self.pad[keep].min())
-        self.past = [p[keep][:, :, cut:] for p in self.past]
-        self.pad = self.pad[keep] - cut
+        self.lengths = self.lengths[keep]
+        width, longest = self.past[0].shape[2], int(self.lengths.max())
+        columns = slice(width - longest, width) if self.left_padded else slice(0, longest)
+        self.past = [p[keep][:, :, columns] for p in self.past]
 
 
 class DecodeBatcher:
     """Decodes every submitted sequence in a shared batch of at most `max_batch` rows."""
 
     def __init__(self, package: ChatPackage, max_batch: int = 32, max_waiting: int = 256) -> None:
-        if not package.generator.pads_rows:
-            raise ValueError(f"{package.directory} predates batched decoding (no pad_lengths input): re-export it")
+        if not package.generator.batches_rows:
+            raise ValueError(
+                f"{package.directory} predates batched decoding (neither seqlens_k nor pad_lengths input): re-export it"
+            )
         self.package, self.max_batch, self.max_waiting = package, max_batch, max_waiting
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.Lock()
@@ -129,7 +143,7 @@ class DecodeBatcher:
         return [_PieceStream(s) for s in sequences]
 
     def _loop(self) -> None:
-        batch = _Batch()
+        batch = self._new_batch()
         while True:
             with self._lock:
                 if not batch.rows and not self._waiting:
@@ -147,8 +161,11 @@ class DecodeBatcher:
                 log.exception("batched decoding failed")
                 for sequence in [*batch.rows, *joining]:
                     sequence.out.put(error)
-                batch = _Batch()
+                batch = self._new_batch()
             self.running = len(batch.rows)
+
+    def _new_batch(self) -> _Batch:
+        return _Batch(left_padded=self.package.generator.pads_left)
 
     def _prefill(self, sequence: _Sequence, batch: _Batch) -> None:
         generator = self.package.generator
@@ -159,7 +176,8 @@ class DecodeBatcher:
 
     def _step(self, batch: _Batch) -> None:
         tokens = np.asarray([[s.decoder.next_input] for s in batch.rows], dtype=np.int64)
-        logits, batch.past = self.package.generator.forward(tokens, batch.past, batch.pad)
+        logits, present = self.package.generator.forward(tokens, batch.past, batch.lengths)
+        batch.stepped(present)
         batch.keep([i for i, s in enumerate(batch.rows) if self._emit(s, logits[i, -1])])
 
     @staticmethod

@@ -63,23 +63,37 @@ class OnnxGenerator:
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.config = config
         self.past_names = [f"past_{kind}_{i}" for i in range(config.n_layers) for kind in ("key", "value")]
-        # Packages exported before batched decoding have no `pad_lengths` input: they decode one row at a time.
-        self.pads_rows = "pad_lengths" in {i.name for i in self.session.get_inputs()}
+        # How rows of different lengths share a call is the graph's, read from its inputs, so a package keeps
+        # serving whatever exporter wrote it: `seqlens_k`, the fused graph (tasks/deploy/fused_graph.py), rows
+        # right-padded; `pad_lengths`, the traced graph (models/onnx_forward.py), rows left-padded; neither, a
+        # graph from before batched decoding, one row at a time.
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.takes_lengths = "seqlens_k" in inputs
+        self.pads_left = "pad_lengths" in inputs
+        self.batches_rows = self.takes_lengths or self.pads_left
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.config.n_kv_heads, 0, self.config.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
 
     def forward(
-        self, input_ids: np.ndarray, past: Sequence[np.ndarray], pad_lengths: np.ndarray | None = None
+        self, input_ids: np.ndarray, past: Sequence[np.ndarray], lengths: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """input_ids (B, T) int64 after `past` -> logits (B, T, V) and the extended cache. `pad_lengths` (B,):
-        the left padding of each row when rows of different lengths share the call (None: no padding)."""
+        """input_ids (B, T) int64 after `past` -> logits (B, T, V) and the extended cache. `lengths` (B,): how many
+        of the cache's columns hold each row's tokens, when rows of different lengths share the call (on the left
+        of the cache for the fused graph, on the right for the traced one); None: every row fills the cache."""
+        width = past[0].shape[2]
+        if lengths is None:
+            lengths = np.full(len(input_ids), width, np.int64)
+        elif not self.batches_rows and (lengths != width).any():
+            raise ValueError("this package's graph predates batched decoding: it cannot take rows of different lengths")
         feeds = {"input_ids": input_ids.astype(np.int64), **dict(zip(self.past_names, past, strict=True))}
-        if self.pads_rows:
-            feeds["pad_lengths"] = np.zeros(len(input_ids), np.int64) if pad_lengths is None else pad_lengths
-        elif pad_lengths is not None and pad_lengths.any():
-            raise ValueError("this package's graph predates batched decoding: it cannot take padded rows")
+        if self.takes_lengths:
+            new = input_ids.shape[1]
+            feeds["seqlens_k"] = (lengths + new - 1).astype(np.int32)
+            feeds["total_sequence_length"] = np.asarray(lengths.max() + new, np.int32)
+        elif self.pads_left:
+            feeds["pad_lengths"] = (width - lengths).astype(np.int64)
         logits, *present = self.session.run(None, feeds)
         return logits, present
 

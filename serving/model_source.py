@@ -98,7 +98,7 @@ class ModelSource:
         package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
         package = ChatPackage(package_dir, threads=self.threads)
         batcher = None
-        if self.batching.max_batch > 1 and package.generator.pads_rows:
+        if self.batching.max_batch > 1 and package.generator.batches_rows:
             batcher = DecodeBatcher(package, self.batching.max_batch, self.batching.max_waiting)
         elif self.batching.max_batch > 1:
             log.warning("%s/%s was exported before batched decoding: its requests decode alone", self.name, version)

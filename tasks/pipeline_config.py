@@ -14,6 +14,7 @@ from registry.promotion import GateRules
 from tasks.align.config import DPOConfig, GRPOConfig, SFTConfig
 from tasks.data.config import DataConfig
 from tasks.deploy.config import DeployConfig
+from tasks.deploy.fused_graph import check_fused_graph, variant_quant
 from tasks.extract.config import ExtractConfig
 from tasks.pretrain.config import PretrainConfig
 from tasks.search.config import ImportanceConfig, SearchConfig
@@ -130,6 +131,15 @@ class PipelineConfig(BaseModel):
                 raise ValueError(
                     f"{field}={seq_len} exceeds pretrain.model.max_seq_len={self.pretrain.model.max_seq_len}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _deploy_graph_fits_the_model(self) -> PipelineConfig:
+        """A shape the fused ONNX graph cannot express is refused now, not after training (a model imported with
+        init_from is checked when it is exported)."""
+        if self.deploy.graph == "fused" and self.init_from is None:
+            for variant in ("fp32", *self.deploy.variants):
+                check_fused_graph(self.pretrain.model, variant_quant(variant, self.deploy))
         return self
 
     @model_validator(mode="after")

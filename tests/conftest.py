@@ -217,6 +217,17 @@ def chat_packages(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticM
 
 
 @pytest.fixture(scope="session")
+def traced_packages(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE, small_data: PreparedData):
+    """The same variants with `deploy.graph: traced` (the PyTorch forward traced by torch.onnx, left-padded rows)."""
+    from tasks.deploy.config import DeployConfig
+    from tasks.deploy.onnx_export import build_packages
+
+    output = tmp_path_factory.mktemp("traced-packages")
+    config = DeployConfig(graph="traced")
+    return build_packages(chat_model, small_data.tokenizer_path, small_data.chat_format, output, config)
+
+
+@pytest.fixture(scope="session")
 def make_chat_registry(tmp_path_factory: pytest.TempPathFactory, chat_packages):
     """Factory: a fresh MLflow store (its own workdir) with the fp32, INT8 and INT4 packages registered as
     `trainonce-chat` versions 1, 2 and 3, no aliases set. Each test module that moves aliases takes its own."""

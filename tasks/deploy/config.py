@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from registry.names import CHAT_MODEL
 from tasks.deploy.llama_cpp import GgufType
 
-Variant = Literal["fp32", "int8", "int4"]
+Variant = Literal["fp32", "int8", "int4", "int2"]
 
 
 class EvaluationConfig(BaseModel):
@@ -39,21 +39,44 @@ class DeployConfig(BaseModel):
         description="Registered model the candidate joins and the gate promotes in (family members: "
         "trainonce-chat-<member>, set by the pipeline's `family`).",
     )
-    opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graph.")
-    variants: tuple[Variant, ...] = Field(
-        ("fp32", "int8", "int4"), min_length=1, description="Variants to build; fp32 is always built (reference)."
+    graph: Literal["fused", "traced"] = Field(
+        "fused",
+        description="`fused`: the graph written from onnxruntime's fused LLM operators (GroupQueryAttention, MoE/QMoE, "
+        "MatMulNBits; tasks/deploy/fused_graph.py), several times faster to decode; `traced`: the PyTorch forward "
+        "traced by torch.onnx (models/onnx_forward.py), for a shape the fused operators cannot express (a head size "
+        "that is not a multiple of 8).",
     )
-    int4_block_size: int = Field(32, ge=16, le=256, description="Weights per 4-bit block (a power of two).")
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset of the traced graph (the fused graph uses 18).")
+    variants: tuple[Variant, ...] = Field(
+        ("fp32", "int8", "int4"),
+        min_length=1,
+        description="Variants to build; fp32 is always built (reference). int2 (2-bit weights, fused graph only) is "
+        "for comparison: at small scale it is expected to fail the perplexity limit.",
+    )
+    int4_block_size: int = Field(
+        32,
+        ge=16,
+        le=256,
+        description="Weights per quantization block (a power of two): every variant of the fused graph, INT4 of the "
+        "traced one.",
+    )
     int4_output_bits: Literal[4, 8] = Field(
-        8, description="Bits of the output projection in the INT4 variant (8 costs little size, saves perplexity)."
+        8,
+        description="Bits of the output projection (and of a tied embedding, which shares its bytes in the fused "
+        "graph) in the INT4 and INT2 variants: 8 costs little size and saves perplexity.",
     )
     int8_per_channel: bool = Field(
-        False, description="Per-channel INT8 weight scales (per-tensor measured better on the tiny model)."
+        False,
+        description="Traced graph only: per-channel INT8 weight scales (per-tensor measured better on the tiny model).",
     )
     int4_accuracy_level: int = Field(
-        4, ge=0, le=4, description="MatMulNBits compute type: 0 = fp32 activations, 4 = int8 activations (fastest)."
+        4,
+        ge=0,
+        le=4,
+        description="MatMulNBits / QMoE compute type: 0 = fp32 activations, 4 = int8 activations (fastest). "
+        "onnxruntime's block-wise 8-bit experts always use int8 activations.",
     )
-    candidate: Literal["smallest_within_limits", "fp32", "int8", "int4"] = Field(
+    candidate: Literal["smallest_within_limits", "fp32", "int8", "int4", "int2"] = Field(
         "smallest_within_limits",
         description="Fixed variant, or the smallest whose perplexity and accuracy stay within the limits below.",
     )
@@ -80,6 +103,8 @@ class DeployConfig(BaseModel):
     def _check(self) -> DeployConfig:
         if self.int4_block_size & (self.int4_block_size - 1):
             raise ValueError(f"int4_block_size={self.int4_block_size} must be a power of two in [16, 256]")
+        if self.graph == "traced" and "int2" in self.variants:
+            raise ValueError("variants: int2 needs graph=fused (the traced graph has no 2-bit quantizer)")
         if self.candidate not in ("smallest_within_limits", *self.variants):
             raise ValueError(f"candidate={self.candidate!r} is not among variants={list(self.variants)}")
         return self

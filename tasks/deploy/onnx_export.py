@@ -1,9 +1,12 @@
 """Export stage: the aligned model to ONNX with a KV cache, quantized variants, and the candidate choice.
 
-Each variant (fp32, INT8 weights via `quantize_dynamic`, 4-bit weight-only via `MatMulNBitsQuantizer`) is a
-self-contained chat package (serving/engine.py) measured with onnxruntime on the same held-out evaluation:
-file size, validation perplexity, task accuracy, tokens/s. `DeployConfig` picks which becomes the
-candidate; the package is registered as a version of `trainonce-chat` with alias `candidate`.
+Each variant (fp32, and INT8/INT4/INT2 weights) is a self-contained chat package. By default its graph is written
+from onnxruntime's fused operators (tasks/deploy/fused_graph.py: MatMulNBits and QMoE carry the quantized
+weights); `deploy.graph: traced` exports the PyTorch forward instead and quantizes it with onnxruntime's
+`quantize_dynamic` (INT8) and `MatMulNBitsQuantizer` (INT4). Each package (serving/engine.py) is measured with
+onnxruntime on the same held-out evaluation: file size, validation perplexity, task accuracy, tokens/s.
+`DeployConfig` picks which becomes the candidate; the package is registered as a version of `trainonce-chat`
+with alias `candidate`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from serving.engine import EVERY_TOKEN, MODEL_FILE, TOKENIZER_FILE, ChatPackage,
 from tasks.common.stage_results import OnnxParity
 from tasks.data.config import TaskMixConfig
 from tasks.data.corpus import PreparedData
-from tasks.deploy.config import DeployConfig
+from tasks.deploy.config import DeployConfig, Variant
 from tasks.deploy.evaluate import PackageEvaluation, evaluate_package, held_out_examples
+from tasks.deploy.fused_graph import build_decoder_graph, variant_quant
 
 _SINGLE_FILE_LIMIT = 1_500_000_000  # bytes of fp32 weights above which ONNX needs external data (2 GB proto cap)
 
@@ -137,34 +141,52 @@ def write_package(
     return directory
 
 
-def build_packages(
-    model: ElasticMoE, tokenizer_path: Path, chat_format: ChatFormat, output: Path, config: DeployConfig
-) -> dict[str, Path]:
-    """fp32 package plus each requested quantized variant, one folder each under `output`."""
-    fp32_dir = output / "fp32"
-    export_onnx(model, fp32_dir / MODEL_FILE, config.opset)
-    packages = {
-        "fp32": write_package(model, tokenizer_path, chat_format, fp32_dir, "fp32", config.default_max_new_tokens)
-    }
-    for variant in config.variants:
-        if variant == "fp32":
-            continue
+def save_graph(proto: onnx.ModelProto, path: Path) -> Path:
+    """Write `proto` to `path`, its weights beside it in `<name>.data` when they would pass protobuf's 2 GB cap."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = sum(len(t.raw_data) for t in proto.graph.initializer) > _SINGLE_FILE_LIMIT
+    onnx.save_model(proto, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    return path
+
+
+def write_fused_graphs(model: ElasticMoE, output: Path, config: DeployConfig) -> None:
+    """Each variant's fused graph (tasks/deploy/fused_graph.py), built straight from the PyTorch weights."""
+    for variant in _built_variants(config):
+        save_graph(build_decoder_graph(model, variant_quant(variant, config)).proto, output / variant / MODEL_FILE)
+
+
+def write_traced_graphs(model: ElasticMoE, output: Path, config: DeployConfig) -> None:
+    """The traced fp32 graph, then each quantized variant rewritten from it by onnxruntime's quantizers."""
+    fp32 = export_onnx(model, output / "fp32" / MODEL_FILE, config.opset)
+    for variant in _built_variants(config)[1:]:
         target = output / variant / MODEL_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
         if variant == "int8":
-            quantize_int8(fp32_dir / MODEL_FILE, target, config.int8_per_channel)
-        else:
-            quantize_int4(
-                fp32_dir / MODEL_FILE,
-                target,
-                config.int4_block_size,
-                config.int4_accuracy_level,
-                config.int4_output_bits,
-            )
-        packages[variant] = write_package(
-            model, tokenizer_path, chat_format, target.parent, variant, config.default_max_new_tokens
+            quantize_int8(fp32, target, config.int8_per_channel)
+        else:  # int4 (DeployConfig refuses int2 for the traced graph)
+            quantize_int4(fp32, target, config.int4_block_size, config.int4_accuracy_level, config.int4_output_bits)
+
+
+def _built_variants(config: DeployConfig) -> list[Variant]:
+    return ["fp32", *(v for v in config.variants if v != "fp32")]
+
+
+def build_packages(
+    model: ElasticMoE, tokenizer_path: Path, chat_format: ChatFormat, output: Path, config: DeployConfig
+) -> dict[str, Path]:
+    """fp32 package plus each requested quantized variant, one folder each under `output`, with the graph
+    `config.graph` names."""
+    model = model.eval()
+    if config.graph == "fused":
+        write_fused_graphs(model, output, config)
+    else:
+        write_traced_graphs(model, output, config)
+    return {
+        variant: write_package(
+            model, tokenizer_path, chat_format, output / variant, variant, config.default_max_new_tokens
         )
-    return packages
+        for variant in _built_variants(config)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

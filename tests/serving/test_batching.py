@@ -23,9 +23,11 @@ from .test_server import app_in_process
 QUESTIONS = ["Repeat: king", "Sort: pear apple fig banana cherry", "hi", "Copy: to be or not to be, that is it"]
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4"])
-def package(request, chat_packages) -> ChatPackage:
-    return ChatPackage(chat_packages[request.param], threads=1)
+@pytest.fixture(scope="module", params=["fp32", "int4", "traced-fp32"])
+def package(request, chat_packages, traced_packages) -> ChatPackage:
+    """The fused graph's rows are right-padded, the traced graph's left-padded: both batch exactly."""
+    graph, _, variant = request.param.rpartition("-")
+    return ChatPackage((traced_packages if graph == "traced" else chat_packages)[variant], threads=1)
 
 
 def prompts(package: ChatPackage) -> list[list[int]]:

@@ -56,14 +56,16 @@ def test_greedy_generation_matches_pytorch(chat_model: ElasticMoE, chat_packages
 
 
 def test_quantized_variants_are_smaller_and_close(chat_model, chat_packages) -> None:
-    assert _ops(chat_packages["int8"])["MatMulInteger"] > 0
-    assert _weight_matmuls(chat_packages["fp32"]) > 0
-    assert _ops(chat_packages["int4"])["MatMulNBits"] > 0
-    assert _weight_matmuls(chat_packages["int4"]) == _weight_matmuls(chat_packages["int8"]) == 0  # all quantized
-    int4_graph = onnx.load(str(chat_packages["int4"] / MODEL_FILE)).graph
-    head = next(node for node in int4_graph.node if "logits" in node.output)
-    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
-    assert _ops(chat_packages["fp32"])["Gemm"] == chat_model.config.n_layers  # routers stay fp32
+    """The fused graphs carry every large matrix in MatMulNBits and QMoE; the routers stay fp32 MatMuls."""
+    n_moe = len(chat_model.config.moe_layers)
+    for variant, bits in (("int8", 8), ("int4", 4)):
+        ops = _ops(chat_packages[variant])
+        assert ops["QMoE"] == n_moe * (1 + (chat_model.config.n_shared_experts > 0)) and ops["MoE"] == 0
+        assert ops["MatMulNBits"] == 2 * chat_model.config.n_layers + 1  # q|k|v and o_proj per layer, and the head
+        assert _weight_matmuls(chat_packages[variant]) == n_moe + 1  # routers, and the shared experts' zero router
+        graph = onnx.load(str(chat_packages[variant] / MODEL_FILE)).graph
+        attributes = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node}
+        assert attributes["lm_head"]["bits"] == 8 and attributes["layers.0.self_attn.o_proj"]["bits"] == bits
     sizes = {v: (p / MODEL_FILE).stat().st_size for v, p in chat_packages.items()}
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
     tokens = torch.randint(0, chat_model.config.vocab_size, (4, 32)).numpy()
@@ -74,6 +76,19 @@ def test_quantized_variants_are_smaller_and_close(chat_model, chat_packages) -> 
         full, _ = reference.forward(tokens, reference.empty_past(4))
         agreement = (quantized.argmax(-1) == full.argmax(-1)).mean()
         assert agreement > 0.8, f"{variant}: top-1 agreement {agreement}"
+
+
+def test_the_traced_graph_stays_available_for_shapes_the_fused_one_cannot_express(chat_model, traced_packages) -> None:
+    """`deploy.graph: traced`: the PyTorch forward through torch.onnx, quantized by onnxruntime's quantizers."""
+    assert _ops(traced_packages["int8"])["MatMulInteger"] > 0
+    assert _ops(traced_packages["int4"])["MatMulNBits"] > 0
+    assert _weight_matmuls(traced_packages["int4"]) == _weight_matmuls(traced_packages["int8"]) == 0  # all quantized
+    assert _ops(traced_packages["fp32"])["Gemm"] == chat_model.config.n_layers  # routers stay fp32
+    package = ChatPackage(traced_packages["fp32"])
+    assert package.generator.pads_left and not package.generator.takes_lengths
+    prompts = [package.chat_prompt([Message(role="user", content=t)]) for t in ("Repeat: a b", "Sort: c a")]
+    parity = check_parity(chat_model, package, prompts)
+    assert parity.max_abs_logit_diff <= 1e-4 and parity.greedy_tokens_equal
 
 
 def test_evaluation_measures_every_figure(chat_packages, small_data: PreparedData) -> None:
