@@ -4,9 +4,10 @@ same threads, side by side at each precision, in one run.
     .venv/bin/python benchmarks/llama_cpp_peer.py --workdir runs/pipeline          # the pipeline's champion
     .venv/bin/python benchmarks/llama_cpp_peer.py --shape                          # ~10 M parameters, random
 
-The model is exported both ways: ONNX packages fp32 / INT8 / INT4 (tasks/deploy/onnx_export.py, what
-`trainonce serve` runs) and GGUF f32 / f16 / Q8_0 / Q4_0 / Q4_K_M (tasks/deploy/gguf.py: llama.cpp's converter and
-quantizer). Printed:
+The model is exported both ways: ONNX packages fp32 / INT8 / INT4 / INT2 (tasks/deploy/onnx_export.py, what
+`trainonce serve` runs: the fused graph, and the traced graph as "before") and GGUF f32 / f16 / Q8_0 / Q4_0 /
+Q4_K_M / Q2_K (tasks/deploy/gguf.py: llama.cpp's converter and quantizer). Printed:
+0. file sizes, and onnxruntime kernels per decode step (its profiler) of the traced and the fused graph;
 1. quality (a trained model only): validation perplexity of every file on the same windows the deploy stage
    measures (`EvaluationConfig`), and its change from the float reference of its own runtime;
 2. engine decode speed, batch 1, no HTTP: greedy tokens/s with every token forced, ours
@@ -49,7 +50,18 @@ from tasks.deploy.llama_cpp import find_llama_cpp
 from tasks.deploy.onnx_export import build_packages
 from tasks.pipeline_config import load_pipeline_config
 
-PAIRS = [("fp32", "f32"), ("fp32", "f16"), ("int8", "q8_0"), ("int4", "q4_0"), ("int4", "q4_k_m")]
+PAIRS = [
+    ("fp32", "f32"),
+    ("fp32", "f16"),
+    ("int8", "q8_0"),
+    ("int4", "q4_0"),
+    ("int4", "q4_k_m"),
+    ("int2", "q2_k"),
+    ("traced-fp32", "f32"),  # before the fused graph
+    ("traced-int4", "q4_0"),
+]
+OURS = DeployConfig(variants=("fp32", "int8", "int4", "int2"))
+TRACED = DeployConfig(graph="traced", variants=("fp32", "int4"))
 GGUF = tuple(dict.fromkeys(g for _, g in PAIRS))
 PROMPT = "Repeat: king queen crown"
 
@@ -123,6 +135,25 @@ def onnx_speed(path: Path, prompt: list[int], tokens: int, threads: int, context
 ENGINES = {"onnxruntime": onnx_speed, "llama.cpp": llama_cpp_speed}
 
 
+def kernels_per_step(path: Path, prompt: list[int], steps: int) -> float:
+    """onnxruntime kernels run per decode step (its profiler's node events), after a prefill of `prompt`."""
+    import json
+
+    import onnxruntime as ort
+
+    package = ChatPackage(path, threads=1)
+    _, past = package.generator.forward(np.asarray([prompt]), package.generator.empty_past(1))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path / "profile")
+    session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    package.generator.session = session
+    for _ in range(steps):
+        _, past = package.generator.forward(np.asarray([[prompt[-1]]]), past)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return sum(1 for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")) / steps
+
+
 def engine_speed(engine: str, path: Path, prompt: list[int], tokens: int, threads: int, context: int) -> float:
     """Greedy tokens/s of one engine on one file, measured in a process of its own: neither engine shares thread
     pools (llama.cpp's OpenMP, onnxruntime's) or memory with the other or with the export (timed in one process,
@@ -190,10 +221,22 @@ def main() -> None:
         f"{config.n_layers} layers, {config.n_experts} experts top-{config.top_k}; {args.threads} threads, "
         f"{os.cpu_count()} cores; llama.cpp from {llama_cpp.home}"
     )
-    packages = build_packages(model, tokenizer_path, chat_format, folder / "onnx", DeployConfig())
+    packages = build_packages(model, tokenizer_path, chat_format, folder / "onnx", OURS)
+    traced = build_packages(model, tokenizer_path, chat_format, folder / "traced", TRACED)
+    packages |= {f"traced-{v}": p for v, p in traced.items()}
     gguf = export_gguf(save_model(model, folder / "checkpoint"), tokenizer_path, chat_format, folder / "gguf", GGUF)
     sizes = {v: (p / "model.onnx").stat().st_size for v, p in packages.items()}
     sizes |= {g: path.stat().st_size for g, path in gguf.items()}
+    prompt = ChatPackage(packages["fp32"]).chat_prompt([Message(role="user", content=PROMPT)])
+    print("\nfiles and onnxruntime kernels per decode step (profiler, 8 steps after the prompt)")
+    print(f"{'ours':<12}{'MB':>7}{'kernels':>9}   {'llama.cpp':<9}{'MB':>7}{'ours / llama.cpp':>18}")
+    for ours, theirs in PAIRS:
+        kernels = kernels_per_step(packages[ours], prompt, 8)
+        print(
+            f"{ours:<12}{sizes[ours] / 1e6:>7.2f}{kernels:>9,.0f}   {theirs:<9}{sizes[theirs] / 1e6:>7.2f}"
+            f"{sizes[ours] / sizes[theirs]:>17.2f}x",
+            flush=True,
+        )
 
     if args.workdir:
         windows = validation_windows(data, EvaluationConfig())
@@ -201,21 +244,20 @@ def main() -> None:
         ppl = {v: math.exp(np.mean([g.mean_nll(w) for w in windows])) for v, g in generators.items()}
         ppl |= {g: gguf_perplexity(path, windows, args.threads, config.max_seq_len) for g, path in gguf.items()}
         print(f"\nvalidation perplexity ({len(windows)} batches of {windows[0].shape} tokens, the deploy stage's)")
-        print(f"{'ours':<8}{'ppl':>8}{'vs fp32':>9}   {'llama.cpp':<9}{'ppl':>8}{'vs f32':>8}")
+        print(f"{'ours':<12}{'ppl':>8}{'vs fp32':>9}   {'llama.cpp':<9}{'ppl':>8}{'vs f32':>8}")
         for ours, theirs in PAIRS:
             print(
-                f"{ours:<8}{ppl[ours]:>8.3f}{ppl[ours] / ppl['fp32'] - 1:>+9.2%}   "
+                f"{ours:<12}{ppl[ours]:>8.3f}{ppl[ours] / ppl['fp32'] - 1:>+9.2%}   "
                 f"{theirs:<9}{ppl[theirs]:>8.3f}{ppl[theirs] / ppl['f32'] - 1:>+8.2%}"
             )
 
-    prompt = ChatPackage(packages["fp32"]).chat_prompt([Message(role="user", content=PROMPT)])
     print(f"\nengine decode, batch 1, {args.new_tokens} forced tokens after a {len(prompt)}-token prompt")
-    print(f"{'ours':<8}{'MB':>7}{'tok/s':>9}   {'llama.cpp':<9}{'MB':>7}{'tok/s':>9}{'ours / llama.cpp':>18}")
+    print(f"{'ours':<12}{'MB':>7}{'tok/s':>9}   {'llama.cpp':<9}{'MB':>7}{'tok/s':>9}{'ours / llama.cpp':>18}")
     for ours, theirs in PAIRS:
         mine = engine_speed("onnxruntime", packages[ours], prompt, args.new_tokens, args.threads, config.max_seq_len)
         peer = engine_speed("llama.cpp", gguf[theirs], prompt, args.new_tokens, args.threads, config.max_seq_len)
         print(
-            f"{ours:<8}{sizes[ours] / 1e6:>7.2f}{mine:>9,.0f}   {theirs:<9}{sizes[theirs] / 1e6:>7.2f}{peer:>9,.0f}"
+            f"{ours:<12}{sizes[ours] / 1e6:>7.2f}{mine:>9,.0f}   {theirs:<9}{sizes[theirs] / 1e6:>7.2f}{peer:>9,.0f}"
             f"{mine / peer:>17.2f}x",
             flush=True,
         )
@@ -225,7 +267,7 @@ def main() -> None:
     versions = {
         variant: register_chat_package(workdir, logger.run_id, packages[variant], {"quantization": variant},
                                        CHAT_PYFUNC_CODE).version
-        for variant in ("fp32", "int8", "int4")
+        for variant in ("fp32", "int8", "int4", "traced-fp32")
     }  # fmt: skip
     logger.finish()
     slots = max(args.clients)
@@ -233,6 +275,8 @@ def main() -> None:
     print(f"\nservers: {args.requests} streamed chat requests per row, {args.max_tokens} forced tokens each")
     print(f"{'server':<30}{'clients':>8}{'tok/s':>11}{'TTFT ms':>10}{'errors':>8}")
     for ours, theirs in PAIRS:
+        if ours not in versions:
+            continue
         port = free_port()
         server_rows(
             f"trainonce serve {ours}",

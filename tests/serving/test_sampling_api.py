@@ -159,7 +159,10 @@ def test_echo_returns_the_prompt_with_its_teacher_forced_logprobs(client: openai
     for index in (0, 1):
         chunks = [c.choices[0] for c in streamed if c.choices[0].index == index]
         assert "".join(c.text for c in chunks) == choice.text
-        assert [lp for c in chunks if c.logprobs for lp in c.logprobs.token_logprobs] == choice.logprobs.token_logprobs
+        streamed_logprobs = [lp for c in chunks if c.logprobs for lp in c.logprobs.token_logprobs]
+        assert streamed_logprobs[0] is None and len(streamed_logprobs) == len(choice.logprobs.token_logprobs)
+        # two prompts decode in one batch here: the same math, summed in another order (fp32 rounding)
+        np.testing.assert_allclose(streamed_logprobs[1:], choice.logprobs.token_logprobs[1:], atol=1e-5)
     text_only = client.completions.create(prompt=SPEECH, max_tokens=0, model=CHAT_MODEL, echo=True).choices[0]
     assert text_only.text == SPEECH and text_only.logprobs is None
 
