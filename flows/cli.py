@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from serving.model_source import DEFAULT_BATCHING, Batching
 from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides
 
 
@@ -134,7 +135,6 @@ def _at_least_one(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from serving.model_source import Batching
     from serving.server import serve
 
     try:
@@ -279,10 +279,16 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--poll-seconds", type=float, default=5.0, help="how often to check whether the alias moved")
     serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     serve.add_argument(
-        "--max-batch", type=_at_least_one, default=32, help="sequences per batched decode step (1: each decodes alone)"
+        "--max-batch",
+        type=_at_least_one,
+        default=DEFAULT_BATCHING.max_batch,
+        help="sequences per batched decode step (1: each decodes alone)",
     )
     serve.add_argument(
-        "--max-waiting", type=_at_least_one, default=256, help="sequences queued for the batch before requests get 429"
+        "--max-waiting",
+        type=_at_least_one,
+        default=DEFAULT_BATCHING.max_waiting,
+        help="sequences queued for the batch before requests get 429",
     )
     promote = registry_parser("promote", cmd_promote, "point MODEL@champion at VERSION (which must exist)")
     promote.add_argument("version", help="registered version number")

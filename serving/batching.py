@@ -113,7 +113,7 @@ class _Batch:
 class DecodeBatcher:
     """Decodes every submitted sequence in a shared batch of at most `max_batch` rows."""
 
-    def __init__(self, package: ChatPackage, max_batch: int = 32, max_waiting: int = 256) -> None:
+    def __init__(self, package: ChatPackage, max_batch: int, max_waiting: int) -> None:
         if not package.generator.batches_rows:
             raise ValueError(
                 f"{package.directory} predates batched decoding (neither seqlens_k nor pad_lengths input): re-export it"

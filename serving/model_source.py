@@ -56,10 +56,12 @@ def decode_latency_ms(package: ChatPackage, new_tokens: int = 16, repeats: int =
 
 @dataclass(frozen=True)
 class Batching:
-    """How the server batches decode steps: up to `max_batch` rows per call (1: off), `max_waiting` queued."""
+    """How the server batches decode steps: up to `max_batch` rows per call (1: off), `max_waiting` queued. The
+    queue is deep, as vLLM's is unbounded: load tools (guidellm's sweep) send hundreds of requests at once and expect
+    them queued, not refused; beyond it a request gets 429."""
 
     max_batch: int = 32
-    max_waiting: int = 256
+    max_waiting: int = 2048
 
 
 DEFAULT_BATCHING = Batching()

@@ -44,7 +44,7 @@ def test_a_batched_sequence_decodes_exactly_as_it_does_alone(package: ChatPackag
     budgets = [14, 9, 20, 12]
     alone = [package.complete(p, b, s) for p, b, s in zip(prompts(package), budgets, params, strict=True)]
     for max_batch in (4, 2):  # all rows at once, and rows joining as others leave
-        batcher = DecodeBatcher(package, max_batch=max_batch)
+        batcher = DecodeBatcher(package, max_batch=max_batch, max_waiting=8)
         decoders = [package.decoder(p, b, s) for p, b, s in zip(prompts(package), budgets, params, strict=True)]
         streams = batcher.submit(decoders)
         for expected, decoder, stream in zip(alone, decoders, streams, strict=True):
@@ -73,6 +73,22 @@ def test_a_full_queue_is_refused_before_decoding_and_abandoned_rows_leave(packag
         assert time.monotonic() < deadline, "the abandoned sequence kept decoding"
         time.sleep(0.05)
     assert long.completion_tokens < package.room_for(prompt)
+
+
+def test_every_sequence_the_server_may_hold_can_wait_in_a_thread_of_its_own(make_chat_registry, tmp_path) -> None:
+    """Starlette sends each streamed chunk from a worker thread, where the stream waits for its next piece: the app
+    sizes anyio's pool for every sequence its members may hold (decoding or queued), beside the default 40."""
+    import anyio
+    import anyio.to_thread
+
+    source = ModelSource(make_chat_registry(), CHAT_MODEL, None, "1", tmp_path, batching=Batching(8, 300))
+    app = create_app(Family([source]))
+
+    async def pool_size_while_serving() -> int:
+        async with app.router.lifespan_context(app):
+            return anyio.to_thread.current_default_thread_limiter().total_tokens
+
+    assert anyio.run(pool_size_while_serving) == 40 + 8 + 300
 
 
 @pytest.fixture(scope="module")
