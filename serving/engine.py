@@ -97,6 +97,11 @@ class OnnxGenerator:
         logits, *present = self.session.run(None, feeds)
         return logits, present
 
+    def sequence(self) -> CachedSequence | InPlaceSequence:
+        """One sequence decoded on its own, its cache kept between calls: in place in the fused graph's shared
+        buffers, else passed in and out of every call."""
+        return InPlaceSequence(self) if self.takes_lengths else CachedSequence(self)
+
     def mean_nll(self, tokens: np.ndarray) -> float:
         """Mean next-token negative log-likelihood of `tokens` (B, T), all in one prefill."""
         logits, _ = self.forward(tokens[:, :-1], self.empty_past(tokens.shape[0]))
@@ -105,6 +110,66 @@ class OnnxGenerator:
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
         targets = tokens[:, 1:]
         return float(-np.take_along_axis(log_probs, targets[..., None], axis=-1).mean())
+
+
+class CachedSequence:
+    """One sequence whose cache goes into and comes out of every call (any graph)."""
+
+    def __init__(self, generator: OnnxGenerator) -> None:
+        self.generator, self.past = generator, generator.empty_past(1)
+
+    def feed(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run `tokens` after the cached ones -> the logits (V,) after the last of them."""
+        logits, self.past = self.generator.forward(np.asarray([tokens], dtype=np.int64), self.past)
+        return logits[0, -1]
+
+
+class InPlaceSequence:
+    """One sequence on the fused graph with its cache updated in place (onnxruntime-genai's past-present shared
+    buffer): each cache tensor is one (1, n_kv, max_seq_len, hd) buffer bound as both the layer's past input and
+    its present output, so GroupQueryAttention writes the new keys and values into it and nothing is copied or
+    allocated per step; the step's inputs and logits are bound once too. At batch 1 a small model's step is mostly
+    such per-call work (binding 2 * n_layers + 3 inputs, converting as many outputs), not kernels."""
+
+    def __init__(self, generator: OnnxGenerator) -> None:
+        config = generator.config
+        self.session, self.length, self.limit = generator.session, 0, config.max_seq_len
+        self.binding = self.session.io_binding()
+        shape = (1, config.n_kv_heads, config.max_seq_len, config.head_dim)
+        self.cache = [np.zeros(shape, np.float32) for _ in generator.past_names]  # kept alive: bound by address
+        for past, cache in zip(generator.past_names, self.cache, strict=True):
+            buffer = ort.OrtValue.ortvalue_from_numpy(cache)
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(past.replace("past_", "present_"), buffer)
+        # one-token steps read and write these arrays through values bound to their memory
+        self.token, self.last = np.zeros((1, 1), np.int64), np.zeros(1, np.int32)
+        self.total, self.logits = np.zeros((), np.int32), np.zeros((1, 1, config.vocab_size), np.float32)
+        self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.last))
+        self.binding.bind_ortvalue_input("total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self.total))
+        self._stepping = False
+
+    def feed(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run `tokens` after the cached ones -> the logits (V,) after the last of them."""
+        total = self.length + len(tokens)
+        if total > self.limit:
+            raise ValueError(f"sequence length {total} exceeds max_seq_len={self.limit}")
+        self.last[0], self.total[...] = total - 1, total
+        if len(tokens) == 1:
+            if not self._stepping:
+                self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.token))
+                self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+                self._stepping = True
+            self.token[0, 0] = tokens[0]
+            self.session.run_with_iobinding(self.binding)
+            self.length = total
+            return self.logits[0, -1]
+        logits = np.empty((1, len(tokens), self.logits.shape[-1]), np.float32)
+        self.binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self._stepping = False
+        self.session.run_with_iobinding(self.binding)
+        self.length = total
+        return logits[0, -1]
 
 
 class ChatPackage:
@@ -157,14 +222,13 @@ class ChatPackage:
     def decode(self, decoder: SequenceDecoder) -> Iterator[Piece]:
         """Run `decoder` to its end, one cached forward step per token, yielding each piece of final text
         (and the tokens it completes) as soon as it is known."""
-        past = self.generator.empty_past(1)
-        step = np.asarray([decoder.prompt], dtype=np.int64)
+        sequence = self.generator.sequence()
+        step: Sequence[int] = decoder.prompt
         while not decoder.finished:
-            logits, past = self.generator.forward(step, past)
-            piece = decoder.step(logits[0, -1])
+            piece = decoder.step(sequence.feed(step))
             if piece.text or piece.tokens:
                 yield piece
-            step = np.asarray([[decoder.next_input]], dtype=np.int64)
+            step = (decoder.next_input,)
 
     def complete(
         self,

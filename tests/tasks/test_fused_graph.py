@@ -5,6 +5,8 @@ shape the operators cannot express is refused naming the field."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -232,3 +234,49 @@ def test_a_shape_the_fused_graph_cannot_express_is_refused_before_training(model
     assert "deploy.graph: traced" in str(refused.value)
     with pytest.raises(UnsupportedGraph, match=field):
         check_fused_graph(MoEConfig(**model), variant_quant("int4", DeployConfig()))
+
+
+@functools.cache
+def onnxruntime_has_a_gpu() -> bool:
+    """Whether onnxruntime's CUDA provider really runs here (onnxruntime-gpu lists it on every machine, and a session
+    asked for it falls back to the CPU when no device is present)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    one_node = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        ),
+        ir_version=10,
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    try:
+        session = ort.InferenceSession(one_node.SerializeToString(), providers=["CUDAExecutionProvider"])
+    except Exception:  # no CUDA runtime or device
+        return False
+    return session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+@pytest.mark.skipif("not onnxruntime_has_a_gpu()", reason="no CUDA device for onnxruntime here")
+@pytest.mark.parametrize("quant", [None, WeightQuant(bits=4, head_bits=8, block_size=32, accuracy_level=0)])
+@pytest.mark.parametrize("shape", ["tiny", "dense-first"])
+def test_the_same_graph_runs_on_cuda(shape: str, quant: WeightQuant | None) -> None:
+    """onnxruntime-gpu is the declared runtime: the graph the deploy stage writes runs on its CUDA provider too."""
+    model = make_model(shape)
+    fused = build_decoder_graph(model, quant)
+    session = ort.InferenceSession(fused.proto.SerializeToString(), providers=["CUDAExecutionProvider"])
+    config = model.config
+    tokens = torch.randint(0, config.vocab_size, (1, 24))
+    empty = np.zeros((1, config.n_kv_heads, 0, config.attn_head_dim), np.float32)
+    feeds = {
+        "input_ids": tokens.numpy(),
+        "seqlens_k": np.array([23], np.int32),
+        "total_sequence_length": np.array(24, np.int32),
+        **{f"past_{kind}_{i}": empty for i in range(config.n_layers) for kind in ("key", "value")},
+    }
+    logits = session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        expected = (model if quant is None else fused.model_with_weights(model))(tokens).logits.numpy()
+    assert np.abs(logits - expected).max() <= (1e-3 if quant is None else 2e-2)  # TF32 and fused CUDA kernels
