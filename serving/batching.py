@@ -3,10 +3,11 @@
 A small model on a CPU spends most of a single-row decode step in per-call overhead, so requests that decode
 alone leave the cores idle (32 concurrent clients used about one core). Here one loop thread owns a batch:
 each new sequence is prefilled alone and joins the batch, and every step feeds the batch's last tokens in one
-call. Rows of different lengths share the cache tensors, padded (each row's length is fed to the graph, which masks
-the padding and leaves it out of the rotary positions: serving/engine.py), so every row computes exactly what it
-computes alone. Finished and abandoned rows leave the batch at once; columns that became padding for
-every row are cut off.
+call. Rows of different lengths share the cache tensors (each row's length is fed to the graph, which ignores the
+rest of its row and leaves it out of the rotary positions: serving/engine.py), so every row computes exactly what
+it computes alone. On the fused graph each row owns a slot of preallocated caches that the graph updates in place;
+on the traced graph the caches pass in and out of every call, left-padded. Finished and abandoned rows leave the
+batch at once.
 
 The queue is bounded: a sequence submitted while `max_waiting` are already waiting is refused (`QueueFull`),
 before anything is decoded, and the server answers 429. The loop thread exits when it has nothing to do and
@@ -21,8 +22,10 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from serving.decoding import Piece, SequenceDecoder
 from serving.engine import ChatPackage
@@ -63,51 +66,126 @@ class _PieceStream(Iterator[Piece]):
         self.sequence.abandoned = True
 
 
-@dataclass
-class _Batch:
-    """The running rows: their sequences, cache tensors (B, nkv, L, hd) and how many of the L columns hold each
-    row's tokens (B,). The rest is padding: on the right for the fused graph, on the left for the traced one
-    (OnnxGenerator.forward)."""
+class _PaddedBatch:
+    """Rows of the traced graph (models/onnx_forward.py): cache tensors (B, nkv, L, hd) passed into and out of every
+    call, each row's tokens at the right end of the L columns and left padding before them."""
 
-    left_padded: bool
-    rows: list[_Sequence] = field(default_factory=list)
-    past: list[np.ndarray] = field(default_factory=list)
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    def __init__(self, package: ChatPackage) -> None:
+        self.generator = package.generator
+        self.rows: list[_Sequence] = []
+        self.past: list[np.ndarray] = []
+        self.lengths = np.zeros(0, np.int64)  # (B,) the columns that hold each row's tokens
 
-    def add(self, sequence: _Sequence, past: list[np.ndarray]) -> None:
-        """Join a freshly prefilled row (its cache (1, nkv, L', hd)), padding whichever cache is narrower."""
+    def join(self, sequence: _Sequence) -> np.ndarray:
+        """Prefill `sequence` alone and add it as the last row; the logits (V,) after its prompt."""
+        prompt = np.asarray([sequence.decoder.prompt], dtype=np.int64)
+        logits, past = self.generator.forward(prompt, self.generator.empty_past(1))
         new = past[0].shape[2]
-        if not self.rows:
-            self.rows, self.past, self.lengths = [sequence], past, np.array([new], np.int64)
-            return
-        width = max(new, self.past[0].shape[2])
+        if self.rows:
+            width = max(new, self.past[0].shape[2])
+            past = [
+                np.concatenate([_left_pad(b, width), _left_pad(p, width)]) for b, p in zip(self.past, past, strict=True)
+            ]
         self.rows.append(sequence)
-        self.past = [
-            np.concatenate([self._widen(b, width), self._widen(p, width)]) for b, p in zip(self.past, past, strict=True)
-        ]
-        self.lengths = np.append(self.lengths, new)
+        self.past, self.lengths = past, np.append(self.lengths, new)
+        return logits[0, -1]
 
-    def _widen(self, cache: np.ndarray, width: int) -> np.ndarray:
-        missing = width - cache.shape[2]
-        if not missing:
-            return cache
-        side = (missing, 0) if self.left_padded else (0, missing)
-        return np.pad(cache, ((0, 0), (0, 0), side, (0, 0)))
-
-    def stepped(self, present: list[np.ndarray]) -> None:
-        """Every row took one more token."""
-        self.past, self.lengths = present, self.lengths + 1
+    def step(self) -> np.ndarray:
+        """Feed every row its next input -> the logits (B, V)."""
+        tokens = np.asarray([[s.decoder.next_input] for s in self.rows], dtype=np.int64)
+        logits, self.past = self.generator.forward(tokens, self.past, self.lengths)
+        self.lengths = self.lengths + 1
+        return logits[:, -1]
 
     def keep(self, keep: list[int]) -> None:
         """Keep only the rows at `keep`; cut the columns that are padding in every remaining row."""
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.past, self.lengths = [], np.zeros(0, np.int64)
-            return
         self.lengths = self.lengths[keep]
-        width, longest = self.past[0].shape[2], int(self.lengths.max())
-        columns = slice(width - longest, width) if self.left_padded else slice(0, longest)
-        self.past = [p[keep][:, :, columns] for p in self.past]
+        longest = int(self.lengths.max()) if keep else 0
+        self.past = [p[keep][:, :, p.shape[2] - longest :] for p in self.past] if keep else []
+
+
+def _left_pad(cache: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(cache, ((0, 0), (0, 0), (width - cache.shape[2], 0), (0, 0)))
+
+
+class _SlotBatch:
+    """Rows of the fused graph in slots of preallocated caches (max_batch, nkv, max_seq_len, hd), updated in place:
+    the first B slots are bound as both the past inputs and the present outputs (serving/engine.py's
+    InPlaceSequence, batched), so a step copies no cache. A row joins by being prefilled straight into its slot; a row
+    that leaves is replaced by the last one (one row's cache copied). Row b's tokens fill its slot's first
+    lengths[b] columns; what lies beyond is ignored (GroupQueryAttention reads each row's length)."""
+
+    def __init__(self, package: ChatPackage, max_batch: int) -> None:
+        generator, config = package.generator, package.config
+        self.session, self.names = generator.session, generator.past_names
+        shape = (max_batch, config.n_kv_heads, config.max_seq_len, config.head_dim)
+        self.cache = [np.zeros(shape, np.float32) for _ in self.names]
+        self.lengths = np.zeros(max_batch, np.int64)
+        self.tokens = np.zeros((max_batch, 1), np.int64)
+        self.last = np.zeros(max_batch, np.int32)  # seqlens_k: each row's length after the step, minus 1
+        self.total = np.zeros((), np.int32)
+        self.logits = np.zeros((max_batch, 1, config.vocab_size), np.float32)
+        self.rows: list[_Sequence] = []
+        self.binding, self.bound = self.session.io_binding(), 0  # the step's binding, for `bound` rows
+
+    def _bind(self, binding: Any, rows: slice, **arrays: np.ndarray) -> None:
+        for name, cache in zip(self.names, self.cache, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(cache[rows])
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
+        for name, array in arrays.items():
+            bind = binding.bind_ortvalue_output if name == "logits" else binding.bind_ortvalue_input
+            bind(name, ort.OrtValue.ortvalue_from_numpy(array))
+
+    def join(self, sequence: _Sequence) -> np.ndarray:
+        """Prefill `sequence` into the next free slot -> the logits (V,) after its prompt."""
+        slot, prompt = len(self.rows), sequence.decoder.prompt
+        logits = np.empty((1, len(prompt), self.logits.shape[-1]), np.float32)
+        binding = self.session.io_binding()
+        self._bind(
+            binding,
+            slice(slot, slot + 1),
+            input_ids=np.asarray([prompt], dtype=np.int64),
+            seqlens_k=np.array([len(prompt) - 1], np.int32),
+            total_sequence_length=np.array(len(prompt), np.int32),
+            logits=logits,
+        )
+        self.session.run_with_iobinding(binding)
+        self.rows.append(sequence)
+        self.lengths[slot] = len(prompt)
+        return logits[0, -1]
+
+    def step(self) -> np.ndarray:
+        """Feed every row its next input -> the logits (B, V)."""
+        b = len(self.rows)
+        if b != self.bound:
+            rows = slice(0, b)
+            self._bind(
+                self.binding,
+                rows,
+                input_ids=self.tokens[rows],
+                seqlens_k=self.last[rows],
+                total_sequence_length=self.total,
+                logits=self.logits[rows],
+            )
+            self.bound = b
+        self.tokens[:b, 0] = [s.decoder.next_input for s in self.rows]
+        self.last[:b] = self.lengths[:b]
+        self.total[...] = self.lengths[:b].max() + 1
+        self.session.run_with_iobinding(self.binding)
+        self.lengths[:b] += 1
+        return self.logits[:b, 0]
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the rows at `keep`, moved down to the first slots in their order."""
+        for slot, row in enumerate(keep):
+            if slot != row:
+                length = self.lengths[row]
+                for cache in self.cache:
+                    cache[slot, :, :length] = cache[row, :, :length]
+                self.lengths[slot] = length
+        self.rows = [self.rows[i] for i in keep]
 
 
 class DecodeBatcher:
@@ -154,9 +232,11 @@ class DecodeBatcher:
                 ]
             try:
                 for sequence in joining:
-                    self._prefill(sequence, batch)
+                    if not self._emit(sequence, batch.join(sequence)):
+                        batch.keep(list(range(len(batch.rows) - 1)))
                 if batch.rows:
-                    self._step(batch)
+                    logits = batch.step()
+                    batch.keep([i for i, s in enumerate(batch.rows) if self._emit(s, logits[i])])
             except Exception as error:  # a failed call fails the rows it was computing, not the server
                 log.exception("batched decoding failed")
                 for sequence in [*batch.rows, *joining]:
@@ -164,21 +244,10 @@ class DecodeBatcher:
                 batch = self._new_batch()
             self.running = len(batch.rows)
 
-    def _new_batch(self) -> _Batch:
-        return _Batch(left_padded=self.package.generator.pads_left)
-
-    def _prefill(self, sequence: _Sequence, batch: _Batch) -> None:
-        generator = self.package.generator
-        prompt = np.asarray([sequence.decoder.prompt], dtype=np.int64)
-        logits, past = generator.forward(prompt, generator.empty_past(1))
-        if self._emit(sequence, logits[0, -1]):
-            batch.add(sequence, past)
-
-    def _step(self, batch: _Batch) -> None:
-        tokens = np.asarray([[s.decoder.next_input] for s in batch.rows], dtype=np.int64)
-        logits, present = self.package.generator.forward(tokens, batch.past, batch.lengths)
-        batch.stepped(present)
-        batch.keep([i for i, s in enumerate(batch.rows) if self._emit(s, logits[i, -1])])
+    def _new_batch(self) -> _SlotBatch | _PaddedBatch:
+        if self.package.generator.takes_lengths:
+            return _SlotBatch(self.package, self.max_batch)
+        return _PaddedBatch(self.package)
 
     @staticmethod
     def _emit(sequence: _Sequence, logits: np.ndarray) -> bool:

@@ -13,6 +13,7 @@ from prefect.states import Crashed, Running, Scheduled
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.automations import MAX_RESTARTS_ENV, automations, max_restarts, refuse_endless_restarts
+from flows.cli import EPHEMERAL_STARTUP_SECONDS
 
 
 @flow(name="restartable")
@@ -23,7 +24,7 @@ def restartable() -> str:
 
 @pytest.fixture(scope="module")
 def harness() -> Iterator[None]:
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=EPHEMERAL_STARTUP_SECONDS):
         yield
 
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.cli import main
+from flows.cli import EPHEMERAL_STARTUP_SECONDS, main
 from registry.names import CHAT_MODEL
 from registry.promotion import CHAMPION, alias_version
 from registry.tracking import store_client
@@ -38,7 +38,7 @@ def test_one_run_deploys_a_family_that_one_server_serves(
         "deploy.hugging_face=false",
         "family=[{name: large, active_params_fraction: 0.75}]",
     ]
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=EPHEMERAL_STARTUP_SECONDS):
         main(["pipeline", "--config", "tiny", "--workdir", str(workdir), *(f"--set={o}" for o in overrides)])
     out = capsys.readouterr().out
     assert f"--also {LARGE}" in out and "family member large" in out

@@ -13,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from flows.cli import main
+from flows.cli import EPHEMERAL_STARTUP_SECONDS, main
 from models.chat_format import Message, chat_format_of
 from registry.models import download_chat_package, download_checkpoint
 from registry.tracking import store_client
@@ -49,7 +49,8 @@ def test_pipeline_from_an_imported_checkpoint_keeps_its_chat_format_to_serving(
         "deploy.variants=[fp32]",
         "deploy.hugging_face=true",
     ]
-    with prefect_test_harness():  # Prefect's own test server, stopped (and its logs flushed) when the run ends
+    # Prefect's own test server, stopped (and its logs flushed) when the run ends
+    with prefect_test_harness(server_startup_timeout=EPHEMERAL_STARTUP_SECONDS):
         main(["pipeline", "--config", "tiny", "--workdir", str(workdir), *(f"--set={o}" for o in overrides)])
     out = capsys.readouterr().out
     assert "supernet registered as models:/trainonce-supernet/2" in out
