@@ -266,6 +266,7 @@ def test_openapi_declares_the_errors_the_routes_answer(server) -> None:
     for path, method in (
         ("/v1/chat/completions", "post"),
         ("/v1/completions", "post"),
+        ("/v1/responses", "post"),
         ("/v1/models", "get"),
         ("/v1/models/{model}", "get"),
     ):
@@ -276,7 +277,7 @@ def test_openapi_declares_the_errors_the_routes_answer(server) -> None:
         for code in errors:
             schema = responses[code]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
         assert {"400", "404"} <= set(paths[path]["post"]["responses"])
     assert "404" in paths["/v1/models/{model}"]["get"]["responses"]
 
@@ -289,6 +290,7 @@ def test_openapi_declares_the_typed_answers(server) -> None:
         ("/v1/models/{model}", "get", "ModelCard"),
         ("/v1/chat/completions", "post", "ChatCompletion"),
         ("/v1/completions", "post", "Completion"),
+        ("/v1/responses", "post", "ResponseObject"),
     ):
         answer = document["paths"][path][method]["responses"]["200"]["content"]
         assert answer["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
