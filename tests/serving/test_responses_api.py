@@ -198,3 +198,30 @@ def test_defaults_a_client_sends_are_served(fp32_client: openai.OpenAI) -> None:
         user="someone",
     )
     assert served.store is False and served.status in ("completed", "incomplete")
+
+
+@pytest.mark.slow
+def test_langchain_openai_on_the_responses_api(fp32_url: str, fp32_client: openai.OpenAI) -> None:
+    """langchain-openai's `use_responses_api=True` (its requests and its parsing of the answer and the events)."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=CHAT_MODEL,
+        base_url=f"{fp32_url}/v1",
+        api_key=API_KEY,
+        use_responses_api=True,
+        max_tokens=12,
+        temperature=0,
+        max_retries=0,
+    )
+    expected = fp32_client.responses.create(model=CHAT_MODEL, input=QUESTION, max_output_tokens=12, temperature=0)
+    reply = chat.invoke([("system", "Answer."), ("human", QUESTION)])
+    with_instructions = fp32_client.responses.create(
+        model=CHAT_MODEL,
+        input=[{"role": "system", "content": "Answer."}, {"role": "user", "content": QUESTION}],
+        max_output_tokens=12,
+    )
+    assert reply.text == with_instructions.output_text
+    assert reply.usage_metadata["input_tokens"] == with_instructions.usage.input_tokens
+    streamed = "".join(chunk.text for chunk in chat.stream(QUESTION))
+    assert streamed == expected.output_text
