@@ -6,11 +6,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import openai
@@ -34,9 +36,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health") -> httpx.Response:
+def wait_healthy(
+    url: str, process: subprocess.Popen, path: str = "/health", log: IO[str] | None = None
+) -> httpx.Response:
+    """`log`: the file the server writes to, when not its stdout pipe."""
+
     def output() -> str:  # the server's own words, once it has exited
-        return process.stdout.read() if process.stdout and process.poll() is not None else ""
+        if process.poll() is None:
+            return ""
+        if log is not None:
+            log.seek(0)
+            return log.read()
+        return process.stdout.read() if process.stdout else ""
 
     return wait_until_ready(http_ok(f"{url}{path}"), f"the server at {url}", process, log=output)
 
@@ -44,10 +55,12 @@ def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health") -> 
 @contextmanager
 def running_server(workdir: Path, *options: str) -> Iterator[str]:
     """`trainonce serve` on the registry in `workdir` (champion alias), in its own process, until the block ends;
-    `options` are more command-line options."""
+    `options` are more command-line options. Its output goes to a file: a pipe nobody reads fills up after a few
+    hundred requests' access-log lines, and the server then blocks on its next write (schemathesis saw it hang)."""
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed when the block ends
     process = subprocess.Popen(
         [
             sys.executable,
@@ -68,19 +81,20 @@ def running_server(workdir: Path, *options: str) -> Iterator[str]:
         ],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    with serving(process, f"http://127.0.0.1:{port}") as url:
+    with log, serving(process, f"http://127.0.0.1:{port}", log) as url:
         yield url
 
 
 @contextmanager
-def serving(process: subprocess.Popen, url: str) -> Iterator[str]:
-    """A server process listening at `url`, once its /health answers, until the block ends."""
+def serving(process: subprocess.Popen, url: str, log: IO[str] | None = None) -> Iterator[str]:
+    """A server process listening at `url`, once its /health answers, until the block ends; `log` as for
+    `wait_healthy`."""
     try:
-        wait_healthy(url, process)
+        wait_healthy(url, process, log=log)
         yield url
     finally:
         process.terminate()
