@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
 from pydantic_core import PydanticCustomError
 
 from models.chat_format import Message
@@ -275,6 +275,11 @@ class ChatCompletionRequest(_ChoicesRequest):
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
+# What the OpenAPI document declares a prompt to be: nothing in it may be empty, which the endpoint refuses with
+# its own error naming `prompt` (declaring it lets a schema-driven client, such as schemathesis, know)
+_Text = Annotated[str, Field(min_length=1)]
+_Ids = Annotated[TokenIds, Field(min_length=1)]
+PromptInput = _Text | Annotated[list[_Text], Field(min_length=1)] | _Ids | Annotated[list[_Ids], Field(min_length=1)]
 
 
 class CompletionRequest(_ChoicesRequest):
@@ -295,9 +300,10 @@ class CompletionRequest(_ChoicesRequest):
     )
     logprobs: TopLogprobs | None = Field(None, description="Alternatives per token (0: the chosen token's only).")
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap", json_schema_input_type=PromptInput)
     @classmethod
-    def _encodable_prompt(cls, prompt: Any) -> Any:
+    def _encodable_prompt(cls, given: Any, validate: ValidatorFunctionWrapHandler) -> Any:
+        prompt = validate(given)
         _encodable([p for p in ([prompt] if isinstance(prompt, str) else prompt) if isinstance(p, str)])
         return prompt
 

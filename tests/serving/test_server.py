@@ -354,6 +354,8 @@ def test_openapi_declares_the_limits_the_server_enforces(server) -> None:
     assert bounds(chat, "top_p") == {"exclusiveMinimum": 0, "maximum": 1}
     assert bounds(chat, "presence_penalty") == bounds(chat, "frequency_penalty") == {"minimum": -2, "maximum": 2}
     assert bounds(chat, "top_logprobs") == bounds("CompletionRequest", "logprobs") == {"minimum": 0, "maximum": 20}
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]  # nothing in a prompt may be empty
+    assert [p.get("minLength", p.get("minItems")) for p in prompt] == [1, 1, 1, 1]
     stop = schemas[chat]["properties"]["stop"]["anyOf"]
     assert {"type": "string", "minLength": 1, "maxLength": 256} in stop
     assert any(s.get("maxItems") == 16 and s["items"].get("minLength") == 1 for s in stop)
