@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over a family of models (serving/family.py; often one): /health, /metrics
 (Prometheus), /v1/models, /v1/models/{model}, /v1/completions, /v1/chat/completions (with SSE streaming ending in
-`data: [DONE]`). A request names a member, or sets a latency budget and is routed to the best member that fits.
+`data: [DONE]`), /v1/responses (OpenAI's Responses API, streamed as its typed events). A request names a member,
+or sets a latency budget and is routed to the best member that fits.
 
 `create_app` only assembles the app: its state, its error handling (serving/errors.py), the request counter, and
 one router per endpoint group (serving/routes/).
@@ -17,9 +18,9 @@ from fastapi import FastAPI
 from serving.errors import install_error_handling
 from serving.family import Family
 from serving.metrics import CountedRequests, ServingMetrics
-from serving.routes import chat, completions, health, models
+from serving.routes import chat, completions, health, models, responses
 
-ROUTERS = (health.router, models.router, chat.router, completions.router)
+ROUTERS = (health.router, models.router, chat.router, completions.router, responses.router)
 OTHER_REQUEST_THREADS = 40  # anyio's default pool, kept for everything besides waiting on a sequence's pieces
 
 

@@ -20,7 +20,7 @@ from serving.errors import ApiError
 from serving.family import Family
 from serving.metrics import ServingMetrics
 from serving.model_source import LoadedModel
-from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.protocol import GenerationRequest
 
 LATENCY_HEADER = "X-Max-Ms-Per-Token"  # a latency budget, for clients that cannot add body fields
 
@@ -80,7 +80,7 @@ async def _named_model(model: str, family: ServedFamily) -> LoadedModel:
 NamedModel = Annotated[LoadedModel, Depends(_named_model)]  # the model a path's {model} names
 
 
-def _latency_budget(request: ChatCompletionRequest | CompletionRequest, http: Request) -> float | None:
+def _latency_budget(request: GenerationRequest, http: Request) -> float | None:
     """The request's `max_ms_per_token`, from its body or its `X-Max-Ms-Per-Token` header."""
     header = http.headers.get(LATENCY_HEADER)
     if request.max_ms_per_token is not None or header is None:
@@ -99,7 +99,7 @@ def _latency_budget(request: ChatCompletionRequest | CompletionRequest, http: Re
     return budget
 
 
-def requested_model(request: ChatCompletionRequest | CompletionRequest, http: Request, family: Family) -> LoadedModel:
+def requested_model(request: GenerationRequest, http: Request, family: Family) -> LoadedModel:
     """The model a generation request runs on. Not a dependency: it reads the request's body, which only the
     endpoint declares."""
     return _model_for(family, request.model, _latency_budget(request, http))

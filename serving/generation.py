@@ -1,13 +1,16 @@
-"""What both generation endpoints do around their prompt: check the request's sampling controls and token budget
+"""What every generation endpoint does around its prompt: check the request's sampling controls and token budget
 against the model it runs on, decode its choices (counted and timed per model, refused with a 429 when the batch
-queue is full) and answer in the endpoint's shape (serving/responses.py), whole or streamed.
+queue is full) and answer in the endpoint's shape (serving/responses.py, serving/responses_api.py), whole or
+streamed.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import Response
 from fastapi.responses import StreamingResponse
@@ -21,17 +24,18 @@ from serving.engine import ChatPackage
 from serving.errors import ApiError, error_responses
 from serving.metrics import ServingMetrics
 from serving.model_source import LoadedModel
-from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from serving.responses import Echo, LogprobFormat, ResponseShape, StreamUsage, Whole, new_choices
 
+Answer = TypeVar("Answer")
 SERVED_BY_HEADER = "X-Trainonce-Model"  # the member that answered (also the response's `model`)
 
-# A generation route's OpenAPI `responses`: its answer is JSON, or with `stream: true` server-sent events
-# (ending in `data: [DONE]`), and its refusals are OpenAI's error object.
+# A generation route's OpenAPI `responses`: its answer is JSON, or with `stream: true` server-sent events, and its
+# refusals are OpenAI's error object.
 RESPONSES = {200: {"content": {"text/event-stream": {}}}, **error_responses(400, 401, 404, 429)}
 
 
-def sampling(request: ChatCompletionRequest | CompletionRequest, package: ChatPackage) -> SamplingParams:
+def sampling(request: GenerationRequest, package: ChatPackage) -> SamplingParams:
     """The request's decoding controls, refused before any decoding if this model cannot honour them."""
     unsupported = request.unsupported_parameter()
     if unsupported is not None:
@@ -129,6 +133,56 @@ class RunningStream(StreamingResponse):
             self.events.close()
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """A request's choices, started on its model: what its answer is written from, whatever its endpoint."""
+
+    loaded: LoadedModel
+    choices: list[SequenceDecoder]
+    streams: list[Iterator[Piece]]  # each choice's pieces, as they are decoded
+    prompt_tokens: int  # each prompt counted once, however many choices it has
+    base: dict[str, Any]  # what every answer and chunk of the request carries: id, created, model, version
+
+
+def start(
+    loaded: LoadedModel,
+    prompts: Sequence[tuple[list[int], int]],
+    params: SamplingParams,
+    n: int,
+    metrics: ServingMetrics,
+    id_prefix: str,
+) -> Decoding:
+    """Start decoding `n` choices of each of `prompts` (its token ids and budget), in order, all together."""
+    package = loaded.package
+    choices = [c for ids, budget in prompts for c in new_choices(package, ids, budget, params, n)]
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    base = {
+        "id": f"{id_prefix}{uuid.uuid4().hex[:24]}",
+        "created": int(time.time()),
+        "model": loaded.name,
+        "system_fingerprint": loaded.version,
+    }
+    return Decoding(loaded, choices, _decoding(metrics, loaded, prompt_tokens, choices), prompt_tokens, base)
+
+
+def answer(
+    decoding: Decoding,
+    stream: bool,
+    whole: Callable[[], Answer],
+    events: Callable[[], Generator[str, None, None]],
+    metrics: ServingMetrics,
+    response: Response,
+) -> Answer | StreamingResponse:
+    """The answer to a started request, counted as running while it is written: `whole()` decoded to its end,
+    or with `stream` the server-sent `events()`."""
+    name = decoding.loaded.name
+    if stream:
+        return RunningStream(events(), metrics.running.labels(name), {SERVED_BY_HEADER: name})
+    response.headers[SERVED_BY_HEADER] = name
+    with metrics.running.labels(name).track_inprogress():
+        return whole()
+
+
 def respond(
     request: ChatCompletionRequest | CompletionRequest,
     loaded: LoadedModel,
@@ -139,25 +193,18 @@ def respond(
     response: Response,
     echoes: Sequence[Echo] = (),
 ) -> Whole | StreamingResponse:
-    """Decode the request's choices on its model and answer in the endpoint's shape, whole or streamed. Each of
-    `prompts` (its token ids and budget) gets `n` choices, in order, all decoded together; `echoes`, when given,
-    has one per prompt."""
-    package = loaded.package
-    choices = [c for ids, budget in prompts for c in new_choices(package, ids, budget, params, request.n)]
-    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    """Decode a completions request's choices on its model and answer in the endpoint's shape, whole or streamed.
+    Each of `prompts` (its token ids and budget) gets `n` choices; `echoes`, when given, has one per prompt."""
+    decoding = start(loaded, prompts, params, request.n, metrics, shape.id_prefix)
     extra = {"echoes": [e for e in echoes for _ in range(request.n)]} if echoes else {}
-    base = {
-        "id": f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}",
-        "created": int(time.time()),
-        "model": loaded.name,
-        "system_fingerprint": loaded.version,
-    }
-    streams = _decoding(metrics, loaded, prompt_tokens, choices)
-    logprobs = LogprobFormat(package, request.return_tokens_as_token_ids)
-    if request.stream:
-        usage = StreamUsage(request.include_usage(), request.continuous_usage())
-        events = shape.streamed(logprobs, prompt_tokens, choices, streams, base, usage, **extra)
-        return RunningStream(events, metrics.running.labels(loaded.name), {SERVED_BY_HEADER: loaded.name})
-    response.headers[SERVED_BY_HEADER] = loaded.name
-    with metrics.running.labels(loaded.name).track_inprogress():
-        return shape.whole(logprobs, prompt_tokens, choices, streams, base, **extra)
+    logprobs = LogprobFormat(loaded.package, request.return_tokens_as_token_ids)
+    written = (logprobs, decoding.prompt_tokens, decoding.choices, decoding.streams, decoding.base)
+    usage = StreamUsage(request.include_usage(), request.continuous_usage())
+    return answer(
+        decoding,
+        request.stream,
+        lambda: shape.whole(*written, **extra),
+        lambda: shape.streamed(*written, usage, **extra),
+        metrics,
+        response,
+    )

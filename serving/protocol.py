@@ -10,11 +10,12 @@ and vocabulary (serving/generation.py), with OpenAI-style error objects.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
 from pydantic_core import PydanticCustomError
 
+from models.chat_format import Message
 from models.sampling import (
     MAX_STOP_SEQUENCES,
     LogitBias,
@@ -41,6 +42,16 @@ def _encodable(texts: list[str]) -> None:
             ) from error
 
 
+def _text_part(kind: Any, text_kinds: tuple[str, ...]) -> Any:
+    """A content part's type, if it is one of the text kinds: pydantic's own message would only say "Input
+    should be 'text'", where the client needs to hear that images and files are not served."""
+    if kind not in text_kinds:
+        raise PydanticCustomError(
+            "unsupported_content", "only text content parts are supported, not {kind}", {"kind": repr(kind)}
+        )
+    return kind
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -50,11 +61,7 @@ class ContentPart(BaseModel):
     @field_validator("type", mode="before")
     @classmethod
     def _only_text(cls, kind: Any) -> Any:
-        if kind != "text":  # pydantic's own message would only say "Input should be 'text'"
-            raise PydanticCustomError(
-                "unsupported_content", "only text content parts are supported, not {kind}", {"kind": repr(kind)}
-            )
-        return kind
+        return _text_part(kind, ("text",))
 
 
 class ChatMessage(BaseModel):
@@ -158,20 +165,15 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 
 
 class _GenerationRequest(BaseModel):
-    """What both endpoints share: the model, the budget, the choices, streaming, and the sampling controls
-    (OpenAI's, and vLLM's extra-body ones), with the ranges of models.sampling."""
+    """What every generation endpoint shares: the model, streaming, and the sampling controls (OpenAI's, and
+    vLLM's extra-body ones), with the ranges of models.sampling."""
 
     model_config = ConfigDict(extra="allow")  # kept, so that `unsupported_parameter` can see them
+    # what this endpoint refuses by name when a request sets it (`unsupported_parameter`)
+    _unsupported: ClassVar[dict[str, Callable[[Any], bool]]] = UNSUPPORTED
 
     model: str
-    max_tokens: int | None = Field(
-        None,
-        ge=1,
-        description="Tokens to generate, at most the context left after the prompt; default: the package's default.",
-    )
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per request, each sampled independently.")
     stream: bool = False
-    stream_options: StreamOptions | None = None
     temperature: Temperature | None = Field(None, description="0 or omitted: greedy (the package's default).")
     top_p: TopP | None = None
     top_k: TopK | None = None
@@ -217,15 +219,9 @@ class _GenerationRequest(BaseModel):
         """The first parameter set that this server cannot honour, if any."""
         extra = self.model_extra or {}
         return next(
-            (name for name, inactive in UNSUPPORTED.items() if name in extra and not inactive(extra[name])), None
+            (name for name, inactive in self._unsupported.items() if name in extra and not inactive(extra[name])),
+            None,
         )
-
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-    def continuous_usage(self) -> bool:
-        """Usage in every chunk: vLLM's `continuous_usage_stats`, which counts only with `include_usage`."""
-        return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def sampling(self, logprobs: int | None, bad_words_ids: tuple[tuple[int, ...], ...] = ()) -> SamplingParams:
         """The request's controls as sampling parameters, with its bad words as tokenized for the model; what it
@@ -234,7 +230,27 @@ class _GenerationRequest(BaseModel):
         return SamplingParams(**fields, logprobs=logprobs, bad_words_ids=bad_words_ids)
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class _ChoicesRequest(_GenerationRequest):
+    """What the two completions endpoints add: `n` choices, a budget in `max_tokens`, and usage in the stream
+    when asked for."""
+
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens to generate, at most the context left after the prompt; default: the package's default.",
+    )
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per request, each sampled independently.")
+    stream_options: StreamOptions | None = None
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk: vLLM's `continuous_usage_stats`, which counts only with `include_usage`."""
+        return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+class ChatCompletionRequest(_ChoicesRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(
         None, ge=1, description="The newer name of max_tokens; when both are sent, this one counts."
@@ -259,9 +275,14 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
+# What the OpenAPI document declares a prompt to be: nothing in it may be empty, which the endpoint refuses with
+# its own error naming `prompt` (declaring it lets a schema-driven client, such as schemathesis, know)
+_Text = Annotated[str, Field(min_length=1)]
+_Ids = Annotated[TokenIds, Field(min_length=1)]
+PromptInput = _Text | Annotated[list[_Text], Field(min_length=1)] | _Ids | Annotated[list[_Ids], Field(min_length=1)]
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(_ChoicesRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         description="A text, a list of texts, token ids or a list of token-id lists; each prompt gets its own `n` "
         "choices (prompt i's are choices i*n .. i*n+n-1)."
@@ -279,9 +300,10 @@ class CompletionRequest(_GenerationRequest):
     )
     logprobs: TopLogprobs | None = Field(None, description="Alternatives per token (0: the chosen token's only).")
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap", json_schema_input_type=PromptInput)
     @classmethod
-    def _encodable_prompt(cls, prompt: Any) -> Any:
+    def _encodable_prompt(cls, given: Any, validate: ValidatorFunctionWrapHandler) -> Any:
+        prompt = validate(given)
         _encodable([p for p in ([prompt] if isinstance(prompt, str) else prompt) if isinstance(p, str)])
         return prompt
 
@@ -297,3 +319,129 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]  # type: ignore[list-item]
         return list(self.prompt)  # type: ignore[arg-type]
+
+
+class ResponseInputPart(BaseModel):
+    """A text part of a Responses API input message: `input_text`, or `output_text` in an assistant turn sent
+    back as history."""
+
+    model_config = ConfigDict(extra="ignore")  # an output_text's annotations and logprobs say nothing to the model
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _only_text(cls, kind: Any) -> Any:
+        return _text_part(kind, ("input_text", "output_text"))
+
+
+class ResponseInputMessage(BaseModel):
+    """A message item of the Responses API's `input` (OpenAI's EasyInputMessage, or an earlier output message
+    sent back); items of other types (function calls, reasoning, references to stored items) are refused."""
+
+    model_config = ConfigDict(extra="ignore")  # an earlier output's id and status
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "user", "assistant", "developer"]
+    content: list[ResponseInputPart] = Field(description="A string, or a list of text parts.")
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _only_messages(cls, kind: Any) -> Any:
+        if kind != "message":  # the first error is the one reported: this one, not a missing `role`
+            raise PydanticCustomError(
+                "unsupported_item", "only message items are supported, not {kind}", {"kind": repr(kind)}
+            )
+        return kind
+
+    @field_validator("content", mode="before", json_schema_input_type=str | list[ResponseInputPart])
+    @classmethod
+    def _as_parts(cls, content: Any) -> Any:
+        return [{"type": "input_text", "text": content}] if isinstance(content, str) else content
+
+    @field_validator("content")
+    @classmethod
+    def _encodable_content(cls, parts: list[ResponseInputPart]) -> list[ResponseInputPart]:
+        _encodable([p.text for p in parts])
+        return parts
+
+    def message(self) -> Message:
+        """As the chat format renders it: `developer` is OpenAI's newer name for `system`."""
+        role = "system" if self.role == "developer" else self.role
+        return Message(role=role, content="".join(p.text for p in self.content))
+
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def _text_format_only(text: Any) -> bool:
+    """`text` asks for nothing this server cannot do: no format, or plain text (a JSON schema would be refused)."""
+    return _inactive(text) or (isinstance(text, dict) and text.get("format") in (None, {"type": "text"}))
+
+
+def _no_reasoning(reasoning: Any) -> bool:
+    """`reasoning` asks for no effort or summary (this model does not reason before it answers)."""
+    return _inactive(reasoning) or (isinstance(reasoning, dict) and not any(reasoning.values()))
+
+
+# What the Responses API asks for that this server cannot do, besides UNSUPPORTED: stored conversations (no
+# response is stored, so `previous_response_id` could only be answered as if it had not been sent), background
+# runs, prompt templates, reasoning, structured output, truncation; and the completions endpoints' budget and
+# choices, which this endpoint names otherwise (`max_output_tokens`) or does not have (one output).
+RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    **UNSUPPORTED,
+    **dict.fromkeys(("previous_response_id", "conversation", "background", "prompt", "max_tokens"), _inactive),
+    "reasoning": _no_reasoning,
+    "text": _text_format_only,
+    "truncation": lambda v: v in (None, "disabled"),
+    "n": lambda v: v in (None, 1),
+}
+
+
+class ResponsesRequest(_GenerationRequest):
+    """OpenAI's Responses API (`POST /v1/responses`) as vLLM serves it without tools: one output message from
+    `input` (a text, or message items) after `instructions`, sampled with the same controls as the completions
+    endpoints. Responses are not stored: `store` is accepted and answered `false`."""
+
+    _unsupported: ClassVar[dict[str, Callable[[Any], bool]]] = RESPONSES_UNSUPPORTED
+
+    input: list[ResponseInputMessage] = Field(min_length=1, description="A text (one user message), or messages.")
+    instructions: str | None = Field(None, description="A system message put before the input.")
+    max_output_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens to generate, at most the context left after the input; default: the package's default.",
+    )
+    include: list[str] | None = Field(
+        None, description=f"`{LOGPROBS_INCLUDE}`: the output text's tokens with their log-probabilities."
+    )
+    top_logprobs: TopLogprobs | None = Field(None, description=f"Alternatives per token, with `{LOGPROBS_INCLUDE}`.")
+    store: bool | None = Field(None, description="Accepted, never honoured: no response is stored.")
+    metadata: dict[str, str] | None = Field(None, description="Returned as sent.")
+
+    @field_validator("input", mode="before", json_schema_input_type=str | list[ResponseInputMessage])
+    @classmethod
+    def _as_messages(cls, given: Any) -> Any:
+        return [{"role": "user", "content": given}] if isinstance(given, str) else given
+
+    @field_validator("instructions")
+    @classmethod
+    def _encodable_instructions(cls, instructions: str | None) -> str | None:
+        _encodable([instructions or ""])
+        return instructions
+
+    def messages(self) -> list[Message]:
+        instructions = [Message(role="system", content=self.instructions)] if self.instructions else []
+        return [*instructions, *(item.message() for item in self.input)]
+
+    def requested_tokens(self) -> tuple[str, int | None]:
+        return "max_output_tokens", self.max_output_tokens
+
+    def requested_logprobs(self) -> int | None:
+        """As vLLM reads them: log-probabilities only when `include` asks for them, with `top_logprobs`
+        alternatives."""
+        return (self.top_logprobs or 0) if LOGPROBS_INCLUDE in (self.include or []) else None
+
+
+GenerationRequest = ChatCompletionRequest | CompletionRequest | ResponsesRequest  # what a generation route takes

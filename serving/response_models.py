@@ -1,10 +1,11 @@
 """The bodies of the non-streamed answers, typed: each is its route's `response_model`, so the OpenAPI document
-shows it and FastAPI checks what a route returns against it. OpenAI's model list and card, chat completion and
-text completion, field for field what the `openai` client parses (the model card adds what a client needs to
-size its requests and to choose by latency), and the server's own /health.
+shows it and FastAPI checks what a route returns against it. OpenAI's model list and card, chat completion, text
+completion and the Responses API's response, field for field what the `openai` client parses (the model card adds
+what a client needs to size its requests and to choose by latency), and the server's own /health.
 
 Every field is always present, `null` where OpenAI's is (a choice's `logprobs` when none were asked for).
-Streamed chunks are not modelled here: serving/responses.py writes them as server-sent events.
+Streamed chunks are not modelled here: serving/responses.py and serving/responses_api.py write them as server-sent
+events.
 """
 
 from __future__ import annotations
@@ -129,3 +130,78 @@ class Completion(_Generated):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class ResponseOutputText(_Answer):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[dict] = Field(description="Always empty: this server cites nothing.")
+    logprobs: list[ChatCompletionTokenLogprob] = Field(
+        description="The text's tokens with their log-probabilities when `include` asks for them; else empty."
+    )
+
+
+ResponseStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class ResponseOutputMessage(_Answer):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: ResponseStatus
+    content: list[ResponseOutputText]
+
+
+class InputTokensDetails(_Answer):
+    cached_tokens: int = Field(0, description="Always 0: no prompt cache is kept between requests.")
+
+
+class OutputTokensDetails(_Answer):
+    reasoning_tokens: int = Field(0, description="Always 0: the model answers without reasoning first.")
+
+
+class ResponseUsage(_Answer):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails = InputTokensDetails()
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = OutputTokensDetails()
+    total_tokens: int
+
+
+class IncompleteDetails(_Answer):
+    reason: Literal["max_output_tokens"]
+
+
+class TextFormat(_Answer):
+    type: Literal["text"] = "text"
+
+
+class TextConfig(_Answer):
+    format: TextFormat = TextFormat()
+
+
+class ResponseObject(_Answer):
+    """OpenAI's Response object (what `client.responses.create` returns), as this server fills it: one output
+    message, no tools, nothing stored; the sampling fields say what was used (temperature 0: greedy)."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    model: str = Field(description="The member that answered (also the `X-Trainonce-Model` header).")
+    status: ResponseStatus = Field(description="`incomplete` when the output stopped at max_output_tokens.")
+    error: None = None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float
+    top_p: float
+    metadata: dict[str, str] | None
+    output: list[ResponseOutputMessage]
+    usage: ResponseUsage | None = Field(description="null until the response is complete (in streamed events).")
+    parallel_tool_calls: bool = False
+    previous_response_id: None = None
+    store: Literal[False] = Field(False, description="Responses are not stored.")
+    text: TextConfig = TextConfig()
+    tool_choice: Literal["none"] = "none"
+    tools: list[dict] = Field(default_factory=list, description="Always empty: tools are refused.")
+    truncation: Literal["disabled"] = "disabled"

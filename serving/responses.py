@@ -104,7 +104,7 @@ class StreamUsage:
         return {"usage": Usage.of(prompt_tokens, sent).model_dump()} if self.every_chunk else {}
 
 
-def _whole_choices(
+def whole_choices(
     choices: list[SequenceDecoder], streams: list[Iterator[Piece]]
 ) -> Iterator[tuple[int, SequenceDecoder, str, list[SampledToken]]]:
     """Each choice decoded to its end: its index, decoder, text and tokens (with their log-probabilities)."""
@@ -127,7 +127,7 @@ def chat_response(
             "logprobs": logprobs.chat(tokens) if decoder.params.logprobs is not None else None,
             "finish_reason": decoder.finish_reason,
         }
-        for index, decoder, text, tokens in _whole_choices(choices, streams)
+        for index, decoder, text, tokens in whole_choices(choices, streams)
     ]
     return ChatCompletion.model_validate({**base, "choices": out, "usage": _usage(prompt_tokens, choices)})
 
@@ -174,7 +174,7 @@ def completion_response(
 ) -> Completion:
     """`echoes`: per choice, the prompt its text starts with (none: not echoed)."""
     out = []
-    for index, decoder, text, tokens in _whole_choices(choices, streams):
+    for index, decoder, text, tokens in whole_choices(choices, streams):
         echo = echoes[index] if echoes else None
         if echo is not None:
             text, tokens = echo.text + text, [*echo.tokens, *tokens]
@@ -236,5 +236,5 @@ class ResponseShape(Generic[Whole]):
     streamed: Callable[..., Generator[str, None, None]]
 
 
-CHAT_SHAPE = ResponseShape("chatcmpl", chat_response, chat_stream)
-COMPLETION_SHAPE = ResponseShape("cmpl", completion_response, completion_stream)
+CHAT_SHAPE = ResponseShape("chatcmpl-", chat_response, chat_stream)
+COMPLETION_SHAPE = ResponseShape("cmpl-", completion_response, completion_stream)

@@ -1,5 +1,9 @@
 """What watches the server, outside the API key: /health (each member's version serving now, which is how a
-deployment waits for the server and a hot swap is seen) and /metrics (Prometheus' text format)."""
+deployment waits for the server and a hot swap is seen) and /metrics (Prometheus' text format).
+
+Both only read state, so they are coroutines, answered on the event loop: as plain functions they would wait for
+a free thread of FastAPI's pool (40), which as many concurrent non-streamed generation requests hold until they
+finish, and a liveness probe would then kill a server that is only busy."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
-def prometheus_metrics(family: ServedFamily, metrics: Metrics) -> Response:
+async def prometheus_metrics(family: ServedFamily, metrics: Metrics) -> Response:
     for member in family.sources:
         loaded = member.current
         if loaded.batcher is not None:
@@ -24,7 +28,7 @@ def prometheus_metrics(family: ServedFamily, metrics: Metrics) -> Response:
 
 
 @router.get("/health")
-def health(family: ServedFamily) -> Health:
+async def health(family: ServedFamily) -> Health:
     """The first member at the top level (a one-model server's shape), every member under `members`."""
     members = [_member(source) for source in family.sources]
     first = members[0]

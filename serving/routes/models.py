@@ -14,12 +14,12 @@ router = APIRouter(dependencies=[Depends(authorize)])
 
 
 @router.get("/v1/models", responses=error_responses(401))
-def models(family: ServedFamily) -> ModelList:
+async def models(family: ServedFamily) -> ModelList:
     return ModelList(data=[_card(source.current) for source in family.sources])
 
 
 @router.get("/v1/models/{model:path}", responses=error_responses(401, 404))
-def retrieve_model(loaded: NamedModel) -> ModelCard:
+async def retrieve_model(loaded: NamedModel) -> ModelCard:
     return _card(loaded)
 
 

@@ -2,8 +2,6 @@
 each honoured one is checked by an effect that would fail if it were ignored, each unsupported one is refused
 with a 400 that names it."""
 
-from collections.abc import Iterator
-
 import httpx
 import numpy as np
 import openai
@@ -13,27 +11,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.chat_format import Message
 from models.sampling import log_softmax
 from registry.names import CHAT_MODEL
-from registry.promotion import promote
 from serving.engine import EVERY_TOKEN, ChatPackage
 
-from .test_server import API_KEY, running_server
+from .test_server import API_KEY
 
 PROMPT = "Repeat: king queen"
 USER = [{"role": "user", "content": PROMPT}]
 SPEECH = "To be, or not to be"
 
 
-@pytest.fixture(scope="module")
-def client(make_chat_registry) -> Iterator[openai.OpenAI]:
-    workdir = make_chat_registry()
-    promote(workdir, CHAT_MODEL, "1")  # the fp32 package
-    with running_server(workdir) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+@pytest.fixture()
+def client(fp32_client: openai.OpenAI) -> openai.OpenAI:
+    return fp32_client
 
 
-@pytest.fixture(scope="module")
-def package(chat_packages) -> ChatPackage:
-    return ChatPackage(chat_packages["fp32"])
+@pytest.fixture()
+def package(fp32_package: ChatPackage) -> ChatPackage:
+    return fp32_package
 
 
 def chat(client: openai.OpenAI, **fields):

@@ -6,11 +6,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import openai
@@ -34,9 +36,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health") -> httpx.Response:
+def wait_healthy(
+    url: str, process: subprocess.Popen, path: str = "/health", log: IO[str] | None = None
+) -> httpx.Response:
+    """`log`: the file the server writes to, when not its stdout pipe."""
+
     def output() -> str:  # the server's own words, once it has exited
-        return process.stdout.read() if process.stdout and process.poll() is not None else ""
+        if process.poll() is None:
+            return ""
+        if log is not None:
+            log.seek(0)
+            return log.read()
+        return process.stdout.read() if process.stdout else ""
 
     return wait_until_ready(http_ok(f"{url}{path}"), f"the server at {url}", process, log=output)
 
@@ -44,10 +55,12 @@ def wait_healthy(url: str, process: subprocess.Popen, path: str = "/health") -> 
 @contextmanager
 def running_server(workdir: Path, *options: str) -> Iterator[str]:
     """`trainonce serve` on the registry in `workdir` (champion alias), in its own process, until the block ends;
-    `options` are more command-line options."""
+    `options` are more command-line options. Its output goes to a file: a pipe nobody reads fills up after a few
+    hundred requests' access-log lines, and the server then blocks on its next write (schemathesis saw it hang)."""
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed when the block ends
     process = subprocess.Popen(
         [
             sys.executable,
@@ -68,19 +81,20 @@ def running_server(workdir: Path, *options: str) -> Iterator[str]:
         ],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    with serving(process, f"http://127.0.0.1:{port}") as url:
+    with log, serving(process, f"http://127.0.0.1:{port}", log) as url:
         yield url
 
 
 @contextmanager
-def serving(process: subprocess.Popen, url: str) -> Iterator[str]:
-    """A server process listening at `url`, once its /health answers, until the block ends."""
+def serving(process: subprocess.Popen, url: str, log: IO[str] | None = None) -> Iterator[str]:
+    """A server process listening at `url`, once its /health answers, until the block ends; `log` as for
+    `wait_healthy`."""
     try:
-        wait_healthy(url, process)
+        wait_healthy(url, process, log=log)
         yield url
     finally:
         process.terminate()
@@ -266,6 +280,7 @@ def test_openapi_declares_the_errors_the_routes_answer(server) -> None:
     for path, method in (
         ("/v1/chat/completions", "post"),
         ("/v1/completions", "post"),
+        ("/v1/responses", "post"),
         ("/v1/models", "get"),
         ("/v1/models/{model}", "get"),
     ):
@@ -276,7 +291,7 @@ def test_openapi_declares_the_errors_the_routes_answer(server) -> None:
         for code in errors:
             schema = responses[code]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
         assert {"400", "404"} <= set(paths[path]["post"]["responses"])
     assert "404" in paths["/v1/models/{model}"]["get"]["responses"]
 
@@ -289,6 +304,7 @@ def test_openapi_declares_the_typed_answers(server) -> None:
         ("/v1/models/{model}", "get", "ModelCard"),
         ("/v1/chat/completions", "post", "ChatCompletion"),
         ("/v1/completions", "post", "Completion"),
+        ("/v1/responses", "post", "ResponseObject"),
     ):
         answer = document["paths"][path][method]["responses"]["200"]["content"]
         assert answer["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
@@ -338,6 +354,8 @@ def test_openapi_declares_the_limits_the_server_enforces(server) -> None:
     assert bounds(chat, "top_p") == {"exclusiveMinimum": 0, "maximum": 1}
     assert bounds(chat, "presence_penalty") == bounds(chat, "frequency_penalty") == {"minimum": -2, "maximum": 2}
     assert bounds(chat, "top_logprobs") == bounds("CompletionRequest", "logprobs") == {"minimum": 0, "maximum": 20}
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]  # nothing in a prompt may be empty
+    assert [p.get("minLength", p.get("minItems")) for p in prompt] == [1, 1, 1, 1]
     stop = schemas[chat]["properties"]["stop"]["anyOf"]
     assert {"type": "string", "minLength": 1, "maxLength": 256} in stop
     assert any(s.get("maxItems") == 16 and s["items"].get("minLength") == 1 for s in stop)
