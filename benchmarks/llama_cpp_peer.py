@@ -135,8 +135,9 @@ def onnx_speed(path: Path, prompt: list[int], tokens: int, threads: int, context
 ENGINES = {"onnxruntime": onnx_speed, "llama.cpp": llama_cpp_speed}
 
 
-def kernels_per_step(path: Path, prompt: list[int], steps: int) -> float:
-    """onnxruntime kernels run per decode step (its profiler's node events), after a prefill of `prompt`."""
+def decode_profile(path: Path, prompt: list[int], steps: int) -> tuple[float, dict[str, float]]:
+    """onnxruntime kernels run per decode step after a prefill of `prompt` (its profiler's node events), and each
+    operator type's share of their time."""
     import json
 
     import onnxruntime as ort
@@ -151,7 +152,12 @@ def kernels_per_step(path: Path, prompt: list[int], steps: int) -> float:
     for _ in range(steps):
         _, past = package.generator.forward(np.asarray([[prompt[-1]]]), past)
     events = json.loads(Path(session.end_profiling()).read_text())
-    return sum(1 for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")) / steps
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    by_op: dict[str, float] = {}
+    for event in kernels:
+        by_op[event["args"]["op_name"]] = by_op.get(event["args"]["op_name"], 0.0) + event["dur"]
+    total = sum(by_op.values()) or 1.0
+    return len(kernels) / steps, {op: t / total for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
 def engine_speed(engine: str, path: Path, prompt: list[int], tokens: int, threads: int, context: int) -> float:
@@ -228,13 +234,15 @@ def main() -> None:
     sizes = {v: (p / "model.onnx").stat().st_size for v, p in packages.items()}
     sizes |= {g: path.stat().st_size for g, path in gguf.items()}
     prompt = ChatPackage(packages["fp32"]).chat_prompt([Message(role="user", content=PROMPT)])
-    print("\nfiles and onnxruntime kernels per decode step (profiler, 8 steps after the prompt)")
-    print(f"{'ours':<12}{'MB':>7}{'kernels':>9}   {'llama.cpp':<9}{'MB':>7}{'ours / llama.cpp':>18}")
+    print("\nfiles, and onnxruntime kernels per decode step with the operators' shares of their time (profiler, 1")
+    print("thread, 8 steps after the prompt)")
+    print(f"{'ours':<12}{'MB':>7}{'kernels':>9}   {'llama.cpp':<9}{'MB':>7}{'ours / llama.cpp':>18}   time by operator")
     for ours, theirs in PAIRS:
-        kernels = kernels_per_step(packages[ours], prompt, 8)
+        kernels, shares = decode_profile(packages[ours], prompt, 8)
+        top = ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:4])
         print(
             f"{ours:<12}{sizes[ours] / 1e6:>7.2f}{kernels:>9,.0f}   {theirs:<9}{sizes[theirs] / 1e6:>7.2f}"
-            f"{sizes[ours] / sizes[theirs]:>17.2f}x",
+            f"{sizes[ours] / sizes[theirs]:>17.2f}x   {top}",
             flush=True,
         )
 
