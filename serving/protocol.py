@@ -155,7 +155,8 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
         _inactive,
     ),  # vLLM's extra body
     "priority": lambda v: v in (None, 0),  # requests are scheduled in arrival order, without priorities
-    "tool_choice": lambda v: _inactive(v) or v == "none",
+    # with no tools (`tools` is refused) both choices mean plain text, which is what is generated
+    "tool_choice": lambda v: _inactive(v) or v in ("none", "auto"),
     "response_format": lambda v: _inactive(v) or v == {"type": "text"},
     "modalities": lambda v: _inactive(v) or v == ["text"],
     "add_generation_prompt": lambda v: v is None or v is True,

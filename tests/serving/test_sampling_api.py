@@ -388,6 +388,8 @@ def test_a_client_sending_explicit_defaults_is_served(client: openai.OpenAI) -> 
         extra_body={"best_of": 1, "top_p": None, "temperature": None, "stop": None, "priority": 0},
     )
     assert reply.choices[0].message.content == chat(client, max_tokens=4).choices[0].message.content
+    automatic = chat(client, max_tokens=4, tool_choice="auto")  # with no tools, "auto" is plain text too
+    assert automatic.choices[0].message.content == reply.choices[0].message.content
 
 
 def scrape(client: openai.OpenAI) -> dict[tuple[str, tuple], float]:
