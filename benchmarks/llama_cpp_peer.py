@@ -191,7 +191,8 @@ def main() -> None:
         f"{os.cpu_count()} cores; llama.cpp from {llama_cpp.home}"
     )
     packages = build_packages(model, tokenizer_path, chat_format, folder / "onnx", DeployConfig())
-    gguf = export_gguf(save_model(model, folder / "checkpoint"), tokenizer_path, chat_format, folder / "gguf", GGUF)
+    checkpoint = save_model(model, folder / "checkpoint")
+    gguf = export_gguf(checkpoint, tokenizer_path, chat_format, folder / "gguf", GGUF, name="llama-cpp-peer")
     sizes = {v: (p / "model.onnx").stat().st_size for v, p in packages.items()}
     sizes |= {g: path.stat().st_size for g, path in gguf.items()}
 
