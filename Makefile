@@ -34,7 +34,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m "slow and not llama_cpp"
 
 # llama.cpp (GGUF export, its parity tests, the peer benchmark): built from the llama.cpp that llama-cpp-python
-# vendors, once per user (~/.cache/trainonce/llama.cpp-VERSION); about 5 minutes on 2 cores.
+# vendors, once per user (~/.cache/trainonce/llama.cpp-VERSION): about 15 CPU-minutes (30 min wall on 2 busy cores).
 llama-cpp: setup
 	infra/build_llama_cpp.sh $(PY)
 

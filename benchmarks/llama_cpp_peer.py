@@ -230,7 +230,8 @@ def main() -> None:
     packages = build_packages(model, tokenizer_path, chat_format, folder / "onnx", OURS)
     traced = build_packages(model, tokenizer_path, chat_format, folder / "traced", TRACED)
     packages |= {f"traced-{v}": p for v, p in traced.items()}
-    gguf = export_gguf(save_model(model, folder / "checkpoint"), tokenizer_path, chat_format, folder / "gguf", GGUF)
+    checkpoint = save_model(model, folder / "checkpoint")
+    gguf = export_gguf(checkpoint, tokenizer_path, chat_format, folder / "gguf", GGUF, name="llama-cpp-peer")
     sizes = {v: (p / "model.onnx").stat().st_size for v, p in packages.items()}
     sizes |= {g: path.stat().st_size for g, path in gguf.items()}
     prompt = ChatPackage(packages["fp32"]).chat_prompt([Message(role="user", content=PROMPT)])

@@ -210,7 +210,15 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
         check_gguf_request("--types", args.types)  # before downloading anything
         checkpoint = _registered_checkpoint(args.workdir, args.model)
         chat_format = chat_format_of(checkpoint.extra)
-        files = export_gguf(checkpoint.checkpoint_dir, checkpoint.tokenizer_path, chat_format, args.out, args.types)
+        files = export_gguf(
+            checkpoint.checkpoint_dir,
+            checkpoint.tokenizer_path,
+            chat_format,
+            args.out,
+            args.types,
+            name=checkpoint.version.name,
+            version=checkpoint.version.version,
+        )
     except (LookupError, ValueError, FileExistsError, RuntimeError) as error:
         raise SystemExit(f"export-gguf: {error}") from error
     for gguf_type, path in files.items():
@@ -255,6 +263,7 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     """serve, promote, rollback, export-hf, export-gguf: they act on a registry (a workdir's store, or
     MLFLOW_TRACKING_URI)."""
     from registry.names import CHAT_MODEL
+    from tasks.deploy.llama_cpp import GGUF_TYPES
 
     def registry_parser(name: str, handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -309,8 +318,8 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
         "--types",
         type=_gguf_types,
         default=("f32", "q8_0", "q4_k_m"),
-        help="comma-separated GGUF types: f32, f16, bf16 (converted), q8_0, q6_k, q5_k_m, q4_k_m, q4_0 "
-        "(llama-quantize from f32); default f32,q8_0,q4_k_m",
+        help=f"comma-separated GGUF types: {', '.join(GGUF_TYPES[:3])} (converted), {', '.join(GGUF_TYPES[3:])} "
+        "(llama-quantize from f32); default f32,q8_0,q4_k_m. The Modelfile's FROM is the first",
     )
     gguf.set_defaults(model=f"{CHAT_MODEL}@champion")
     imported = commands.add_parser(

@@ -37,6 +37,26 @@ TRAINONCE_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
 )
 
+# The same format in Go's text/template, for Ollama, which runs a Modelfile's TEMPLATE and not a GGUF's Jinja
+# template (tasks/deploy/ollama.py). Ollama passes `.Messages` and has no generation-prompt flag: the template adds
+# the assistant's role token after a last message that is not the assistant's, and leaves a last assistant message
+# open, for Ollama to continue it (what transformers' `continue_final_message` renders).
+TRAINONCE_OLLAMA_TEMPLATE = "\n".join(
+    [
+        "{{- range $i, $_ := .Messages }}",
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}",
+        '{{- if eq .Role "system" }}' + SYSTEM,
+        '{{- else if eq .Role "user" }}' + USER,
+        '{{- else if eq .Role "assistant" }}' + ASSISTANT,
+        # Jinja's raise_exception: executing a template that was never defined fails, naming it in the error
+        '{{- else }}{{ template "role must be one of system, user, assistant" . }}',
+        "{{- end }}{{ .Content }}",
+        '{{- if not (and $last (eq .Role "assistant")) }}' + END_OF_TURN + "{{ end }}",
+        '{{- if and $last (ne .Role "assistant") }}' + ASSISTANT + "{{ end }}",
+        "{{- end }}",
+    ]
+)
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -92,6 +112,12 @@ class ChatFormat(BaseModel):
             **self.variables,
         )
         return rendered[0]
+
+    @property
+    def ollama_template(self) -> str | None:
+        """This format as a Go template for an Ollama Modelfile; None for a template that has no Go translation
+        here (an imported model's own)."""
+        return TRAINONCE_OLLAMA_TEMPLATE if self.template == TRAINONCE_TEMPLATE else None
 
     def token_ids(self, tokenizer: Tokenizer) -> dict[str, int]:
         """Ids of the end-of-turn, end-of-text and pad tokens; ValueError naming the field that is not one token."""

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from registry.names import CHAT_MODEL
-from tasks.deploy.llama_cpp import GgufType
+from tasks.deploy.llama_cpp import GGUF_TYPES, GgufType
 
 Variant = Literal["fp32", "int8", "int4", "int2"]
 
@@ -94,8 +94,8 @@ class DeployConfig(BaseModel):
     )
     gguf: tuple[GgufType, ...] = Field(
         (),
-        description="Also write these GGUF types for llama.cpp and Ollama (f32, f16, bf16, q8_0, q6_k, q5_k_m, "
-        "q4_k_m, q4_0), logged as an `export-gguf` run's artifacts; needs `make llama-cpp`. Empty: none.",
+        description=f"Also write these GGUF types for llama.cpp and Ollama ({', '.join(GGUF_TYPES)}), with an Ollama "
+        "Modelfile, logged as an `export-gguf` run's artifacts; needs `make llama-cpp`. Empty: none.",
     )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out measurement.")
 

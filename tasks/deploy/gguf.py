@@ -4,11 +4,14 @@ Built only with llama.cpp's own tools (tasks/deploy/llama_cpp.py says where they
 as a transformers directory (tasks/deploy/hugging_face.py, with our chat template and stop tokens), which llama.cpp's
 converter turns into a float GGUF (tasks/deploy/gguf_convert.py); the quantized types are made from the f32 file by
 `llama-quantize`, as llama.cpp's documentation does it. The chat template and the end-of-turn and end-of-text
-tokens travel in the GGUF metadata, so llama.cpp formats a chat and stops a reply exactly as `trainonce serve`.
+tokens travel in the GGUF metadata, so llama.cpp formats a chat and stops a reply exactly as `trainonce serve`; so
+does the metadata's `general.name`, the registered model's name. Ollama takes its chat template from a Modelfile
+instead, written beside the files (tasks/deploy/ollama.py).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -18,9 +21,9 @@ from models.chat_format import ChatFormat
 from models.publish import staged_dir
 from tasks.deploy.hugging_face import export_hf
 from tasks.deploy.llama_cpp import GGUF_TYPES, LlamaCpp, find_llama_cpp
+from tasks.deploy.ollama import MODELFILE, modelfile_text
 
 _CONVERTED = ("f32", "f16", "bf16")  # written by the converter; the rest by llama-quantize from f32
-_QUANTIZE_NAME = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M", "q4_0": "Q4_0"}
 
 
 def gguf_name(gguf_type: str) -> str:
@@ -35,8 +38,9 @@ def _run(command: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {done.returncode}):\n{tail}")
 
 
-def convert_hf_dir(llama_cpp: LlamaCpp, hf_dir: Path, out_file: Path, gguf_type: str) -> Path:
-    """llama.cpp's converter on a transformers directory (in its own process: tasks/deploy/gguf_convert.py)."""
+def convert_hf_dir(llama_cpp: LlamaCpp, hf_dir: Path, out_file: Path, gguf_type: str, metadata: Path) -> Path:
+    """llama.cpp's converter on a transformers directory (in its own process: tasks/deploy/gguf_convert.py), with
+    the `general.*` keys of the JSON file `metadata` (llama.cpp's --metadata override)."""
     _run(
         [
             sys.executable,
@@ -46,6 +50,7 @@ def convert_hf_dir(llama_cpp: LlamaCpp, hf_dir: Path, out_file: Path, gguf_type:
             str(hf_dir),
             str(out_file),
             gguf_type,
+            str(metadata),
         ],
         f"llama.cpp's convert_hf_to_gguf ({gguf_type})",
     )
@@ -54,7 +59,7 @@ def convert_hf_dir(llama_cpp: LlamaCpp, hf_dir: Path, out_file: Path, gguf_type:
 
 def quantize(llama_cpp: LlamaCpp, f32_file: Path, out_file: Path, gguf_type: str) -> Path:
     """llama-quantize from the f32 file (types whose blocks do not fit a tensor fall back as llama.cpp decides)."""
-    _run([str(llama_cpp.quantize), str(f32_file), str(out_file), _QUANTIZE_NAME[gguf_type]], "llama-quantize")
+    _run([str(llama_cpp.quantize), str(f32_file), str(out_file), gguf_type.upper()], "llama-quantize")
     return out_file
 
 
@@ -65,11 +70,18 @@ def export_gguf(
     out_dir: str | Path,
     types: tuple[str, ...] = ("f32", "q8_0", "q4_k_m"),
     hf_dir: str | Path | None = None,
+    *,
+    name: str,
+    version: str | None = None,
 ) -> dict[str, Path]:
-    """Write the checkpoint as one GGUF file per type into `out_dir`; returns {type: file}.
+    """Write the checkpoint as one GGUF file per type into `out_dir`, and an Ollama Modelfile whose FROM is the
+    first type's file; returns {type: file}.
 
-    llama.cpp's converter reads a transformers directory: `hf_dir` when the checkpoint was already exported as
-    one (export_hf, as the deploy stage does for `deploy.hugging_face`), else one written to a scratch folder.
+    `name` and `version`: the registered model the checkpoint is (a version is left out when there is none),
+    written as `general.name` (and `general.basename`) and `general.version`, where llama.cpp and the tools that
+    list GGUF files show a model's name (the converter would name it after the folder it reads). That folder is a
+    transformers directory: `hf_dir` when the checkpoint was already exported as one (export_hf, as the deploy stage
+    does for `deploy.hugging_face`), else one written to a scratch folder.
 
     Unknown types and a missing llama.cpp fail before anything is computed. The folder is assembled beside
     `out_dir` and renamed into place, so a failure never leaves half the files under that name; an earlier GGUF
@@ -78,23 +90,28 @@ def export_gguf(
     if unknown or not types:
         raise ValueError(f"types: {unknown or 'none'} given; choose one or more of {', '.join(GGUF_TYPES)}")
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(p.suffix != ".gguf" for p in out_dir.iterdir()):
+    if out_dir.is_dir() and any(p.suffix != ".gguf" and p.name != MODELFILE for p in out_dir.iterdir()):
         raise FileExistsError(f"out: {out_dir} holds files other than GGUF; give a new or empty folder")
     llama_cpp = find_llama_cpp()
     types = tuple(dict.fromkeys(types))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".gguf-hf-") as scratch:
-        if hf_dir is None:
-            hf_dir = export_hf(checkpoint_dir, tokenizer_path, chat_format, Path(scratch) / "hf")
+        hf = Path(hf_dir) if hf_dir else export_hf(checkpoint_dir, tokenizer_path, chat_format, Path(scratch) / "hf")
+        context_length = json.loads((hf / "config.json").read_text())["max_position_embeddings"]
+        modelfile = modelfile_text(gguf_name(types[0]), chat_format, context_length)  # its errors before converting
+        metadata = Path(scratch) / "metadata.json"
+        named = {"general.name": name, "general.basename": name} | ({"general.version": version} if version else {})
+        metadata.write_text(json.dumps(named))
         with staged_dir(out_dir) as staged:
-            f32 = convert_hf_dir(llama_cpp, hf_dir, staged / gguf_name("f32"), "f32")
+            f32 = convert_hf_dir(llama_cpp, hf, staged / gguf_name("f32"), "f32", metadata)
             for gguf_type in types:
-                if gguf_type in _CONVERTED and gguf_type != "f32":
-                    convert_hf_dir(llama_cpp, hf_dir, staged / gguf_name(gguf_type), gguf_type)
-                elif gguf_type in _QUANTIZE_NAME:
+                if gguf_type not in _CONVERTED:
                     quantize(llama_cpp, f32, staged / gguf_name(gguf_type), gguf_type)
+                elif gguf_type != "f32":
+                    convert_hf_dir(llama_cpp, hf, staged / gguf_name(gguf_type), gguf_type, metadata)
             if "f32" not in types:
                 f32.unlink()
+            (staged / MODELFILE).write_text(modelfile)
             for written in staged.iterdir():
                 written.chmod(0o644)
     return {gguf_type: out_dir / gguf_name(gguf_type) for gguf_type in types}

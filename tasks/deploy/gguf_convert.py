@@ -1,7 +1,10 @@
 """llama.cpp's own converter (`convert_hf_to_gguf.py`, its `conversion/ernie.py` and `gguf-py`) run on a
 transformers directory that tasks/deploy/hugging_face.py wrote, in a process of its own:
 
-    python -m tasks.deploy.gguf_convert LLAMA_CPP_SOURCE HF_DIR OUT_FILE {f32,f16,bf16,q8_0}
+    python -m tasks.deploy.gguf_convert LLAMA_CPP_SOURCE HF_DIR OUT_FILE {f32,f16,bf16,q8_0} METADATA_JSON
+
+METADATA_JSON holds `general.*` keys (the model's registered name and version) that replace what the converter
+would guess from the folder's name, as its `--metadata` option does.
 
 It is llama.cpp's `Ernie4_5MoeModel` that writes the file; two of its assumptions hold for Baidu's released
 checkpoints but not for the shapes trainonce trains, and are corrected here, nothing else:
@@ -60,7 +63,7 @@ def end_of_turn_id(model_dir: Path, end_of_text: int | None) -> int | None:
     return next((token for token in stops if token is not None and token != end_of_text), None)
 
 
-def convert(source: Path, model_dir: Path, out_file: Path, out_type: str) -> Path:
+def convert(source: Path, model_dir: Path, out_file: Path, out_type: str, metadata: Path) -> Path:
     """Write `out_file` with llama.cpp's ERNIE 4.5 MoE converter (see the module docstring)."""
     sys.path[:0] = [str(source), str(source / "gguf-py")]
     import gguf  # llama.cpp's own gguf-py, the version its converter is written against
@@ -101,17 +104,18 @@ def convert(source: Path, model_dir: Path, out_file: Path, out_type: str) -> Pat
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }
     with torch.inference_mode():
-        model = TrainonceErnie(model_dir, out_types[out_type], out_file, model_name=model_dir.name)
+        model = TrainonceErnie(model_dir, out_types[out_type], out_file, metadata_override=metadata)
         model.write()
     return out_file
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 4 or argv[3] not in OUT_TYPES:
+    if len(argv) != 5 or argv[3] not in OUT_TYPES:
         raise SystemExit(
-            f"usage: python -m tasks.deploy.gguf_convert LLAMA_CPP_SOURCE HF_DIR OUT_FILE {{{','.join(OUT_TYPES)}}}"
+            "usage: python -m tasks.deploy.gguf_convert LLAMA_CPP_SOURCE HF_DIR OUT_FILE "
+            f"{{{','.join(OUT_TYPES)}}} METADATA_JSON"
         )
-    convert(Path(argv[0]), Path(argv[1]), Path(argv[2]), argv[3])
+    convert(Path(argv[0]), Path(argv[1]), Path(argv[2]), argv[3], Path(argv[4]))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from typing import Literal, get_args
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 HOME_VARIABLE = "TRAINONCE_LLAMA_CPP"
-GgufType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+# f32, f16, bf16 written by the converter, the rest by llama-quantize, which names each in upper case
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q2_k"]
 GGUF_TYPES: tuple[str, ...] = get_args(GgufType)
 INSTALL_HINT = "run `make llama-cpp` (builds llama.cpp; several minutes on 2 cores)"
 

@@ -14,7 +14,13 @@ from prefect import task
 
 from models.checkpoint import load_model
 from models.hf import HF_ARCHITECTURE
-from registry.models import download_chat_package, register_chat_package, register_hf_model, set_alias
+from registry.models import (
+    download_chat_package,
+    parse_model_ref,
+    register_chat_package,
+    register_hf_model,
+    set_alias,
+)
 from registry.names import CHAT_MODEL
 from registry.promotion import (
     CHAMPION,
@@ -115,9 +121,11 @@ def export_gguf_task(
     types: tuple[str, ...],
     hf_dir: str | None = None,
 ) -> GgufExport:
-    """The aligned model as GGUF files, logged as the `gguf/` artifact of an `export-gguf` run tagged with the
-    ONNX candidate's lineage (the same parent model and supernet). `hf_dir`: the same model's transformers
-    directory when the stage has just exported one, so it is not written twice."""
+    """The aligned model as GGUF files and their Ollama Modelfile, logged as the `gguf/` artifact of an
+    `export-gguf` run tagged with the ONNX candidate's lineage (the same parent model and supernet), and named in
+    the files' metadata after that parent model. `hf_dir`: the same model's transformers directory when the stage
+    has just exported one, so it is not written twice."""
+    name, _, version = parse_model_ref(lineage["parent_model"])
     with stage_run(workdir, "export-gguf", {**lineage}) as logger:
         data = PreparedData.load(data_dir)
         files = export_gguf(
@@ -127,6 +135,8 @@ def export_gguf_task(
             Path(workdir) / "export-gguf" / logger.run_id,
             types,
             hf_dir,
+            name=name,
+            version=version,
         )
         logger.log_params({"gguf_types": ",".join(files)})
         logger.log_metrics({f"size_mb/{t}": path.stat().st_size / 1e6 for t, path in files.items()}, step=0)

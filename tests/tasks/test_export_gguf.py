@@ -87,9 +87,9 @@ def test_gguf_asked_without_llama_cpp_is_refused_naming_the_field(
     checkpoint = save_model(chat_model, tmp_path / "ckpt")
     out = tmp_path / "gguf"
     with pytest.raises(LlamaCppMissing, match="make llama-cpp"):
-        export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, out, ("f32",))
-    with pytest.raises(ValueError, match=r"types: \['q3'\].*q4_k_m"):
-        export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, out, ("q3",))
+        export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, out, ("f32",), name="m")
+    with pytest.raises(ValueError, match=r"types: \['q3'\].*q4_k_m, q4_0, q2_k"):
+        export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, out, ("q3",), name="m")
     assert not out.exists()
     with pytest.raises(ValidationError, match=r"deploy\.gguf\.0"):
         load_pipeline_config("tiny", {"deploy": {"gguf": ["q3"]}})
@@ -117,12 +117,13 @@ def test_cli_refuses_unknown_types_and_missing_llama_cpp(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------------------------
 # With llama.cpp.
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q2_k")
 
 
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE, small_data: PreparedData):
-    """The chat model registered as `trainonce-chat-torch/1`, then `trainonce export-gguf` on that reference."""
+    """The chat model registered as `trainonce-chat-torch/1`, then `trainonce export-gguf` on that reference (the
+    Modelfile's FROM: f32, the first type)."""
     from flows.cli import main
     from registry.models import register_checkpoint
     from registry.tracking import RunLogger
@@ -141,14 +142,15 @@ def gguf_files(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticMoE,
 
 
 @contextmanager
-def loaded(path: Path) -> Iterator:
-    """llama.cpp on one GGUF file, logits for every position, an f32 KV cache (its default f16 cache would round
-    the keys and values our model keeps in f32)."""
-    from llama_cpp import GGML_TYPE_F32, Llama
+def loaded(path: Path, kv_cache: str = "f32") -> Iterator:
+    """llama.cpp on one GGUF file, logits for every position, an f32 KV cache unless told (its default f16 cache
+    rounds the keys and values our model keeps in f32)."""
+    from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
 
+    cache_type = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}[kv_cache]
     llm = Llama(
         model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False,
-        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, seed=0,
+        type_k=cache_type, type_v=cache_type, seed=0,
     )  # fmt: skip
     try:
         yield llm
@@ -174,13 +176,15 @@ def test_llama_cpp_computes_our_logits_greedy_tokens_and_tokenization(
 ) -> None:
     assert all(path.stat().st_mode & 0o044 == 0o044 for path in gguf_files.values())
     windows = validation_windows(small_data)
+    with torch.no_grad():
+        ours = [chat_model(torch.tensor([window])).logits[0].numpy() for window in windows]
+    assert all(logits.std() > 0.1 for logits in ours)
+    with loaded(gguf_files["f32"], kv_cache="f16") as llm:  # llama.cpp's default cache type, for the README's figure
+        f16_cache = max(np.abs(o - llama_logits(llm, w)).max() for o, w in zip(ours, windows, strict=True))
     with loaded(gguf_files["f32"]) as llm:
-        for window in windows:
-            with torch.no_grad():
-                ours = chat_model(torch.tensor([window])).logits[0].numpy()
-            theirs = llama_logits(llm, window)
-            assert ours.std() > 0.1
-            assert np.abs(ours - theirs).max() <= 1e-3, np.abs(ours - theirs).max()
+        f32_cache = max(np.abs(o - llama_logits(llm, w)).max() for o, w in zip(ours, windows, strict=True))
+        print(f"max |logit difference| vs ours, f32 GGUF: f32 KV cache {f32_cache:.1e}, f16 KV cache {f16_cache:.1e}")
+        assert f32_cache <= 1e-3 and 10 * f32_cache < f16_cache <= 5e-2
         prompt = windows[0][:16]
         expected = greedy_generate(chat_model, torch.tensor([prompt]), 24)[0, len(prompt) :].tolist()
         llm.reset()
@@ -200,7 +204,7 @@ def test_llama_cpp_computes_our_logits_greedy_tokens_and_tokenization(
 
 
 @needs_llama_cpp
-def test_the_chat_template_and_stop_tokens_travel_in_the_metadata(
+def test_the_chat_template_stop_tokens_and_registered_name_travel_in_the_metadata(
     gguf_files: dict[str, Path], small_data: PreparedData
 ) -> None:
     import llama_cpp
@@ -209,11 +213,15 @@ def test_the_chat_template_and_stop_tokens_travel_in_the_metadata(
     with loaded(gguf_files["q8_0"]) as llm:
         assert llm.metadata["tokenizer.chat_template"] == small_data.chat_format.template
         assert llm.metadata["general.architecture"] == "ernie4_5-moe"
+        assert llm.metadata["general.name"] == llm.metadata["general.basename"] == "trainonce-chat-torch"
+        assert llm.metadata["general.version"] == "1"
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         assert llama_cpp.llama_vocab_eot(vocab) == ids["end_of_turn"]
         assert llama_cpp.llama_vocab_eos(vocab) == ids["end_of_text"]
         assert llama_cpp.llama_vocab_is_eog(vocab, ids["end_of_turn"])
         assert not llama_cpp.llama_vocab_get_add_bos(vocab)
+    modelfile = (gguf_files["f32"].parent / "Modelfile").read_text().splitlines()
+    assert "FROM ./model-F32.gguf" in modelfile and 'PARAMETER stop "<|end|>"' in modelfile
 
 
 @needs_llama_cpp
@@ -232,8 +240,9 @@ def test_quantized_files_are_smaller_and_keep_perplexity_close(
 
     reference = perplexity(gguf_files["f32"])
     sizes = {t: gguf_files[t].stat().st_size for t in GGUF_TYPES}
-    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q4_0"]
-    for gguf_type in ("f16", "q8_0", "q4_0", "q4_k_m"):
+    # q2_k: K-quant rows are 256 wide; tensors this model's 32-wide rows cannot hold fall back to q4_0's blocks
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q4_0"] >= sizes["q2_k"]
+    for gguf_type in GGUF_TYPES[1:]:
         ratio = perplexity(gguf_files[gguf_type]) / reference
         assert 0.9 < ratio < 1.25, (gguf_type, ratio)
 
@@ -254,8 +263,10 @@ def llama_server(path: Path) -> Iterator[str]:
 
 @needs_llama_cpp
 def test_llama_server_chat_gives_trainonce_serve_reply(gguf_files: dict[str, Path], make_chat_registry) -> None:
-    """The same greedy reply, ended at the end-of-turn token, from llama.cpp's chat endpoint and ours (fp32
-    package of the same model), both through the `openai` client."""
+    """The same greedy reply, ended at the end-of-turn token, from llama.cpp's chat endpoint on the f32 GGUF and
+    ours on the fp32 ONNX package of the same model, both through the `openai` client. llama-server runs with an
+    f32 KV cache (`-ctk f32 -ctv f32`): its default f16 cache moves logits by ~1e-2 (measured below), enough to
+    flip a near-tie. A served INT4 champion's replies differ from these by quantization."""
     workdir = make_chat_registry()
     promote(workdir, CHAT_MODEL, "1")  # version 1: the fp32 package
     messages = [{"role": m.role, "content": m.content} for m in MESSAGES]
@@ -284,7 +295,9 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and result.artifact_uri == f"runs:/{result.run_id}/gguf"
     assert {k: run.data.tags[k] for k in lineage} == lineage and run.data.tags["stage"] == "export-gguf"
-    assert [a.path for a in client.list_artifacts(result.run_id, "gguf")] == ["gguf/model-Q8_0.gguf"]
+    assert [a.path for a in client.list_artifacts(result.run_id, "gguf")] == ["gguf/Modelfile", "gguf/model-Q8_0.gguf"]
+    modelfile = (Path(result.files["q8_0"]).parent / "Modelfile").read_text()
+    assert "FROM ./model-Q8_0.gguf" in modelfile.splitlines()
     assert run.data.metrics["size_mb/q8_0"] == pytest.approx(Path(result.files["q8_0"]).stat().st_size / 1e6)
 
     # With the model's transformers directory already exported (deploy.hugging_face), the same bytes come out of it;
@@ -304,5 +317,7 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds files other than GGUF"):
-        export_gguf(checkpoint, small_data.tokenizer_path, small_data.chat_format, tmp_path / "occupied", ("f32",))
+        export_gguf(
+            checkpoint, small_data.tokenizer_path, small_data.chat_format, tmp_path / "occupied", ("f32",), name="m"
+        )
     assert [p.name for p in (tmp_path / "occupied").iterdir()] == ["notes.txt"]

@@ -1,8 +1,13 @@
 """Hugging Face export: transformers loads the directory offline and computes what we compute (logits, greedy
-tokens), and its chat template renders the token ids SFT trained on."""
+tokens), and its chat template renders the token ids SFT trained on; so does the last transformers 4.x, in a
+virtual environment of its own."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from models.moe import ElasticMoE
 from models.subnet import SubnetSpec
 from tasks.data.corpus import PreparedData
 from tasks.deploy.hugging_face import export_hf
+from tests.tool_venvs import tool_venv
 
 MESSAGES = [
     Message(role="system", content="Answer briefly."),
@@ -76,6 +82,69 @@ def test_chat_template_renders_the_sft_token_ids_and_generation_stops_at_end_of_
     assert tokenizer.decode(reply[0, len(prompt_ids) :], skip_special_tokens=True) == ours.decode(
         [t for t in expected[0, len(prompt_ids) :].tolist() if t != end]
     )
+
+
+# The last 4.x on the package index; ERNIE 4.5 MoE is in transformers from 4.54. torch pinned: the CPU build.
+TRANSFORMERS_4 = ("torch==2.13.0", "transformers==4.57.6")
+PROBE = Path(__file__).with_name("transformers_probe.py")
+
+
+@pytest.mark.parametrize(
+    "transformers",
+    [
+        pytest.param("4.57.6", marks=pytest.mark.slow, id="transformers-4.57.6"),
+        pytest.param("installed", id="transformers-installed"),
+    ],
+)
+def test_both_transformers_majors_load_the_same_model_and_tokenizer(
+    transformers: str, exported: Path, chat_model: ElasticMoE, small_data: PreparedData, tmp_path: Path
+) -> None:
+    """A user's code with only transformers (tests/tasks/transformers_probe.py), in a process of its own: 4.x reads
+    the rotary base and the tokenizer files in their 4.x form, 5.x in its own, and both compute our model."""
+    python = sys.executable
+    if transformers != "installed":
+        python = str(tool_venv(f"transformers-{transformers}", TRANSFORMERS_4) / "bin" / "python")
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(6, chat_model.config.vocab_size, (3, 40), generator=generator)
+    text = small_data.documents()[0][:2000]
+    request = {"tokens": tokens.tolist(), "prompt": tokens[0, :12].tolist(), "new_tokens": 20, "text": text}
+    request["messages"] = [m.model_dump() for m in MESSAGES]
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    done = subprocess.run(
+        [python, str(PROBE), str(exported), str(tmp_path / "request.json"), str(tmp_path / "out.json")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads((tmp_path / "out.json").read_text())
+    major = transformers.split(".")[0] if transformers != "installed" else "5"
+    assert theirs["transformers"].startswith(major + ".") and theirs["model_class"] == "Ernie4_5_MoeForCausalLM"
+
+    with torch.no_grad():
+        ours = chat_model(tokens).logits
+    assert ours.std() > 0.1
+    assert (ours - torch.tensor(theirs["logits"])).abs().max().item() <= 1e-4
+    prompt = tokens[:1, :12]
+    assert theirs["greedy"] == greedy_generate(chat_model, prompt, 20)[0].tolist()
+
+    chat = small_data.chat_tokenizer()
+    assert theirs["chat_text"] == small_data.chat_format.render(MESSAGES)
+    assert theirs["chat_ids"] == chat.render(MESSAGES)[0]
+    prompt_ids, _ = chat.render(MESSAGES[:-1], add_generation_prompt=True)
+    assert theirs["prompt_ids"] == prompt_ids
+    expected = greedy_generate(chat_model, torch.tensor([prompt_ids]), 20, eos_id=chat.end_of_turn_id)
+    expected_reply = expected[0, len(prompt_ids) :].tolist()
+    assert theirs["reply_ids"] == expected_reply[: len(theirs["reply_ids"])]
+    assert theirs["reply_text"] == chat.decode([t for t in expected_reply if t != chat.end_of_turn_id])
+    assert theirs["encoded"] == small_data.tokenizer().encode(text).ids
+
+
+def test_config_json_carries_both_majors_names_for_the_same_values(exported: Path, chat_model: ElasticMoE) -> None:
+    config = json.loads((exported / "config.json").read_text())
+    theta = chat_model.config.rope_theta
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == theta != 500000.0  # 4.x's default
+    tokens = json.loads((exported / "tokenizer_config.json").read_text())
+    assert tokens["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in tokens
+    assert tokens["additional_special_tokens"] == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 def test_an_extracted_sub_model_exports_and_one_hf_cannot_express_is_refused(
