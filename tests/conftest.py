@@ -213,7 +213,8 @@ def chat_packages(tmp_path_factory: pytest.TempPathFactory, chat_model: ElasticM
     from tasks.deploy.onnx_export import build_packages
 
     output = tmp_path_factory.mktemp("packages")
-    return build_packages(chat_model, small_data.tokenizer_path, small_data.chat_format, output, DeployConfig())
+    config = DeployConfig(int4_block_size=32)  # the test model's matrices are 32 wide
+    return build_packages(chat_model, small_data.tokenizer_path, small_data.chat_format, output, config)
 
 
 @pytest.fixture(scope="session")
@@ -223,7 +224,7 @@ def traced_packages(tmp_path_factory: pytest.TempPathFactory, chat_model: Elasti
     from tasks.deploy.onnx_export import build_packages
 
     output = tmp_path_factory.mktemp("traced-packages")
-    config = DeployConfig(graph="traced")
+    config = DeployConfig(graph="traced", int4_block_size=32)
     return build_packages(chat_model, small_data.tokenizer_path, small_data.chat_format, output, config)
 
 

@@ -54,11 +54,12 @@ class DeployConfig(BaseModel):
         "for comparison: at small scale it is expected to fail the perplexity limit.",
     )
     int4_block_size: int = Field(
-        32,
+        64,
         ge=16,
         le=256,
-        description="Weights per quantization block (a power of two): every variant of the fused graph, INT4 of the "
-        "traced one.",
+        description="Weights per quantization block (a power of two that divides every matrix's input size): every "
+        "variant of the fused graph, INT4 of the traced one. 64 measured smaller and no worse than 32 on the tiny "
+        "champion (INT4 307 vs 334 KB, perplexity +1.03% vs +1.33%); each block carries an fp32 scale.",
     )
     int4_output_bits: Literal[4, 8] = Field(
         8,

@@ -160,7 +160,7 @@ def test_quantized_graph_computes_the_model_with_its_dequantized_weights(shape: 
 
 def test_a_tied_quantized_model_stores_its_table_once(tmp_path) -> None:
     model = make_model("tiny")
-    fused = build_decoder_graph(model, variant_quant("int4", DeployConfig()))
+    fused = build_decoder_graph(model, variant_quant("int4", DeployConfig(int4_block_size=32)))
     tables = [t for t in fused.proto.graph.initializer if t.dims and t.dims[0] == model.config.vocab_size]
     assert [t.name for t in tables] == ["lm_head.qweight", "lm_head.scales"]  # the embedding gathers from them
     embed = next(node for node in fused.proto.graph.node if node.name == "embed")
@@ -219,7 +219,7 @@ def test_moe_normalizes_even_in_place() -> None:
     ("model", "deploy", "field"),
     [
         (dict(d_model=48, n_heads=4), {}, "head_dim=12"),  # GroupQueryAttention needs a multiple of 8
-        (dict(d_model=64, expert_ffn_dim=80), {}, "int4_block_size=32 must divide the model's expert_ffn_dim=80"),
+        (dict(d_model=64, expert_ffn_dim=80), {}, "int4_block_size=64 must divide the model's expert_ffn_dim=80"),
         (dict(d_model=64, expert_ffn_dim=80), {"variants": ["fp32"]}, None),  # fp32 has no blocks
         (dict(d_model=48, n_heads=4), {"graph": "traced"}, None),
     ],
