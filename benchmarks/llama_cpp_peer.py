@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from serve_load import free_port, load, started  # this folder (benchmarks/), as the script runs
 
+from flows.cpu_threads import SPIN_COUNT
 from models.chat_format import ChatFormat, Message
 from models.checkpoint import load_model, save_model
 from models.config import MoEConfig
@@ -64,6 +65,7 @@ OURS = DeployConfig(variants=("fp32", "int8", "int4", "int2"))
 TRACED = DeployConfig(graph="traced", variants=("fp32", "int4"))
 GGUF = tuple(dict.fromkeys(g for _, g in PAIRS))
 PROMPT = "Repeat: king queen crown"
+LIBGOMP_DEFAULT_SPIN_COUNT = "300000"
 
 
 def trained_model(workdir: str) -> ElasticMoE:
@@ -160,20 +162,32 @@ def decode_profile(path: Path, prompt: list[int], steps: int) -> tuple[float, di
     return len(kernels) / steps, {op: t / total for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
+def engine_environment(engine: str) -> dict[str, str]:
+    """The environment an engine runs in, as its users run it. Importing trainonce sets GOMP_SPINCOUNT=1000 for this
+    process and its children (flows/cpu_threads.py: torch's OpenMP threads then yield soon on a busy machine), and a
+    llama.cpp process started from here would inherit it: its threads are OpenMP threads too. They get libgomp's own
+    default back (300,000 rounds with no more threads than cores), set explicitly because the measuring process
+    imports trainonce, which only sets a spin count the environment does not already hold. (Measured on the tiny
+    champion: within the run-to-run noise either way.) onnxruntime's own thread pool does not read it."""
+    if engine == "llama.cpp" and os.environ.get("GOMP_SPINCOUNT") == SPIN_COUNT:
+        return {**os.environ, "GOMP_SPINCOUNT": LIBGOMP_DEFAULT_SPIN_COUNT}
+    return dict(os.environ)
+
+
 def engine_speed(engine: str, path: Path, prompt: list[int], tokens: int, threads: int, context: int) -> float:
     """Greedy tokens/s of one engine on one file, measured in a process of its own: neither engine shares thread
     pools (llama.cpp's OpenMP, onnxruntime's) or memory with the other or with the export (timed in one process,
     a first run measured our fp32 at 0.6x of what it does alone)."""
     ids = ",".join(map(str, prompt))
     command = [sys.executable, __file__, "--measure", engine, str(path), ids, str(tokens), str(threads), str(context)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=engine_environment(engine))
     return float(done.stdout.strip().splitlines()[-1])
 
 
 def server_rows(
-    label: str, command: list[str], url: str, clients: list[int], requests: int, max_tokens: int
+    label: str, command: list[str], url: str, clients: list[int], requests: int, max_tokens: int, engine: str
 ) -> list[str]:
-    process = started(command, url)
+    process = started(command, url, engine_environment(engine))
     rows = []
     try:
         for count in clients:
@@ -291,14 +305,14 @@ def main() -> None:
             f"trainonce serve {ours}",
             [sys.executable, "-m", "flows.cli", "serve", "--workdir", str(workdir), "--version", versions[ours],
              "--port", str(port), "--threads", str(args.threads), "--max-batch", "32", "--max-waiting", "4096"],
-            f"http://127.0.0.1:{port}", args.clients, args.requests, args.max_tokens,
+            f"http://127.0.0.1:{port}", args.clients, args.requests, args.max_tokens, "onnxruntime",
         )  # fmt: skip
         port = free_port()
         server_rows(
             f"llama-server {theirs}",
             [str(llama_cpp.server), "-m", str(gguf[theirs]), "--port", str(port), "--host", "127.0.0.1", "--jinja",
              "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots), "-c", context],
-            f"http://127.0.0.1:{port}", args.clients, args.requests, args.max_tokens,
+            f"http://127.0.0.1:{port}", args.clients, args.requests, args.max_tokens, "llama.cpp",
         )  # fmt: skip
     print(f"\nfiles in {folder}")
 
