@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--config", default="tiny", help="preset whose data the model was trained on")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per sequence, batch 1")
+    parser.add_argument("--rounds", type=int, default=3, help="engine speed measurements per pair (median)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--requests", type=int, default=64, help="per number of clients")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per server request")
@@ -274,11 +275,21 @@ def main() -> None:
                 f"{theirs:<9}{ppl[theirs]:>8.3f}{ppl[theirs] / ppl['f32'] - 1:>+8.2%}"
             )
 
-    print(f"\nengine decode, batch 1, {args.new_tokens} forced tokens after a {len(prompt)}-token prompt")
+    print(
+        f"\nengine decode, batch 1, {args.new_tokens} forced tokens after a {len(prompt)}-token prompt; median of "
+        f"{args.rounds} rounds, the engines alternating"
+    )
     print(f"{'ours':<12}{'MB':>7}{'tok/s':>9}   {'llama.cpp':<9}{'MB':>7}{'tok/s':>9}{'ours / llama.cpp':>18}")
     for ours, theirs in PAIRS:
-        mine = engine_speed("onnxruntime", packages[ours], prompt, args.new_tokens, args.threads, config.max_seq_len)
-        peer = engine_speed("llama.cpp", gguf[theirs], prompt, args.new_tokens, args.threads, config.max_seq_len)
+        mine_rounds, peer_rounds = [], []
+        for _ in range(args.rounds):
+            mine_rounds.append(
+                engine_speed("onnxruntime", packages[ours], prompt, args.new_tokens, args.threads, config.max_seq_len)
+            )
+            peer_rounds.append(
+                engine_speed("llama.cpp", gguf[theirs], prompt, args.new_tokens, args.threads, config.max_seq_len)
+            )
+        mine, peer = statistics.median(mine_rounds), statistics.median(peer_rounds)
         print(
             f"{ours:<12}{sizes[ours] / 1e6:>7.2f}{mine:>9,.0f}   {theirs:<9}{sizes[theirs] / 1e6:>7.2f}{peer:>9,.0f}"
             f"{mine / peer:>17.2f}x",
