@@ -1,8 +1,8 @@
-"""lm-evaluation-harness itself (`lm_eval --model local-completions`, as a user evaluates a vLLM server) against the
-real server, on tasks of our own (task YAMLs over a local JSONL file, so nothing is downloaded): in the
-multiple-choice task every choice's log-likelihood lm-eval reports equals the model's teacher-forced score of it,
-computed here from the package, and so do its chosen answers and accuracy; in the generation task every answer is
-the package's own greedy continuation."""
+"""lm-evaluation-harness itself (`lm_eval --model local-completions` and `local-chat-completions`, as a user evaluates
+a vLLM server) against the real server, on tasks of our own (task YAMLs over a local JSONL file, so nothing is
+downloaded): in the multiple-choice task every choice's log-likelihood lm-eval reports equals the model's
+teacher-forced score of it, computed here from the package, and so do its chosen answers and accuracy; in the
+generation task every answer is the package's own greedy continuation, of the question as text or as a chat turn."""
 
 import json
 import os
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from models.chat_format import Message
 from models.sampling import SamplingParams
 from registry.names import CHAT_MODEL
 from serving.engine import TOKENIZER_FILE, ChatPackage
@@ -67,36 +68,44 @@ def choice_loglikelihood(package: ChatPackage, context: str, continuation: str) 
     return float(sum(t.logprob for t in scored[context_tokens:]))
 
 
-@pytest.mark.slow
-def test_lm_eval_scores_and_generates_with_the_models_own_numbers(
-    fp32_url: str, fp32_package: ChatPackage, tmp_path: Path
-) -> None:
+def write_tasks(tmp_path: Path) -> Path:
+    """The task YAMLs and their JSONL data under `tmp_path`; the folder for `--include_path`."""
     data = tmp_path / "choices.jsonl"
     data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for name, task in TASKS.items():
         (tasks / f"{name}.yaml").write_text(f"task: {name}\n" + DATA.format(data=data) + task)
-    # lm-eval tokenizes with a Hugging Face tokenizer: the package's own tokenizer.json, as transformers loads it
-    tokenizer = tmp_path / "tokenizer"
-    PreTrainedTokenizerFast(tokenizer_file=str(fp32_package.directory / TOKENIZER_FILE)).save_pretrained(tokenizer)
-    model_args = ",".join(
-        [
-            f"model={CHAT_MODEL}",
-            f"base_url={fp32_url}/v1/completions",
-            "tokenizer_backend=huggingface",
-            f"tokenizer={tokenizer}",
-            f"max_length={fp32_package.config.max_seq_len}",
-            "num_concurrent=2",
-        ]
-    )
-    out = tmp_path / "out"
+    return tasks
+
+
+def run_lm_eval(model: str, model_args: list[str], tasks: Path, task_names: list[str], out: Path, *extra: str) -> None:
     env = {**os.environ, "OPENAI_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args]
-    command += ["--tasks", ",".join(TASKS), "--include_path", str(tasks), "--batch_size", "4"]
+    command = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", ",".join(model_args)]
+    command += ["--tasks", ",".join(task_names), "--include_path", str(tasks), *extra]
     command += ["--output_path", str(out), "--log_samples"]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_and_generates_with_the_models_own_numbers(
+    fp32_url: str, fp32_package: ChatPackage, tmp_path: Path
+) -> None:
+    tasks = write_tasks(tmp_path)
+    # lm-eval tokenizes with a Hugging Face tokenizer: the package's own tokenizer.json, as transformers loads it
+    tokenizer = tmp_path / "tokenizer"
+    PreTrainedTokenizerFast(tokenizer_file=str(fp32_package.directory / TOKENIZER_FILE)).save_pretrained(tokenizer)
+    model_args = [
+        f"model={CHAT_MODEL}",
+        f"base_url={fp32_url}/v1/completions",
+        "tokenizer_backend=huggingface",
+        f"tokenizer={tokenizer}",
+        f"max_length={fp32_package.config.max_seq_len}",
+        "num_concurrent=2",
+    ]
+    out = tmp_path / "out"
+    run_lm_eval("local-completions", model_args, tasks, list(TASKS), out, "--batch_size", "4")
 
     samples = logged_samples(out, "trainonce_choice")
     chosen = []
@@ -114,6 +123,21 @@ def test_lm_eval_scores_and_generates_with_the_models_own_numbers(
 
     for sample, question in zip(logged_samples(out, "trainonce_generate"), QUESTIONS, strict=True):
         prompt = fp32_package.text_prompt(question["question"])
+        assert sample["resps"] == [[fp32_package.complete(prompt, 8, GENERATED).text]]
+
+
+@pytest.mark.slow
+def test_lm_eval_chat_generates_the_models_own_chat_replies(
+    fp32_url: str, fp32_package: ChatPackage, tmp_path: Path
+) -> None:
+    """`local-chat-completions` with `--apply_chat_template`: each question is a user turn on /v1/chat/completions,
+    and every reply lm-eval logs is the package's greedy reply to that turn."""
+    tasks = write_tasks(tmp_path)
+    model_args = [f"model={CHAT_MODEL}", f"base_url={fp32_url}/v1/chat/completions", "num_concurrent=2"]
+    out = tmp_path / "out"
+    run_lm_eval("local-chat-completions", model_args, tasks, ["trainonce_generate"], out, "--apply_chat_template")
+    for sample, question in zip(logged_samples(out, "trainonce_generate"), QUESTIONS, strict=True):
+        prompt = fp32_package.chat_prompt([Message(role="user", content=question["question"])])
         assert sample["resps"] == [[fp32_package.complete(prompt, 8, GENERATED).text]]
 
 
