@@ -48,16 +48,28 @@ class LaunchConfig(BaseModel):
                 raise FileNotFoundError(f"pretrain.launch.config_file: {path} does not exist")
             command += ["--config_file", str(path)]
         command += ["--num_processes", str(self.num_processes)]
-        if self.config_file is None and not torch.cuda.is_available():
-            command.append("--cpu")
+        if not torch.cuda.is_available():
+            # accelerate starts several CPU processes only through mpirun; without it `--cpu` (or a MULTI_CPU config)
+            # silently starts one. Its torchrun launcher starts them all, as gloo ranks on the CPU, once
+            # ACCELERATE_USE_CPU is set (`environment`; huggingface/accelerate#2741).
+            command.append("--multi_gpu" if self.num_processes > 1 else "--cpu")
         return [*command, "-m", module, *args]
 
+    def environment(self) -> dict[str, str]:
+        """What the launched processes need in their environment besides ours."""
+        return {} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "true"}
 
-def run_launched(command: list[str], log_path: Path) -> None:
-    """Run a launch command from the repository root, echoing its output and keeping it in `log_path`; a
-    failure raises with the end of that output, which names the failing process's error."""
+
+def run_launched(command: list[str], log_path: Path, environment: dict[str, str] | None = None) -> None:
+    """Run a launch command from the repository root (with `environment` added to ours), echoing its output and
+    keeping it in `log_path`; a failure raises with the end of that output, which names the failing process's
+    error."""
     tail: deque[str] = deque(maxlen=40)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        **(environment or {}),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         process = subprocess.Popen(

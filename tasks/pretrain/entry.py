@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from registry.tracking import run_opener
 from tasks.common.launch import run_launched
@@ -30,6 +31,13 @@ def _run_job(path: Path) -> None:
     """One process of `run_pretrain_launched`: the main process writes the result next to the job."""
     job = json.loads(path.read_text())
     config = PretrainConfig.model_validate(job["pretrain"])
+    # the state the loop's Accelerator will share (it reads ACCELERATE_USE_CPU the same way)
+    started = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
+    if started != config.launch.num_processes:  # e.g. a CPU launch that fell back to one process
+        raise RuntimeError(
+            f"accelerate started {started} process(es) but pretrain.launch.num_processes="
+            f"{config.launch.num_processes}: check pretrain.launch.config_file"
+        )
     data = PreparedData.load(job["data_dir"])
     result = run_pretrain(
         config, data, path.parent, pretrain_run(job["tracking_dir"]), job["init_from"], job["init_label"]
@@ -65,7 +73,7 @@ def run_pretrain_launched(
     (output_dir / "job.json").write_text(json.dumps(job, indent=2))
     (output_dir / "result.json").unlink(missing_ok=True)
     command = config.launch.command("tasks.pretrain.entry", ["--job", str(output_dir / "job.json")])
-    run_launched(command, output_dir / "launch.log")
+    run_launched(command, output_dir / "launch.log", config.launch.environment())
     result = json.loads((output_dir / "result.json").read_text())
     return PretrainResult(
         **{

@@ -1,7 +1,8 @@
 """Data-parallel pre-training: with `pretrain.launch` = 2 processes and infra/accelerate/multi-cpu.yaml the task
-runs `accelerate launch --config_file infra/accelerate/multi-cpu.yaml --num_processes 2 -m tasks.pretrain.entry` (gloo,
-two real processes) on the same global batches as one process, so losses and weights after N steps match the
-single-process run."""
+runs `ACCELERATE_USE_CPU=true accelerate launch --config_file infra/accelerate/multi-cpu.yaml --num_processes 2
+--multi_gpu -m tasks.pretrain.entry` (two gloo ranks on the CPU; each process checks that accelerate started as many
+as asked, since its CPU launcher silently starts one without mpirun) on the same global batches as one process, so
+losses and weights after N steps match the single-process run."""
 
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path: Path
     two = run_pretrain_launched(_config(2), small_data, tmp_path / "two")
     assert one.config_hash == two.config_hash  # the process count is not part of the run's identity
     launched = (tmp_path / "two" / "launch.log").read_text()
-    assert f"--config_file {MULTI_CPU} --num_processes 2 -m tasks.pretrain.entry" in launched
+    assert f"--config_file {MULTI_CPU} --num_processes 2 --multi_gpu -m tasks.pretrain.entry" in launched
     assert two.steps == 10 and two.checkpoint_dir == (tmp_path / "two" / "supernet").resolve()
 
     assert two.train_loss == pytest.approx(one.train_loss, abs=1e-4)
