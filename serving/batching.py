@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from serving.decoding import Piece, SequenceDecoder
-from serving.engine import ChatPackage
+from serving.engine import ChatPackage, bind_in_place
 
 log = logging.getLogger("trainonce.serving")
 
@@ -130,27 +129,19 @@ class _SlotBatch:
         self.binding, self.bound = self.session.io_binding(), 0  # the step's binding, for `bound` rows
 
     def _bind(self, binding: Any, rows: slice, **arrays: np.ndarray) -> None:
-        for name, cache in zip(self.names, self.cache, strict=True):
-            value = ort.OrtValue.ortvalue_from_numpy(cache[rows])
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
-        for name, array in arrays.items():
-            bind = binding.bind_ortvalue_output if name == "logits" else binding.bind_ortvalue_input
-            bind(name, ort.OrtValue.ortvalue_from_numpy(array))
+        bind_in_place(binding, self.names, [cache[rows] for cache in self.cache], **arrays)
 
     def join(self, sequence: _Sequence) -> np.ndarray:
         """Prefill `sequence` into the next free slot -> the logits (V,) after its prompt."""
         slot, prompt = len(self.rows), sequence.decoder.prompt
         logits = np.empty((1, len(prompt), self.logits.shape[-1]), np.float32)
+        feeds = {  # held until the run: the binding reads them by address
+            "input_ids": np.asarray([prompt], dtype=np.int64),
+            "seqlens_k": np.array([len(prompt) - 1], np.int32),
+            "total_sequence_length": np.array(len(prompt), np.int32),
+        }
         binding = self.session.io_binding()
-        self._bind(
-            binding,
-            slice(slot, slot + 1),
-            input_ids=np.asarray([prompt], dtype=np.int64),
-            seqlens_k=np.array([len(prompt) - 1], np.int32),
-            total_sequence_length=np.array(len(prompt), np.int32),
-            logits=logits,
-        )
+        self._bind(binding, slice(slot, slot + 1), **feeds, logits=logits)
         self.session.run_with_iobinding(binding)
         self.rows.append(sequence)
         self.lengths[slot] = len(prompt)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -124,6 +125,19 @@ class CachedSequence:
         return logits[0, -1]
 
 
+def bind_in_place(binding: Any, past_names: Sequence[str], caches: Sequence[np.ndarray], **arrays: np.ndarray) -> None:
+    """Bind each of `caches` as both its layer's past input and present output, so GroupQueryAttention updates it in
+    place; and each of `arrays` by name, `logits` as the output the call writes, the others as inputs read through
+    their memory. Everything is bound by address: the caller keeps the arrays alive until the run."""
+    for past, cache in zip(past_names, caches, strict=True):
+        buffer = ort.OrtValue.ortvalue_from_numpy(cache)
+        binding.bind_ortvalue_input(past, buffer)
+        binding.bind_ortvalue_output(past.replace("past_", "present_"), buffer)
+    for name, array in arrays.items():
+        bind = binding.bind_ortvalue_output if name == "logits" else binding.bind_ortvalue_input
+        bind(name, ort.OrtValue.ortvalue_from_numpy(array))
+
+
 class InPlaceSequence:
     """One sequence on the fused graph with its cache updated in place (onnxruntime-genai's past-present shared
     buffer): each cache tensor is one (1, n_kv, max_seq_len, hd) buffer bound as both the layer's past input and
@@ -136,16 +150,13 @@ class InPlaceSequence:
         self.session, self.length, self.limit = generator.session, 0, config.max_seq_len
         self.binding = self.session.io_binding()
         shape = (1, config.n_kv_heads, config.max_seq_len, config.head_dim)
-        self.cache = [np.zeros(shape, np.float32) for _ in generator.past_names]  # kept alive: bound by address
-        for past, cache in zip(generator.past_names, self.cache, strict=True):
-            buffer = ort.OrtValue.ortvalue_from_numpy(cache)
-            self.binding.bind_ortvalue_input(past, buffer)
-            self.binding.bind_ortvalue_output(past.replace("past_", "present_"), buffer)
+        self.cache = [np.zeros(shape, np.float32) for _ in generator.past_names]
         # one-token steps read and write these arrays through values bound to their memory
         self.token, self.last = np.zeros((1, 1), np.int64), np.zeros(1, np.int32)
         self.total, self.logits = np.zeros((), np.int32), np.zeros((1, 1, config.vocab_size), np.float32)
-        self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.last))
-        self.binding.bind_ortvalue_input("total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self.total))
+        bind_in_place(
+            self.binding, generator.past_names, self.cache, seqlens_k=self.last, total_sequence_length=self.total
+        )
         self._stepping = False
 
     def feed(self, tokens: Sequence[int]) -> np.ndarray:
@@ -156,16 +167,15 @@ class InPlaceSequence:
         self.last[0], self.total[...] = total - 1, total
         if len(tokens) == 1:
             if not self._stepping:
-                self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.token))
-                self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+                bind_in_place(self.binding, (), (), input_ids=self.token, logits=self.logits)
                 self._stepping = True
             self.token[0, 0] = tokens[0]
             self.session.run_with_iobinding(self.binding)
             self.length = total
             return self.logits[0, -1]
+        ids = np.asarray([tokens], dtype=np.int64)  # held until the run: the binding reads it by address
         logits = np.empty((1, len(tokens), self.logits.shape[-1]), np.float32)
-        self.binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
-        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        bind_in_place(self.binding, (), (), input_ids=ids, logits=logits)
         self._stepping = False
         self.session.run_with_iobinding(self.binding)
         self.length = total

@@ -45,7 +45,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from models.config import MoEConfig
-from models.moe import ElasticMoE, MoEBlock, SwiGLU
+from models.moe import ElasticMoE, MoEBlock, SwiGLU, rope_cos_sin
 from tasks.deploy.block_quant import BlockQuantized, quantize_blockwise
 from tasks.deploy.config import DeployConfig, Variant
 
@@ -325,14 +325,13 @@ class _DecoderGraph:
         return np.array([c.n_heads, c.n_kv_heads, c.n_kv_heads], np.int64) * c.attn_head_dim
 
     def rotary_caches(self) -> tuple[str, str]:
-        """cos/sin (max_seq_len, hd/2) of ERNIE's interleaved RoPE, as models.moe.rope_cos_sin computes them."""
+        """cos/sin (max_seq_len, hd/2) of ERNIE's interleaved RoPE: the model's own (models.moe.rope_cos_sin), whose
+        columns repeat each frequency for its pair, one column per pair."""
         c, g = self.config, self.graph
         if "cos_cache" not in g.initializers:
-            hd = c.attn_head_dim
-            inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-            angles = torch.arange(c.max_seq_len).float()[:, None] * inv_freq[None, :]
-            g.constant("cos_cache", angles.cos())
-            g.constant("sin_cache", angles.sin())
+            cos, sin = rope_cos_sin(torch.arange(c.max_seq_len), c.attn_head_dim, c.rope_theta)
+            g.constant("cos_cache", cos[:, ::2])
+            g.constant("sin_cache", sin[:, ::2])
         return "cos_cache", "sin_cache"
 
     def positions(self) -> str:
