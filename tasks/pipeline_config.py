@@ -14,7 +14,7 @@ from registry.promotion import GateRules
 from tasks.align.config import DPOConfig, GRPOConfig, SFTConfig
 from tasks.data.config import DataConfig
 from tasks.deploy.config import DeployConfig
-from tasks.deploy.fused_graph import check_fused_graph, variant_quant
+from tasks.deploy.graph_limits import check_fused_graph, variant_quant
 from tasks.extract.config import ExtractConfig
 from tasks.pretrain.config import PretrainConfig
 from tasks.search.config import ImportanceConfig, SearchConfig

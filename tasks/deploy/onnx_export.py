@@ -32,7 +32,8 @@ from tasks.data.config import TaskMixConfig
 from tasks.data.corpus import PreparedData
 from tasks.deploy.config import DeployConfig, Variant
 from tasks.deploy.evaluate import PackageEvaluation, evaluate_package, held_out_examples
-from tasks.deploy.fused_graph import build_decoder_graph, variant_quant
+from tasks.deploy.fused_graph import build_decoder_graph
+from tasks.deploy.graph_limits import variant_quant
 
 _SINGLE_FILE_LIMIT = 1_500_000_000  # bytes of fp32 weights above which ONNX needs external data (2 GB proto cap)
 

@@ -19,13 +19,8 @@ from models.generate import greedy_generate
 from models.moe import ElasticMoE, MoEBlock
 from serving.engine import GenerationConfig, OnnxGenerator
 from tasks.deploy.config import DeployConfig
-from tasks.deploy.fused_graph import (
-    UnsupportedGraph,
-    WeightQuant,
-    build_decoder_graph,
-    check_fused_graph,
-    variant_quant,
-)
+from tasks.deploy.fused_graph import build_decoder_graph
+from tasks.deploy.graph_limits import UnsupportedGraph, WeightQuant, check_fused_graph, variant_quant
 from tasks.pipeline_config import PipelineConfig
 
 DECODE_STEPS = 64
