@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/serve_load.py --workdir runs/pipeline --clients 1 8 32 --requests 64
 
-For each setting of `--max-batch` (default: 1, each request decodes alone, as before batching; and 32), starts
+For each setting of `--max-batch` (default: 1, each request decodes alone, one at a time; and 32), starts
 `trainonce serve` on the workdir's `trainonce-chat@champion` with `--threads` onnxruntime threads (default 2:
 both cores), then for each number of concurrent clients sends `--requests` streamed chat requests with
 fixed-length replies (`ignore_eos`, `max_tokens`), so that every setting generates the same number of tokens.
 Prints aggregate completion tokens/s, time to first token and request latency (p50/p99), and the error count
 (which must be 0); then the same decoding without HTTP, in-process, alone vs batched (the engine's share).
 The model must have been exported with batched decoding (a `seqlens_k` or `pad_lengths` graph input); the server
-logs a warning and decodes alone otherwise.
+logs a warning and decodes one sequence at a time otherwise.
 """
 
 from __future__ import annotations

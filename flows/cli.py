@@ -291,7 +291,7 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
         "--max-batch",
         type=_at_least_one,
         default=DEFAULT_BATCHING.max_batch,
-        help="sequences per batched decode step (1: each decodes alone)",
+        help="sequences per batched decode step (1: one at a time)",
     )
     serve.add_argument(
         "--max-waiting",

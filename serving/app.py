@@ -9,10 +9,6 @@ one router per endpoint group (serving/routes/).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import anyio.to_thread
 from fastapi import FastAPI
 
 from serving.errors import install_error_handling
@@ -21,22 +17,6 @@ from serving.metrics import CountedRequests, ServingMetrics
 from serving.routes import chat, completions, health, models, responses
 
 ROUTERS = (health.router, models.router, chat.router, completions.router, responses.router)
-OTHER_REQUEST_THREADS = 40  # anyio's default pool, kept for everything besides waiting on a sequence's pieces
-
-
-def _threads_for(family: Family):  # noqa: ANN202 - FastAPI's lifespan type
-    """A lifespan that sizes the worker-thread pool for every sequence the family may hold. Starlette sends each
-    streamed chunk from a worker thread, and the thread waits there for the sequence's next piece; with anyio's
-    default 40 threads, 128 streams behind a batch of 32 stalled each other (pieces decoded but not sent until a
-    thread came free, so every answer arrived late, in waves)."""
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = max(limiter.total_tokens, OTHER_REQUEST_THREADS + family.open_sequences())
-        yield
-
-    return lifespan
 
 
 def create_app(family: Family, api_key: str | None = None) -> FastAPI:
@@ -44,7 +24,6 @@ def create_app(family: Family, api_key: str | None = None) -> FastAPI:
     app = FastAPI(
         title="trainonce",
         description="OpenAI-compatible API over a registered trainonce-chat model",
-        lifespan=_threads_for(family),
     )
     app.state.family, app.state.metrics, app.state.api_key = family, ServingMetrics(), api_key
     install_error_handling(app)

@@ -6,21 +6,28 @@ each new sequence is prefilled alone and joins the batch, and every step feeds t
 call. Rows of different lengths share the cache tensors (each row's length is fed to the graph, which ignores the
 rest of its row and leaves it out of the rotary positions: serving/engine.py), so every row computes exactly what
 it computes alone. On the fused graph each row owns a slot of preallocated caches that the graph updates in place;
-on the traced graph the caches pass in and out of every call, left-padded. Finished and abandoned rows leave the
-batch at once.
+on the traced graph the caches pass in and out of every call, left-padded; a graph from before batched decoding
+takes one row at a time. Finished and abandoned rows leave the batch at once.
+
+Each sequence's pieces go to its reader as they are decoded: to a thread that iterates them, or, when the reader
+submitted with its event loop (the server does), straight into that loop, one wake-up per loop and step, so a
+streamed answer reaches its client without a worker thread per chunk (at 1 client those hops cost more than the
+decoding of a small model).
 
 The queue is bounded: a sequence submitted while `max_waiting` are already waiting is refused (`QueueFull`),
 before anything is decoded, and the server answers 429. The loop thread exits when it has nothing to do and
-starts again with the next submission, so a model swapped out by a promotion leaves no thread behind.
+starts again with the next submission, so a model swapped out by a promotion leaves no thread behind; the batch
+and its caches are kept for the next run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +49,24 @@ _DONE = object()
 @dataclass
 class _Sequence:
     decoder: SequenceDecoder
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # pieces, then _DONE or an exception
+    loop: asyncio.AbstractEventLoop | None = None  # the reader's event loop; None: a thread reads
+    out: queue.SimpleQueue | asyncio.Queue = field(init=False)  # pieces, then _DONE or an exception
     abandoned: bool = False  # its reader went away (a client disconnected): stop decoding it
 
+    def __post_init__(self) -> None:
+        self.out = queue.SimpleQueue() if self.loop is None else asyncio.Queue()
 
-class _PieceStream(Iterator[Piece]):
-    """A sequence's pieces as its reader sees them. Dropped unread (a client that went away, even before its
-    choice's turn to stream), it tells the loop to stop decoding the sequence."""
+
+def _unpacked(item: object) -> Piece:
+    if isinstance(item, BaseException):
+        raise item
+    return item  # type: ignore[return-value]
+
+
+class PieceStream(Iterator[Piece], AsyncIterator[Piece]):
+    """A sequence's pieces as its reader takes them: `for` from a thread, or `async for` on the event loop it was
+    submitted with. Dropped unread (a client that went away, even before its choice's turn to stream), it tells the
+    loop to stop decoding the sequence."""
 
     def __init__(self, sequence: _Sequence) -> None:
         self.sequence = sequence
@@ -57,12 +75,59 @@ class _PieceStream(Iterator[Piece]):
         item = self.sequence.out.get()
         if item is _DONE:
             raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return _unpacked(item)
+
+    async def __anext__(self) -> Piece:
+        item = await self.sequence.out.get()
+        if item is _DONE:
+            raise StopAsyncIteration
+        return _unpacked(item)
 
     def __del__(self) -> None:
         self.sequence.abandoned = True
+
+
+def _deliver(outbox: list[tuple[_Sequence, object]]) -> None:
+    """Hand each item to its sequence's reader: a thread's queue at once, an event loop's in one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+    for sequence, item in outbox:
+        if sequence.loop is None:
+            sequence.out.put(item)
+        else:
+            by_loop.setdefault(sequence.loop, []).append((sequence.out, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that loop has closed (the server stopped): nobody is left to read these
+            for sequence, _ in outbox:
+                if sequence.loop is loop:
+                    sequence.abandoned = True
+    outbox.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for out, item in items:
+        out.put_nowait(item)
+
+
+class _LoneBatch:
+    """One row at a time, for a graph from before batched decoding (it cannot take rows of different lengths)."""
+
+    def __init__(self, package: ChatPackage) -> None:
+        self.generator = package.generator
+        self.rows: list[_Sequence] = []
+        self.sequence = self.generator.sequence()
+
+    def join(self, sequence: _Sequence) -> np.ndarray:
+        self.sequence = self.generator.sequence()
+        self.rows.append(sequence)
+        return self.sequence.feed(sequence.decoder.prompt)
+
+    def step(self) -> np.ndarray:
+        return self.sequence.feed([self.rows[0].decoder.next_input])[None]
+
+    def keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
 
 
 class _PaddedBatch:
@@ -180,27 +245,30 @@ class _SlotBatch:
 
 
 class DecodeBatcher:
-    """Decodes every submitted sequence in a shared batch of at most `max_batch` rows."""
+    """Decodes every submitted sequence in a shared batch of at most `max_batch` rows (1 for a graph from before
+    batched decoding)."""
 
     def __init__(self, package: ChatPackage, max_batch: int, max_waiting: int) -> None:
-        if not package.generator.batches_rows:
-            raise ValueError(
-                f"{package.directory} predates batched decoding (neither seqlens_k nor pad_lengths input): re-export it"
-            )
+        if not package.generator.batches_rows and max_batch > 1:
+            log.warning("%s predates batched decoding: its sequences decode one at a time", package.directory)
+            max_batch = 1
         self.package, self.max_batch, self.max_waiting = package, max_batch, max_waiting
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
+        self._batch = self._new_batch()
         self.running = 0  # rows in the batch, for /metrics
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, decoders: list[SequenceDecoder]) -> list[Iterator[Piece]]:
-        """Queue `decoders` (all or none) and return, per decoder, the iterator of its pieces."""
-        sequences = [_Sequence(d) for d in decoders]
+    def submit(
+        self, decoders: list[SequenceDecoder], loop: asyncio.AbstractEventLoop | None = None
+    ) -> list[PieceStream]:
+        """Queue `decoders` (all or none) and return, per decoder, the stream of its pieces: read from a thread,
+        or with `loop`, on that event loop (`async for`)."""
+        sequences = [_Sequence(d, loop) for d in decoders]
         with self._lock:
             if len(self._waiting) + len(sequences) > self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} sequences are waiting (at most {self.max_waiting})")
@@ -208,47 +276,49 @@ class DecodeBatcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="decode-batcher", daemon=True)
                 self._thread.start()
-            self._wake.notify()
-        return [_PieceStream(s) for s in sequences]
+        return [PieceStream(s) for s in sequences]
 
     def _loop(self) -> None:
-        batch = self._new_batch()
+        batch, outbox = self._batch, []
         while True:
             with self._lock:
                 if not batch.rows and not self._waiting:
-                    self._thread = None  # the next submission starts a new loop
+                    self._batch, self._thread = batch, None  # the next submission starts a new loop
                     return
                 joining = [
                     self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch - len(batch.rows)))
                 ]
             try:
                 for sequence in joining:
-                    if not self._emit(sequence, batch.join(sequence)):
+                    if not self._emit(sequence, batch.join(sequence), outbox):
                         batch.keep(list(range(len(batch.rows) - 1)))
+                    _deliver(outbox)  # its first token at once, not after the others' prefill
                 if batch.rows:
                     logits = batch.step()
-                    batch.keep([i for i, s in enumerate(batch.rows) if self._emit(s, logits[i])])
+                    batch.keep([i for i, s in enumerate(batch.rows) if self._emit(s, logits[i], outbox)])
+                    _deliver(outbox)
             except Exception as error:  # a failed call fails the rows it was computing, not the server
                 log.exception("batched decoding failed")
-                for sequence in [*batch.rows, *joining]:
-                    sequence.out.put(error)
+                outbox.extend((sequence, error) for sequence in [*batch.rows, *joining])
+                _deliver(outbox)
                 batch = self._new_batch()
             self.running = len(batch.rows)
 
-    def _new_batch(self) -> _SlotBatch | _PaddedBatch:
-        if self.package.generator.takes_lengths:
+    def _new_batch(self) -> _SlotBatch | _PaddedBatch | _LoneBatch:
+        generator = self.package.generator
+        if generator.takes_lengths:
             return _SlotBatch(self.package, self.max_batch)
-        return _PaddedBatch(self.package)
+        return _PaddedBatch(self.package) if generator.pads_left else _LoneBatch(self.package)
 
     @staticmethod
-    def _emit(sequence: _Sequence, logits: np.ndarray) -> bool:
-        """Step one row and hand its piece to its reader; False when the row leaves the batch."""
+    def _emit(sequence: _Sequence, logits: np.ndarray, outbox: list[tuple[_Sequence, object]]) -> bool:
+        """Step one row and put its piece in `outbox`; False when the row leaves the batch."""
         if sequence.abandoned:
             return False
         piece = sequence.decoder.step(logits)
         if piece.text or piece.tokens:
-            sequence.out.put(piece)
+            outbox.append((sequence, piece))
         if sequence.decoder.finished:
-            sequence.out.put(_DONE)
+            outbox.append((sequence, _DONE))
             return False
         return True

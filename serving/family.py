@@ -46,10 +46,6 @@ class Family:
         fitting = [Routed(s, s.current) for s in self.sources if s.current.ms_per_token <= max_ms_per_token]
         return max(fitting, key=lambda r: r.loaded.ms_per_token, default=None)
 
-    def open_sequences(self) -> int:
-        """The most sequences the members hold at once, decoding or queued: each streamed one waits in a thread."""
-        return sum(s.batching.max_batch + s.batching.max_waiting for s in self.sources)
-
     def fastest(self) -> LoadedModel:
         return min((s.current for s in self.sources), key=lambda loaded: loaded.ms_per_token)
 

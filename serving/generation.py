@@ -6,9 +6,10 @@ streamed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -100,18 +101,25 @@ def token_budget(
 
 def _decoding(
     metrics: ServingMetrics, loaded: LoadedModel, prompt_tokens: int, choices: list[SequenceDecoder]
-) -> list[Iterator[Piece]]:
+) -> list[AsyncIterator[Piece]]:
     """Start this request's choices on its model, all in one submission (refused with a 429 if the batch queue is
-    full), timed and counted per model; a choice with nothing to generate (`max_tokens: 0`) is not decoded."""
+    full), their pieces delivered to this event loop, timed and counted per model; a choice with nothing to generate
+    (`max_tokens: 0`) is not decoded."""
     started = time.perf_counter()
     try:
-        decoding = iter(loaded.decode([c for c in choices if not c.finished]))
+        streams = loaded.batcher.submit([c for c in choices if not c.finished], asyncio.get_running_loop())
     except QueueFull as error:
         raise ApiError(
             429, f"The server is busy ({error}); retry shortly.", None, "queue_full", "server_busy"
         ) from error
     metrics.prompt_tokens.labels(loaded.name).inc(prompt_tokens)
-    return [iter(()) if c.finished else metrics.observed(loaded.name, next(decoding), started) for c in choices]
+    decoding = iter(streams)
+    return [_no_pieces() if c.finished else metrics.observed(loaded.name, next(decoding), started) for c in choices]
+
+
+async def _no_pieces() -> AsyncIterator[Piece]:
+    return
+    yield
 
 
 class RunningStream(StreamingResponse):
@@ -120,7 +128,7 @@ class RunningStream(StreamingResponse):
     choices' piece streams and so stops their decoding. A `with` inside the event generator would only end when
     the abandoned generator is collected, which after a disconnect took minutes."""
 
-    def __init__(self, events: Generator[str, None, None], running: Gauge, headers: dict[str, str]) -> None:
+    def __init__(self, events: AsyncGenerator[str, None], running: Gauge, headers: dict[str, str]) -> None:
         super().__init__(events, media_type="text/event-stream", headers=headers)
         self.events, self.running = events, running
         running.inc()
@@ -128,9 +136,9 @@ class RunningStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        finally:  # no thread is inside the generator now: Starlette waits for a step it started
+        finally:  # Starlette is no longer inside the generator: it was cancelled or has finished
             self.running.dec()
-            self.events.close()
+            await self.events.aclose()
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,7 @@ class Decoding:
 
     loaded: LoadedModel
     choices: list[SequenceDecoder]
-    streams: list[Iterator[Piece]]  # each choice's pieces, as they are decoded
+    streams: list[AsyncIterator[Piece]]  # each choice's pieces, as they are decoded
     prompt_tokens: int  # each prompt counted once, however many choices it has
     base: dict[str, Any]  # what every answer and chunk of the request carries: id, created, model, version
 
@@ -152,7 +160,8 @@ def start(
     metrics: ServingMetrics,
     id_prefix: str,
 ) -> Decoding:
-    """Start decoding `n` choices of each of `prompts` (its token ids and budget), in order, all together."""
+    """Start decoding `n` choices of each of `prompts` (its token ids and budget), in order, all together; called on
+    the event loop the answer is written from."""
     package = loaded.package
     choices = [c for ids, budget in prompts for c in new_choices(package, ids, budget, params, n)]
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -165,11 +174,11 @@ def start(
     return Decoding(loaded, choices, _decoding(metrics, loaded, prompt_tokens, choices), prompt_tokens, base)
 
 
-def answer(
+async def answer(
     decoding: Decoding,
     stream: bool,
-    whole: Callable[[], Answer],
-    events: Callable[[], Generator[str, None, None]],
+    whole: Callable[[], Awaitable[Answer]],
+    events: Callable[[], AsyncGenerator[str, None]],
     metrics: ServingMetrics,
     response: Response,
 ) -> Answer | StreamingResponse:
@@ -180,10 +189,10 @@ def answer(
         return RunningStream(events(), metrics.running.labels(name), {SERVED_BY_HEADER: name})
     response.headers[SERVED_BY_HEADER] = name
     with metrics.running.labels(name).track_inprogress():
-        return whole()
+        return await whole()
 
 
-def respond(
+async def respond(
     request: ChatCompletionRequest | CompletionRequest,
     loaded: LoadedModel,
     prompts: Sequence[tuple[list[int], int]],
@@ -200,7 +209,7 @@ def respond(
     logprobs = LogprobFormat(loaded.package, request.return_tokens_as_token_ids)
     written = (logprobs, decoding.prompt_tokens, decoding.choices, decoding.streams, decoding.base)
     usage = StreamUsage(request.include_usage(), request.continuous_usage())
-    return answer(
+    return await answer(
         decoding,
         request.stream,
         lambda: shape.whole(*written, **extra),

@@ -10,7 +10,7 @@ Each app owns its registry, so two servers in one process (tests) do not share c
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette import types as asgi
@@ -65,11 +65,11 @@ class ServingMetrics:
             registry=registry,
         )
 
-    def observed(self, model: str, pieces: Iterator[Piece], started: float) -> Iterator[Piece]:
+    async def observed(self, model: str, pieces: AsyncIterator[Piece], started: float) -> AsyncIterator[Piece]:
         """`pieces` of one choice, passed through while their timing and counts are recorded; `started` is the
         request's `time.perf_counter()` at its arrival."""
         last = None
-        for piece in pieces:
+        async for piece in pieces:
             now = time.perf_counter()
             if piece.tokens:
                 if last is None:

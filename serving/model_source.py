@@ -12,13 +12,11 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from registry.models import download_chat_package, resolve_version
 from serving.batching import DecodeBatcher
-from serving.decoding import Piece, SequenceDecoder
 from serving.engine import EVERY_TOKEN, ChatPackage
 
 log = logging.getLogger("trainonce.serving")
@@ -30,14 +28,8 @@ class LoadedModel:
     version: str
     package: ChatPackage
     loaded_at: int  # Unix seconds: the model card's `created`
-    batcher: DecodeBatcher | None  # None: each sequence decodes alone (batching off, or a pre-batching graph)
+    batcher: DecodeBatcher
     ms_per_token: float  # measured at load on this machine: greedy decoding, batch 1 (latency routing)
-
-    def decode(self, choices: list[SequenceDecoder]) -> list[Iterator[Piece]]:
-        """Start decoding `choices` (in the shared batch when there is one); raises QueueFull when it is full."""
-        if self.batcher is None:
-            return [self.package.decode(d) for d in choices]
-        return self.batcher.submit(choices)
 
 
 def decode_latency_ms(package: ChatPackage, new_tokens: int = 16, repeats: int = 3) -> float:
@@ -56,7 +48,8 @@ def decode_latency_ms(package: ChatPackage, new_tokens: int = 16, repeats: int =
 
 @dataclass(frozen=True)
 class Batching:
-    """How the server batches decode steps: up to `max_batch` rows per call (1: off), `max_waiting` queued. The
+    """How the server batches decode steps: up to `max_batch` rows per call (1: one sequence at a time),
+    `max_waiting` queued. The
     queue is deep, as vLLM's is unbounded: load tools (guidellm's sweep) send hundreds of requests at once and expect
     them queued, not refused; beyond it a request gets 429."""
 
@@ -99,11 +92,7 @@ class ModelSource:
         destination = self.cache_dir / self.name / version
         package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
         package = ChatPackage(package_dir, threads=self.threads)
-        batcher = None
-        if self.batching.max_batch > 1 and package.generator.batches_rows:
-            batcher = DecodeBatcher(package, self.batching.max_batch, self.batching.max_waiting)
-        elif self.batching.max_batch > 1:
-            log.warning("%s/%s was exported before batched decoding: its requests decode alone", self.name, version)
+        batcher = DecodeBatcher(package, self.batching.max_batch, self.batching.max_waiting)
         return LoadedModel(self.name, version, package, int(time.time()), batcher, decode_latency_ms(package))
 
     def refresh(self) -> bool:

@@ -11,9 +11,8 @@ completion may have many prompts (prompt i's `n` choices are i*n .. i*n+n-1) and
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -104,20 +103,22 @@ class StreamUsage:
         return {"usage": Usage.of(prompt_tokens, sent).model_dump()} if self.every_chunk else {}
 
 
-def whole_choices(
-    choices: list[SequenceDecoder], streams: list[Iterator[Piece]]
-) -> Iterator[tuple[int, SequenceDecoder, str, list[SampledToken]]]:
+async def whole_choices(
+    choices: list[SequenceDecoder], streams: list[AsyncIterator[Piece]]
+) -> list[tuple[int, SequenceDecoder, str, list[SampledToken]]]:
     """Each choice decoded to its end: its index, decoder, text and tokens (with their log-probabilities)."""
+    out = []
     for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
-        pieces = list(stream)
-        yield index, decoder, "".join(p.text for p in pieces), [t for p in pieces for t in p.tokens]
+        pieces = [piece async for piece in stream]
+        out.append((index, decoder, "".join(p.text for p in pieces), [t for p in pieces for t in p.tokens]))
+    return out
 
 
-def chat_response(
+async def chat_response(
     logprobs: LogprobFormat,
     prompt_tokens: int,
     choices: list[SequenceDecoder],
-    streams: list[Iterator[Piece]],
+    streams: list[AsyncIterator[Piece]],
     base: dict[str, Any],
 ) -> ChatCompletion:
     out = [
@@ -127,19 +128,19 @@ def chat_response(
             "logprobs": logprobs.chat(tokens) if decoder.params.logprobs is not None else None,
             "finish_reason": decoder.finish_reason,
         }
-        for index, decoder, text, tokens in whole_choices(choices, streams)
+        for index, decoder, text, tokens in await whole_choices(choices, streams)
     ]
     return ChatCompletion.model_validate({**base, "choices": out, "usage": _usage(prompt_tokens, choices)})
 
 
-def chat_stream(
+async def chat_stream(
     logprobs: LogprobFormat,
     prompt_tokens: int,
     choices: list[SequenceDecoder],
-    streams: list[Iterator[Piece]],
+    streams: list[AsyncIterator[Piece]],
     base: dict[str, Any],
     usage: StreamUsage,
-) -> Generator[str, None, None]:
+) -> AsyncGenerator[str, None]:
     chunk = {**base, "object": "chat.completion.chunk"}
     sent = 0
 
@@ -155,7 +156,7 @@ def chat_stream(
 
     for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
         yield event(index, {"role": "assistant", "content": ""})
-        for piece in stream:
+        async for piece in stream:
             sent += len(piece.tokens)
             yield event(index, {"content": piece.text} if piece.text else {}, piece)
         yield event(index, {}, finish=decoder.finish_reason)
@@ -164,17 +165,17 @@ def chat_stream(
     yield sse("[DONE]")
 
 
-def completion_response(
+async def completion_response(
     logprobs: LogprobFormat,
     prompt_tokens: int,
     choices: list[SequenceDecoder],
-    streams: list[Iterator[Piece]],
+    streams: list[AsyncIterator[Piece]],
     base: dict[str, Any],
     echoes: Sequence[Echo | None] = (),
 ) -> Completion:
     """`echoes`: per choice, the prompt its text starts with (none: not echoed)."""
     out = []
-    for index, decoder, text, tokens in whole_choices(choices, streams):
+    for index, decoder, text, tokens in await whole_choices(choices, streams):
         echo = echoes[index] if echoes else None
         if echo is not None:
             text, tokens = echo.text + text, [*echo.tokens, *tokens]
@@ -190,23 +191,21 @@ def completion_response(
     return Completion.model_validate({**base, "choices": out, "usage": _usage(prompt_tokens, choices)})
 
 
-def completion_stream(
+async def completion_stream(
     logprobs: LogprobFormat,
     prompt_tokens: int,
     choices: list[SequenceDecoder],
-    streams: list[Iterator[Piece]],
+    streams: list[AsyncIterator[Piece]],
     base: dict[str, Any],
     usage: StreamUsage,
     echoes: Sequence[Echo | None] = (),
-) -> Generator[str, None, None]:
+) -> AsyncGenerator[str, None]:
     """`echoes` as for `completion_response`: an echoed prompt is its choice's first chunk."""
     chunk = {**base, "object": "text_completion"}
     sent = 0
     for index, (decoder, stream) in enumerate(zip(choices, streams, strict=True)):
         offset = 0
-        echo = echoes[index] if echoes else None
-        echoed = [(Piece(echo.text, echo.tokens), 0)] if echo is not None else []
-        for piece, generated in itertools.chain(echoed, ((p, len(p.tokens)) for p in stream)):
+        async for piece, generated in _chunks(echoes[index] if echoes else None, stream):
             with_logprobs = piece.tokens and decoder.params.logprobs is not None
             choice = {
                 "index": index,
@@ -224,6 +223,15 @@ def completion_stream(
     yield sse("[DONE]")
 
 
+async def _chunks(echo: Echo | None, stream: AsyncIterator[Piece]) -> AsyncIterator[tuple[Piece, int]]:
+    """A text completion choice's pieces, each with the completion tokens it carries: its echoed prompt first (none),
+    then what is generated."""
+    if echo is not None:
+        yield Piece(echo.text, echo.tokens), 0
+    async for piece in stream:
+        yield piece, len(piece.tokens)
+
+
 Whole = TypeVar("Whole", ChatCompletion, Completion)
 
 
@@ -232,8 +240,8 @@ class ResponseShape(Generic[Whole]):
     """How one endpoint answers: its id prefix, its whole response and its stream of events."""
 
     id_prefix: str
-    whole: Callable[..., Whole]
-    streamed: Callable[..., Generator[str, None, None]]
+    whole: Callable[..., Awaitable[Whole]]
+    streamed: Callable[..., AsyncGenerator[str, None]]
 
 
 CHAT_SHAPE = ResponseShape("chatcmpl-", chat_response, chat_stream)

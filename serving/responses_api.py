@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from models.sampling import SampledToken, SamplingParams
@@ -37,18 +37,18 @@ class ResponsesAnswer:
         logprobs: LogprobFormat,
         prompt_tokens: int,
         decoder: SequenceDecoder,
-        stream: Iterator[Piece],
+        stream: AsyncIterator[Piece],
         base: dict[str, Any],
     ) -> None:
         self.request, self.params, self.logprobs = request, params, logprobs
         self.prompt_tokens, self.decoder, self.stream, self.base = prompt_tokens, decoder, stream, base
         self.item_id = f"msg_{uuid.uuid4().hex[:24]}"
 
-    def whole(self) -> ResponseObject:
-        pieces = list(self.stream)
+    async def whole(self) -> ResponseObject:
+        pieces = [piece async for piece in self.stream]
         return self._response([self._message(pieces)])
 
-    def events(self) -> Generator[str, None, None]:
+    async def events(self) -> AsyncGenerator[str, None]:
         numbers = itertools.count()
 
         def event(kind: str, **fields: Any) -> str:
@@ -62,7 +62,7 @@ class ResponsesAnswer:
         at = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         yield event("response.content_part.added", **at, part=_text_part("", []))
         pieces = []
-        for piece in self.stream:
+        async for piece in self.stream:
             pieces.append(piece)
             yield event("response.output_text.delta", **at, delta=piece.text, logprobs=self._logprobs(piece.tokens))
         message = self._message(pieces)

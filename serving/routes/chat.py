@@ -1,4 +1,8 @@
-"""/v1/chat/completions: OpenAI's chat completions, the messages rendered in the model's own chat format."""
+"""/v1/chat/completions: OpenAI's chat completions, the messages rendered in the model's own chat format.
+
+The route is `async`: rendering and tokenizing the messages costs about what parsing the request's JSON does, so
+it runs on the event loop like the parsing, and the answer is written from the loop (no worker thread per request
+or per streamed chunk)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ router = APIRouter(dependencies=[Depends(authorize)])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=generation.RESPONSES)
-def chat_completions(
+async def chat_completions(
     request: ChatCompletionRequest, http: Request, response: Response, family: ServedFamily, metrics: Metrics
 ) -> ChatCompletion | StreamingResponse:
     loaded = requested_model(request, http, family)
@@ -27,4 +31,4 @@ def chat_completions(
     ]
     prompt = package.chat_prompt(messages)
     budget = generation.token_budget(package, prompt, request.requested_tokens(), "messages")
-    return generation.respond(request, loaded, [(prompt, budget)], params, CHAT_SHAPE, metrics, response)
+    return await generation.respond(request, loaded, [(prompt, budget)], params, CHAT_SHAPE, metrics, response)

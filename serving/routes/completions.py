@@ -1,11 +1,15 @@
 """/v1/completions: OpenAI's legacy text completions, as vLLM serves them: one prompt or many (texts or token
 ids, each with its own `n` choices, decoded together), continued as plain text, and with `echo` the prompt
-itself with the model's log-probabilities of its tokens (what lm-evaluation-harness scores choices with)."""
+itself with the model's log-probabilities of its tokens (what lm-evaluation-harness scores choices with).
+
+The prompts are tokenized and echoes scored (a forward pass) in a worker thread, off the event loop that writes
+every answer."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from serving import generation
 from serving.dependencies import Metrics, ServedFamily, authorize, requested_model
@@ -45,12 +49,17 @@ def _echo(package: ChatPackage, request: CompletionRequest, prompt: str | list[i
 
 
 @router.post("/v1/completions", response_model=Completion, responses=generation.RESPONSES)
-def completions(
+async def completions(
     request: CompletionRequest, http: Request, response: Response, family: ServedFamily, metrics: Metrics
 ) -> Completion | StreamingResponse:
     loaded = requested_model(request, http, family)
-    package = loaded.package
-    params = generation.sampling(request, package)
+    params = generation.sampling(request, loaded.package)
+    prompts, echoes = await run_in_threadpool(_prompts, loaded.package, request)
+    return await generation.respond(request, loaded, prompts, params, COMPLETION_SHAPE, metrics, response, echoes)
+
+
+def _prompts(package: ChatPackage, request: CompletionRequest) -> tuple[list[tuple[list[int], int]], list[Echo]]:
+    """Each prompt's token ids and budget, and with `echo` what each echoed choice starts with."""
     texts = request.prompts()
     if not texts:
         raise ApiError(400, "prompt: must not be empty", "prompt", "empty_prompt")
@@ -59,6 +68,4 @@ def completions(
         generation.token_budget(package, ids, request.requested_tokens(), "prompt", request.echo) for ids in prompts
     ]
     echoes = [_echo(package, request, t, ids) for t, ids in zip(texts, prompts, strict=True)] if request.echo else []
-    return generation.respond(
-        request, loaded, list(zip(prompts, budgets, strict=True)), params, COMPLETION_SHAPE, metrics, response, echoes
-    )
+    return list(zip(prompts, budgets, strict=True)), echoes

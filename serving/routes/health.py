@@ -21,9 +21,8 @@ router = APIRouter()
 async def prometheus_metrics(family: ServedFamily, metrics: Metrics) -> Response:
     for member in family.sources:
         loaded = member.current
-        if loaded.batcher is not None:
-            metrics.waiting.labels(loaded.name).set(loaded.batcher.waiting)
-            metrics.batch_rows.labels(loaded.name).set(loaded.batcher.running)
+        metrics.waiting.labels(loaded.name).set(loaded.batcher.waiting)
+        metrics.batch_rows.labels(loaded.name).set(loaded.batcher.running)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

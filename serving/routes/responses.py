@@ -19,7 +19,7 @@ router = APIRouter(dependencies=[Depends(authorize)])
 
 
 @router.post("/v1/responses", response_model=ResponseObject, responses=generation.RESPONSES)
-def create_response(
+async def create_response(
     request: ResponsesRequest, http: Request, response: Response, family: ServedFamily, metrics: Metrics
 ) -> ResponseObject | StreamingResponse:
     loaded = requested_model(request, http, family)
@@ -37,4 +37,4 @@ def create_response(
         decoding.streams[0],
         decoding.base,
     )
-    return generation.answer(decoding, request.stream, written.whole, written.events, metrics, response)
+    return await generation.answer(decoding, request.stream, written.whole, written.events, metrics, response)

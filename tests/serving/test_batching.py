@@ -1,11 +1,15 @@
 """Batched decoding gives every sequence exactly what it gets alone, whatever its length and whoever shares its
 batch; a full queue is refused before decoding (429 over HTTP); an abandoned sequence leaves the batch."""
 
+import asyncio
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import onnx
 import openai
 import pytest
 
@@ -14,7 +18,8 @@ from models.sampling import SamplingParams
 from registry.names import CHAT_MODEL
 from serving.app import create_app
 from serving.batching import DecodeBatcher, QueueFull
-from serving.engine import ChatPackage
+from serving.decoding import Piece
+from serving.engine import MODEL_FILE, ChatPackage
 from serving.family import Family
 from serving.model_source import Batching, ModelSource
 
@@ -23,10 +28,32 @@ from .test_server import app_in_process
 QUESTIONS = ["Repeat: king", "Sort: pear apple fig banana cherry", "hi", "Copy: to be or not to be, that is it"]
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4", "traced-fp32"])
-def package(request, chat_packages, traced_packages) -> ChatPackage:
-    """The fused graph's rows are right-padded, the traced graph's left-padded: both batch exactly."""
+def pre_batching_package(traced: Path, folder: Path) -> Path:
+    """`traced` as exported before batched decoding: the same graph without its `pad_lengths` input (every row
+    unpadded)."""
+    model = onnx.load(traced / MODEL_FILE)
+    graph = model.graph
+    (pad,) = [i for i in graph.input if i.name == "pad_lengths"]
+    graph.input.remove(pad)
+    batch = onnx.helper.make_node("Shape", ["input_ids"], ["batch_size"], start=0, end=1)
+    zeros = onnx.helper.make_node(
+        "ConstantOfShape", ["batch_size"], ["pad_lengths"], value=onnx.numpy_helper.from_array(np.zeros(1, np.int64))
+    )
+    graph.node.insert(0, zeros)
+    graph.node.insert(0, batch)
+    shutil.copytree(traced, folder, ignore=shutil.ignore_patterns(MODEL_FILE))
+    onnx.save(model, folder / MODEL_FILE)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["fp32", "int4", "traced-fp32", "pre-batching-fp32"])
+def package(request, chat_packages, traced_packages, tmp_path_factory) -> ChatPackage:
+    """The fused graph's rows are right-padded, the traced graph's left-padded: both batch exactly. A graph from
+    before batched decoding decodes its sequences one at a time, exactly too."""
     graph, _, variant = request.param.rpartition("-")
+    if graph == "pre-batching":
+        folder = pre_batching_package(traced_packages[variant], tmp_path_factory.mktemp("pre-batching") / variant)
+        return ChatPackage(folder, threads=1)
     return ChatPackage((traced_packages if graph == "traced" else chat_packages)[variant], threads=1)
 
 
@@ -59,6 +86,22 @@ def test_a_batched_sequence_decodes_exactly_as_it_does_alone(package: ChatPackag
             )
 
 
+def test_pieces_reach_the_event_loop_they_were_submitted_with(package: ChatPackage) -> None:
+    """The server reads its sequences' pieces on its event loop (`async for`, no thread per stream): the same
+    pieces a thread reads, for every row of a batch."""
+    prompt, params = prompts(package)[1], SamplingParams(ignore_eos=True)
+    expected = package.complete(prompt, 12, params)
+    batcher = DecodeBatcher(package, max_batch=2, max_waiting=8)
+
+    async def read() -> list[list[Piece]]:
+        streams = batcher.submit([package.decoder(prompt, 12, params) for _ in range(3)], asyncio.get_running_loop())
+        return [[piece async for piece in stream] for stream in streams]
+
+    for pieces in asyncio.run(read()):
+        assert "".join(p.text for p in pieces) == expected.text
+        assert [t.token_id for p in pieces for t in p.tokens] == list(expected.token_ids)
+
+
 def test_a_full_queue_is_refused_before_decoding_and_abandoned_rows_leave(package: ChatPackage) -> None:
     batcher = DecodeBatcher(package, max_batch=2, max_waiting=2)
     prompt = prompts(package)[0]
@@ -73,22 +116,6 @@ def test_a_full_queue_is_refused_before_decoding_and_abandoned_rows_leave(packag
         assert time.monotonic() < deadline, "the abandoned sequence kept decoding"
         time.sleep(0.05)
     assert long.completion_tokens < package.room_for(prompt)
-
-
-def test_every_sequence_the_server_may_hold_can_wait_in_a_thread_of_its_own(make_chat_registry, tmp_path) -> None:
-    """Starlette sends each streamed chunk from a worker thread, where the stream waits for its next piece: the app
-    sizes anyio's pool for every sequence its members may hold (decoding or queued), beside the default 40."""
-    import anyio
-    import anyio.to_thread
-
-    source = ModelSource(make_chat_registry(), CHAT_MODEL, None, "1", tmp_path, batching=Batching(8, 300))
-    app = create_app(Family([source]))
-
-    async def pool_size_while_serving() -> int:
-        async with app.router.lifespan_context(app):
-            return anyio.to_thread.current_default_thread_limiter().total_tokens
-
-    assert anyio.run(pool_size_while_serving) == 40 + 8 + 300
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 away mid-stream (as a killed load client does) must not leave the gauge up until its generator is collected."""
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import AsyncGenerator
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
@@ -11,9 +11,10 @@ from starlette.requests import ClientDisconnect
 from serving.generation import RunningStream
 
 
-def endless(closed: list[bool]) -> Generator[str, None, None]:
+async def endless(closed: list[bool]) -> AsyncGenerator[str, None]:
     try:
         while True:
+            await asyncio.sleep(0)  # as the events of a real stream wait for the next piece
             yield "data: {}\n\n"
     finally:
         closed.append(True)
