@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from serving.model_source import DEFAULT_BATCHING, Batching
+from serving.batching import DEFAULT_BATCHING, Batching
 from tasks.pipeline_config import PipelineConfig, load_pipeline_config, parse_overrides
 
 
@@ -134,6 +134,13 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from serving.server import serve
 
@@ -148,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             args.api_key,
             args.poll_seconds,
             args.threads,
-            batching=Batching(args.max_batch, args.max_waiting),
+            batching=Batching(args.max_batch, args.max_waiting, args.max_wait_seconds),
         )
     except (LookupError, ValueError) as error:
         raise SystemExit(f"cannot serve: {error}") from error
@@ -298,6 +305,12 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
         type=_at_least_one,
         default=DEFAULT_BATCHING.max_waiting,
         help="sequences queued for the batch before requests get 429",
+    )
+    serve.add_argument(
+        "--max-wait-seconds",
+        type=_positive_seconds,
+        default=DEFAULT_BATCHING.max_wait_seconds,
+        help="how long a queued sequence may wait for a batch row before its request gets 429",
     )
     promote = registry_parser("promote", cmd_promote, "point MODEL@champion at VERSION (which must exist)")
     promote.add_argument("version", help="registered version number")

@@ -15,7 +15,9 @@ streamed answer reaches its client without a worker thread per chunk (at 1 clien
 decoding of a small model).
 
 The queue is bounded: a sequence submitted while `max_waiting` are already waiting is refused (`QueueFull`),
-before anything is decoded, and the server answers 429. The loop thread exits when it has nothing to do and
+before anything is decoded, and one that waited `max_wait_seconds` without joining the batch leaves the queue
+(`QueueTimeout`); the server answers both with 429. A sequence whose reader went away while it waited leaves
+without being prefilled. The loop thread exits when it has nothing to do and
 starts again with the next submission, so a model swapped out by a promotion leaves no thread behind; the batch
 and its caches are kept for the next run.
 """
@@ -26,6 +28,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +46,25 @@ class QueueFull(Exception):
     """More sequences are waiting than the batcher accepts."""
 
 
+class QueueTimeout(Exception):
+    """A sequence waited longer than the batcher lets one wait for a row."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the server batches decode steps: up to `max_batch` rows per call (1: one sequence at a time),
+    `max_waiting` queued, each for at most `max_wait_seconds`. The queue is deep and the wait long, as vLLM's queue
+    is unbounded: load tools (guidellm's sweep) send hundreds of requests at once and expect them queued, not
+    refused; beyond either limit a request gets 429."""
+
+    max_batch: int = 32
+    max_waiting: int = 2048
+    max_wait_seconds: float = 600.0
+
+
+DEFAULT_BATCHING = Batching()
+
+
 _DONE = object()
 
 
@@ -52,6 +74,7 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop | None = None  # the reader's event loop; None: a thread reads
     out: queue.SimpleQueue | asyncio.Queue = field(init=False)  # pieces, then _DONE or an exception
     abandoned: bool = False  # its reader went away (a client disconnected): stop decoding it
+    queued_at: float = field(init=False, default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.out = queue.SimpleQueue() if self.loop is None else asyncio.Queue()
@@ -248,11 +271,12 @@ class DecodeBatcher:
     """Decodes every submitted sequence in a shared batch of at most `max_batch` rows (1 for a graph from before
     batched decoding)."""
 
-    def __init__(self, package: ChatPackage, max_batch: int, max_waiting: int) -> None:
-        if not package.generator.batches_rows and max_batch > 1:
+    def __init__(self, package: ChatPackage, batching: Batching = DEFAULT_BATCHING) -> None:
+        self.package, self.max_batch, self.max_waiting = package, batching.max_batch, batching.max_waiting
+        self.max_wait_seconds = batching.max_wait_seconds
+        if not package.generator.batches_rows and self.max_batch > 1:
             log.warning("%s predates batched decoding: its sequences decode one at a time", package.directory)
-            max_batch = 1
-        self.package, self.max_batch, self.max_waiting = package, max_batch, max_waiting
+            self.max_batch = 1
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -285,9 +309,8 @@ class DecodeBatcher:
                 if not batch.rows and not self._waiting:
                     self._batch, self._thread = batch, None  # the next submission starts a new loop
                     return
-                joining = [
-                    self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch - len(batch.rows)))
-                ]
+                joining = self._joining(len(batch.rows), outbox)
+            _deliver(outbox)
             try:
                 for sequence in joining:
                     if not self._emit(sequence, batch.join(sequence), outbox):
@@ -303,6 +326,25 @@ class DecodeBatcher:
                 _deliver(outbox)
                 batch = self._new_batch()
             self.running = len(batch.rows)
+
+    def _joining(self, rows: int, outbox: list[tuple[_Sequence, object]]) -> list[_Sequence]:
+        """The waiting sequences that join a batch of `rows` now, in order of arrival. Ahead of them, the ones whose
+        reader went away leave the queue unprefilled; behind a full batch, the ones that waited too long leave with a
+        `QueueTimeout` in `outbox`. Called under the lock."""
+        joining: list[_Sequence] = []
+        expired = time.monotonic() - self.max_wait_seconds
+        while self._waiting:
+            head = self._waiting[0]
+            if head.abandoned:
+                self._waiting.popleft()
+            elif rows + len(joining) < self.max_batch:
+                joining.append(self._waiting.popleft())
+            elif head.queued_at <= expired:
+                self._waiting.popleft()
+                outbox.append((head, QueueTimeout(f"waited over {self.max_wait_seconds:g} s for a batch row")))
+            else:
+                break
+        return joining
 
     def _new_batch(self) -> _SlotBatch | _PaddedBatch | _LoneBatch:
         generator = self.package.generator

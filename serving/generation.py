@@ -1,7 +1,7 @@
 """What every generation endpoint does around its prompt: check the request's sampling controls and token budget
 against the model it runs on, decode its choices (counted and timed per model, refused with a 429 when the batch
-queue is full) and answer in the endpoint's shape (serving/responses.py, serving/responses_api.py), whole or
-streamed.
+queue is full or they waited too long for a row) and answer in the endpoint's shape (serving/responses.py,
+serving/responses_api.py), whole or streamed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prometheus_client import Gauge
 from starlette.types import Receive, Scope, Send
 
 from models.sampling import SamplingParams
-from serving.batching import QueueFull
+from serving.batching import QueueFull, QueueTimeout
 from serving.decoding import Piece, SequenceDecoder
 from serving.engine import ChatPackage
 from serving.errors import ApiError, error_responses
@@ -99,27 +99,35 @@ def token_budget(
     return tokens
 
 
-def _decoding(
+async def _decoding(
     metrics: ServingMetrics, loaded: LoadedModel, prompt_tokens: int, choices: list[SequenceDecoder]
 ) -> list[AsyncIterator[Piece]]:
-    """Start this request's choices on its model, all in one submission (refused with a 429 if the batch queue is
-    full), their pieces delivered to this event loop, timed and counted per model; a choice with nothing to generate
-    (`max_tokens: 0`) is not decoded."""
+    """Start this request's choices on its model, all in one submission, their pieces delivered to this event loop,
+    timed and counted per model; a choice with nothing to generate (`max_tokens: 0`) is not decoded. Returns once
+    every choice has its first piece, so that a request refused for the queue (full, or a choice waited too long for
+    a row) gets its 429 before any answer starts, streamed or not."""
     started = time.perf_counter()
     try:
-        streams = loaded.batcher.submit([c for c in choices if not c.finished], asyncio.get_running_loop())
-    except QueueFull as error:
-        raise ApiError(
-            429, f"The server is busy ({error}); retry shortly.", None, "queue_full", "server_busy"
-        ) from error
-    metrics.prompt_tokens.labels(loaded.name).inc(prompt_tokens)
-    decoding = iter(streams)
-    return [_no_pieces() if c.finished else metrics.observed(loaded.name, next(decoding), started) for c in choices]
+        submitted = iter(loaded.batcher.submit([c for c in choices if not c.finished], asyncio.get_running_loop()))
+        metrics.prompt_tokens.labels(loaded.name).inc(prompt_tokens)
+        streams = [
+            _pieces() if c.finished else metrics.observed(loaded.name, next(submitted), started) for c in choices
+        ]
+        firsts = [await anext(stream, None) for stream in streams]
+    except (QueueFull, QueueTimeout) as error:
+        code = "queue_full" if isinstance(error, QueueFull) else "queue_timeout"
+        raise ApiError(429, f"The server is busy ({error}); retry shortly.", None, code, "server_busy") from error
+    return [_pieces(first, stream) for first, stream in zip(firsts, streams, strict=True)]
 
 
-async def _no_pieces() -> AsyncIterator[Piece]:
-    return
-    yield
+async def _pieces(first: Piece | None = None, rest: AsyncIterator[Piece] | None = None) -> AsyncIterator[Piece]:
+    """`first`, then the rest of a choice's pieces; none if there is no first."""
+    if first is None:
+        return
+    yield first
+    if rest is not None:
+        async for piece in rest:
+            yield piece
 
 
 class RunningStream(StreamingResponse):
@@ -152,7 +160,7 @@ class Decoding:
     base: dict[str, Any]  # what every answer and chunk of the request carries: id, created, model, version
 
 
-def start(
+async def start(
     loaded: LoadedModel,
     prompts: Sequence[tuple[list[int], int]],
     params: SamplingParams,
@@ -160,8 +168,8 @@ def start(
     metrics: ServingMetrics,
     id_prefix: str,
 ) -> Decoding:
-    """Start decoding `n` choices of each of `prompts` (its token ids and budget), in order, all together; called on
-    the event loop the answer is written from."""
+    """Start decoding `n` choices of each of `prompts` (its token ids and budget), in order, all together, on the
+    event loop the answer is written from; returns when every choice has its first piece."""
     package = loaded.package
     choices = [c for ids, budget in prompts for c in new_choices(package, ids, budget, params, n)]
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -171,7 +179,8 @@ def start(
         "model": loaded.name,
         "system_fingerprint": loaded.version,
     }
-    return Decoding(loaded, choices, _decoding(metrics, loaded, prompt_tokens, choices), prompt_tokens, base)
+    streams = await _decoding(metrics, loaded, prompt_tokens, choices)
+    return Decoding(loaded, choices, streams, prompt_tokens, base)
 
 
 async def answer(
@@ -204,7 +213,7 @@ async def respond(
 ) -> Whole | StreamingResponse:
     """Decode a completions request's choices on its model and answer in the endpoint's shape, whole or streamed.
     Each of `prompts` (its token ids and budget) gets `n` choices; `echoes`, when given, has one per prompt."""
-    decoding = start(loaded, prompts, params, request.n, metrics, shape.id_prefix)
+    decoding = await start(loaded, prompts, params, request.n, metrics, shape.id_prefix)
     extra = {"echoes": [e for e in echoes for _ in range(request.n)]} if echoes else {}
     logprobs = LogprobFormat(loaded.package, request.return_tokens_as_token_ids)
     written = (logprobs, decoding.prompt_tokens, decoding.choices, decoding.streams, decoding.base)

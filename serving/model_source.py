@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.models import download_chat_package, resolve_version
-from serving.batching import DecodeBatcher
+from serving.batching import DEFAULT_BATCHING, Batching, DecodeBatcher
 from serving.engine import EVERY_TOKEN, ChatPackage
 
 log = logging.getLogger("trainonce.serving")
@@ -44,20 +44,6 @@ def decode_latency_ms(package: ChatPackage, new_tokens: int = 16, repeats: int =
         package.complete(prompt, budget, EVERY_TOKEN)
         timings.append((time.perf_counter() - start) * 1000 / budget)
     return statistics.median(timings)
-
-
-@dataclass(frozen=True)
-class Batching:
-    """How the server batches decode steps: up to `max_batch` rows per call (1: one sequence at a time),
-    `max_waiting` queued. The
-    queue is deep, as vLLM's is unbounded: load tools (guidellm's sweep) send hundreds of requests at once and expect
-    them queued, not refused; beyond it a request gets 429."""
-
-    max_batch: int = 32
-    max_waiting: int = 2048
-
-
-DEFAULT_BATCHING = Batching()
 
 
 class ModelSource:
@@ -92,7 +78,7 @@ class ModelSource:
         destination = self.cache_dir / self.name / version
         package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
         package = ChatPackage(package_dir, threads=self.threads)
-        batcher = DecodeBatcher(package, self.batching.max_batch, self.batching.max_waiting)
+        batcher = DecodeBatcher(package, self.batching)
         return LoadedModel(self.name, version, package, int(time.time()), batcher, decode_latency_ms(package))
 
     def refresh(self) -> bool:

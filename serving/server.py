@@ -10,8 +10,9 @@ from pathlib import Path
 import uvicorn
 
 from serving.app import create_app
+from serving.batching import DEFAULT_BATCHING, Batching
 from serving.family import Family
-from serving.model_source import DEFAULT_BATCHING, Batching, ModelSource
+from serving.model_source import ModelSource
 
 API_KEY_ENV = "TRAINONCE_API_KEY"
 

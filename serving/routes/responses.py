@@ -27,7 +27,7 @@ async def create_response(
     params = generation.sampling(request, package)
     prompt = package.chat_prompt(request.messages())
     budget = generation.token_budget(package, prompt, request.requested_tokens(), "input")
-    decoding = generation.start(loaded, [(prompt, budget)], params, 1, metrics, "resp_")
+    decoding = await generation.start(loaded, [(prompt, budget)], params, 1, metrics, "resp_")
     written = ResponsesAnswer(
         request,
         params,

@@ -17,11 +17,11 @@ from models.chat_format import Message
 from models.sampling import SamplingParams
 from registry.names import CHAT_MODEL
 from serving.app import create_app
-from serving.batching import DecodeBatcher, QueueFull
+from serving.batching import Batching, DecodeBatcher, QueueFull, QueueTimeout
 from serving.decoding import Piece
 from serving.engine import MODEL_FILE, ChatPackage
 from serving.family import Family
-from serving.model_source import Batching, ModelSource
+from serving.model_source import ModelSource
 
 from .test_server import app_in_process
 
@@ -71,7 +71,7 @@ def test_a_batched_sequence_decodes_exactly_as_it_does_alone(package: ChatPackag
     budgets = [14, 9, 20, 12]
     alone = [package.complete(p, b, s) for p, b, s in zip(prompts(package), budgets, params, strict=True)]
     for max_batch in (4, 2):  # all rows at once, and rows joining as others leave
-        batcher = DecodeBatcher(package, max_batch=max_batch, max_waiting=8)
+        batcher = DecodeBatcher(package, Batching(max_batch=max_batch, max_waiting=8))
         decoders = [package.decoder(p, b, s) for p, b, s in zip(prompts(package), budgets, params, strict=True)]
         streams = batcher.submit(decoders)
         for expected, decoder, stream in zip(alone, decoders, streams, strict=True):
@@ -91,7 +91,7 @@ def test_pieces_reach_the_event_loop_they_were_submitted_with(package: ChatPacka
     pieces a thread reads, for every row of a batch."""
     prompt, params = prompts(package)[1], SamplingParams(ignore_eos=True)
     expected = package.complete(prompt, 12, params)
-    batcher = DecodeBatcher(package, max_batch=2, max_waiting=8)
+    batcher = DecodeBatcher(package, Batching(max_batch=2, max_waiting=8))
 
     async def read() -> list[list[Piece]]:
         streams = batcher.submit([package.decoder(prompt, 12, params) for _ in range(3)], asyncio.get_running_loop())
@@ -103,7 +103,7 @@ def test_pieces_reach_the_event_loop_they_were_submitted_with(package: ChatPacka
 
 
 def test_a_full_queue_is_refused_before_decoding_and_abandoned_rows_leave(package: ChatPackage) -> None:
-    batcher = DecodeBatcher(package, max_batch=2, max_waiting=2)
+    batcher = DecodeBatcher(package, Batching(max_batch=2, max_waiting=2))
     prompt = prompts(package)[0]
     with pytest.raises(QueueFull, match="at most 2"):
         batcher.submit([package.decoder(prompt, 8) for _ in range(3)])  # all or none
@@ -116,6 +116,38 @@ def test_a_full_queue_is_refused_before_decoding_and_abandoned_rows_leave(packag
         assert time.monotonic() < deadline, "the abandoned sequence kept decoding"
         time.sleep(0.05)
     assert long.completion_tokens < package.room_for(prompt)
+
+
+def test_a_sequence_that_waits_too_long_for_a_row_leaves_the_queue(chat_packages) -> None:
+    """Behind a full batch, a sequence waits at most `max_wait_seconds` (here none at all) and then fails with
+    QueueTimeout; the row that held the batch decodes to its end."""
+    package = ChatPackage(chat_packages["fp32"], threads=1)
+    batcher = DecodeBatcher(package, Batching(max_batch=1, max_waiting=8, max_wait_seconds=0.0))
+    prompt = prompts(package)[0]
+    running, waiting = (package.decoder(prompt, 16, SamplingParams(ignore_eos=True)) for _ in range(2))
+    first, second = batcher.submit([running, waiting])
+    with pytest.raises(QueueTimeout, match="waited over 0 s"):
+        next(second)
+    assert "".join(p.text for p in first) == package.complete(prompt, 16, SamplingParams(ignore_eos=True)).text
+    assert waiting.completion_tokens == 0
+
+
+def test_a_request_refused_by_the_queue_gets_a_429_before_its_answer_starts(make_chat_registry, tmp_path) -> None:
+    """Every choice has its first piece before a request's answer starts, so a choice refused by the queue makes the
+    request a 429 (`queue_timeout`), streamed or not, never an answer cut off midway."""
+    source = ModelSource(
+        make_chat_registry(), CHAT_MODEL, None, "1", tmp_path, batching=Batching(1, 8, max_wait_seconds=0.0)
+    )
+    with app_in_process(create_app(Family([source]))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.RateLimitError) as busy:
+                client.chat.completions.create(
+                    model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2, stream=stream
+                )
+            assert busy.value.code == "queue_timeout"
+        alone = client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert alone.choices[0].finish_reason in ("stop", "length")
 
 
 @pytest.fixture(scope="module")
