@@ -55,11 +55,13 @@ class GenerationConfig:
 class OnnxGenerator:
     """An onnxruntime session over the exported decoder, `(input_ids, *past) -> (logits, *present)`."""
 
-    def __init__(self, model_path: str | Path, config: GenerationConfig, threads: int = 0) -> None:
+    def __init__(self, model_path: str | Path, config: GenerationConfig, threads: int = 0, spin: bool = True) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (all physical cores)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:  # see ChatPackage
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # CPU only on purpose: the package must behave the same on every machine that serves it.
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.config = config
@@ -183,9 +185,14 @@ class InPlaceSequence:
 
 
 class ChatPackage:
-    """A loaded package: tokenizer, chat template and generator; thread-safe (onnxruntime sessions are)."""
+    """A loaded package: tokenizer, chat template and generator; thread-safe (onnxruntime sessions are).
 
-    def __init__(self, directory: str | Path, threads: int = 0) -> None:
+    With `spin` (onnxruntime's default) the session's worker threads spin for a while after each call, waiting for
+    the next: the fastest for a process that only decodes. A server should not: its event loop and batch thread need
+    those cores between calls, and without spinning `trainonce serve` answered 1.3-1.4x the tokens/s at 1 client and
+    1.1-1.2x at 32 (docs/benchmarks.md)."""
+
+    def __init__(self, directory: str | Path, threads: int = 0, spin: bool = True) -> None:
         directory = Path(directory)
         for name in (MODEL_FILE, TOKENIZER_FILE, GENERATION_CONFIG_FILE):
             if not (directory / name).is_file():
@@ -194,7 +201,7 @@ class ChatPackage:
         self.config = GenerationConfig.load(directory)
         self.tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         self.chat_tokenizer = ChatTokenizer(self.tokenizer, ChatFormat.model_validate(self.config.chat_format))
-        self.generator = OnnxGenerator(directory / MODEL_FILE, self.config, threads)
+        self.generator = OnnxGenerator(directory / MODEL_FILE, self.config, threads, spin)
         self.token_texts = TokenTexts(self.tokenizer)
 
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:

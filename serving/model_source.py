@@ -77,7 +77,7 @@ class ModelSource:
     def _load(self, version: str) -> LoadedModel:
         destination = self.cache_dir / self.name / version
         package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
-        package = ChatPackage(package_dir, threads=self.threads)
+        package = ChatPackage(package_dir, threads=self.threads, spin=False)  # a server's cores are shared
         batcher = DecodeBatcher(package, self.batching)
         return LoadedModel(self.name, version, package, int(time.time()), batcher, decode_latency_ms(package))
 

@@ -138,6 +138,8 @@ def test_a_request_refused_by_the_queue_gets_a_429_before_its_answer_starts(make
     source = ModelSource(
         make_chat_registry(), CHAT_MODEL, None, "1", tmp_path, batching=Batching(1, 8, max_wait_seconds=0.0)
     )
+    options = source.current.package.generator.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # the server shares its cores
     with app_in_process(create_app(Family([source]))) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         for stream in (False, True):
