@@ -15,7 +15,8 @@ Q4_K_M / Q2_K (tasks/deploy/gguf.py: llama.cpp's converter and quantizer). Print
 3. server throughput: `trainonce serve` (batched decoding, `--max-batch 32`) vs `llama-server` (continuous
    batching, `-np` slots = the most clients), `--clients` concurrent streamed chat requests of `--max-tokens`
    forced tokens each (`ignore_eos`, which both servers take), aggregate completion tokens/s and TTFT p50.
-Needs llama.cpp (`make llama-cpp`). Nothing is asserted: it is a benchmark; run it on an otherwise idle machine.
+`--parts` runs some of them (e.g. `--parts servers` after a serving change). Needs llama.cpp (`make llama-cpp`).
+Nothing is asserted: it is a benchmark; run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ PAIRS = [
 OURS = DeployConfig(variants=("fp32", "int8", "int4", "int2"))
 TRACED = DeployConfig(graph="traced", variants=("fp32", "int4"))
 GGUF = tuple(dict.fromkeys(g for _, g in PAIRS))
+PARTS = ["files", "perplexity", "engines", "servers"]
 PROMPT = "Repeat: king queen crown"
 LIBGOMP_DEFAULT_SPIN_COUNT = "300000"
 
@@ -223,6 +225,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--requests", type=int, default=64, help="per number of clients")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per server request")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="what to measure (default: all)")
     args = parser.parse_args()
     if bool(args.workdir) == args.shape:
         raise SystemExit("give --workdir DIR (a trained champion) or --shape (random weights)")
@@ -250,6 +253,18 @@ def main() -> None:
     sizes = {v: (p / "model.onnx").stat().st_size for v, p in packages.items()}
     sizes |= {g: path.stat().st_size for g, path in gguf.items()}
     prompt = ChatPackage(packages["fp32"]).chat_prompt([Message(role="user", content=PROMPT)])
+    if "files" in args.parts:
+        files_rows(packages, sizes, prompt)
+    if args.workdir and "perplexity" in args.parts:
+        perplexity_rows(data, packages, gguf, args.threads, config.max_seq_len)
+    if "engines" in args.parts:
+        engine_rows(packages, gguf, sizes, prompt, config.max_seq_len, args)
+    if "servers" in args.parts:
+        server_table(packages, gguf, folder, config.max_seq_len, args)
+    print(f"\nfiles in {folder}")
+
+
+def files_rows(packages: dict[str, Path], sizes: dict[str, int], prompt: list[int]) -> None:
     print("\nfiles, and onnxruntime kernels per decode step with the operators' shares of their time (profiler, 1")
     print("thread, 8 steps after the prompt)")
     print(f"{'ours':<12}{'MB':>7}{'kernels':>9}   {'llama.cpp':<9}{'MB':>7}{'ours / llama.cpp':>18}   time by operator")
@@ -262,19 +277,31 @@ def main() -> None:
             flush=True,
         )
 
-    if args.workdir:
-        windows = validation_windows(data, EvaluationConfig())
-        generators = {v: ChatPackage(p, threads=args.threads).generator for v, p in packages.items()}
-        ppl = {v: math.exp(np.mean([g.mean_nll(w) for w in windows])) for v, g in generators.items()}
-        ppl |= {g: gguf_perplexity(path, windows, args.threads, config.max_seq_len) for g, path in gguf.items()}
-        print(f"\nvalidation perplexity ({len(windows)} batches of {windows[0].shape} tokens, the deploy stage's)")
-        print(f"{'ours':<12}{'ppl':>8}{'vs fp32':>9}   {'llama.cpp':<9}{'ppl':>8}{'vs f32':>8}")
-        for ours, theirs in PAIRS:
-            print(
-                f"{ours:<12}{ppl[ours]:>8.3f}{ppl[ours] / ppl['fp32'] - 1:>+9.2%}   "
-                f"{theirs:<9}{ppl[theirs]:>8.3f}{ppl[theirs] / ppl['f32'] - 1:>+8.2%}"
-            )
 
+def perplexity_rows(
+    data: PreparedData, packages: dict[str, Path], gguf: dict[str, Path], threads: int, context: int
+) -> None:
+    windows = validation_windows(data, EvaluationConfig())
+    generators = {v: ChatPackage(p, threads=threads).generator for v, p in packages.items()}
+    ppl = {v: math.exp(np.mean([g.mean_nll(w) for w in windows])) for v, g in generators.items()}
+    ppl |= {g: gguf_perplexity(path, windows, threads, context) for g, path in gguf.items()}
+    print(f"\nvalidation perplexity ({len(windows)} batches of {windows[0].shape} tokens, the deploy stage's)")
+    print(f"{'ours':<12}{'ppl':>8}{'vs fp32':>9}   {'llama.cpp':<9}{'ppl':>8}{'vs f32':>8}")
+    for ours, theirs in PAIRS:
+        print(
+            f"{ours:<12}{ppl[ours]:>8.3f}{ppl[ours] / ppl['fp32'] - 1:>+9.2%}   "
+            f"{theirs:<9}{ppl[theirs]:>8.3f}{ppl[theirs] / ppl['f32'] - 1:>+8.2%}"
+        )
+
+
+def engine_rows(
+    packages: dict[str, Path],
+    gguf: dict[str, Path],
+    sizes: dict[str, int],
+    prompt: list[int],
+    context: int,
+    args: argparse.Namespace,
+) -> None:
     print(
         f"\nengine decode, batch 1, {args.new_tokens} forced tokens after a {len(prompt)}-token prompt; median of "
         f"{args.rounds} rounds, the engines alternating"
@@ -284,11 +311,9 @@ def main() -> None:
         mine_rounds, peer_rounds = [], []
         for _ in range(args.rounds):
             mine_rounds.append(
-                engine_speed("onnxruntime", packages[ours], prompt, args.new_tokens, args.threads, config.max_seq_len)
+                engine_speed("onnxruntime", packages[ours], prompt, args.new_tokens, args.threads, context)
             )
-            peer_rounds.append(
-                engine_speed("llama.cpp", gguf[theirs], prompt, args.new_tokens, args.threads, config.max_seq_len)
-            )
+            peer_rounds.append(engine_speed("llama.cpp", gguf[theirs], prompt, args.new_tokens, args.threads, context))
         mine, peer = statistics.median(mine_rounds), statistics.median(peer_rounds)
         print(
             f"{ours:<12}{sizes[ours] / 1e6:>7.2f}{mine:>9,.0f}   {theirs:<9}{sizes[theirs] / 1e6:>7.2f}{peer:>9,.0f}"
@@ -296,6 +321,11 @@ def main() -> None:
             flush=True,
         )
 
+
+def server_table(
+    packages: dict[str, Path], gguf: dict[str, Path], folder: Path, context_per_slot: int, args: argparse.Namespace
+) -> None:
+    llama_cpp = find_llama_cpp()
     workdir = folder / "registry"
     logger = RunLogger(workdir, run_name="peer-benchmark")
     versions = {
@@ -305,7 +335,7 @@ def main() -> None:
     }  # fmt: skip
     logger.finish()
     slots = max(args.clients)
-    context = str(slots * config.max_seq_len)  # llama-server divides its context among the slots
+    context = str(slots * context_per_slot)  # llama-server divides its context among the slots
     print(f"\nservers: {args.requests} streamed chat requests per row, {args.max_tokens} forced tokens each")
     print(f"{'server':<30}{'clients':>8}{'tok/s':>11}{'TTFT ms':>10}{'errors':>8}")
     for ours, theirs in PAIRS:
@@ -325,7 +355,6 @@ def main() -> None:
              "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots), "-c", context],
             f"http://127.0.0.1:{port}", args.clients, args.requests, args.max_tokens, "llama.cpp",
         )  # fmt: skip
-    print(f"\nfiles in {folder}")
 
 
 if __name__ == "__main__":
