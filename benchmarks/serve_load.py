@@ -48,11 +48,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def started(command: list[str], url: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`command` (a server listening at `url`) started from the repository root, once its /health answers."""
+def started(
+    command: list[str], url: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
+    """`command` (a server listening at `url`) started from `cwd` (default: the repository root), once its /health
+    answers."""
     process = subprocess.Popen(
         command,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=cwd or Path(__file__).resolve().parents[1],
         env={**(os.environ if env is None else env), "MLFLOW_DISABLE_TELEMETRY": "true"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
