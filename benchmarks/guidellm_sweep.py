@@ -70,16 +70,14 @@ def steps(report: Path) -> list[dict]:
     """Each benchmark (step) of a guidellm JSON report, as one row of figures."""
     rows = []
     for benchmark in json.loads(report.read_text())["benchmarks"]:
-        totals = benchmark["metrics"]["request_totals"] if "request_totals" in benchmark["metrics"] else None
-        metrics = benchmark["metrics"]
-        strategy = benchmark["config"]["strategy"]
+        metrics, strategy = benchmark["metrics"], benchmark["config"]["strategy"]
         rows.append(
             {
-                "strategy": strategy.get("type_", strategy.get("type", "?")),
+                "strategy": strategy["type_"],
                 "streams": strategy.get("streams"),
                 "rate": strategy.get("rate"),
-                "successful": (totals or benchmark["request_totals"])["successful"],
-                "errored": (totals or benchmark["request_totals"])["errored"],
+                "successful": metrics["request_totals"]["successful"],
+                "errored": metrics["request_totals"]["errored"],
                 "output_tok_s": metrics["output_tokens_per_second"]["successful"]["mean"],
                 "ttft_p50": metrics["time_to_first_token_ms"]["successful"]["percentiles"]["p50"],
                 "ttft_p99": metrics["time_to_first_token_ms"]["successful"]["percentiles"]["p99"],
@@ -119,11 +117,10 @@ def main() -> None:
         streams = ",".join(map(str, args.streams))
         profile = ["--profile", "kind=concurrent", "--override", "profile.streams", streams]
         guidellm(executable, url, tokenizer, profile, data, args.seconds, concurrent)
-        print(f"guidellm {GUIDELLM}, {args.prompt_tokens}-token prompts, {args.output_tokens}-token replies, ")
+        print(f"{GUIDELLM}, {args.prompt_tokens}-token prompts, {args.output_tokens}-token replies, ", end="")
         print(f"{args.seconds} s per step; server from {args.checkout}")
-        print(
-            f"{'streams':>8}{'ok':>7}{'errors':>8}{'out tok/s':>11}{'TTFT p50':>10}{'p99':>8}{'latency p50':>13}{'p99':>8}"
-        )
+        header = f"{'streams':>8}{'ok':>7}{'errors':>8}{'out tok/s':>11}{'TTFT p50':>10}{'p99':>8}"
+        print(f"{header}{'latency p50':>13}{'p99':>8}")
         for row in steps(concurrent):
             print(
                 f"{row['streams']:>8}{row['successful']:>7}{row['errored']:>8}{row['output_tok_s']:>11,.0f}"
