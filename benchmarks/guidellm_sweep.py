@@ -19,26 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from serve_load import free_port, started  # this folder (benchmarks/), as the script runs
+from serve_load import start_server  # this folder (benchmarks/), as the script runs
 
 GUIDELLM = "guidellm==0.8.1"
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path.home() / ".cache" / "trainonce" / "venvs" / "guidellm-0.8.1"  # where the slow tests' tool venvs live
-
-
-def serve(workdir: Path, checkout: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "flows.cli", "serve", "--workdir", str(workdir), "--port", str(port)]
-    command += ["--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
-    url = f"http://127.0.0.1:{port}"
-    return started(command, url, env, cwd=checkout), url
 
 
 def guidellm_executable(given: str | None) -> Path:
@@ -111,7 +101,7 @@ def main() -> None:
     )
     executable = guidellm_executable(args.guidellm)
     data = f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},output_tokens={args.output_tokens}"
-    process, url = serve(workdir, Path(args.checkout).resolve(), args.threads)
+    process, url = start_server(str(workdir), "--threads", str(args.threads), checkout=Path(args.checkout).resolve())
     try:
         concurrent = folder / "concurrent.json"
         streams = ",".join(map(str, args.streams))

@@ -30,7 +30,7 @@ import openai
 from flows.readiness import http_ok, wait_until_ready
 from models.chat_format import Message
 from registry.models import download_chat_package
-from serving.batching import DecodeBatcher
+from serving.batching import Batching, DecodeBatcher
 from serving.engine import EVERY_TOKEN, ChatPackage
 
 PROMPTS = [
@@ -64,12 +64,14 @@ def started(
     return process
 
 
-def start_server(workdir: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(workdir: str, *options: str, checkout: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`trainonce serve` on the workdir's champion with `options`, from `checkout` (default: this one) -> the process
+    and its URL."""
     port = free_port()
-    command = [sys.executable, "-m", "flows.cli", "serve", "--workdir", workdir, "--port", str(port)]
-    command += ["--threads", str(threads), "--max-batch", str(max_batch), "--max-waiting", "4096"]
+    command = [sys.executable, "-m", "flows.cli", "serve", "--workdir", workdir, "--port", str(port), *options]
     url = f"http://127.0.0.1:{port}"
-    return started(command, url), url
+    env = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
+    return started(command, url, env, checkout), url
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def engine_rows(workdir: str, threads: int, clients: list[int], max_tokens: int,
         for _ in range(count):
             package.complete(prompt, max_tokens, EVERY_TOKEN)
         alone = count * max_tokens / (time.perf_counter() - start)
-        batcher = DecodeBatcher(package, max_batch=max_batch, max_waiting=count)
+        batcher = DecodeBatcher(package, Batching(max_batch=max_batch, max_waiting=count))
         start = time.perf_counter()
         for stream in batcher.submit([package.decoder(prompt, max_tokens, EVERY_TOKEN) for _ in range(count)]):
             list(stream)
@@ -157,7 +159,8 @@ def main() -> None:
     print(" ".join(f"{name:>{width}}" for name, width in header), "errors")
     failed = False
     for max_batch in args.max_batch:
-        process, url = start_server(args.workdir, args.threads, max_batch)
+        options = ["--threads", str(args.threads), "--max-batch", str(max_batch), "--max-waiting", "4096"]
+        process, url = start_server(args.workdir, *options)
         try:
             for clients in args.clients:
                 wall, outcomes = load(url, clients, args.requests, args.max_tokens)

@@ -11,8 +11,8 @@ takes one row at a time. Finished and abandoned rows leave the batch at once.
 
 Each sequence's pieces go to its reader as they are decoded: to a thread that iterates them, or, when the reader
 submitted with its event loop (the server does), straight into that loop, one wake-up per loop and step, so a
-streamed answer reaches its client without a worker thread per chunk (at 1 client those hops cost more than the
-decoding of a small model).
+streamed answer reaches its client without a worker thread per chunk (those hops were a third of the server's
+Python time at 1 client, py-spy's GIL samples).
 
 The queue is bounded: a sequence submitted while `max_waiting` are already waiting is refused (`QueueFull`),
 before anything is decoded, and one that waited `max_wait_seconds` without joining the batch leaves the queue
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from serving.decoding import Piece, SequenceDecoder
-from serving.engine import ChatPackage, bind_in_place
+from serving.engine import CachedSequence, ChatPackage, InPlaceSequence, bind_in_place
 
 log = logging.getLogger("trainonce.serving")
 
@@ -139,7 +139,7 @@ class _LoneBatch:
     def __init__(self, package: ChatPackage) -> None:
         self.generator = package.generator
         self.rows: list[_Sequence] = []
-        self.sequence = self.generator.sequence()
+        self.sequence: CachedSequence | InPlaceSequence | None = None  # the row's, from its join
 
     def join(self, sequence: _Sequence) -> np.ndarray:
         self.sequence = self.generator.sequence()

@@ -1,8 +1,8 @@
 """/v1/chat/completions: OpenAI's chat completions, the messages rendered in the model's own chat format.
 
-The route is `async`: rendering and tokenizing the messages costs about what parsing the request's JSON does, so
-it runs on the event loop like the parsing, and the answer is written from the loop (no worker thread per request
-or per streamed chunk)."""
+The route is `async`: the messages are rendered and tokenized on the event loop, as the request's JSON is parsed
+(0.06 ms for a one-line question on the tiny champion, measured), and the answer is written from the loop (no
+worker thread per request or per streamed chunk). A long history takes the loop for its tokenizing time."""
 
 from __future__ import annotations
 

@@ -53,7 +53,9 @@ def package(request, chat_packages, traced_packages, tmp_path_factory) -> ChatPa
     graph, _, variant = request.param.rpartition("-")
     if graph == "pre-batching":
         folder = pre_batching_package(traced_packages[variant], tmp_path_factory.mktemp("pre-batching") / variant)
-        return ChatPackage(folder, threads=1)
+        package = ChatPackage(folder, threads=1)
+        assert not package.generator.batches_rows
+        return package
     return ChatPackage((traced_packages if graph == "traced" else chat_packages)[variant], threads=1)
 
 
@@ -97,7 +99,7 @@ def test_pieces_reach_the_event_loop_they_were_submitted_with(package: ChatPacka
         streams = batcher.submit([package.decoder(prompt, 12, params) for _ in range(3)], asyncio.get_running_loop())
         return [[piece async for piece in stream] for stream in streams]
 
-    for pieces in asyncio.run(read()):
+    for pieces in asyncio.run(asyncio.wait_for(read(), timeout=120)):  # undelivered pieces fail, not hang
         assert "".join(p.text for p in pieces) == expected.text
         assert [t.token_id for p in pieces for t in p.tokens] == list(expected.token_ids)
 
