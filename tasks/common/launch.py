@@ -14,11 +14,12 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class LaunchConfig(BaseModel):
@@ -34,20 +35,40 @@ class LaunchConfig(BaseModel):
         description="An `accelerate config` YAML (e.g. infra/accelerate/multi-gpu.yaml or multi-node.yaml); "
         "None: all processes on this machine, on its GPUs or, without one, on the CPU.",
     )
+    sharding: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="How the processes hold the model: `ddp`, a whole copy each (DistributedDataParallel); `fsdp2`, "
+        "each holds 1/N of every decoder layer's weights, gradients and optimizer state (torch FSDP2 "
+        "`fully_shard`), for a supernet too large for one device. Same losses either way; checkpoints are sharded "
+        "(torch.distributed.checkpoint) under fsdp2, so a run resumes with the sharding it started with.",
+    )
+    main_process_ip: str | None = Field(
+        None, description="Address of machine 0 for a multi-machine launch (overrides the config file's)."
+    )
+    main_process_port: int | None = Field(
+        None, ge=1, le=65_535, description="Rendezvous port on machine 0 (overrides the config file's)."
+    )
 
     @property
     def in_process(self) -> bool:
         return self.num_processes == 1 and self.config_file is None
 
-    def command(self, module: str, args: list[str]) -> list[str]:
-        """The `accelerate launch` command line running `python -m module args` in every process."""
+    def command(self, module: str, args: list[str], machine_rank: int | None = None) -> list[str]:
+        """The `accelerate launch` command line running `python -m module args` in every process of this machine
+        (`machine_rank`: which machine of a multi-machine config runs it; None: the config file's)."""
         command = [sys.executable, "-m", "accelerate.commands.launch"]
         if self.config_file is not None:
             path = Path(self.config_file)
             if not path.is_file():
                 raise FileNotFoundError(f"pretrain.launch.config_file: {path} does not exist")
-            command += ["--config_file", str(path)]
+            command += ["--config_file", str(path.resolve())]
         command += ["--num_processes", str(self.num_processes)]
+        if machine_rank is not None:
+            command += ["--machine_rank", str(machine_rank)]
+        if self.main_process_ip is not None:
+            command += ["--main_process_ip", self.main_process_ip]
+        if self.main_process_port is not None:
+            command += ["--main_process_port", str(self.main_process_port)]
         if not torch.cuda.is_available():
             # accelerate starts several CPU processes only through mpirun; without it `--cpu` (or a MULTI_CPU config)
             # silently starts one. Its torchrun launcher starts them all, as gloo ranks on the CPU, once

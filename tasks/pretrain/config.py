@@ -250,6 +250,11 @@ class PretrainConfig(BaseModel):
             self.elastic.check_fits(self.model)
         except ValueError as error:
             raise ValueError(f"elastic: {error}") from error
+        if self.launch.sharding == "fsdp2" and self.precision == "fp16":
+            raise ValueError(
+                "precision=fp16 with launch.sharding=fsdp2: fp16 needs a gradient scaler, which sharded training "
+                "does not have here; use bf16 or no"
+            )
         if self.max_steps is not None and 1 < self.max_steps <= self.optim.warmup_steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be < max_steps={self.max_steps}")
         return self
@@ -302,6 +307,7 @@ class PretrainResult:
     config_hash: str
     mlflow_run_id: str | None
     loss_curve: Path | None = None
+    processes: int = 1  # processes that trained, over all machines (accelerate's count)
 
 
 # The order in which progressive shrinking opens the elastic dimensions: the least structural first

@@ -49,6 +49,46 @@ def _run_job(path: Path) -> None:
             "loss_curve": str(result.loss_curve) if result.loss_curve else None,
         }
         (path.parent / "result.json").write_text(json.dumps(payload, indent=2))
+    # every process leaves the group before exiting: without it a multi-machine run's rank 0 was seen to abort
+    # (SIGABRT) at exit after finishing its work
+    PartialState().destroy_process_group()
+
+
+def write_job(
+    config: PretrainConfig,
+    data: PreparedData,
+    output_dir: str | Path,
+    tracking_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    init_label: str = "",
+) -> Path:
+    """Write the job every launched process reads (`--job`), on every machine of a multi-machine launch (the
+    folder must be on a filesystem they share), and clear the previous result."""
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job = {
+        "pretrain": config.model_dump(mode="json"),
+        "data_dir": str(data.directory.resolve()),
+        "tracking_dir": str(Path(tracking_dir).resolve()) if tracking_dir is not None else None,
+        "init_from": str(init_from) if init_from is not None else None,
+        "init_label": init_label,
+    }
+    path = output_dir / "job.json"
+    path.write_text(json.dumps(job, indent=2))
+    (output_dir / "result.json").unlink(missing_ok=True)
+    return path
+
+
+def read_result(output_dir: str | Path) -> PretrainResult:
+    """What the main process of a launched job wrote."""
+    result = json.loads((Path(output_dir) / "result.json").read_text())
+    return PretrainResult(
+        **{
+            **result,
+            "checkpoint_dir": Path(result["checkpoint_dir"]),
+            "loss_curve": Path(result["loss_curve"]) if result["loss_curve"] else None,
+        }
+    )
 
 
 def run_pretrain_launched(
@@ -60,28 +100,13 @@ def run_pretrain_launched(
     init_label: str = "",
 ) -> PretrainResult:
     """`run_pretrain` in `config.launch.num_processes` processes (accelerate launch), for a caller that is one
-    process (a Prefect task). The job and its result travel as JSON files in `output_dir`."""
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    job = {
-        "pretrain": config.model_dump(mode="json"),
-        "data_dir": str(data.directory.resolve()),
-        "tracking_dir": str(Path(tracking_dir).resolve()) if tracking_dir is not None else None,
-        "init_from": str(init_from) if init_from is not None else None,
-        "init_label": init_label,
-    }
-    (output_dir / "job.json").write_text(json.dumps(job, indent=2))
-    (output_dir / "result.json").unlink(missing_ok=True)
-    command = config.launch.command("tasks.pretrain.entry", ["--job", str(output_dir / "job.json")])
-    run_launched(command, output_dir / "launch.log", config.launch.environment())
-    result = json.loads((output_dir / "result.json").read_text())
-    return PretrainResult(
-        **{
-            **result,
-            "checkpoint_dir": Path(result["checkpoint_dir"]),
-            "loss_curve": Path(result["loss_curve"]) if result["loss_curve"] else None,
-        }
-    )
+    process (a Prefect task). The job and its result travel as JSON files in `output_dir`. Under a multi-machine
+    config this launches machine 0's processes; every other machine runs `config.launch.command(...,
+    machine_rank=r)` on the same job file."""
+    job = write_job(config, data, output_dir, tracking_dir, init_from, init_label)
+    command = config.launch.command("tasks.pretrain.entry", ["--job", str(job)])
+    run_launched(command, job.parent / "launch.log", config.launch.environment())
+    return read_result(job.parent)
 
 
 def main() -> None:

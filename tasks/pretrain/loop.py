@@ -22,9 +22,16 @@ from tasks.common.plots import plot_loss_curves, plot_routing_heatmap
 from tasks.common.throughput import device_peak_flops, training_flops
 from tasks.common.tracker import OpenRun
 from tasks.data.corpus import PreparedData, sample_batch
-from tasks.pretrain.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tasks.pretrain.checkpoint import (
+    ShardedState,
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tasks.pretrain.config import PretrainConfig, PretrainResult
 from tasks.pretrain.sampling import elastic_lr_schedule
+from tasks.pretrain.sharding import full_state_dict, shard_model
 from tasks.pretrain.step import (
     StepLosses,
     elastic_forward_backward,
@@ -70,8 +77,10 @@ def run_pretrain(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_hash = config.config_hash(data.fingerprint + init_label)
+    fsdp = config.launch.sharding == "fsdp2"
     accelerator = Accelerator(
-        mixed_precision=config.precision,
+        # under FSDP2 the sharded model computes in its own precision policy (tasks.pretrain.sharding)
+        mixed_precision="no" if fsdp else config.precision,
         gradient_accumulation_steps=config.grad_accum,
         # sub-models leave layers and experts unused, which DDP must be told about
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -83,12 +92,23 @@ def run_pretrain(
     model = ElasticMoE(config.model)
     if init_from is not None:
         model.load_state_dict(load_model(init_from).state_dict())  # shapes checked against its config first
-    optimizer = build_optimizer(model, config.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    sharded = None
+    if fsdp:
+        # one process has nothing to shard, but keeps the sharded checkpoint layout (resumable by N processes)
+        if accelerator.num_processes > 1:
+            shard_model(model, accelerator.device, config.precision)
+        else:
+            model.to(accelerator.device)
+        optimizer = build_optimizer(model, config.optim)
+        sharded = ShardedState(model, optimizer)
+        optimizer = accelerator.prepare(optimizer)  # not the model: accelerate would wrap it in DDP
+    else:
+        optimizer = build_optimizer(model, config.optim)
+        model, optimizer = accelerator.prepare(model, optimizer)
     core: ElasticMoE = accelerator.unwrap_model(model)
 
     checkpoint = latest_checkpoint(output_dir)
-    state = load_checkpoint(accelerator, checkpoint, config_hash) if checkpoint else None
+    state = load_checkpoint(accelerator, checkpoint, config_hash, sharded) if checkpoint else None
     start_step = state.step if state else 0
     if start_step:  # a killed or retried run: say so, in the logs and on the run (the version is tagged too)
         accelerator.print(f"pre-training resumes at step {start_step} of {config.total_steps()} from {checkpoint}")
@@ -183,7 +203,9 @@ def run_pretrain(
                 logger.log_metrics(record, step=done)
         if done % config.checkpoint_interval == 0 or done == total_steps:
             run_id = logger.run_id if logger else (state.mlflow_run_id if state else None)
-            save_checkpoint(accelerator, output_dir, TrainerState(done, config_hash, run_id), config.keep_checkpoints)
+            save_checkpoint(
+                accelerator, output_dir, TrainerState(done, config_hash, run_id), config.keep_checkpoints, sharded
+            )
 
     if report_progress is not None:
         report_progress(total_steps, total_steps)
@@ -191,9 +213,10 @@ def run_pretrain(
     if not val_loss:  # resumed at the very end: nothing trained, validate what was restored
         val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
     supernet_dir = output_dir / "supernet"
+    weights = full_state_dict(core) if fsdp else None  # gathered from every process's shards, by all of them
     curve = None
     if accelerator.is_main_process:
-        save_model(core, supernet_dir)
+        save_model(core, supernet_dir, weights)
         curve = plot_loss_curves(*history.curves(), output_dir / "loss_curve.png")
         heatmap = plot_routing_heatmap(
             heatmap_rows, output_dir / "routing_heatmap.png", "Full-model expert load on validation data"
@@ -214,4 +237,5 @@ def run_pretrain(
         config_hash=config_hash,
         mlflow_run_id=logger.run_id if logger else None,
         loss_curve=curve,
+        processes=accelerator.num_processes,
     )

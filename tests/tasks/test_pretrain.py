@@ -39,6 +39,7 @@ def _tiny_pretrain(**overrides) -> PretrainConfig:
         ({"max_steps": 5, "optim": {"warmup_steps": 5}}, "optim.warmup_steps=5 must be < max_steps=5"),
         ({"sampling": {"policy": "everything"}}, "sampling.policy"),
         ({"batch_size": 0}, "batch_size"),
+        ({"precision": "fp16", "launch": {"sharding": "fsdp2"}}, "precision=fp16 with launch.sharding=fsdp2"),
     ],
 )
 def test_bad_pretrain_config_is_rejected(overrides: dict, message: str) -> None:
@@ -106,6 +107,22 @@ def test_short_run_learns_and_saves_a_loadable_supernet(tmp_path: Path, small_da
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step_00000020", "step_00000040"]
     assert result.loss_curve is not None and result.loss_curve.read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "run" / "routing_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sharded_checkpoint_resumes_only_sharded(tmp_path: Path, small_data: PreparedData) -> None:
+    """Under fsdp2 the checkpoint is torch.distributed.checkpoint's (one process writes it too, so that N processes
+    can resume it); a run asking for the other sharding is refused before it trains, and nothing is changed."""
+    steps = {"max_steps": 4, "batch_size": 8, "seq_len": 64, "checkpoint_interval": 2, "optim": {"warmup_steps": 1}}
+    sharded = run_pretrain(_tiny_pretrain(**steps, launch={"sharding": "fsdp2"}), small_data, tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "step_00000004"
+    assert (checkpoint / "__0_0.distcp").is_file() and not (checkpoint / "model.safetensors").exists()
+    before = load_model(sharded.checkpoint_dir).state_dict()
+    with pytest.raises(ValueError, match="sharding=fsdp2; resume it with the same sharding, not ddp"):
+        run_pretrain(_tiny_pretrain(**steps), small_data, tmp_path)
+    again = run_pretrain(_tiny_pretrain(**steps, launch={"sharding": "fsdp2"}), small_data, tmp_path)
+    assert again.resumed_from == 4
+    for name, tensor in load_model(again.checkpoint_dir).state_dict().items():
+        assert torch.equal(tensor, before[name]), name
 
 
 def test_token_budget_sets_the_step_count() -> None:
