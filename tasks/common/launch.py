@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +62,13 @@ class LaunchConfig(BaseModel):
             path = Path(self.config_file)
             if not path.is_file():
                 raise FileNotFoundError(f"pretrain.launch.config_file: {path} does not exist")
+            kind = (yaml.safe_load(path.read_text()) or {}).get("distributed_type")
+            if kind in ("FSDP", "DEEPSPEED"):  # accelerate would shard a model the loop does not hand it
+                raise ValueError(
+                    f"pretrain.launch.config_file: {path} has distributed_type {kind}, accelerate's own sharding, "
+                    "which the pre-training loop does not use: set pretrain.launch.sharding=fsdp2 with a MULTI_GPU "
+                    "config (e.g. infra/accelerate/multi-gpu.yaml or multi-node.yaml)"
+                )
             command += ["--config_file", str(path.resolve())]
         command += ["--num_processes", str(self.num_processes)]
         if machine_rank is not None:

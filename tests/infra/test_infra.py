@@ -20,6 +20,7 @@ from prefect.utilities.templating import apply_values
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
 from flows.cli import build_parser, main
+from tasks.common.launch import LaunchConfig
 from tasks.pipeline_config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,6 +111,13 @@ def test_accelerate_configs_load(name: str, kind: str, machines: int) -> None:
     config = load_config_from_file(str(INFRA / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.value == kind and config.num_machines == machines
     assert config.num_processes % machines == 0
+
+
+def test_accelerates_own_sharding_config_is_refused_before_launch(tmp_path: Path) -> None:
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\nnum_processes: 8\n")
+    with pytest.raises(ValueError, match="distributed_type FSDP, accelerate's own sharding.*pretrain.launch.sharding"):
+        LaunchConfig(num_processes=8, config_file=str(fsdp)).command("tasks.pretrain.entry", [])
 
 
 def test_gpu_job_template_passes_prefects_validation_and_requests_gpus() -> None:

@@ -9,9 +9,8 @@ one process, so each process checks that accelerate started as many as asked, an
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +19,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.common.launch import REPO, run_launched
+from tasks.common.launch import REPO
 from tasks.data.corpus import PreparedData
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain.checkpoint import STATE_FILE, latest_checkpoint
 from tasks.pretrain.config import PretrainConfig, PretrainResult
-from tasks.pretrain.entry import read_result, run_pretrain_launched, write_job
+from tasks.pretrain.entry import run_pretrain_launched, write_job
 from tasks.pretrain.loop import run_pretrain
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from past_one_machine import free_port, start_launch, train_on_two_machines  # noqa: E402
 
 MULTI_CPU = REPO / "infra" / "accelerate" / "multi-cpu.yaml"
 MULTI_NODE = REPO / "infra" / "accelerate" / "multi-node.yaml"
@@ -74,20 +76,6 @@ def _assert_same_training(result: PretrainResult, one: PretrainResult, weights_a
             torch.testing.assert_close(second[name], tensor, atol=weights_atol, rtol=0, msg=name)
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        return server.getsockname()[1]
-
-
-def _start(command: list[str], environment: dict[str, str], log: Path) -> subprocess.Popen:
-    """A launch in the background."""
-    env = {**os.environ, **environment, "PYTHONPATH": str(REPO)}
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
 def _kill_tree(launch: subprocess.Popen) -> None:
     """SIGKILL a launch and every process under it (torchrun starts its workers in sessions of their own)."""
     processes = [psutil.Process(launch.pid), *psutil.Process(launch.pid).children(recursive=True)]
@@ -114,7 +102,7 @@ def test_fsdp2_on_two_processes_killed_and_resumed_matches_one_process(
 ) -> None:
     config = _config(num_processes=2, config_file=str(MULTI_CPU), sharding="fsdp2")
     job = write_job(config, small_data, tmp_path)
-    first = _start(
+    first = start_launch(
         config.launch.command("tasks.pretrain.entry", ["--job", str(job)]),
         config.launch.environment(),
         tmp_path / "killed.log",
@@ -142,26 +130,9 @@ def test_two_machines_match_one_process(tmp_path: Path, small_data: PreparedData
     """infra/accelerate/multi-node.yaml as two machines of one process each, on this host (machine 0's address
     127.0.0.1 and a free rendezvous port override the file's)."""
     config = _config(
-        num_processes=2, config_file=str(MULTI_NODE), main_process_ip="127.0.0.1", main_process_port=_free_port()
+        num_processes=2, config_file=str(MULTI_NODE), main_process_ip="127.0.0.1", main_process_port=free_port()
     )
-    job = write_job(config, small_data, tmp_path)
-    args = ["--job", str(job)]
-    machine_1 = _start(
-        config.launch.command("tasks.pretrain.entry", args, machine_rank=1),
-        config.launch.environment(),
-        tmp_path / "machine-1.log",
-    )
-    try:
-        run_launched(
-            config.launch.command("tasks.pretrain.entry", args, machine_rank=0),
-            tmp_path / "machine-0.log",
-            config.launch.environment(),
-        )
-        assert machine_1.wait(timeout=300) == 0, (tmp_path / "machine-1.log").read_text()[-3000:]
-    finally:
-        if machine_1.poll() is None:
-            _kill_tree(machine_1)
+    two = train_on_two_machines(config, small_data, tmp_path)
     assert "--machine_rank 0 --main_process_ip 127.0.0.1" in (tmp_path / "machine-0.log").read_text()
-    two = read_result(tmp_path)
     assert two.processes == 2
     _assert_same_training(two, one)
