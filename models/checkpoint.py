@@ -16,14 +16,15 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def save_model(model: ElasticMoE, directory: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+def save_model(model: ElasticMoE, directory: str | Path, gathered: dict[str, torch.Tensor] | None = None) -> Path:
     """Write weights (importance orders included) and config; each file is replaced atomically, through a name
     private to this writer (two processes saving the same folder never write into one temporary file).
 
-    `weights` replaces `model.state_dict()` when the model holds only a shard of them (FSDP): the gathered whole."""
+    `gathered` replaces `model.state_dict()` when the model holds only a shard of its weights (FSDP): the whole of
+    them, gathered from every process."""
     directory = Path(directory)
-    weights = model.state_dict() if weights is None else weights
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
+    source = model.state_dict() if gathered is None else gathered
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in source.items()}
     with staged_file(directory / WEIGHTS_FILE) as weights:
         save_file(state, str(weights), metadata={"format": "pt", "library": "trainonce"})
     with staged_file(directory / CONFIG_FILE) as config:
