@@ -55,9 +55,21 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen:
 
 
 @contextmanager
-def local_prefect(home: Path, scheduler_seconds: int = 60, worker: bool = True) -> Iterator[dict[str, str]]:
-    """Yield the environment (PREFECT_API_URL, ...) of a running server + pool + deployments (+ a worker)."""
-    port = _free_port()
+def local_prefect(
+    home: Path,
+    scheduler_seconds: int = 60,
+    worker: bool = True,
+    port: int | None = None,
+    database_url: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[dict[str, str]]:
+    """Yield the environment (PREFECT_API_URL, ...) of a running server + pool + deployments (+ a worker).
+
+    `database_url`: the server's database (`postgresql+asyncpg://...`), else SQLite in `home`; `env`: what the
+    worker's flow runs also get (MLFLOW_TRACKING_URI and S3 credentials for shared stores)."""
+    home.mkdir(parents=True, exist_ok=True)
+    extra = env or {}
+    port = port or _free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -71,6 +83,9 @@ def local_prefect(home: Path, scheduler_seconds: int = 60, worker: bool = True) 
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     prefect = str(BIN / "prefect")
     server = subprocess.Popen(
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],

