@@ -42,10 +42,11 @@ def stop_gracefully(process: subprocess.Popen | None) -> None:
         process.wait(timeout=20)
 
 
-def start_worker(env: dict[str, str]) -> subprocess.Popen:
-    """A process worker on the `local` pool, in its own session (a test may kill it alone)."""
+def start_worker(env: dict[str, str], limit: int | None = None) -> subprocess.Popen:
+    """A process worker on the `local` pool, in its own session (a test may kill it alone); `limit`: how many flow
+    runs it runs at once (no limit by default)."""
     return subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "local"],
+        [str(BIN / "prefect"), "worker", "start", "--pool", "local", *(["--limit", str(limit)] if limit else [])],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -133,6 +134,32 @@ def create_flow_run(env: dict[str, str], deployment: str, parameters: dict) -> h
     api = env["PREFECT_API_URL"]
     found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).raise_for_status().json()
     return httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+
+
+def flow_run_history(env: dict[str, str], run_id: str) -> list[dict]:
+    """Every state flow run `run_id` went through (JSON), oldest first."""
+    url = f"{env['PREFECT_API_URL']}/flow_run_states/"
+    return httpx.get(url, params={"flow_run_id": run_id}, timeout=30).raise_for_status().json()
+
+
+def restarted(env: dict[str, str], run_id: str) -> bool:
+    """True once flow run `run_id` has been restarted (a Restarting state, e.g. by flows/automations.py); a probe
+    for wait_until_ready: LookupError before."""
+    if not any(s["name"] == "Restarting" for s in flow_run_history(env, run_id)):
+        raise LookupError("not restarted yet")
+    return True
+
+
+def flow_run_process(env: dict[str, str], run_id: str) -> int:
+    """The pid flow run `run_id`'s process recorded in its `trainonce.process:HOST:PID:START` tag (flows/stale_runs.py);
+    LookupError until it has."""
+    from flows.stale_runs import TAG_PREFIX
+
+    tags = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).raise_for_status().json()["tags"]
+    owner = next((t.removeprefix(TAG_PREFIX) for t in tags if t.startswith(TAG_PREFIX)), None)
+    if owner is None:
+        raise LookupError(f"flow run {run_id} has no process tag yet")
+    return int(owner.split(":")[-2])
 
 
 def wait_for_final_state(env: dict[str, str], run_id: str, deadline_seconds: float = 900) -> dict:

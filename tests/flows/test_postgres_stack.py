@@ -1,0 +1,227 @@
+"""The stack past one machine, for real: PostgreSQL (tests/conftest.py `postgres_server`) holding MLflow's store
+(`mlflow server --backend-store-uri postgresql://...`, artifacts in S3) and Prefect's database
+(`postgresql+asyncpg://...`), started as `make stack` starts them (flows/local_stack.py).
+
+Two workers run two pipelines on two workdirs against these shared stores at the same time; one of them loses its
+worker and its process mid-run and is restarted by the automations. Both complete, every registration and alias
+is in PostgreSQL, and nothing is left Running. Then two gates race for `champion` of one model: one decision each,
+the second made against the first's result.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg2
+import pytest
+
+from flows.local_stack import mlflow_server
+from flows.postgres_server import PostgresServer
+from flows.prefect_local import (
+    create_flow_run,
+    flow_run_history,
+    flow_run_process,
+    local_prefect,
+    restarted,
+    start_worker,
+    stop_gracefully,
+    wait_for_final_state,
+)
+from flows.readiness import wait_until_ready
+from registry.promotion import champion_history
+from registry.tracking import RunLogger, store_client
+from tasks.pipeline_config import load_pipeline_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "pg-stack-artifacts"
+
+
+@dataclass(frozen=True)
+class Stack:
+    postgres: PostgresServer
+    mlflow: str  # the tracking server's URL
+    prefect: dict[str, str]  # a worker's environment: PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 credentials
+
+
+@pytest.fixture(scope="module")
+def stack(postgres_server: PostgresServer, s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """MLflow and Prefect servers on the session's PostgreSQL, the pool, the deployments and the automations; the
+    tests start their own workers."""
+    s3_server.client().create_bucket(Bucket=BUCKET)
+    folder = tmp_path_factory.mktemp("pg-stack")
+    started = time.monotonic()
+    with mlflow_server(
+        postgres_server.uri("mlflow"), f"s3://{BUCKET}/mlflow", folder / "mlflow", {**os.environ, **s3_server.env()}
+    ) as url:
+        print(f"mlflow server on PostgreSQL ready in {time.monotonic() - started:.1f} s")
+        started = time.monotonic()
+        with local_prefect(
+            folder / "prefect-home",
+            worker=False,
+            database_url=postgres_server.uri("prefect", driver="postgresql+asyncpg"),
+            env={"MLFLOW_TRACKING_URI": url, **s3_server.env()},
+        ) as env:
+            print(f"prefect server on PostgreSQL + pool + deployments ready in {time.monotonic() - started:.1f} s")
+            yield Stack(postgres_server, url, env)
+
+
+def _query(server: PostgresServer, database: str, sql: str, *args) -> list[tuple]:
+    """Rows straight from PostgreSQL, as the database's own user."""
+    connection = psycopg2.connect(server.uri(database), connect_timeout=30)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, args)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
+def _params(tmp_path: Path, small_corpus: Path, short: list[str], name: str, *extra: str) -> dict:
+    overrides = [
+        *short,
+        "deploy.variants=[fp32]",
+        "deploy.hugging_face=false",
+        f"data.source={small_corpus}",
+        f"data.data_dir={tmp_path / f'data-{name}'}",
+        *extra,
+    ]
+    config = load_pipeline_config("tiny", parse_overrides(overrides))
+    return {"config": config.model_dump(mode="json"), "workdir": str(tmp_path / name)}
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.slow
+def test_two_workers_two_pipelines_on_shared_postgres_stores_and_a_killed_one_resumes(
+    stack: Stack, tmp_path: Path, small_corpus: Path, short_pipeline: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = stack.prefect
+    workers = [start_worker(env, limit=1), start_worker(env, limit=1)]  # one run each
+    try:
+        # `a` trains long enough to be killed between checkpoints; `b` is the short pipeline.
+        long = ("pretrain.max_steps=40", "pretrain.checkpoint_interval=10")
+        runs = {
+            name: create_flow_run(env, "pipeline/manual", _params(tmp_path, small_corpus, short_pipeline, name, *extra))
+            for name, extra in (("a", long), ("b", ()))
+        }
+        assert all(r.status_code == 201 for r in runs.values()), [r.text for r in runs.values()]
+        ids = {name: r.json()["id"] for name, r in runs.items()}
+
+        checkpoints = tmp_path / "a" / "pretrain"
+        wait_until_ready(
+            lambda: next(checkpoints.glob("*/checkpoints/step_*")), "run a's first checkpoint", deadline_seconds=900
+        )
+        process = flow_run_process(env, ids["a"])
+        worker = next(w for w in workers if w.pid == _parent(process))  # the worker that started run a
+        os.kill(worker.pid, signal.SIGKILL)
+        os.kill(process, signal.SIGKILL)  # nobody is left to report it: only the missing heartbeats show it
+        worker.wait(timeout=60)
+        workers.append(start_worker(env, limit=1))
+
+        wait_until_ready(lambda: restarted(env, ids["a"]), "run a's restart", deadline_seconds=600, interval_seconds=1)
+        states = {name: wait_for_final_state(env, run_id, deadline_seconds=1200) for name, run_id in ids.items()}
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                stop_gracefully(worker)
+    histories = {name: [(s["name"], s["message"]) for s in flow_run_history(env, i)] for name, i in ids.items()}
+    assert {name: s["type"] for name, s in states.items()} == {"a": "COMPLETED", "b": "COMPLETED"}, histories
+    assert any(name == "Crashed" and "no heartbeat" in (message or "") for name, message in histories["a"])
+
+    # Straight from PostgreSQL: Prefect has nothing Running; MLflow has every registration, no run RUNNING.
+    assert _query(stack.postgres, "prefect", "SELECT count(*) FROM flow_run WHERE state_type = 'RUNNING'") == [(0,)]
+    assert _query(stack.postgres, "mlflow", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") == [(0,)]
+    versions = dict(_query(stack.postgres, "mlflow", "SELECT name, count(*) FROM model_versions GROUP BY name"))
+    assert versions == {"trainonce-supernet": 2, "trainonce-subnet": 2, "trainonce-chat-torch": 4, "trainonce-chat": 2}
+    aliases = _query(
+        stack.postgres, "mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = 'trainonce-chat'"
+    )
+    assert {alias for alias, _ in aliases} == {"candidate", "champion"}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow)
+    client = store_client(tmp_path)
+    supernets = [client.get_model_version("trainonce-supernet", v).tags for v in ("1", "2")]
+    resumed = [t for t in supernets if t.get("steps") == "40"]
+    assert len(resumed) == 1 and int(resumed[0]["resumed_from_step"]) >= 10  # run a resumed, not started over
+    _assert_one_decision_each(tmp_path, "trainonce-chat", ["1", "2"])
+
+
+def _assert_one_decision_each(workdir: Path, model: str, versions: list[str]) -> None:
+    """Every candidate has one recorded decision; the gates ran one after the other (exactly one saw no champion,
+    the other was compared with the first's outcome); the history holds the promoted ones in order, and the
+    champion is its last."""
+    client = store_client(workdir)
+    tags = {v: client.get_model_version(model, v).tags for v in versions}
+    assert all(t["gate.decision"] in ("promoted", "rejected") for t in tags.values()), tags
+    first = [v for v, t in tags.items() if t["gate.champion_version"] == "none"]
+    assert len(first) == 1, {v: t["gate.champion_version"] for v, t in tags.items()}
+    assert tags[first[0]]["gate.decision"] == "promoted"
+    (second,) = set(versions) - set(first)
+    assert tags[second]["gate.champion_version"] == first[0]
+    promoted = [first[0]] + ([second] if tags[second]["gate.decision"] == "promoted" else [])
+    assert champion_history(workdir, model) == promoted
+    assert str(client.get_model_version_by_alias(model, "champion").version) == promoted[-1]
+
+
+GATE = """
+import sys
+from registry.promotion import GateRules
+from tasks.data.config import TaskMixConfig
+from tasks.data.corpus import PreparedData
+from tasks.deploy.config import EvaluationConfig
+from tasks.deploy.task import run_gate
+
+workdir, model, version, data_dir = sys.argv[1:]
+evaluation = EvaluationConfig(val_batches=2, batch_size=2, seq_len=32, max_new_tokens=8, speed_prompts=1,
+                              speed_new_tokens=4)
+decision, _ = run_gate(workdir, model, version, GateRules(), evaluation, TaskMixConfig(test_per_task=2),
+                       PreparedData.load(data_dir))
+print(decision.summary())
+"""
+
+
+@pytest.mark.slow
+def test_two_gates_racing_for_champion_decide_one_after_the_other(
+    stack: Stack, chat_packages, small_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes gate two fresh candidates of one model at the same moment, with no champion yet. Unserialised,
+    both would read "no champion", both promote, and one `champion_history` write would be lost."""
+    from registry.models import register_chat_package
+    from serving import CHAT_PYFUNC_CODE
+
+    model = "trainonce-chat-race"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow)
+    logger = RunLogger(tmp_path, run_name="export")
+    for variant in ("fp32", "int8"):
+        register_chat_package(tmp_path, logger.run_id, chat_packages[variant], {"quantization": variant},
+                              CHAT_PYFUNC_CODE, name=model)  # fmt: skip
+    logger.finish()
+
+    env = {**stack.prefect, "OMP_NUM_THREADS": "1"}
+    gates = [
+        subprocess.Popen(
+            [sys.executable, "-c", GATE, str(tmp_path), model, version, str(small_data.directory)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for version in ("1", "2")
+    ]
+    outputs = [gate.communicate(timeout=600) for gate in gates]
+    assert [gate.returncode for gate in gates] == [0, 0], [err[-3000:] for _, err in outputs]
+    _assert_one_decision_each(tmp_path, model, ["1", "2"])
+
+    limit = httpx.get(f"{stack.prefect['PREFECT_API_URL']}/v2/concurrency_limits/promotion:{model}", timeout=30)
+    assert limit.raise_for_status().json()["limit"] == 1 and limit.json()["active_slots"] == 0
