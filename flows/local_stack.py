@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,8 +28,9 @@ from pathlib import Path
 import boto3
 
 from flows.postgres_server import free_port, running_postgres
-from flows.prefect_local import local_prefect
+from flows.prefect_local import local_prefect, start_worker, stop_gracefully
 from flows.readiness import http_ok, wait_until_ready
+from registry.database import masked
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,6 +47,20 @@ def _stop_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def free_port_block(count: int) -> int:
+    """A port p such that p..p+count-1 and their gRPC twins (+10000) are free on 127.0.0.1 (SeaweedFS's servers)."""
+    for base in random.Random(os.getpid()).sample(range(20_000, 50_000, 10), 200):
+        ports = [base + i for i in range(count)] + [base + 10_000 + i for i in range(count)]
+        with ExitStack() as stack:
+            try:
+                for port in ports:
+                    stack.enter_context(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no free block of ports for SeaweedFS")
 
 
 @contextmanager
@@ -154,6 +172,26 @@ def _create_buckets(endpoint: str, admin: tuple[str, str]) -> None:
             client.create_bucket(Bucket=bucket)
 
 
+def write_env_file(path: Path, env: dict[str, str]) -> Path:
+    """The stack's own variables (what a worker or a client needs beyond this shell's environment) as KEY=VALUE
+    lines a shell can source; readable by its owner only (it holds the S3 secret)."""
+    server_only = ("PATH", "PREFECT_API_DATABASE_CONNECTION_URL")  # clients talk to the servers, not the database
+    own = {key: value for key, value in env.items() if os.environ.get(key) != value and key not in server_only}
+    staged = path.with_suffix(".partial")
+    staged.write_text("".join(f"{key}={shlex.quote(value)}\n" for key, value in sorted(own.items())))
+    staged.chmod(0o600)
+    staged.replace(path)  # whole or absent: its appearance says the stack is ready
+    return path
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables `write_env_file` wrote."""
+    return {
+        key: shlex.split(value)[0]
+        for key, _, value in (line.partition("=") for line in path.read_text().split("\n") if line)
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.local_stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default="runs/stack", help="where the databases, objects and logs live")
@@ -161,8 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--s3-port", type=int, default=8333, help="and the next 4 ports (SeaweedFS's other servers)")
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--prefect-port", type=int, default=4200)
+    parser.add_argument("--workers", type=int, default=1, help="process workers on the `local` pool (0: none)")
     args = parser.parse_args(argv)
     folder = Path(args.folder).resolve()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C, even mid-start
+    (folder / "stack.env").unlink(missing_ok=True)
     identities = REPO / "infra" / "seaweedfs-s3.json"  # compose's development keys
     pipeline_keys = _credentials(identities, "pipeline")
     with ExitStack() as stack:
@@ -182,26 +223,30 @@ def main(argv: list[str] | None = None) -> None:
                 args.mlflow_port,
             )
         )
-        print(f"MLflow       {mlflow_url} (store {postgres.uri('mlflow')}, artifacts s3://{BUCKETS[0]}/mlflow)")
+        print(f"MLflow       {mlflow_url} (store {masked(postgres.uri('mlflow'))}, artifacts s3://{BUCKETS[0]}/mlflow)")
         env = stack.enter_context(
             local_prefect(
                 folder / "prefect",
+                worker=False,
                 port=args.prefect_port,
                 database_url=postgres.uri("prefect", driver="postgresql+asyncpg"),
                 env={"MLFLOW_TRACKING_URI": mlflow_url, **s3},
             )
         )
-        print(f"Prefect      {env['PREFECT_API_URL'].removesuffix('/api')} (pool `local`, one worker)")
+        for _ in range(args.workers):
+            stack.callback(stop_gracefully, start_worker(env))
+        print(f"Prefect      {env['PREFECT_API_URL'].removesuffix('/api')} (pool `local`, {args.workers} worker(s))")
+        env_file = write_env_file(folder / "stack.env", env)
         print(f"Ready in {time.monotonic() - started:.0f} s. In another shell:")
-        print(f"  export PREFECT_API_URL={env['PREFECT_API_URL']} MLFLOW_TRACKING_URI={mlflow_url}")
+        print(f"  set -a; . {env_file}; set +a        # PREFECT_API_URL, MLFLOW_TRACKING_URI, S3 credentials")
         print("  prefect deployment run 'pipeline/manual' --watch")
+        print("  prefect worker start --pool local   # more workers")
         print("Ctrl-C stops the stack; its data stays in", folder)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            print("stopping the stack")
+        signal.pause()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every server was stopped on the way out
+        print("stack stopped")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -23,8 +24,12 @@ from urllib.parse import quote
 REPO = Path(__file__).resolve().parents[1]
 INIT_SQL = REPO / "infra" / "postgres-init.sql"  # the users and databases compose creates on first start
 SUPERUSER = "postgres"
-# As compose's postgres-init.sql sets them: development defaults for a server that listens on 127.0.0.1 only.
-ROLES = {"mlflow": "mlflow", "prefect": "prefect"}
+
+
+def init_sql_passwords(sql: str) -> dict[str, str]:
+    """{user: password} of the `CREATE USER ... WITH PASSWORD '...'` statements in `sql` (each user owns the database
+    of its name): compose's development defaults, for a server that listens on 127.0.0.1 only."""
+    return dict(re.findall(r"CREATE USER (\w+) WITH PASSWORD '([^']*)'", sql))
 
 
 def find_bindir() -> Path:
@@ -70,7 +75,7 @@ class PostgresServer:
     def uri(self, database: str, driver: str = "postgresql") -> str:
         """The URI of `database` as its owning role (compose's names and passwords): `postgresql://` for MLflow
         (psycopg2), `postgresql+asyncpg://` for Prefect."""
-        password = quote(ROLES[database], safe="")
+        password = quote(init_sql_passwords(INIT_SQL.read_text())[database], safe="")
         return f"{driver}://{database}:{password}@127.0.0.1:{self.port}/{database}"
 
     def superuser_uri(self) -> str:
@@ -112,10 +117,10 @@ def _give_to_owner(folder: Path) -> None:
         shutil.chown(path, owner, "nogroup")
 
 
-def start_postgres(folder: str | Path, port: int | None = None, init_sql: Path = INIT_SQL) -> PostgresServer:
+def start_postgres(folder: str | Path, port: int | None = None) -> PostgresServer:
     """Start the server whose cluster lives in `folder` on 127.0.0.1:`port` (a free one by default); a new folder
     is first initialised (scram-sha-256 passwords, a random superuser password in `folder/superuser-password`) and
-    `init_sql` is run once, as compose runs postgres-init.sql on an empty volume. Unix sockets are off."""
+    infra/postgres-init.sql is run once, as compose runs it on an empty volume. Unix sockets are off."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     bindir = find_bindir()
@@ -135,7 +140,7 @@ def start_postgres(folder: str | Path, port: int | None = None, init_sql: Path =
     options = f"-h 127.0.0.1 -p {server.port} -c unix_socket_directories='' -c max_connections=200"
     _run_as_owner([bindir / "pg_ctl", "-D", server.data_dir, "-l", folder / "server.log", "-w", "-o", options, "start"])
     if fresh:
-        _apply_sql(server, init_sql.read_text())
+        _apply_sql(server, INIT_SQL.read_text())
     return server
 
 

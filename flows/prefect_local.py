@@ -42,17 +42,21 @@ def stop_gracefully(process: subprocess.Popen | None) -> None:
         process.wait(timeout=20)
 
 
-def start_worker(env: dict[str, str], limit: int | None = None) -> subprocess.Popen:
-    """A process worker on the `local` pool, in its own session (a test may kill it alone); `limit`: how many flow
-    runs it runs at once (no limit by default)."""
-    return subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "local", *(["--limit", str(limit)] if limit else [])],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def start_worker(env: dict[str, str], queue: str | None = None, log: Path | None = None) -> subprocess.Popen:
+    """A process worker on the `local` pool, in its own session (a test may kill it alone); `queue`: the one work
+    queue it polls (all of the pool's by default); `log`: a file for its output (discarded by default).
+
+    (No `--limit`: Prefect 3.8.8's worker dies with "this borrower is already holding one of this CapacityLimiter's
+    tokens" when it fetches a restarted run twice, PrefectHQ/prefect#16806.)"""
+    with open(log or os.devnull, "w") as out:
+        return subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "local", *(["--work-queue", queue] if queue else [])],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @contextmanager
@@ -129,11 +133,21 @@ def run_deployment(
     return done, time.monotonic() - start
 
 
-def create_flow_run(env: dict[str, str], deployment: str, parameters: dict) -> httpx.Response:
-    """POST create_flow_run as any API client does (`prefect deployment run` checks names on the client side)."""
+def create_flow_run(
+    env: dict[str, str], deployment: str, parameters: dict, work_queue: str | None = None
+) -> httpx.Response:
+    """POST create_flow_run as any API client does (`prefect deployment run` checks names on the client side);
+    `work_queue`: a queue of the deployment's pool other than its default (created if missing)."""
     api = env["PREFECT_API_URL"]
     found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).raise_for_status().json()
-    return httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+    body: dict = {"parameters": parameters}
+    if work_queue:
+        queues = f"{api}/work_pools/{found['work_pool_name']}/queues/"
+        created = httpx.post(queues, json={"name": work_queue}, timeout=30)
+        if created.status_code != 409:  # 409: it exists
+            created.raise_for_status()
+        body["work_queue_name"] = work_queue
+    return httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json=body, timeout=30)
 
 
 def flow_run_history(env: dict[str, str], run_id: str) -> list[dict]:

@@ -6,12 +6,8 @@ from __future__ import annotations
 import flows  # noqa: F401 - first: CPU threads spin briefly, set before torch loads (flows/cpu_threads.py)
 
 # isort: split
-import contextlib
 import json
-import os
-import random
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows.local_stack import s3_env, seaweedfs
+from flows.local_stack import free_port_block, s3_env, seaweedfs
 from flows.postgres_server import PostgresServer, find_bindir, running_postgres
 from models.config import MoEConfig
 from models.moe import ElasticMoE
@@ -276,20 +272,6 @@ class S3Server:
         )
 
 
-def _free_port_base(count: int) -> int:
-    """A port p such that p..p+count-1 and their gRPC twins (+10000) are free on 127.0.0.1."""
-    for base in random.Random(os.getpid()).sample(range(20_000, 50_000, 10), 200):
-        ports = [base + i for i in range(count)] + [base + 10_000 + i for i in range(count)]
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in ports:
-                    stack.enter_context(socket.create_server(("127.0.0.1", port)))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("no free block of ports for SeaweedFS")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     folder = tmp_path_factory.mktemp("seaweedfs")
@@ -307,7 +289,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         },
     ]
     (folder / "s3.json").write_text(json.dumps({"identities": identities}))
-    with seaweedfs(folder, folder / "s3.json", _free_port_base(5)) as endpoint:
+    with seaweedfs(folder, folder / "s3.json", free_port_block(5)) as endpoint:
         yield S3Server(endpoint, admin, pipeline)
 
 
