@@ -142,7 +142,7 @@ def create_flow_run(
     found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).raise_for_status().json()
     body: dict = {"parameters": parameters}
     if work_queue:
-        queues = f"{api}/work_pools/{found['work_pool_name']}/queues/"
+        queues = f"{api}/work_pools/{found['work_pool_name']}/queues"
         created = httpx.post(queues, json={"name": work_queue}, timeout=30)
         if created.status_code != 409:  # 409: it exists
             created.raise_for_status()

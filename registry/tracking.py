@@ -93,7 +93,17 @@ def configure_tracking(workdir: str | Path, experiment: str = EXPERIMENT) -> str
         artifacts = os.environ.get("TRAINONCE_ARTIFACT_ROOT") or None
         if artifacts is None and embedded:
             artifacts = (Path(workdir) / "mlartifacts").resolve().as_uri()
-        return client.create_experiment(experiment, artifact_location=artifacts)
+        try:
+            return client.create_experiment(experiment, artifact_location=artifacts)
+        except MlflowException as error:
+            # A shared store (a tracking server, a database) where another pipeline created it since the lookup:
+            # PostgreSQL's unique name constraint answers the second create with RESOURCE_ALREADY_EXISTS.
+            if (
+                error.error_code != "RESOURCE_ALREADY_EXISTS"
+                or (found := client.get_experiment_by_name(experiment)) is None
+            ):
+                raise
+            return found.experiment_id
 
 
 class ArtifactStoreError(RuntimeError):
