@@ -96,6 +96,21 @@ def short_pipeline() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def pipeline_params(short_pipeline: list[str]):
+    """Factory: the parameters of a `pipeline/manual` deployment run of the shortened tiny config (`short_pipeline`,
+    no transformers export) on the corpus in `source`, prepared into `data_dir`, in `workdir`; `extra`: more
+    overrides."""
+    from tasks.pipeline_config import load_pipeline_config, parse_overrides
+
+    def make(workdir: Path, source: Path, data_dir: Path, *extra: str) -> dict:
+        overrides = [*short_pipeline, "deploy.hugging_face=false", f"data.source={source}", f"data.data_dir={data_dir}"]
+        config = load_pipeline_config("tiny", parse_overrides([*overrides, *extra]))
+        return {"config": config.model_dump(mode="json"), "workdir": str(workdir)}
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> PreparedData:
     """The small corpus prepared with a 400-token BPE vocabulary (chat special tokens included)."""
     return prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("data")))

@@ -220,36 +220,24 @@ def run_gate(
     """Evaluate candidate (and champion, if any) with onnxruntime, decide, and promote when it passes; holds the
     model's promotion slot throughout, so concurrent gates of one model decide one after the other."""
     with promotion_slot(workdir, model_name):
-        return _gate(workdir, model_name, candidate_version, rules, evaluation, tasks, data)
-
-
-def _gate(
-    workdir: str,
-    model_name: str,
-    candidate_version: str,
-    rules: GateRules,
-    evaluation: EvaluationConfig,
-    tasks: TaskMixConfig,
-    data: PreparedData,
-) -> tuple[GateDecision, dict[str, PackageEvaluation]]:
-    champion_version = alias_version(workdir, model_name, CHAMPION)
-    examples = held_out_examples(data, tasks)
-    measured: dict[str, PackageEvaluation] = {}
-    with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
-        refs = {"candidate": candidate_version}
-        if champion_version is not None and champion_version != candidate_version:
-            refs["champion"] = champion_version
-        for role, version in refs.items():
-            package = download_chat_package(workdir, f"{model_name}/{version}", Path(scratch) / role)
-            measured[role] = evaluate_package(package, data, examples, evaluation)
-    champion = _scores(measured["champion"]) if "champion" in measured else None
-    if champion_version == candidate_version:  # re-gating the champion itself: it passes against itself
-        champion = _scores(measured["candidate"])
-    decision = gate_decision(_scores(measured["candidate"]), champion, rules, champion_version)
-    record_decision(workdir, model_name, candidate_version, decision)
-    if decision.promote:
-        promote(workdir, model_name, candidate_version, reason="gate: " + decision.summary())
-    return decision, measured
+        champion_version = alias_version(workdir, model_name, CHAMPION)
+        examples = held_out_examples(data, tasks)
+        measured: dict[str, PackageEvaluation] = {}
+        with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
+            refs = {"candidate": candidate_version}
+            if champion_version is not None and champion_version != candidate_version:
+                refs["champion"] = champion_version
+            for role, version in refs.items():
+                package = download_chat_package(workdir, f"{model_name}/{version}", Path(scratch) / role)
+                measured[role] = evaluate_package(package, data, examples, evaluation)
+        champion = _scores(measured["champion"]) if "champion" in measured else None
+        if champion_version == candidate_version:  # re-gating the champion itself: it passes against itself
+            champion = _scores(measured["candidate"])
+        decision = gate_decision(_scores(measured["candidate"]), champion, rules, champion_version)
+        record_decision(workdir, model_name, candidate_version, decision)
+        if decision.promote:
+            promote(workdir, model_name, candidate_version, reason="gate: " + decision.summary())
+        return decision, measured
 
 
 @task(name="gate", retries=1, retry_delay_seconds=5)

@@ -39,7 +39,6 @@ from flows.prefect_local import (
 from flows.readiness import wait_until_ready
 from registry.promotion import champion_history
 from registry.tracking import RunLogger, store_client
-from tasks.pipeline_config import load_pipeline_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,26 +97,13 @@ def _query(server: PostgresServer, database: str, sql: str, *args) -> list[tuple
         connection.close()
 
 
-def _params(tmp_path: Path, small_corpus: Path, short: list[str], name: str, *extra: str) -> dict:
-    overrides = [
-        *short,
-        "deploy.variants=[fp32]",
-        "deploy.hugging_face=false",
-        f"data.source={small_corpus}",
-        f"data.data_dir={tmp_path / f'data-{name}'}",
-        *extra,
-    ]
-    config = load_pipeline_config("tiny", parse_overrides(overrides))
-    return {"config": config.model_dump(mode="json"), "workdir": str(tmp_path / name)}
-
-
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 @pytest.mark.slow
 def test_two_workers_two_pipelines_on_shared_postgres_stores_and_a_killed_one_resumes(
-    stack: Stack, tmp_path: Path, small_corpus: Path, short_pipeline: list[str], monkeypatch: pytest.MonkeyPatch
+    stack: Stack, tmp_path: Path, small_corpus: Path, pipeline_params, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = stack.prefect
     logs = tmp_path / "workers"
@@ -129,7 +115,12 @@ def test_two_workers_two_pipelines_on_shared_postgres_stores_and_a_killed_one_re
         long = ("pretrain.max_steps=40", "pretrain.checkpoint_interval=10")
         runs = {
             name: create_flow_run(
-                env, "pipeline/manual", _params(tmp_path, small_corpus, short_pipeline, name, *extra), work_queue=name
+                env,
+                "pipeline/manual",
+                pipeline_params(
+                    tmp_path / name, small_corpus, tmp_path / f"data-{name}", "deploy.variants=[fp32]", *extra
+                ),
+                work_queue=name,
             )
             for name, extra in (("a", long), ("b", ()))
         }
