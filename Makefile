@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup demo test test-slow llama-cpp test-llama-cpp lint prefect-server prefect-pool prefect-deploy prefect-worker
+.PHONY: setup demo test test-slow llama-cpp test-llama-cpp lint prefect-server prefect-pool prefect-deploy prefect-worker \
+	stack
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -63,3 +64,11 @@ prefect-deploy: prefect-pool
 prefect-worker: setup
 	mkdir -p runs/prefect
 	$(PREFECT_ENV) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/prefect worker start --pool local
+
+# infra/compose.yaml's stack without Docker (README: "Run the stack on this machine"): PostgreSQL (MLflow's and
+# Prefect's databases), SeaweedFS S3, `mlflow server` on PostgreSQL with S3 artifacts, `prefect server` on
+# PostgreSQL, the `local` pool with every deployment, and a worker. In the foreground: Ctrl-C stops all of it; the
+# data stays in runs/stack for the next start. STACK_ARGS: the folder, ports, workers (python -m flows.local_stack -h).
+STACK_ARGS ?= --folder runs/stack
+stack: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m flows.local_stack $(STACK_ARGS)

@@ -121,7 +121,13 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         result = pipeline(config=config, workdir=str(workdir))
     print("\n".join(result.summary(str(workdir))))
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        print(f"MLflow tracking server: {os.environ['MLFLOW_TRACKING_URI']}")
+        from registry.database import is_database_uri, masked
+
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        if is_database_uri(uri):
+            print(f"MLflow tracking database: {masked(uri)}")
+        else:
+            print(f"MLflow tracking server: {uri}")
     else:
         store = workdir / "mlflow.db"
         print(f"MLflow store: {store}  (mlflow ui --backend-store-uri sqlite:///{store})")

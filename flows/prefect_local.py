@@ -42,22 +42,39 @@ def stop_gracefully(process: subprocess.Popen | None) -> None:
         process.wait(timeout=20)
 
 
-def start_worker(env: dict[str, str]) -> subprocess.Popen:
-    """A process worker on the `local` pool, in its own session (a test may kill it alone)."""
-    return subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "local"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def start_worker(env: dict[str, str], queue: str | None = None, log: Path | None = None) -> subprocess.Popen:
+    """A process worker on the `local` pool, in its own session (a test may kill it alone); `queue`: the one work
+    queue it polls (all of the pool's by default); `log`: a file for its output (discarded by default).
+
+    (No `--limit`: Prefect 3.8.8's worker dies with "this borrower is already holding one of this CapacityLimiter's
+    tokens" when it fetches a restarted run twice, PrefectHQ/prefect#16806.)"""
+    with open(log or os.devnull, "w") as out:
+        return subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "local", *(["--work-queue", queue] if queue else [])],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @contextmanager
-def local_prefect(home: Path, scheduler_seconds: int = 60, worker: bool = True) -> Iterator[dict[str, str]]:
-    """Yield the environment (PREFECT_API_URL, ...) of a running server + pool + deployments (+ a worker)."""
-    port = _free_port()
+def local_prefect(
+    home: Path,
+    scheduler_seconds: int = 60,
+    worker: bool = True,
+    port: int | None = None,
+    database_url: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[dict[str, str]]:
+    """Yield the environment (PREFECT_API_URL, ...) of a running server + pool + deployments (+ a worker).
+
+    `database_url`: the server's database (`postgresql+asyncpg://...`), else SQLite in `home`; `env`: what the
+    worker's flow runs also get (MLFLOW_TRACKING_URI and S3 credentials for shared stores)."""
+    home.mkdir(parents=True, exist_ok=True)
+    extra = env or {}
+    port = port or _free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -71,6 +88,9 @@ def local_prefect(home: Path, scheduler_seconds: int = 60, worker: bool = True) 
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     prefect = str(BIN / "prefect")
     server = subprocess.Popen(
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -113,11 +133,47 @@ def run_deployment(
     return done, time.monotonic() - start
 
 
-def create_flow_run(env: dict[str, str], deployment: str, parameters: dict) -> httpx.Response:
-    """POST create_flow_run as any API client does (`prefect deployment run` checks names on the client side)."""
+def create_flow_run(
+    env: dict[str, str], deployment: str, parameters: dict, work_queue: str | None = None
+) -> httpx.Response:
+    """POST create_flow_run as any API client does (`prefect deployment run` checks names on the client side);
+    `work_queue`: a queue of the deployment's pool other than its default (created if missing)."""
     api = env["PREFECT_API_URL"]
     found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).raise_for_status().json()
-    return httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+    body: dict = {"parameters": parameters}
+    if work_queue:
+        queues = f"{api}/work_pools/{found['work_pool_name']}/queues"
+        created = httpx.post(queues, json={"name": work_queue}, timeout=30)
+        if created.status_code != 409:  # 409: it exists
+            created.raise_for_status()
+        body["work_queue_name"] = work_queue
+    return httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json=body, timeout=30)
+
+
+def flow_run_history(env: dict[str, str], run_id: str) -> list[dict]:
+    """Every state flow run `run_id` went through (JSON), oldest first."""
+    url = f"{env['PREFECT_API_URL']}/flow_run_states/"
+    return httpx.get(url, params={"flow_run_id": run_id}, timeout=30).raise_for_status().json()
+
+
+def restarted(env: dict[str, str], run_id: str) -> bool:
+    """True once flow run `run_id` has been restarted (a Restarting state, e.g. by flows/automations.py); a probe
+    for wait_until_ready: LookupError before."""
+    if not any(s["name"] == "Restarting" for s in flow_run_history(env, run_id)):
+        raise LookupError("not restarted yet")
+    return True
+
+
+def flow_run_process(env: dict[str, str], run_id: str) -> int:
+    """The pid flow run `run_id`'s process recorded in its `trainonce.process:HOST:PID:START` tag (flows/stale_runs.py);
+    LookupError until it has."""
+    from flows.stale_runs import TAG_PREFIX
+
+    tags = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).raise_for_status().json()["tags"]
+    owner = next((t.removeprefix(TAG_PREFIX) for t in tags if t.startswith(TAG_PREFIX)), None)
+    if owner is None:
+        raise LookupError(f"flow run {run_id} has no process tag yet")
+    return int(owner.split(":")[-2])
 
 
 def wait_for_final_state(env: dict[str, str], run_id: str, deadline_seconds: float = 900) -> dict:

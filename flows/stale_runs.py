@@ -5,6 +5,11 @@ run of a deployment is marked Crashed by its worker at best, and its subflow and
 Each of our flow runs therefore records the process that executes it (a `trainonce.process:HOST:PID:START` tag),
 and every flow run that starts marks the runs whose recorded process is gone on this host Crashed, with their
 running task runs. Runs of other hosts are left to the hosts that can check them.
+
+A restarted run keeps the tag of its dead attempt until its new process claims it. The tag therefore names the
+attempt that wrote it (`trainonce.attempt:N`, Prefect's run count): a run waiting for its worker (Pending) or running
+an attempt that has not claimed it yet is left alone, or another run of this host starting in that window (a second
+worker's pipeline) would crash the restart again.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilterState,
     TaskRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.runtime import flow_run
 from prefect.states import Crashed
@@ -29,6 +34,7 @@ from prefect.states import Crashed
 from registry.tracking import owner_is_gone, process_identity
 
 TAG_PREFIX = "trainonce.process:"
+ATTEMPT_PREFIX = "trainonce.attempt:"
 _UNFINISHED = [StateType.RUNNING, StateType.PENDING]
 
 
@@ -39,8 +45,18 @@ def claim_this_run() -> None:
     if run_id is None or identity is None:
         return
     with get_client(sync_client=True) as client:
-        tags = [t for t in client.read_flow_run(run_id).tags if not t.startswith(TAG_PREFIX)]
-        client.update_flow_run(run_id, tags=[*tags, TAG_PREFIX + identity])
+        tags = [t for t in client.read_flow_run(run_id).tags if not t.startswith((TAG_PREFIX, ATTEMPT_PREFIX))]
+        claim = [TAG_PREFIX + identity, f"{ATTEMPT_PREFIX}{flow_run.get_run_count()}"]
+        client.update_flow_run(run_id, tags=[*tags, *claim])
+
+
+def _claimed_by_this_attempt(run: FlowRun) -> bool:
+    """Whether `run` is Running the attempt that wrote its process tag (a tag from before attempt tags counts as
+    such); False while a restarted run waits for its worker (Pending) or its new attempt has yet to claim it."""
+    if run.state_type != StateType.RUNNING:
+        return False
+    attempt = next((t.removeprefix(ATTEMPT_PREFIX) for t in run.tags if t.startswith(ATTEMPT_PREFIX)), None)
+    return attempt is None or attempt == str(run.run_count)
 
 
 def crash_leftovers_of_earlier_attempts() -> int:
@@ -68,7 +84,7 @@ def crash_orphaned_runs() -> list[str]:
         unfinished = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=_UNFINISHED)))
         for run in client.read_flow_runs(flow_run_filter=unfinished, sort=FlowRunSort.START_TIME_DESC, limit=200):
             owner = next((t.removeprefix(TAG_PREFIX) for t in run.tags if t.startswith(TAG_PREFIX)), "")
-            if not owner_is_gone(owner):
+            if not owner_is_gone(owner) or not _claimed_by_this_attempt(run):
                 continue
             message = f"its process ({owner}) is gone: killed without a chance to report"
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from requests import RequestException
 
 from models.publish import process_running
+from registry.database import check_database, is_database_uri, masked
 from registry.s3 import check_bucket
 
 log = logging.getLogger("trainonce.tracking")
@@ -92,7 +93,17 @@ def configure_tracking(workdir: str | Path, experiment: str = EXPERIMENT) -> str
         artifacts = os.environ.get("TRAINONCE_ARTIFACT_ROOT") or None
         if artifacts is None and embedded:
             artifacts = (Path(workdir) / "mlartifacts").resolve().as_uri()
-        return client.create_experiment(experiment, artifact_location=artifacts)
+        try:
+            return client.create_experiment(experiment, artifact_location=artifacts)
+        except MlflowException as error:
+            # A shared store (a tracking server, a database) where another pipeline created it since the lookup:
+            # PostgreSQL's unique name constraint answers the second create with RESOURCE_ALREADY_EXISTS.
+            if (
+                error.error_code != "RESOURCE_ALREADY_EXISTS"
+                or (found := client.get_experiment_by_name(experiment)) is None
+            ):
+                raise
+            return found.experiment_id
 
 
 class ArtifactStoreError(RuntimeError):
@@ -104,7 +115,10 @@ def check_artifact_store(workdir: str | Path) -> str:
 
     `s3://` (the client writes to S3 itself) is checked with boto3; `mlflow-artifacts:` (a tracking server that
     proxies its --artifacts-destination) by listing the experiment's folder through the server, which reaches
-    the bucket with the server's credentials. Listing writes nothing."""
+    the bucket with the server's credentials. Listing writes nothing. A tracking store that is a database server
+    (`postgresql://...`) is checked first: it must accept the connection (TrackingDatabaseError otherwise)."""
+    if is_database_uri(tracking_uri(workdir)):
+        check_database(tracking_uri(workdir))
     experiment_id = configure_tracking(workdir)
     location = store_client(workdir).get_experiment(experiment_id).artifact_location
     if location.startswith("s3://"):
@@ -219,7 +233,9 @@ class RunLogger:
         self.experiment_id = configure_tracking(workdir)
         self.client = store_client(workdir)
         if run_id is not None and not self._has_run(run_id):
-            log.warning("run %s is not in this MLflow store (%s): starting a new run", run_id, tracking_uri(workdir))
+            uri = tracking_uri(workdir)
+            shown = masked(uri) if is_database_uri(uri) else uri
+            log.warning("run %s is not in this MLflow store (%s): starting a new run", run_id, shown)
             run_id = None
         end_orphaned_runs(workdir, self.experiment_id, keep=run_id)
         owner = {OWNER_TAG: process_identity(os.getpid()) or ""}

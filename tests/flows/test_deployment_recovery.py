@@ -17,9 +17,17 @@ import httpx
 import pytest
 
 from flows.automations import UNRESPONSIVE
-from flows.prefect_local import create_flow_run, local_prefect, start_worker, stop_gracefully, wait_for_final_state
+from flows.prefect_local import (
+    create_flow_run,
+    flow_run_history,
+    flow_run_process,
+    local_prefect,
+    restarted,
+    start_worker,
+    stop_gracefully,
+    wait_for_final_state,
+)
 from flows.readiness import wait_until_ready
-from flows.stale_runs import TAG_PREFIX
 from registry.tracking import store_client
 from tasks.pipeline_config import load_pipeline_config, parse_overrides
 
@@ -31,17 +39,6 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         yield env
 
 
-def _history(prefect: dict[str, str], run_id: str) -> list[dict]:
-    url = f"{prefect['PREFECT_API_URL']}/flow_run_states/"
-    return httpx.get(url, params={"flow_run_id": run_id}, timeout=30).raise_for_status().json()
-
-
-def _restarted(prefect: dict[str, str], run_id: str) -> bool:
-    if not any(s["name"] == "Restarting" for s in _history(prefect, run_id)):
-        raise LookupError("not restarted yet")
-    return True
-
-
 def _latest_checkpoint_step(workdir: Path) -> int:
     steps = [
         int(p.name.removeprefix("step_"))
@@ -51,13 +48,6 @@ def _latest_checkpoint_step(workdir: Path) -> int:
     if not steps:
         raise LookupError("no checkpoint yet")
     return max(steps)
-
-
-def _flow_process(env: dict[str, str], run_id: str) -> int:
-    """The pid the run's process recorded in its `trainonce.process:HOST:PID:START` tag."""
-    tags = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=30).raise_for_status().json()["tags"]
-    owner = next(t.removeprefix(TAG_PREFIX) for t in tags if t.startswith(TAG_PREFIX))
-    return int(owner.split(":")[-2])
 
 
 @pytest.mark.slow
@@ -93,15 +83,15 @@ def test_a_run_outlives_its_worker_and_restarts_by_itself_after_its_process_dies
         )
         assert later > step
         second_worker = start_worker(prefect)
-        os.kill(_flow_process(prefect, run_id), signal.SIGKILL)  # nobody is left to report this one
+        os.kill(flow_run_process(prefect, run_id), signal.SIGKILL)  # nobody is left to report this one
 
         # Crashed is final until the restart automation answers it: wait for its Restarting state first (the two
         # are seconds apart on a busy machine, and a poll between them would read the Crashed as the end).
         wait_until_ready(
-            lambda: _restarted(prefect, run_id), "the automation's restart", deadline_seconds=600, interval_seconds=1
+            lambda: restarted(prefect, run_id), "the automation's restart", deadline_seconds=600, interval_seconds=1
         )
         state = wait_for_final_state(prefect, run_id, deadline_seconds=1200)
-        history = _history(prefect, run_id)
+        history = flow_run_history(prefect, run_id)
         assert state["type"] == "COMPLETED", [(s["name"], s["message"]) for s in history]
         crashed = [s for s in history if s["type"] == "CRASHED"]
         assert len(crashed) == 1 and "no heartbeat" in crashed[0]["message"], [s["name"] for s in history]

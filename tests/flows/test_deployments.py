@@ -13,7 +13,6 @@ import pytest
 from flows.prefect_local import create_flow_run, local_prefect, run_deployment, wait_for_final_state
 from registry.tracking import store_client
 from tasks.data.corpus import builtin_shakespeare_files
-from tasks.pipeline_config import load_pipeline_config, parse_overrides
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +23,9 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         yield env
 
 
-def _params(tmp_path: Path, small_corpus: Path, workdir: Path, short: list[str], *extra: str) -> dict:
-    overrides = [
-        *short,
-        "deploy.variants=[fp32,int8]",
-        "deploy.hugging_face=false",
-        f"data.source={small_corpus}",
-        f"data.data_dir={tmp_path / 'data'}",
-        *extra,
-    ]
-    config = load_pipeline_config("tiny", parse_overrides(overrides))
-    return {"config": config.model_dump(mode="json"), "workdir": str(workdir)}
-
-
 @pytest.mark.slow
 def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_starts(
-    prefect: dict[str, str], tmp_path: Path, small_corpus: Path, short_pipeline: list[str]
+    prefect: dict[str, str], tmp_path: Path, small_corpus: Path, pipeline_params
 ) -> None:
     workdir = tmp_path / "pipeline"
     source = tmp_path / "source"  # a data folder the retrain can grow
@@ -47,7 +33,7 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
     small_corpus = source
 
     def params(*extra: str) -> dict:
-        return _params(tmp_path, small_corpus, workdir, short_pipeline, *extra)
+        return pipeline_params(workdir, small_corpus, tmp_path / "data", "deploy.variants=[fp32,int8]", *extra)
 
     # two runs at once on one fresh workdir, different DPO settings: the second waits for the workdir, then reuses
     # every stage they share (one supernet, one sub-model) and re-runs only DPO (align) and deploy

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from flows.readiness import http_ok, wait_until_ready
+from flows import local_stack
 from models.checkpoint import load_model
 from registry.models import download_checkpoint
 from registry.tracking import active_store, store_client
@@ -32,37 +31,10 @@ def mlflow_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """`mlflow server` on a SQLite database, proxying artifacts to s3://mlflow-artifacts/runs with the pipeline
     identity's credentials (the bucket is created by the test: its absence is part of what is tested)."""
     folder = tmp_path_factory.mktemp("mlflow-server")
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-    env = {**os.environ, **s3_server.env(), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination",
-        f"s3://{ARTIFACT_BUCKET}/runs",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(
-        http_ok(f"{url}/health"), "the MLflow server", process, log=lambda: (folder / "server.log").read_text()[-3000:]
-    )
-    yield url
-    os.killpg(process.pid, 15)  # the server and its uvicorn worker
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.wait()
-    log.close()
+    env = {**os.environ, **s3_server.env()}
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    with local_stack.mlflow_server(store, f"s3://{ARTIFACT_BUCKET}/runs", folder, env) as url:
+        yield url
 
 
 def _pipeline(env: dict[str, str], workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
