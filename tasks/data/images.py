@@ -1,0 +1,70 @@
+"""The image data: scikit-learn's handwritten digits (1,797 8x8 images, shipped inside the package: no download),
+held out by image, and the codebook that turns them into tokens (models/image_tokenizer.py), fitted on the
+training images only.
+
+scikit-learn is imported inside the functions: the text-only pipeline never loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.image_tokenizer import ImageTokenizer
+
+MAX_VALUE = 16.0  # the digits' pixels are the integers 0..16
+
+
+@dataclass(frozen=True)
+class DigitImages:
+    pixels: np.ndarray  # (N, 8, 8) float64 in [0, 1]
+    labels: np.ndarray  # (N,) int64, the digit each image shows
+
+
+def load_digit_images() -> DigitImages:
+    """All 1,797 digits, pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return DigitImages(pixels=digits.images / MAX_VALUE, labels=digits.target.astype(np.int64))
+
+
+def split_by_image(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) image indices, disjoint and stratified by digit, so every digit is held out in proportion."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"data.images.test_fraction={test_fraction}: allowed 0 < x < 1")
+    train, held_out = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
+    )
+    return np.sort(train), np.sort(held_out)
+
+
+def fit_codebook(
+    pixels: np.ndarray, codebook_size: int, patch: tuple[int, int] = (2, 4), seed: int = 0
+) -> ImageTokenizer:
+    """k-means over the patches of `pixels` (N, H, W): the codebook of `codebook_size` codewords, rounded to 1e-4.
+
+    k-means runs on one thread: its centres differ in the last bits with the thread count, and the codebook is part
+    of the dataset's identity, which must not depend on the machine."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    image_size = (int(pixels.shape[1]), int(pixels.shape[2]))
+    shape_only = ImageTokenizer(image_size=image_size, patch=patch, codebook=((0.0,) * (patch[0] * patch[1]),) * 2)
+    patches = np.concatenate([shape_only.patches(image) for image in pixels])
+    distinct = len(np.unique(patches, axis=0))
+    if codebook_size > distinct:
+        raise ValueError(f"data.images.codebook_size={codebook_size}: the images have only {distinct} distinct patches")
+    with threadpool_limits(1):
+        kmeans = KMeans(n_clusters=codebook_size, n_init=1, random_state=seed).fit(patches)
+    rows = np.round(np.clip(kmeans.cluster_centers_, 0.0, 1.0), 4)
+    return ImageTokenizer(image_size=image_size, patch=patch, codebook=tuple(tuple(map(float, r)) for r in rows))
+
+
+def reconstruction_error(tokenizer: ImageTokenizer, pixels: np.ndarray) -> float:
+    """Mean squared pixel error (pixels in [0, 1]) of encoding then decoding `pixels` (N, H, W)."""
+    rebuilt = np.stack([tokenizer.decode(tokenizer.encode(image)) for image in pixels])
+    return float(((rebuilt - pixels) ** 2).mean())

@@ -1,0 +1,101 @@
+"""The image tokenizer: a digit becomes 8 codes and comes back as the image those codewords make; the codebook fitted
+on the training digits reconstructs held-out ones closely, the same on any thread count; text round trips."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from models.image_tokenizer import ImageTokenizer, code_name
+from tasks.data.images import fit_codebook, load_digit_images, reconstruction_error, split_by_image
+
+
+@pytest.fixture(scope="module")
+def digits_and_codebook():
+    digits = load_digit_images()
+    train, held_out = split_by_image(digits.labels, test_fraction=0.2, seed=0)
+    return digits, train, held_out, fit_codebook(digits.pixels[train], codebook_size=128)
+
+
+def test_the_split_is_by_image_disjoint_stratified_and_fixed(digits_and_codebook) -> None:
+    digits, train, held_out, _ = digits_and_codebook
+    assert len(digits.labels) == 1797 and digits.pixels.shape == (1797, 8, 8)
+    assert digits.pixels.min() >= 0.0 and digits.pixels.max() == 1.0
+    assert (len(train), len(held_out)) == (1437, 360) and not set(train) & set(held_out)
+    per_digit = np.bincount(digits.labels[held_out], minlength=10)
+    assert per_digit.min() >= 35 and per_digit.max() <= 37  # each digit about 20% of its 174-183 images
+    assert all((a == b).all() for a, b in zip(split_by_image(digits.labels, 0.2, 0), (train, held_out), strict=True))
+
+
+def test_codes_round_trip_and_held_out_digits_reconstruct_closely(digits_and_codebook) -> None:
+    digits, _, held_out, tokenizer = digits_and_codebook
+    assert tokenizer.codes_per_image == 8 and len(tokenizer.codebook) == 128
+    for code in range(128):  # every codeword's own patch encodes to that code
+        image = tokenizer.decode([code] * 8)
+        assert tokenizer.encode(image) == [code] * 8
+    error = reconstruction_error(tokenizer, digits.pixels[held_out])
+    assert error < 0.01  # about 6% of the pixels' variance (0.0080 measured)
+    assert error < 0.2 * digits.pixels[held_out].var()
+
+
+def test_patches_are_in_raster_order() -> None:
+    tokenizer = ImageTokenizer(image_size=(4, 4), patch=(2, 2), codebook=((0.0,) * 4, (1.0,) * 4))
+    image = np.zeros((4, 4))
+    image[0:2, 2:4] = 1.0  # the top-right patch
+    image[2:4, 0:2] = 1.0  # the bottom-left patch
+    assert tokenizer.encode(image) == [0, 1, 1, 0]
+    assert (tokenizer.decode([0, 1, 1, 0]) == image).all()
+
+
+def test_the_codebook_is_the_same_on_any_thread_count(digits_and_codebook) -> None:
+    """k-means' centres differ in their last bits with OpenMP's thread count unless it runs on one thread: fitted in
+    processes started with 1 and 2 threads, the codebook is the same as here."""
+    _, _, _, tokenizer = digits_and_codebook
+    fit = (
+        "from tasks.data.images import fit_codebook, load_digit_images, split_by_image;"
+        "d = load_digit_images(); train, _ = split_by_image(d.labels, 0.2, 0);"
+        "print(fit_codebook(d.pixels[train], codebook_size=128).sha256())"
+    )
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        done = subprocess.run([sys.executable, "-c", fit], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == tokenizer.sha256(), threads
+
+
+def test_text_round_trip_and_parsing_refuses_incomplete_images(digits_and_codebook, tmp_path: Path) -> None:
+    _, _, _, tokenizer = digits_and_codebook
+    codes = [0, 5, 17, 127, 3, 3, 64, 99]
+    text = tokenizer.text(codes)
+    assert text.startswith("<image><img_000><img_005>") and text.endswith("<img_099></image>")
+    assert tokenizer.parse(f"Here it is: {text} done") == codes
+    assert tokenizer.parse(tokenizer.text(codes[:7])) is None  # 7 codes
+    assert tokenizer.parse(tokenizer.text([*codes, 1])) is None  # 9 codes
+    assert tokenizer.parse(text.replace("</image>", "")) is None  # not closed
+    assert tokenizer.parse("<image>" + "".join(code_name(128) for _ in range(8)) + "</image>") is None  # not a code
+    assert tokenizer.token_names()[:3] == ["<image>", "</image>", "<img_000>"] and len(tokenizer.token_names()) == 130
+    assert ImageTokenizer.load(tokenizer.save(tmp_path).parent) == tokenizer
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"patch": (3, 4)}, "patch (3, 4) must divide image_size (8, 8)"),
+        ({"codebook": ((0.0,) * 8,)}, "1 codes, allowed 2..4096"),
+        ({"codebook": ((0.0,) * 4,) * 2}, "every row must hold 8 pixels"),
+    ],
+)
+def test_a_bad_tokenizer_is_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ImageTokenizer(**{"codebook": ((0.0,) * 8,) * 2, **fields})
+
+
+def test_a_codebook_larger_than_the_distinct_patches_is_refused() -> None:
+    with pytest.raises(ValueError, match="codebook_size=64: the images have only 2 distinct patches"):
+        fit_codebook(np.stack([np.zeros((8, 8)), np.ones((8, 8))]), codebook_size=64)
