@@ -1,6 +1,6 @@
 """The image data: scikit-learn's handwritten digits (1,797 8x8 images, shipped inside the package: no download),
-held out by image, and the codebook that turns them into tokens (models/image_tokenizer.py), fitted on the
-training images only.
+held out by image; the codebook that turns them into tokens (models/image_tokenizer.py) and the judge that reads a
+generated digit (models/digit_judge.py), both fitted on the training images only.
 
 scikit-learn is imported inside the functions: the text-only pipeline never loads it.
 """
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.digit_judge import DigitJudge
 from models.image_tokenizer import ImageTokenizer
 
 MAX_VALUE = 16.0  # the digits' pixels are the integers 0..16
@@ -68,3 +69,17 @@ def reconstruction_error(tokenizer: ImageTokenizer, pixels: np.ndarray) -> float
     """Mean squared pixel error (pixels in [0, 1]) of encoding then decoding `pixels` (N, H, W)."""
     rebuilt = np.stack([tokenizer.decode(tokenizer.encode(image)) for image in pixels])
     return float(((rebuilt - pixels) ** 2).mean())
+
+
+def fit_judge(train: DigitImages, held_out: DigitImages) -> DigitJudge:
+    """Logistic regression (C=1) on the training digits' pixels, its accuracy on the held-out ones recorded."""
+    from sklearn.linear_model import LogisticRegression
+
+    classifier = LogisticRegression(C=1.0, max_iter=5000).fit(train.pixels.reshape(len(train.labels), -1), train.labels)
+    judge = DigitJudge(
+        weights=tuple(tuple(map(float, row)) for row in classifier.coef_),
+        bias=tuple(map(float, classifier.intercept_)),
+        held_out_accuracy=0.0,
+    )
+    accuracy = float((judge.predict(held_out.pixels) == held_out.labels).mean())
+    return judge.model_copy(update={"held_out_accuracy": accuracy})
