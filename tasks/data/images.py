@@ -10,11 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from tokenizers import AddedToken, Tokenizer
 
 from models.digit_judge import DigitJudge
 from models.image_tokenizer import ImageTokenizer
 
 MAX_VALUE = 16.0  # the digits' pixels are the integers 0..16
+# An image-text document names its digit before the image (a request to draw it) or after it (a description).
+CAPTIONS_BEFORE = ("A handwritten {digit}:", "Draw the digit {digit}:")
+CAPTIONS_AFTER = ("This is a {digit}.", "It shows the digit {digit}.")
 
 
 @dataclass(frozen=True)
@@ -83,3 +87,39 @@ def fit_judge(train: DigitImages, held_out: DigitImages) -> DigitJudge:
     )
     accuracy = float((judge.predict(held_out.pixels) == held_out.labels).mean())
     return judge.model_copy(update={"held_out_accuracy": accuracy})
+
+
+def add_image_tokens(tokenizer: Tokenizer, image_tokenizer: ImageTokenizer) -> tuple[int, int]:
+    """Add the image markers and codes to `tokenizer`'s vocabulary, after its own tokens (again: no change), and
+    return (id of the first code, number of codes). They are ordinary tokens, not special ones: decoding a reply
+    keeps them as text, from which `ImageTokenizer.parse` reads the image back."""
+    names = image_tokenizer.token_names()
+    tokenizer.add_tokens([AddedToken(name, special=False, normalized=False) for name in names])
+    ids = [tokenizer.token_to_id(name) for name in names]
+    if ids != list(range(ids[0], ids[0] + len(ids))) or ids[-1] != tokenizer.get_vocab_size() - 1:
+        raise ValueError(f"the tokenizer holds image tokens at ids {ids[0]}..{ids[-1]} out of order or not at its end")
+    return ids[2], len(image_tokenizer.codebook)
+
+
+def image_documents(
+    images: DigitImages,
+    image_tokenizer: ImageTokenizer,
+    rng: np.random.Generator,
+    caption_first: float = 0.5,
+    per_image: int = 2,
+) -> list[str]:
+    """`per_image` documents for each image: its caption then the image with probability `caption_first`, else the
+    image then its caption, each caption drawn from the templates of its side."""
+    if not 0 <= caption_first <= 1:
+        raise ValueError(f"data.images.caption_first={caption_first}: allowed 0..1")
+    documents = []
+    for pixels, label in zip(images.pixels, images.labels, strict=True):
+        image = image_tokenizer.text(image_tokenizer.encode(pixels))
+        for _ in range(per_image):
+            if rng.random() < caption_first:
+                caption = CAPTIONS_BEFORE[rng.integers(len(CAPTIONS_BEFORE))].format(digit=int(label))
+                documents.append(f"{caption} {image}")
+            else:
+                caption = CAPTIONS_AFTER[rng.integers(len(CAPTIONS_AFTER))].format(digit=int(label))
+                documents.append(f"{image} {caption}")
+    return documents

@@ -15,10 +15,13 @@ from pydantic import ValidationError
 
 from models.digit_judge import DigitJudge
 from models.image_tokenizer import ImageTokenizer, code_name
+from tasks.data.corpus import PreparedData
 from tasks.data.images import (
     DigitImages,
+    add_image_tokens,
     fit_codebook,
     fit_judge,
+    image_documents,
     load_digit_images,
     reconstruction_error,
     split_by_image,
@@ -107,6 +110,36 @@ def test_the_judge_reads_real_and_tokenized_digits_as_scikit_learn_does(digits_a
     rebuilt = np.stack([tokenizer.decode(tokenizer.encode(image)) for image in split[1].pixels])
     assert (judge.predict(rebuilt) == split[1].labels).mean() > 0.93
     assert DigitJudge.load(judge.save(tmp_path).parent) == judge
+
+
+def test_images_join_the_text_vocabulary_and_documents_tokenize_code_by_code(
+    digits_and_codebook, small_data: PreparedData
+) -> None:
+    """The markers and codes come after the BPE's 400 tokens (again: unchanged); text tokenizes as before; an
+    image-text document's codes are single tokens in order, and decoding keeps them as text that parses back."""
+    digits, train, _, image_tokenizer = digits_and_codebook
+    tokenizer = small_data.tokenizer()
+    text = "Thou art a handwritten four."
+    before = tokenizer.encode(text).ids
+    assert add_image_tokens(tokenizer, image_tokenizer) == (402, 128)
+    assert tokenizer.get_vocab_size() == 530 and tokenizer.token_to_id("<image>") == 400
+    assert add_image_tokens(tokenizer, image_tokenizer) == (402, 128) and tokenizer.get_vocab_size() == 530
+    assert tokenizer.encode(text).ids == before
+
+    images = DigitImages(digits.pixels[train[:50]], digits.labels[train[:50]])
+    documents = image_documents(images, image_tokenizer, np.random.default_rng(0), caption_first=0.5, per_image=2)
+    assert len(documents) == 100
+    caption_first = sum(not d.startswith("<image>") for d in documents)
+    assert 35 <= caption_first <= 65  # about half, either way round
+    first = documents[0]
+    codes = image_tokenizer.encode(images.pixels[0])
+    ids = tokenizer.encode(first).ids
+    start = ids.index(400)
+    assert ids[start : start + 10] == [400, *(402 + c for c in codes), 401]
+    assert str(images.labels[0]) in first
+    assert image_tokenizer.parse(tokenizer.decode(ids, skip_special_tokens=True)) == codes
+    with pytest.raises(ValueError, match="caption_first=1.5: allowed 0..1"):
+        image_documents(images, image_tokenizer, np.random.default_rng(0), caption_first=1.5)
 
 
 @pytest.mark.parametrize(
