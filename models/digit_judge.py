@@ -8,19 +8,19 @@ pickle wherever it runs (the server, the MLflow pyfunc, a user's machine).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-FILE_NAME = "digit_judge.json"
+from models.publish import JsonFile
 
 
-class DigitJudge(BaseModel):
+class DigitJudge(JsonFile):
     """Logits = pixels (flattened, in [0, 1]) @ weights.T + bias; the digit is their argmax."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    FILE_NAME: ClassVar[str] = "digit_judge.json"
 
     weights: tuple[tuple[float, ...], ...] = Field(description="One row of pixel weights per digit 0..9.")
     bias: tuple[float, ...] = Field(description="One bias per digit 0..9.")
@@ -40,12 +40,3 @@ class DigitJudge(BaseModel):
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """The digit each image shows, as the judge reads it: (N,) int64."""
         return self.logits(pixels).argmax(axis=1)
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FILE_NAME
-        path.write_text(self.model_dump_json(indent=1))
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> DigitJudge:
-        return cls.model_validate(json.loads((Path(directory) / FILE_NAME).read_text()))

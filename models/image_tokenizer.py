@@ -13,21 +13,22 @@ text and a reply can be parsed back into an image.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-FILE_NAME = "image_tokenizer.json"
+from models.publish import JsonFile
+
 OPEN, CLOSE = "<image>", "</image>"
 
 
-class ImageTokenizer(BaseModel):
+class ImageTokenizer(JsonFile):
     """A codebook of `patch`-shaped pixel patches for `image_size` images with values in [0, 1]."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    FILE_NAME: ClassVar[str] = "image_tokenizer.json"
 
     image_size: tuple[int, int] = Field((8, 8), description="Image height and width in pixels.")
     patch: tuple[int, int] = Field((2, 4), description="Patch height and width; each divides the image's.")
@@ -93,15 +94,6 @@ class ImageTokenizer(BaseModel):
 
     def sha256(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FILE_NAME
-        path.write_text(self.model_dump_json(indent=1))
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> ImageTokenizer:
-        return cls.model_validate(json.loads((Path(directory) / FILE_NAME).read_text()))
 
 
 def code_name(code: int) -> str:

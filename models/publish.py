@@ -21,6 +21,9 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar, Self
+
+from pydantic import BaseModel
 
 _STAGED = re.compile(r"^\..+\.tmp-(?P<pid>\d+)@(?P<machine>.+)-[0-9a-f]{16}$")
 
@@ -128,3 +131,23 @@ def staged_file(target: Path) -> Iterator[Path]:
         staged.unlink(missing_ok=True)
         raise
     os.replace(staged, target)
+
+
+class JsonFile(BaseModel):
+    """Settings or numbers that travel as one JSON file beside a model (`FILE_NAME` in its folder), replaced
+    atomically like the model's other files."""
+
+    FILE_NAME: ClassVar[str]
+
+    def save(self, directory: str | Path) -> Path:
+        target = Path(directory) / self.FILE_NAME
+        with staged_file(target) as staged:
+            staged.write_text(self.model_dump_json(indent=1))
+        return target
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Self:
+        path = Path(directory) / cls.FILE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {cls.FILE_NAME} in {directory}")
+        return cls.model_validate_json(path.read_text())
