@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from flows.readiness import free_port
 from tasks.common.launch import REPO, run_launched
 from tasks.data.corpus import PreparedData, prepare_data
 from tasks.pipeline_config import load_pipeline_config
@@ -40,11 +40,6 @@ from tasks.pretrain.loop import run_pretrain
 
 MULTI_CPU = REPO / "infra" / "accelerate" / "multi-cpu.yaml"
 MULTI_NODE = REPO / "infra" / "accelerate" / "multi-node.yaml"
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        return server.getsockname()[1]
 
 
 def start_launch(command: list[str], environment: dict[str, str], log: Path) -> subprocess.Popen:

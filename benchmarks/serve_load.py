@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import openai
 
-from flows.readiness import http_ok, wait_until_ready
+from flows.readiness import free_port, http_ok, wait_until_ready
 from models.chat_format import Message
 from registry.models import download_chat_package
 from serving.batching import Batching, DecodeBatcher
@@ -40,12 +39,6 @@ PROMPTS = [
     "What is 12 + 30?",
     "Copy: to be or not to be",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def started(

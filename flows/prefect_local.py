@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,10 @@ from pathlib import Path
 
 import httpx
 
-from flows.readiness import http_ok, wait_until_ready
+from flows.readiness import free_port, http_ok, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop_gracefully(process: subprocess.Popen | None) -> None:
@@ -74,7 +67,7 @@ def local_prefect(
     worker's flow runs also get (MLFLOW_TRACKING_URI and S3 credentials for shared stores)."""
     home.mkdir(parents=True, exist_ok=True)
     extra = env or {}
-    port = port or _free_port()
+    port = port or free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),

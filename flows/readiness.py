@@ -8,6 +8,7 @@ deadline exists for a server that will never start, not to bound how long a slow
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -49,3 +50,9 @@ def wait_until_ready(
 def http_ok(url: str, poll_timeout_seconds: float = 5.0) -> Callable[[], httpx.Response]:
     """A probe: GET `url`, which must answer 2xx within `poll_timeout_seconds` (a slower answer is retried)."""
     return lambda: httpx.get(url, timeout=poll_timeout_seconds).raise_for_status()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server we are about to start."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]

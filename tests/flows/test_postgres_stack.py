@@ -26,7 +26,7 @@ import psycopg2
 import pytest
 
 from flows.local_stack import free_port_block, read_env_file
-from flows.postgres_server import PostgresServer, find_bindir, free_port
+from flows.postgres_server import PostgresServer, find_bindir
 from flows.prefect_local import (
     create_flow_run,
     flow_run_history,
@@ -36,7 +36,7 @@ from flows.prefect_local import (
     stop_gracefully,
     wait_for_final_state,
 )
-from flows.readiness import wait_until_ready
+from flows.readiness import free_port, wait_until_ready
 from registry.promotion import champion_history
 from registry.tracking import RunLogger, store_client
 

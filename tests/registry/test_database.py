@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.postgres_server import PostgresServer, free_port
+from flows.postgres_server import PostgresServer
+from flows.readiness import free_port
 from registry.database import TrackingDatabaseError, check_database
 from registry.tracking import check_artifact_store
 

@@ -3,7 +3,6 @@ API key, and a promotion picked up while serving."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from flows.readiness import http_ok, wait_until_ready
+from flows.readiness import free_port, http_ok, wait_until_ready
 from models.chat_format import Message
 from registry.names import CHAT_MODEL
 from registry.promotion import promote
@@ -28,12 +27,6 @@ from serving.engine import ChatPackage
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-trainonce-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flows.readiness import free_port
 from tasks.common.launch import REPO
 from tasks.data.corpus import PreparedData
 from tasks.pipeline_config import load_pipeline_config
@@ -28,7 +29,7 @@ from tasks.pretrain.entry import run_pretrain_launched, write_job
 from tasks.pretrain.loop import run_pretrain
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from past_one_machine import free_port, start_launch, train_on_two_machines  # noqa: E402
+from past_one_machine import start_launch, train_on_two_machines  # noqa: E402
 
 MULTI_CPU = REPO / "infra" / "accelerate" / "multi-cpu.yaml"
 MULTI_NODE = REPO / "infra" / "accelerate" / "multi-node.yaml"
