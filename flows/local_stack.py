@@ -94,7 +94,7 @@ def seaweedfs(folder: Path, identities: Path, base_port: int) -> Iterator[str]:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{base_port}"
     try:
-        admin = _s3_client(endpoint, _credentials(identities, "admin"))
+        admin = s3_client_at(endpoint, _credentials(identities, "admin"))
         log_tail = lambda: (folder / "weed.log").read_text()[-3000:]  # noqa: E731
         wait_until_ready(admin.list_buckets, "SeaweedFS", process, log=log_tail)
         yield endpoint
@@ -157,7 +157,8 @@ def _credentials(identities: Path, name: str) -> tuple[str, str]:
     return identity["credentials"][0]["accessKey"], identity["credentials"][0]["secretKey"]
 
 
-def _s3_client(endpoint: str, credentials: tuple[str, str]):
+def s3_client_at(endpoint: str, credentials: tuple[str, str]):
+    """A boto3 S3 client of `endpoint` with the (access key, secret) `credentials`."""
     key, secret = credentials
     return boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret, region_name="us-east-1"
@@ -165,7 +166,7 @@ def _s3_client(endpoint: str, credentials: tuple[str, str]):
 
 
 def _create_buckets(endpoint: str, admin: tuple[str, str]) -> None:
-    client = _s3_client(endpoint, admin)
+    client = s3_client_at(endpoint, admin)
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     for bucket in BUCKETS:
         if bucket not in existing:

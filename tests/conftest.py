@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import torch
 
-from flows.local_stack import free_port_block, s3_env, seaweedfs
+from flows.local_stack import free_port_block, s3_client_at, s3_env, seaweedfs
 from flows.postgres_server import PostgresServer, running_postgres
 from models.config import MoEConfig
 from models.moe import ElasticMoE
@@ -277,14 +276,7 @@ class S3Server:
         return s3_env(self.endpoint, *(credentials or self.pipeline))
 
     def client(self, credentials: tuple[str, str] | None = None):
-        key, secret = credentials or self.admin
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=key,
-            aws_secret_access_key=secret,
-            region_name="us-east-1",
-        )
+        return s3_client_at(self.endpoint, credentials or self.admin)
 
 
 @pytest.fixture(scope="session")
