@@ -55,17 +55,12 @@ class ImageTokenizer(JsonFile):
         """The vocabulary this tokenizer adds, in id order: the markers, then one token per code."""
         return [OPEN, CLOSE, *(code_name(i) for i in range(len(self.codebook)))]
 
-    def patches(self, pixels: np.ndarray) -> np.ndarray:
-        """(H, W) pixels -> (codes_per_image, patch pixels), patches in raster order."""
-        if pixels.shape != self.image_size:
-            raise ValueError(f"image of shape {pixels.shape}, expected {self.image_size}")
-        (height, width), (ph, pw) = self.image_size, self.patch
-        blocks = pixels.reshape(height // ph, ph, width // pw, pw).transpose(0, 2, 1, 3)  # (rows, cols, ph, pw)
-        return blocks.reshape(-1, ph * pw)
-
     def encode(self, pixels: np.ndarray) -> list[int]:
         """An image with values in [0, 1] -> the index of each patch's nearest codeword (squared distance)."""
-        patches = self.patches(np.asarray(pixels, dtype=np.float64))
+        pixels = np.asarray(pixels, dtype=np.float64)
+        if pixels.shape != self.image_size:
+            raise ValueError(f"image of shape {pixels.shape}, expected {self.image_size}")
+        patches = image_patches(pixels, self.patch)
         codebook = np.asarray(self.codebook)
         distances = ((patches[:, None, :] - codebook[None, :, :]) ** 2).sum(axis=-1)  # (patches, codes)
         return [int(code) for code in distances.argmin(axis=1)]
@@ -94,6 +89,15 @@ class ImageTokenizer(JsonFile):
 
     def sha256(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def image_patches(pixels: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
+    """(H, W) pixels -> (patches, patch pixels), patches in raster order (the order of an image's codes)."""
+    (height, width), (ph, pw) = pixels.shape, patch
+    if height % ph or width % pw:
+        raise ValueError(f"patch {patch} must divide image_size {(height, width)}")
+    blocks = pixels.reshape(height // ph, ph, width // pw, pw).transpose(0, 2, 1, 3)  # (rows, cols, ph, pw)
+    return blocks.reshape(-1, ph * pw)
 
 
 def code_name(code: int) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
 from models.digit_judge import DigitJudge
-from models.image_tokenizer import ImageTokenizer
+from models.image_tokenizer import ImageTokenizer, image_patches
 
 MAX_VALUE = 16.0  # the digits' pixels are the integers 0..16
 # An image-text document names its digit before the image (a request to draw it) or after it (a description).
@@ -58,8 +58,7 @@ def fit_codebook(
     from threadpoolctl import threadpool_limits
 
     image_size = (int(pixels.shape[1]), int(pixels.shape[2]))
-    shape_only = ImageTokenizer(image_size=image_size, patch=patch, codebook=((0.0,) * (patch[0] * patch[1]),) * 2)
-    patches = np.concatenate([shape_only.patches(image) for image in pixels])
+    patches = np.concatenate([image_patches(image, patch) for image in pixels])
     distinct = len(np.unique(patches, axis=0))
     if codebook_size > distinct:
         raise ValueError(f"data.images.codebook_size={codebook_size}: the images have only {distinct} distinct patches")
