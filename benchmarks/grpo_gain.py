@@ -110,7 +110,7 @@ def main() -> None:
     for seed in args.seeds:
         policy = copy.deepcopy(dpo)
         start = time.perf_counter()
-        result = run_grpo(grpo.model_copy(update={"seed": seed}), policy, tokenizer, prompts, test, data.split("train"))
+        result = run_grpo(grpo.model_copy(update={"seed": seed}), policy, tokenizer, prompts, test, data.training_mix())
         minutes = (time.perf_counter() - start) / 60
         ppl = val_ppl(policy.eval(), data)
         before, after = result.accuracy_before, result.accuracy_after

@@ -69,12 +69,23 @@ class Section:
 
 
 def sections(model: BaseModel, path: str = "", description: str = "") -> Iterator[Section]:
-    """`model` and every model nested in it, depth first, in field order."""
+    """`model` and every model nested in it, depth first, in field order; an optional section that is off (None)
+    is shown with the defaults it takes when set to `{}`."""
     yield Section(path, model, description)
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
+        if value is None and (optional := optional_section(field)) is not None:
+            value = optional()
         if isinstance(value, BaseModel):
             yield from sections(value, f"{path}.{name}" if path else name, field.description or "")
+
+
+def optional_section(field: FieldInfo) -> type[BaseModel] | None:
+    """The model of a `Model | None` field (a section that is off unless set), else None."""
+    members = [a for a in typing.get_args(field.annotation) if a is not type(None)]
+    if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+        return members[0]
+    return None
 
 
 def type_name(annotation: object) -> str:
@@ -184,6 +195,8 @@ def section_markdown(section: Section) -> list[str]:
         if isinstance(value, BaseModel):
             nested.append(f"[`{dotted}`](#{dotted.replace('.', '')})")
             continue
+        if value is None and optional_section(field) is not None:
+            nested.append(f"[`{dotted}`](#{dotted.replace('.', '')}) (off unless set; `{{}}` takes its defaults)")
         rows.append(
             f"| `{name}` | {cell(type_name(field.annotation))} | {cell(code(value_text(value)))} | "
             f"{cell(bounds(field))} | {cell(field.description or '')} |"
@@ -248,7 +261,8 @@ def presets_markdown() -> list[str]:
         )
     flat = {name: flatten(config.model_dump(mode="json")) for name, config in configs.items()}
     default = flat[DEFAULT_PRESET]
-    differing = [key for key in default if any(flat[name].get(key) != default[key] for name in flat)]
+    every_key = dict.fromkeys(key for fields in flat.values() for key in fields)  # a section one preset turns on
+    differing = [key for key in every_key if any(flat[name].get(key) != default.get(key) for name in flat)]
     lines += [
         "",
         f"Fields where a preset differs from `{DEFAULT_PRESET}` (every other field has the default above):",

@@ -134,6 +134,18 @@ class PipelineConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _image_share_is_whole_rows(self) -> PipelineConfig:
+        """Pre-training draws token_share of every batch's rows from the image-text documents: a whole number."""
+        images, batch_size = self.data.images, self.pretrain.batch_size
+        if images is not None and abs(images.token_share * batch_size - round(images.token_share * batch_size)) > 1e-9:
+            nearest = max(1, min(batch_size - 1, round(images.token_share * batch_size))) / batch_size
+            raise ValueError(
+                f"data.images.token_share={images.token_share} x pretrain.batch_size={batch_size} is not a whole "
+                f"number of rows; allowed: a multiple of 1/{batch_size}, e.g. {nearest:g}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _deploy_graph_fits_the_model(self) -> PipelineConfig:
         """A shape the fused ONNX graph cannot express is refused now, not after training (a model imported with
         init_from is checked when it is exported)."""

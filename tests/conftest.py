@@ -191,7 +191,7 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory, foreign_tokenizer_di
 def chat_model(small_data: PreparedData) -> ElasticMoE:
     """A small MoE briefly trained on the small corpus (so it is better than chance), for export and serving."""
     from models.losses import causal_lm_loss
-    from tasks.data.corpus import sample_batch
+    from tasks.data.sampling import sample_batch
 
     torch.manual_seed(0)
     config = MoEConfig(

@@ -37,6 +37,7 @@ from tasks.align.sft import exact_match
 from tasks.common.replay import replay_loss
 from tasks.common.training_loop import TrainingLoop
 from tasks.data.config import TaskMixConfig
+from tasks.data.sampling import TrainingMix
 from tasks.data.task_mix import Example, check, fresh_examples
 
 MIN_TASK_WEIGHT = 0.05  # a task every group solves (or none does) is still drawn now and then
@@ -155,12 +156,12 @@ def run_grpo(
     tokenizer: ChatTokenizer,
     prompts: Sequence[Example],
     test: Sequence[Example],
-    replay_tokens: np.ndarray | None = None,
+    replay: TrainingMix | None = None,
 ) -> GRPOResult:
     """GRPO of `policy` (in place) on `prompts` (see grpo_prompts); held-out pass@1 (greedy) and pass@k measured
     along."""
-    if config.replay.batch_size and replay_tokens is None:
-        raise ValueError("grpo.replay.batch_size > 0 needs the pre-training tokens to replay")
+    if config.replay.batch_size and replay is None:
+        raise ValueError("grpo.replay.batch_size > 0 needs the pre-training data to replay")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     loop = TrainingLoop(policy, config.optim, config.steps)
     model, device = loop.model, loop.device
@@ -219,9 +220,9 @@ def run_grpo(
             loss = torch.stack(losses).mean()
             kl = torch.stack(kls).mean()
             total = loss + config.kl_coef * kl if config.kl_coef else loss
-            if config.replay.batch_size and replay_tokens is not None:
+            if config.replay.batch_size and replay is not None:
                 seq_len = config.replay.seq_len or core.config.max_seq_len
-                total = total + replay_loss(model, replay_tokens, config.replay, seq_len, replay_rng, device)
+                total = total + replay_loss(model, replay, config.replay, seq_len, replay_rng, device)
             loop.update(total)
         rewards = torch.cat([r.rewards for r in rollouts])
         useful = [bool(r.rewards.std() > 0) for r in rollouts]

@@ -20,6 +20,7 @@ from models.moe import ElasticMoE
 from tasks.align.config import SFTConfig
 from tasks.common.replay import replay_loss
 from tasks.common.training_loop import TrainingLoop
+from tasks.data.sampling import TrainingMix
 from tasks.data.task_mix import (
     Conversation,
     Example,
@@ -91,13 +92,13 @@ def run_sft(
     train: Sequence[Example],
     test: Sequence[Example],
     extra: Sequence[Conversation] = (),
-    replay_tokens: np.ndarray | None = None,
+    replay: TrainingMix | None = None,
 ) -> SFTResult:
     """Fine-tune `model` in place on the training examples (plus `extra` conversations), replaying windows of
-    `replay_tokens` (pre-training data) when `config.replay.batch_size` > 0; measure held-out exact match
+    `replay` (pre-training data) when `config.replay.batch_size` > 0; measure held-out exact match
     before and after."""
-    if config.replay.batch_size and replay_tokens is None:
-        raise ValueError("sft.replay.batch_size > 0 needs the pre-training tokens to replay")
+    if config.replay.batch_size and replay is None:
+        raise ValueError("sft.replay.batch_size > 0 needs the pre-training data to replay")
     before = exact_match(model, tokenizer, test, config.max_new_tokens)
     encoded = [encode(as_conversation(e), tokenizer, config.max_len) for e in train]
     encoded += [encode(c, tokenizer, config.max_len) for c in extra]
@@ -112,10 +113,8 @@ def run_sft(
         out = loop.model(tokens.to(loop.device))
         loss = masked_lm_loss(out.logits, targets.to(loop.device))
         total = loss + out.balancing_loss(loop.core.config)
-        if config.replay.batch_size and replay_tokens is not None:
-            total = total + replay_loss(
-                loop.model, replay_tokens, config.replay, config.max_len, replay_rng, loop.device
-            )
+        if config.replay.batch_size and replay is not None:
+            total = total + replay_loss(loop.model, replay, config.replay, config.max_len, replay_rng, loop.device)
         loop.update(total)
         losses.append(loss.item())
     after = exact_match(loop.core, tokenizer, test, config.max_new_tokens)

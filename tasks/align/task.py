@@ -72,7 +72,7 @@ def align_task(
         sft_logger.log_params({"sft": sft.model_dump(mode="json")})
         extra_conversations = read_sft_jsonl(sft.extra_jsonl) if sft.extra_jsonl else []
         extra_pairs = read_preference_jsonl(dpo.extra_jsonl) if dpo.extra_jsonl else []
-        sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations, data.split("train"))
+        sft_result = run_sft(sft, model, tokenizer, train, test, extra_conversations, data.training_mix())
         _log_loss_curve(sft_logger, sft_result.losses)
         sft_logger.log_metrics(
             {
@@ -120,7 +120,7 @@ def align_task(
         with stage_run(workdir, "grpo") as grpo_logger:
             grpo_logger.log_params({"grpo": grpo.model_dump(mode="json")})
             prompts = grpo_prompts(grpo, sft.task_mix, passages, train, test)
-            grpo_result = run_grpo(grpo, model, tokenizer, prompts, test, data.split("train"))
+            grpo_result = run_grpo(grpo, model, tokenizer, prompts, test, data.training_mix())
             for step, metrics in enumerate(grpo_result.metrics, start=1):
                 grpo_logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
             for held in grpo_result.held_out:

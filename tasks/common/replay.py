@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.losses import causal_lm_loss
-from tasks.data.corpus import sample_batch
+from tasks.data.sampling import TrainingMix
 
 
 class ReplayConfig(BaseModel):
@@ -31,12 +31,13 @@ class ReplayConfig(BaseModel):
 
 def replay_loss(
     model: torch.nn.Module,
-    tokens: np.ndarray,
+    mix: TrainingMix,
     config: ReplayConfig,
     seq_len: int,
     rng: np.random.Generator,
     device: torch.device,
 ) -> torch.Tensor:
-    """The weighted LM loss of `config.batch_size` windows of `tokens` (of `config.seq_len`, else `seq_len`)."""
-    window = sample_batch(tokens, config.batch_size, config.seq_len or seq_len, rng).to(device)
+    """The weighted LM loss of `config.batch_size` windows of pre-training data (of `config.seq_len`, else
+    `seq_len`), drawn as pre-training draws them: text and, with images, image-text documents at their share."""
+    window = mix.sample(config.batch_size, config.seq_len or seq_len, rng).to(device)
     return config.weight * causal_lm_loss(model(window).logits, window)

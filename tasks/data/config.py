@@ -6,9 +6,65 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.chat_format import ChatFormat
+
+
+class ImagesConfig(BaseModel):
+    """Image-text documents mixed into pre-training: scikit-learn's handwritten digits as tokens of the same
+    vocabulary (tasks/data/images.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["digits"] = Field(
+        "digits",
+        description="`digits`: scikit-learn's 1,797 8x8 handwritten digits with their labels, shipped inside the "
+        "package (no download).",
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=0.5, description="Fraction of the images held out (stratified by digit, never trained on)."
+    )
+    patch: tuple[int, int] = Field(
+        (2, 4), description="Patch height and width in pixels, one token each; each must divide 8."
+    )
+    codebook_size: int = Field(
+        128, ge=2, le=4096, description="Codewords of the image tokenizer (k-means over the training patches)."
+    )
+    token_share: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="Fraction of every pre-training batch's rows (so of its tokens) drawn from the image-text "
+        "documents; token_share x pretrain.batch_size must be a whole number.",
+    )
+    caption_first: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Probability that a document names its digit before the image (a drawing request) rather than "
+        "after it (a description).",
+    )
+    documents_per_image: int = Field(
+        2, ge=1, le=64, description="Image-text documents written per image, each with its own caption draw."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the split, the codebook and the captions.")
+    codebook_file: str | None = Field(
+        None,
+        description="Reuse this image_tokenizer.json instead of fitting one (a retrain keeps its supernet's "
+        "codebook, as tokenizer_file keeps its tokenizer); its size must equal codebook_size.",
+    )
+
+    @field_validator("patch")
+    @classmethod
+    def _patch_divides_the_image(cls, patch: tuple[int, int]) -> tuple[int, int]:
+        if any(side < 1 or 8 % side for side in patch):
+            raise ValueError(f"patch={patch}: each side must divide 8 (1, 2, 4 or 8)")
+        return patch
+
+    def vocabulary(self) -> int:
+        """Tokens the images add to the vocabulary: the two markers and one per codeword."""
+        return self.codebook_size + 2
 
 
 class DataConfig(BaseModel):
@@ -47,6 +103,25 @@ class DataConfig(BaseModel):
         description="Chat template and end-of-turn / end-of-text / pad tokens (default: trainonce's role tokens; "
         "an imported model's own format comes with init_from).",
     )
+    images: ImagesConfig | None = Field(
+        None,
+        description="Mix image-text documents into the data (None: text only). Their tokens take the last "
+        "images.codebook_size + 2 ids of vocab_size; the text tokenizer gets the ids before them.",
+    )
+
+    @model_validator(mode="after")
+    def _text_keeps_a_vocabulary(self) -> DataConfig:
+        if self.images is not None and self.text_vocab_size() < 300:
+            raise ValueError(
+                f"data.vocab_size={self.vocab_size} leaves {self.text_vocab_size()} text tokens beside the "
+                f"{self.images.vocabulary()} image tokens; allowed: at least 300 (raise vocab_size or lower "
+                "data.images.codebook_size)"
+            )
+        return self
+
+    def text_vocab_size(self) -> int:
+        """Ids the text tokenizer owns: all of vocab_size, or those before the image tokens."""
+        return self.vocab_size - (self.images.vocabulary() if self.images is not None else 0)
 
 
 class TaskMixConfig(BaseModel):

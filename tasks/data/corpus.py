@@ -1,4 +1,5 @@
-"""Data stage: read a real corpus, train a byte-level BPE tokenizer, write train/validation token memmaps.
+"""Data stage: read a real corpus, train a byte-level BPE tokenizer, write train/validation token memmaps; with
+`images`, the image-text documents' streams beside them in the same vocabulary (tasks/data/images.py).
 
 Usable without Prefect: `prepare_data(DataConfig(...))` returns a `PreparedData` whose fingerprint (source
 content + tokenizer settings + split) is the lineage every later stage and the registry record. Preparing
@@ -15,13 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from models.chat_format import SPECIAL_TOKENS, ChatFormat, ChatTokenizer
 from models.publish import staged_dir, staged_file
 from registry.s3 import download_prefix
 from tasks.data.config import DataConfig
+from tasks.data.images import (
+    PreparedImages,
+    add_image_tokens,
+    digits_digest,
+    image_streams,
+    prepare_images,
+    reconstruction_error,
+)
+from tasks.data.sampling import TrainingMix
 
 BUILTIN_SOURCES = ("shakespeare",)
 FORMAT_VERSION = 1  # bump when the on-disk layout or the split rule changes
@@ -54,9 +63,33 @@ class PreparedData:
         return ChatTokenizer(self.tokenizer(), self.chat_format)
 
     def split(self, name: str) -> np.ndarray:
-        """The token ids of `train` or `val` as a read-only memmap."""
+        """The text's token ids of `train` or `val` as a read-only memmap."""
         meta = json.loads((self.directory / "meta.json").read_text())
         return np.memmap(self.directory / f"{name}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+
+    @property
+    def image_settings(self) -> dict | None:
+        """What `meta.json` records of the images (settings, token ids, measured figures); None for text only."""
+        return json.loads((self.directory / "meta.json").read_text()).get("images")
+
+    @property
+    def images(self) -> PreparedImages | None:
+        """The digits, their split, codebook and judge; None for text-only data."""
+        return PreparedImages.load(self.directory) if self.image_settings else None
+
+    def image_split(self, name: str) -> np.ndarray:
+        """The image-text documents' token ids of `train` or `val` as a read-only memmap."""
+        if not self.image_settings:
+            raise ValueError(f"{self.directory} holds no images (data.images is not set)")
+        meta = json.loads((self.directory / "meta.json").read_text())
+        return np.memmap(self.directory / f"{name}_images.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+
+    def training_mix(self) -> TrainingMix:
+        """What training stages sample: the training text, plus the image-text documents at their token share."""
+        settings = self.image_settings
+        if not settings:
+            return TrainingMix(self.split("train"))
+        return TrainingMix(self.split("train"), self.image_split("train"), settings["config"]["token_share"])
 
     def documents(self) -> list[str]:
         """The source documents this dataset was prepared from (for tasks built on the corpus text)."""
@@ -139,16 +172,26 @@ def source_digest(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(config: DataConfig, source: str, tokenizer: Tokenizer) -> str:
+def data_fingerprint(
+    config: DataConfig, source: str, tokenizer: Tokenizer, images: PreparedImages | None = None
+) -> str:
     """Hash of the source contents, the tokenizer itself (not how it was made: a trained tokenizer and the same
     tokenizer reused from a registered model give the same fingerprint), the chat format (its end-of-text token
-    separates documents; SFT renders with it) and the split rule."""
-    settings = {
+    separates documents; SFT renders with it) and the split rule; with images, also their settings, source, codebook
+    and judge (text-only data hashes as it did before images existed)."""
+    settings: dict = {
         "format": FORMAT_VERSION,
         "val_fraction": config.val_fraction,
         "text_field": config.text_field,
         "chat_format": config.chat_format.model_dump(mode="json"),
     }
+    if config.images is not None and images is not None:
+        settings["images"] = {
+            "config": config.images.model_dump(mode="json", exclude={"codebook_file"}),
+            "digits": digits_digest(),
+            "codebook": images.image_tokenizer.sha256(),
+            "judge": hashlib.sha256(images.judge.model_dump_json().encode()).hexdigest(),
+        }
     digest = hashlib.sha256(source.encode())
     digest.update(hashlib.sha256(tokenizer.to_str().encode()).digest())
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -207,10 +250,12 @@ def load_or_train_tokenizer(config: DataConfig, files: list[Path], source: str) 
         tokenizer = Tokenizer.from_file(str(path))
         check_tokenizer(tokenizer, path, config.vocab_size, config.chat_format, "tokenizer_file")
         return tokenizer
-    key = hashlib.sha256(f"{source}|{config.vocab_size}|{SPECIAL_TOKENS}|{config.text_field}".encode()).hexdigest()
+    # keyed by the text's share of the vocabulary: a preset with images reuses the BPE of the same text vocabulary
+    text_vocab = config.text_vocab_size()
+    key = hashlib.sha256(f"{source}|{text_vocab}|{SPECIAL_TOKENS}|{config.text_field}".encode()).hexdigest()
     cached = config.data_dir / "tokenizers" / f"{key[:16]}.json"
     if not cached.is_file():
-        tokenizer = train_tokenizer(read_documents(files, config.text_field), config.vocab_size)
+        tokenizer = train_tokenizer(read_documents(files, config.text_field), text_vocab)
         with staged_file(cached) as staged:
             tokenizer.save(str(staged))
     tokenizer = Tokenizer.from_file(str(cached))
@@ -229,7 +274,10 @@ def prepare_data(config: DataConfig) -> PreparedData:
     files = resolve_source(config.source, config.data_dir)
     source = source_digest(files)
     tokenizer = load_or_train_tokenizer(config, files, source)
-    fingerprint = data_fingerprint(config, source, tokenizer)
+    images = prepare_images(config.images, config.data_dir) if config.images is not None else None
+    if images is not None:
+        first_code, codes = add_image_tokens(tokenizer, images.image_tokenizer, config.vocab_size)
+    fingerprint = data_fingerprint(config, source, tokenizer, images)
     directory = config.data_dir / fingerprint[:16]
     if _holds(directory, fingerprint):
         return PreparedData.load(directory)
@@ -270,13 +318,22 @@ def prepare_data(config: DataConfig) -> PreparedData:
             "chat_format": config.chat_format.model_dump(mode="json"),
             "special_tokens": special_tokens,
         }
+        if config.images is not None and images is not None:
+            streams = image_streams(images, tokenizer, config.images, eot)
+            for name, ids in streams.items():
+                _write_tokens(tmp / f"{name}_images.bin", ids, dtype)
+            images.save(tmp)
+            held_out = images.split("held_out")
+            meta["images"] = {
+                "config": config.images.model_dump(mode="json"),
+                "first_code_id": first_code,
+                "codes": codes,
+                "train_images": len(images.train),
+                "held_out_images": len(images.held_out),
+                "train_tokens": len(streams["train"]),
+                "val_tokens": len(streams["val"]),
+                "reconstruction_mse": reconstruction_error(images.image_tokenizer, held_out.pixels),
+                "judge_held_out_accuracy": images.judge.held_out_accuracy,
+            }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return PreparedData.load(directory)
-
-
-def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
-    """`batch_size` random windows of `seq_len` tokens as a (B, T) int64 tensor."""
-    if len(tokens) <= seq_len:
-        raise ValueError(f"seq_len={seq_len} must be < the {len(tokens)} tokens of this split")
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
-    return torch.from_numpy(np.stack([tokens[s : s + seq_len].astype(np.int64) for s in starts]))

@@ -7,13 +7,19 @@ scikit-learn is imported inside the functions: the text-only pipeline never load
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
 from models.digit_judge import DigitJudge
 from models.image_tokenizer import ImageTokenizer, image_patches
+from models.publish import staged_dir
+from tasks.data.config import ImagesConfig
 
 MAX_VALUE = 16.0  # the digits' pixels are the integers 0..16
 # An image-text document names its digit before the image (a request to draw it) or after it (a description).
@@ -25,6 +31,103 @@ CAPTIONS_AFTER = ("This is a {digit}.", "It shows the digit {digit}.")
 class DigitImages:
     pixels: np.ndarray  # (N, 8, 8) float64 in [0, 1]
     labels: np.ndarray  # (N,) int64, the digit each image shows
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """The image side of a prepared dataset: the digits, which of them are held out, and what was fitted on the
+    others (the codebook that makes them tokens, the judge that reads a drawn digit)."""
+
+    digits: DigitImages
+    train: np.ndarray  # indices of the training images
+    held_out: np.ndarray  # indices of the held-out images, never trained on
+    image_tokenizer: ImageTokenizer
+    judge: DigitJudge
+
+    def split(self, name: str) -> DigitImages:
+        """The `train` or `held_out` images."""
+        indices = {"train": self.train, "held_out": self.held_out}[name]
+        return DigitImages(self.digits.pixels[indices], self.digits.labels[indices])
+
+    def save(self, directory: Path) -> None:
+        """Into `directory`: the pixels (as the source's 0..16 integers), labels and split, the codebook, the judge."""
+        np.savez(
+            directory / "images.npz",
+            pixels=np.round(self.digits.pixels * MAX_VALUE).astype(np.uint8),
+            labels=self.digits.labels,
+            train=self.train,
+            held_out=self.held_out,
+        )
+        self.image_tokenizer.save(directory)
+        self.judge.save(directory)
+
+    @classmethod
+    def load(cls, directory: Path) -> PreparedImages:
+        with np.load(directory / "images.npz") as arrays:
+            digits = DigitImages(arrays["pixels"] / MAX_VALUE, arrays["labels"].astype(np.int64))
+            train, held_out = arrays["train"], arrays["held_out"]
+        return cls(digits, train, held_out, ImageTokenizer.load(directory), DigitJudge.load(directory))
+
+
+def digits_digest() -> str:
+    """sha256 of the digits file scikit-learn ships: the image source's identity, as source_digest is the text's."""
+    return hashlib.sha256((files("sklearn.datasets") / "data" / "digits.csv.gz").read_bytes()).hexdigest()
+
+
+def prepare_images(config: ImagesConfig, data_dir: Path) -> PreparedImages:
+    """Split the digits, fit (or load `codebook_file`) the codebook and fit the judge on the training images: done
+    once per settings and kept under `<data_dir>/images/`, as the text tokenizer is under `<data_dir>/tokenizers/`."""
+    reused = _reused_codebook(config)
+    fitted_from = {
+        "digits": digits_digest(),
+        "test_fraction": config.test_fraction,
+        "seed": config.seed,
+        "codebook": reused.sha256() if reused else {"patch": config.patch, "size": config.codebook_size},
+    }
+    key = hashlib.sha256(json.dumps(fitted_from, sort_keys=True).encode()).hexdigest()
+    directory = data_dir / "images" / key[:16]
+    if not (directory / "images.npz").is_file():
+        digits = load_digit_images()
+        train, held_out = split_by_image(digits.labels, config.test_fraction, config.seed)
+        image_tokenizer = reused or fit_codebook(digits.pixels[train], config.codebook_size, config.patch, config.seed)
+        judge = fit_judge(
+            DigitImages(digits.pixels[train], digits.labels[train]),
+            DigitImages(digits.pixels[held_out], digits.labels[held_out]),
+        )
+        with staged_dir(directory, keep_existing=lambda found: (found / "images.npz").is_file()) as staged:
+            PreparedImages(digits, train, held_out, image_tokenizer, judge).save(staged)
+    return PreparedImages.load(directory)
+
+
+def _reused_codebook(config: ImagesConfig) -> ImageTokenizer | None:
+    """The codebook `codebook_file` names, checked against the settings; None when there is none to reuse."""
+    if config.codebook_file is None:
+        return None
+    path = Path(config.codebook_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.images.codebook_file: {path} does not exist")
+    codebook = ImageTokenizer.model_validate_json(path.read_text())
+    if len(codebook.codebook) != config.codebook_size or codebook.patch != config.patch:
+        raise ValueError(
+            f"data.images.codebook_file: {path} has {len(codebook.codebook)} codes of {codebook.patch} patches; "
+            f"the settings ask for codebook_size={config.codebook_size}, patch={config.patch}"
+        )
+    return codebook
+
+
+def image_streams(
+    images: PreparedImages, tokenizer: Tokenizer, config: ImagesConfig, end_of_text: int
+) -> dict[str, list[int]]:
+    """The token streams of the image-text documents: `train` from the training images, `val` from the held-out
+    ones, each document followed by the end-of-text token as the corpus's are."""
+    streams = {}
+    for name, split in (("train", "train"), ("val", "held_out")):
+        rng = np.random.default_rng([config.seed, len(streams)])
+        documents = image_documents(
+            images.split(split), images.image_tokenizer, rng, config.caption_first, config.documents_per_image
+        )
+        streams[name] = [token for e in tokenizer.encode_batch(documents) for token in (*e.ids, end_of_text)]
+    return streams
 
 
 def load_digit_images() -> DigitImages:
@@ -88,15 +191,31 @@ def fit_judge(train: DigitImages, held_out: DigitImages) -> DigitJudge:
     return judge.model_copy(update={"held_out_accuracy": accuracy})
 
 
-def add_image_tokens(tokenizer: Tokenizer, image_tokenizer: ImageTokenizer) -> tuple[int, int]:
-    """Add the image markers and codes to `tokenizer`'s vocabulary, after its own tokens (again: no change), and
-    return (id of the first code, number of codes). They are ordinary tokens, not special ones: decoding a reply
-    keeps them as text, from which `ImageTokenizer.parse` reads the image back."""
+def add_image_tokens(tokenizer: Tokenizer, image_tokenizer: ImageTokenizer, vocab_size: int) -> tuple[int, int]:
+    """Give `tokenizer` the image markers and codes as its last ids, ending at `vocab_size` (a text vocabulary shorter
+    than the ids before them is padded with unused `<|reserved_N|>` tokens, so where the image tokens sit follows from
+    the config alone); adding them again changes nothing. Returns (id of the first code, number of codes).
+
+    They are ordinary tokens, not special ones: decoding a reply keeps them as text, from which
+    `ImageTokenizer.parse` reads the image back."""
     names = image_tokenizer.token_names()
-    tokenizer.add_tokens([AddedToken(name, special=False, normalized=False) for name in names])
+    text_size = vocab_size - len(names)
+    if tokenizer.token_to_id(names[0]) is None:
+        if tokenizer.get_vocab_size() > text_size:
+            raise ValueError(
+                f"data.vocab_size={vocab_size}: the text tokenizer has {tokenizer.get_vocab_size()} tokens and the "
+                f"images need {len(names)} more; allowed: vocab_size >= {tokenizer.get_vocab_size() + len(names)}"
+            )
+        reserved = range(tokenizer.get_vocab_size(), text_size)
+        tokenizer.add_special_tokens([AddedToken(f"<|reserved_{i}|>", special=True) for i in reserved])
+        tokenizer.add_tokens([AddedToken(name, special=False, normalized=False) for name in names])
     ids = [tokenizer.token_to_id(name) for name in names]
-    if ids != list(range(ids[0], ids[0] + len(ids))) or ids[-1] != tokenizer.get_vocab_size() - 1:
-        raise ValueError(f"the tokenizer holds image tokens at ids {ids[0]}..{ids[-1]} out of order or not at its end")
+    if ids != list(range(text_size, vocab_size)) or tokenizer.get_vocab_size() != vocab_size:
+        raise ValueError(
+            f"the tokenizer holds the image tokens at ids {ids[0]}..{ids[-1]} of {tokenizer.get_vocab_size()}; "
+            f"data.vocab_size={vocab_size} and data.images.codebook_size={len(image_tokenizer.codebook)} put them at "
+            f"{text_size}..{vocab_size - 1}"
+        )
     return ids[2], len(image_tokenizer.codebook)
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from models.chat_format import Message
 from serving.engine import EVERY_TOKEN, MODEL_FILE, ChatPackage
 from tasks.data.config import TaskMixConfig
-from tasks.data.corpus import PreparedData, sample_batch
+from tasks.data.corpus import PreparedData
+from tasks.data.sampling import sample_batch
 from tasks.data.task_mix import Example, corpus_passages, exact_match_by_task, generate_splits
 from tasks.deploy.config import EvaluationConfig
 

@@ -13,7 +13,7 @@ from models.losses import DistillationTarget, causal_lm_loss, distillation_loss
 from models.moe import ElasticMoE
 from tasks.common.throughput import training_flops
 from tasks.common.training_loop import TrainingLoop
-from tasks.data.corpus import PreparedData, sample_batch
+from tasks.data.corpus import PreparedData
 from tasks.extract.config import ExtractConfig
 from tasks.pretrain.validation_panel import evaluate_panel
 
@@ -62,14 +62,14 @@ def distill_subnet(
     loop = TrainingLoop(student, config.optim, steps)
     teacher.eval()
     student.train()
-    train = data.split("train")
+    mix = data.training_mix()
     curve_steps = {max(1, round(f * scratch / per_step)): f for f in curve_at if f <= config.distill_compute_fraction}
     curve: list[tuple[float, float]] = []
     for step in loop.steps("distill"):
         if step in curve_steps:
             curve.append((step * per_step / scratch, student_val_loss(student, data, config)))
             student.train()
-        batch = sample_batch(train, config.batch_size, config.seq_len, np.random.default_rng([config.seed, step]))
+        batch = mix.sample(config.batch_size, config.seq_len, np.random.default_rng([config.seed, step]))
         batch = batch.to(device)
         with torch.no_grad():
             target = DistillationTarget.from_logits(teacher(batch).logits, config.temperature)

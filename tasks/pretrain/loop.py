@@ -21,7 +21,7 @@ from tasks.common.optim import build_optimizer
 from tasks.common.plots import plot_loss_curves, plot_routing_heatmap
 from tasks.common.throughput import device_peak_flops, training_flops
 from tasks.common.tracker import OpenRun
-from tasks.data.corpus import PreparedData, sample_batch
+from tasks.data.corpus import PreparedData
 from tasks.pretrain.checkpoint import (
     ShardedState,
     TrainerState,
@@ -125,7 +125,7 @@ def run_pretrain(
     lr_factor = elastic_lr_schedule(config.optim, config.sampling, total_steps)
     panel = evaluation_panel(config, core)
     eval_shape = (config.batch_size, config.seq_len, config.eval_batches)
-    train_tokens, val_tokens = data.split("train"), data.split("val")
+    mix, val_tokens = data.training_mix(), data.split("val")
     tokens_per_step = config.tokens_per_step()
     peak = device_peak_flops(accelerator.device, config.precision, config.peak_tflops)
     progress = tqdm(
@@ -151,7 +151,7 @@ def run_pretrain(
             # Every process draws the same global batch and trains on its rows, so N processes see exactly what
             # one would. (The trailing 0 keeps the stream of earlier single-process runs: same figures, resumes.)
             rng = np.random.default_rng([config.seed, step, micro, 0])
-            batch = sample_batch(train_tokens, config.batch_size, config.seq_len, rng)[rows].to(accelerator.device)
+            batch = mix.sample(config.batch_size, config.seq_len, rng)[rows].to(accelerator.device)
             with accelerator.accumulate(model):
                 losses = elastic_forward_backward(model, config, batch, plan, accelerator.backward)
                 routing.extend(losses.routing)
@@ -165,7 +165,7 @@ def run_pretrain(
             # the same batches on every process, so every rank derives the same order and samples alike
             rng = np.random.default_rng([config.seed, step, RERANK_STREAM])
             calibration = [
-                sample_batch(train_tokens, config.batch_size, config.seq_len, rng).to(accelerator.device)
+                mix.sample(config.batch_size, config.seq_len, rng).to(accelerator.device)
                 for _ in range(config.rerank_batches)
             ]
             core.set_importance(measure_importance(core, calibration, config.elastic.expert_ranking).importance())

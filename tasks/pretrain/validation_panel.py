@@ -16,7 +16,7 @@ from models.accounting import subnet_cost
 from models.losses import causal_lm_loss
 from models.moe import ElasticMoE, RoutingStats
 from models.subnet import SubnetSpec
-from tasks.data.corpus import sample_batch
+from tasks.data.sampling import sample_batch
 from tasks.pretrain.config import PretrainConfig
 
 # The validation windows every stage scores on come from one fixed seed, whatever the run's own seed: the same

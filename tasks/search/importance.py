@@ -17,7 +17,7 @@ import torch
 from models.importance import ImportanceScores, measure_importance
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance, SubnetSpec
-from tasks.data.corpus import PreparedData, sample_batch
+from tasks.data.corpus import PreparedData
 from tasks.pretrain.validation_panel import evaluate_panel
 from tasks.search.config import ImportanceConfig
 
@@ -40,10 +40,8 @@ def rank_importance(
     it was trained in), and show their effect on the smallest sub-model of the space."""
     rng = np.random.default_rng(config.seed)
     device = next(model.parameters()).device
-    train = data.split("train")
-    batches = [
-        sample_batch(train, config.batch_size, seq_len, rng).to(device) for _ in range(config.calibration_batches)
-    ]
+    mix = data.training_mix()
+    batches = [mix.sample(config.batch_size, seq_len, rng).to(device) for _ in range(config.calibration_batches)]
     scores = measure_importance(model, batches, space.expert_ranking)
     identity = Importance.identity(model.config)
     measured = space.trained_order(model.importance(), scores.importance())

@@ -121,9 +121,9 @@ def test_images_join_the_text_vocabulary_and_documents_tokenize_code_by_code(
     tokenizer = small_data.tokenizer()
     text = "Thou art a handwritten four."
     before = tokenizer.encode(text).ids
-    assert add_image_tokens(tokenizer, image_tokenizer) == (402, 128)
+    assert add_image_tokens(tokenizer, image_tokenizer, 530) == (402, 128)
     assert tokenizer.get_vocab_size() == 530 and tokenizer.token_to_id("<image>") == 400
-    assert add_image_tokens(tokenizer, image_tokenizer) == (402, 128) and tokenizer.get_vocab_size() == 530
+    assert add_image_tokens(tokenizer, image_tokenizer, 530) == (402, 128) and tokenizer.get_vocab_size() == 530
     assert tokenizer.encode(text).ids == before
 
     images = DigitImages(digits.pixels[train[:50]], digits.labels[train[:50]])

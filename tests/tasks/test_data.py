@@ -11,7 +11,8 @@ import pytest
 
 from models.chat_format import SPECIAL_TOKENS
 from tasks.data.config import DataConfig
-from tasks.data.corpus import builtin_shakespeare_files, prepare_data, read_documents, resolve_source, sample_batch
+from tasks.data.corpus import builtin_shakespeare_files, prepare_data, read_documents, resolve_source
+from tasks.data.sampling import sample_batch
 
 
 def test_builtin_corpus_is_real_shakespeare() -> None:

@@ -54,15 +54,19 @@ def test_pipeline_rejects_vocab_mismatch() -> None:
 
 
 def test_presets_are_valid() -> None:
-    for preset in ("tiny", "small", "claim", "elastify", "tiny-grpo"):
+    for preset in ("tiny", "small", "claim", "elastify", "tiny-grpo", "tiny-images"):
         config = load_pipeline_config(preset)
         assert config.data.vocab_size == config.pretrain.model.vocab_size
+    with_images = load_pipeline_config("tiny-images")
+    assert with_images.data.text_vocab_size() == load_pipeline_config("tiny").data.vocab_size  # tiny's BPE, reused
     with_grpo = load_pipeline_config("tiny-grpo")
     assert with_grpo.grpo.enabled and with_grpo.pretrain == load_pipeline_config("tiny").pretrain
     claim = load_pipeline_config("claim").pretrain
     tokens = claim.tokens_per_step() * claim.total_steps()
     assert tokens >= 20 * subnet_cost(claim.model).active_params  # the compute-optimal regime the claim needs
-    with pytest.raises(FileNotFoundError, match="available: \\['claim', 'elastify', 'small', 'tiny', 'tiny-grpo'\\]"):
+    with pytest.raises(
+        FileNotFoundError, match="available: \\['claim', 'elastify', 'small', 'tiny', 'tiny-grpo', 'tiny-images'\\]"
+    ):
         load_pipeline_config("huge")
 
 
