@@ -261,6 +261,7 @@ class RoutingStats:
     kept: torch.Tensor  # (E_layer,) bool, the experts this sub-model routes among
     aux_loss: torch.Tensor  # scalar, Switch-style N * sum(f_i * P_i) over kept experts; 1.0 when balanced
     z_loss: torch.Tensor  # scalar, mean logsumexp(router logits)^2
+    assignments: torch.Tensor  # (T, k) the experts (global ids) each token was routed to: who serves which tokens
 
 
 class MoEBlock(nn.Module):
@@ -308,9 +309,11 @@ class MoEBlock(nn.Module):
         out = path(flat, expert_idx, weights, self.experts.gate_up_proj, self.experts.down_proj)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.reshape(b, t, d), self._stats(logits, local_idx, kept)
+        return out.reshape(b, t, d), self._stats(logits, local_idx, expert_idx, kept)
 
-    def _stats(self, logits: torch.Tensor, local_idx: torch.Tensor, kept: torch.Tensor | None) -> RoutingStats:
+    def _stats(
+        self, logits: torch.Tensor, local_idx: torch.Tensor, expert_idx: torch.Tensor, kept: torch.Tensor | None
+    ) -> RoutingStats:
         n_kept = logits.shape[-1]
         probs = F.softmax(logits, dim=-1)
         pair_fraction = torch.bincount(local_idx.reshape(-1), minlength=n_kept).float() / local_idx.numel()
@@ -321,7 +324,7 @@ class MoEBlock(nn.Module):
         index = kept if kept is not None else torch.arange(self.n_experts, device=logits.device)
         load[index] = pair_fraction.detach()
         kept_mask[index] = True
-        return RoutingStats(self.layer, load, kept_mask, aux, z)
+        return RoutingStats(self.layer, load, kept_mask, aux, z, expert_idx.detach())
 
 
 class DecoderLayer(nn.Module):

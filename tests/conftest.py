@@ -21,7 +21,7 @@ from flows.local_stack import free_port_block, s3_client_at, s3_env, seaweedfs
 from flows.postgres_server import PostgresServer, running_postgres
 from models.config import MoEConfig
 from models.moe import ElasticMoE
-from tasks.data.config import DataConfig
+from tasks.data.config import DataConfig, ImagesConfig
 from tasks.data.corpus import PreparedData, builtin_shakespeare_files, prepare_data
 
 
@@ -113,6 +113,25 @@ def pipeline_params(short_pipeline: list[str]):
 def small_data(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> PreparedData:
     """The small corpus prepared with a 400-token BPE vocabulary (chat special tokens included)."""
     return prepare_data(DataConfig(source=str(small_corpus), vocab_size=400, data_dir=tmp_path_factory.mktemp("data")))
+
+
+def with_images(small_data: PreparedData, vocab_size: int = 530, **images: object) -> DataConfig:
+    """The small corpus's data config with images, keeping its 400-token BPE (reused, as a retrain reuses its
+    supernet's: the fingerprint hashes the tokenizer, not how it was obtained)."""
+    source = json.loads((small_data.directory / "meta.json").read_text())["source"]
+    return DataConfig(
+        source=source,
+        vocab_size=vocab_size,
+        data_dir=small_data.directory.parent,
+        tokenizer_file=str(small_data.tokenizer_path),
+        images=ImagesConfig(**images),
+    )
+
+
+@pytest.fixture(scope="session")
+def image_data(small_data: PreparedData) -> PreparedData:
+    """The small corpus with the digits mixed in: 400 text tokens, then the 130 image tokens (ids 400..529)."""
+    return prepare_data(with_images(small_data))
 
 
 # A text-only chat template in the style of ERNIE 4.5's (`User: ...\nAssistant: ...<|end_of_sentence|>`): a

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,6 +66,34 @@ def plot_routing_heatmap(load: Sequence[Sequence[float]], path: Path, title: str
     fig.colorbar(image, ax=ax, label="fraction of routed tokens")
     ax.set_xticks(range(len(load[0])) if load else [])
     ax.set_yticks(range(len(load)))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(title)
+    return _write(fig, path)
+
+
+def plot_modality_heatmap(
+    image_fraction: Sequence[Sequence[float | None]],
+    layers: Sequence[int],
+    path: Path,
+    title: str,
+    image_token_share: float,
+) -> Path:
+    """Per layer and expert, the share of the expert's routed tokens that are image tokens: blue experts serve text,
+    red ones images, and an agnostic router colours every cell near the batch's image share (the colour bar's tick).
+    Unused experts are black."""
+    values = np.array([[np.nan if v is None else v for v in row] for row in image_fraction], dtype=float)
+    cmap = plt.get_cmap("coolwarm").copy()
+    cmap.set_bad("black")  # not the map's middle grey, which means "half images"
+    fig, ax = plt.subplots(figsize=(0.55 * values.shape[1] + 3, 0.5 * len(values) + 2), dpi=100)
+    image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0)
+    bar = fig.colorbar(image, ax=ax, label="image share of the expert's tokens")
+    bar.set_ticks(sorted({0.0, 0.5, 1.0, round(image_token_share, 2)}))
+    for (row, column), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_yticks(range(len(values)), [str(layer) for layer in layers])
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title(title)

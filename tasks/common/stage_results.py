@@ -63,6 +63,8 @@ class PretrainedSupernet(StageResult):
     mfu: float | None = None
     warm_started_from: str | None = None  # the registered supernet training continued from
     resumed_from_step: int = 0  # the run's own checkpoint it resumed from after an interruption (0: none)
+    image_val_loss: dict[str, float] = {}  # with images: last validation on held-out image documents, per label
+    modality_routing: dict[str, Any] | None = None  # with images: tasks/pretrain/modality_routing.ModalityRouting
 
     def summary(self, links: Links = PLAIN) -> list[str]:
         if self.run_id is None:
@@ -70,11 +72,32 @@ class PretrainedSupernet(StageResult):
         start = f"warm-started from {self.warm_started_from}" if self.warm_started_from else "from scratch"
         if self.resumed_from_step:
             start += f", resumed from its checkpoint at step {self.resumed_from_step}"
-        rows = [[label, f"{loss:.4f}"] for label, loss in self.val_loss.items()]
-        return [
+        lines = [
             f"supernet registered as {links.model(self.model_uri)} ({start}; MLflow {links.run(self.run_id)}, weights "
-            f"in {self.checkpoint_dir}): {self.tokens_per_second:,.0f} tokens/s, MFU {self.mfu:.1%}",
-            *_table(["sub-model", "validation loss"], rows),
+            f"in {self.checkpoint_dir}): {self.tokens_per_second:,.0f} tokens/s, MFU {self.mfu:.1%}"
+        ]
+        if not self.image_val_loss:
+            rows = [[label, f"{loss:.4f}"] for label, loss in self.val_loss.items()]
+            return [*lines, *_table(["sub-model", "validation loss"], rows)]
+        rows = [[label, f"{loss:.4f}", f"{self.image_val_loss[label]:.4f}"] for label, loss in self.val_loss.items()]
+        lines += _table(["sub-model", "text validation loss", "image-text validation loss"], rows)
+        return lines + self._modality_summary()
+
+    def _modality_summary(self) -> list[str]:
+        """The routing split by modality: the purity figure and each expert's image share (%), as the heatmap."""
+        routing = self.modality_routing
+        if not routing:
+            return []
+        experts = len(routing["image_fraction"][0]) if routing["image_fraction"] else 0
+        rows = [
+            [str(layer), *("-" if v is None else f"{100 * v:.0f}" for v in fractions)]
+            for layer, fractions in zip(routing["layers"], routing["image_fraction"], strict=True)
+        ]
+        return [
+            f"routing by modality: mean purity {routing['mean_purity']:.3f} (0.5: agnostic, 1.0: every expert serves "
+            f"one modality); image share of each expert's tokens in %, image tokens are "
+            f"{100 * routing['image_token_share']:.0f}% of the batch:",
+            *_table(["layer", *(f"e{e}" for e in range(experts))], rows),
         ]
 
 

@@ -84,12 +84,19 @@ class PreparedData:
         meta = json.loads((self.directory / "meta.json").read_text())
         return np.memmap(self.directory / f"{name}_images.bin", dtype=np.dtype(meta["dtype"]), mode="r")
 
-    def training_mix(self) -> TrainingMix:
-        """What training stages sample: the training text, plus the image-text documents at their token share."""
+    @property
+    def image_tokens(self) -> tuple[int, int] | None:
+        """(id of the first image code, number of codes); None for text-only data."""
+        settings = self.image_settings
+        return (settings["first_code_id"], settings["codes"]) if settings else None
+
+    def training_mix(self, split: str = "train") -> TrainingMix:
+        """What training stages sample (`train`), or its held-out counterpart (`val`): the text, plus the
+        image-text documents at their token share."""
         settings = self.image_settings
         if not settings:
-            return TrainingMix(self.split("train"))
-        return TrainingMix(self.split("train"), self.image_split("train"), settings["config"]["token_share"])
+            return TrainingMix(self.split(split))
+        return TrainingMix(self.split(split), self.image_split(split), settings["config"]["token_share"])
 
     def documents(self) -> list[str]:
         """The source documents this dataset was prepared from (for tasks built on the corpus text)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -308,6 +308,8 @@ class PretrainResult:
     mlflow_run_id: str | None
     loss_curve: Path | None = None
     processes: int = 1  # processes that trained, over all machines (accelerate's count)
+    image_val_loss: dict[str, float] = field(default_factory=dict)  # last validation on held-out image documents
+    modality_routing: dict | None = None  # ModalityRouting of the full model (tasks/pretrain/modality_routing.py)
 
 
 # The order in which progressive shrinking opens the elastic dimensions: the least structural first

@@ -18,7 +18,7 @@ from models.checkpoint import load_model, save_model
 from models.importance import measure_importance
 from models.moe import ElasticMoE, RoutingStats
 from tasks.common.optim import build_optimizer
-from tasks.common.plots import plot_loss_curves, plot_routing_heatmap
+from tasks.common.plots import plot_loss_curves, plot_modality_heatmap, plot_routing_heatmap
 from tasks.common.throughput import device_peak_flops, training_flops
 from tasks.common.tracker import OpenRun
 from tasks.data.corpus import PreparedData
@@ -30,6 +30,7 @@ from tasks.pretrain.checkpoint import (
     save_checkpoint,
 )
 from tasks.pretrain.config import PretrainConfig, PretrainResult
+from tasks.pretrain.modality_routing import ModalityRouting, measure_modality_routing, modality_metrics
 from tasks.pretrain.sampling import elastic_lr_schedule
 from tasks.pretrain.sharding import full_state_dict, shard_model
 from tasks.pretrain.step import (
@@ -126,6 +127,8 @@ def run_pretrain(
     panel = evaluation_panel(config, core)
     eval_shape = (config.batch_size, config.seq_len, config.eval_batches)
     mix, val_tokens = data.training_mix(), data.split("val")
+    image_tokens = data.image_tokens  # with images, also validate on held-out image documents and their routing
+    image_val_loss: dict[str, float] = {}
     tokens_per_step = config.tokens_per_step()
     peak = device_peak_flops(accelerator.device, config.precision, config.peak_tflops)
     progress = tqdm(
@@ -197,6 +200,13 @@ def run_pretrain(
         if done % config.eval_interval == 0 or done == total_steps:
             val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
             record.update({metric_key(label): loss for label, loss in val_loss.items()})
+            if image_tokens is not None:
+                image_val_loss = evaluate_panel(core, panel, data.image_split("val"), *eval_shape, accelerator.device)
+                record.update({metric_key(label, "val_image_loss"): loss for label, loss in image_val_loss.items()})
+                modality = measure_modality_routing(
+                    core, data.training_mix("val"), image_tokens, config.batch_size, config.seq_len
+                )
+                record.update(modality_metrics(modality))
         if record and accelerator.is_main_process:
             history.append({"step": done, **record})
             if logger:
@@ -212,6 +222,13 @@ def run_pretrain(
     heatmap_rows = full_model_routing(core, val_tokens, config, accelerator.device)
     if not val_loss:  # resumed at the very end: nothing trained, validate what was restored
         val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
+    modality: ModalityRouting | None = None
+    if image_tokens is not None:
+        modality = measure_modality_routing(
+            core, data.training_mix("val"), image_tokens, config.batch_size, config.seq_len
+        )
+        if not image_val_loss:
+            image_val_loss = evaluate_panel(core, panel, data.image_split("val"), *eval_shape, accelerator.device)
     supernet_dir = output_dir / "supernet"
     weights = full_state_dict(core) if fsdp else None  # gathered from every process's shards, by all of them
     curve = None
@@ -221,9 +238,21 @@ def run_pretrain(
         heatmap = plot_routing_heatmap(
             heatmap_rows, output_dir / "routing_heatmap.png", "Full-model expert load on validation data"
         )
+        plots = [curve, heatmap]
+        if modality is not None:
+            title = f"Image share of each expert's tokens (mean modality purity {modality.mean_purity:.3f})"
+            plots.append(
+                plot_modality_heatmap(
+                    modality.image_fraction,
+                    modality.layers,
+                    output_dir / "routing_modality_heatmap.png",
+                    title,
+                    modality.image_token_share,
+                )
+            )
         if logger:
-            logger.log_artifact(curve, "plots")
-            logger.log_artifact(heatmap, "plots")
+            for plot in plots:
+                logger.log_artifact(plot, "plots")
             logger.finish()
     accelerator.wait_for_everyone()
     return PretrainResult(
@@ -238,4 +267,6 @@ def run_pretrain(
         mlflow_run_id=logger.run_id if logger else None,
         loss_curve=curve,
         processes=accelerator.num_processes,
+        image_val_loss=image_val_loss,
+        modality_routing=modality.model_dump() if modality is not None else None,
     )

@@ -160,4 +160,6 @@ def pretrain_task(
         mfu=result.mfu,
         warm_started_from=init_label or None,
         resumed_from_step=result.resumed_from,
+        image_val_loss=result.image_val_loss,
+        modality_routing=result.modality_routing,
     )

@@ -108,8 +108,8 @@ def full_model_routing(
     return rows
 
 
-def metric_key(label: str) -> str:
-    return "val_loss/" + label.replace(" ", "_")
+def metric_key(label: str, metric: str = "val_loss") -> str:
+    return f"{metric}/" + label.replace(" ", "_")
 
 
 class MetricsHistory:

@@ -4,8 +4,6 @@ stages draw the declared share of rows from the images. Text-only data and runs 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -17,24 +15,7 @@ from tasks.data.corpus import PreparedData, data_fingerprint, prepare_data
 from tasks.data.sampling import TrainingMix, sample_batch
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain.config import PretrainConfig
-
-
-def with_images(small_data: PreparedData, vocab_size: int = 530, **images: object) -> DataConfig:
-    """The small corpus's data config with images, keeping its 400-token BPE (reused, as a retrain reuses its
-    supernet's: the fingerprint hashes the tokenizer, not how it was obtained)."""
-    source = json.loads((small_data.directory / "meta.json").read_text())["source"]
-    return DataConfig(
-        source=source,
-        vocab_size=vocab_size,
-        data_dir=small_data.directory.parent,
-        tokenizer_file=str(small_data.tokenizer_path),
-        images=ImagesConfig(**images),
-    )
-
-
-@pytest.fixture(scope="module")
-def image_data(small_data: PreparedData) -> PreparedData:
-    return prepare_data(with_images(small_data))
+from tests.conftest import with_images
 
 
 def stream_images(data: PreparedData, split: str) -> list[list[int]]:

@@ -1,0 +1,129 @@
+"""Routing made visible: which experts serve text and which serve image tokens. The counts and the purity figure
+against hand counts, the measurement against an independent re-run of the router on captured hidden states, and a
+pre-training run with images that logs the figures, the heatmap and the image-text validation loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import MoEConfig
+from models.moe import ElasticMoE, MoEBlock, route_top_k
+from tasks.common.stage_results import PretrainedSupernet
+from tasks.data.corpus import PreparedData
+from tasks.data.sampling import TrainingMix
+from tasks.pipeline_config import load_pipeline_config
+from tasks.pretrain.config import PretrainConfig
+from tasks.pretrain.loop import run_pretrain
+from tasks.pretrain.modality_routing import image_mask, measure_modality_routing, modality_counts, modality_purity
+from tasks.pretrain.validation_panel import VALIDATION_SEED
+
+
+def test_counts_and_purity_by_hand() -> None:
+    """6 tokens, top-1 over 3 experts: text tokens go to experts 0, 0, 1, 2 and the two image tokens to 2, 2.
+    Normalised per modality: image a = (0, 0, 1), text b = (.5, .25, .25). Experts 0 and 1 are pure (weights .25
+    and .125); expert 2 has p = 1 / 1.25 = .8 (weight .625). Purity = .25 + .125 + .625 x .8 = .875."""
+    assignments = torch.tensor([[0], [0], [1], [2], [2], [2]])
+    is_image = torch.tensor([False, False, False, False, True, True])
+    counts = modality_counts(assignments, is_image, n_experts=3)
+    assert counts.tolist() == [[2, 1, 1], [0, 0, 2]]
+    assert modality_purity(counts) == pytest.approx(0.875)
+    assert modality_purity(torch.tensor([[40, 20, 20, 0], [4, 2, 2, 0]])) == pytest.approx(0.5)  # agnostic
+    assert modality_purity(torch.tensor([[30, 10, 0], [0, 0, 7]])) == pytest.approx(1.0)  # separated
+    assert modality_purity(torch.tensor([[3, 1], [0, 0]])) == 0.5  # one modality only: nothing to tell apart
+
+
+def test_two_slots_per_token_count_once_each() -> None:
+    counts = modality_counts(torch.tensor([[0, 1], [1, 2]]), torch.tensor([False, True]), n_experts=3)
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 1]]
+
+
+def test_only_the_codes_are_image_tokens() -> None:
+    tokens = torch.tensor([[5, 400, 402, 529, 401, 7]])  # text, <image>, code 0, code 127, </image>, text
+    assert image_mask(tokens, first_code=402, codes=128).tolist() == [[False, False, True, True, False, False]]
+
+
+def test_the_measurement_equals_the_router_re_run_on_captured_hidden_states() -> None:
+    config = MoEConfig(
+        vocab_size=160,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        n_experts=6,
+        top_k=2,
+        expert_ffn_dim=16,
+        first_dense_layers=1,
+        dense_ffn_dim=48,
+        max_seq_len=64,
+    )
+    torch.manual_seed(0)
+    model = ElasticMoE(config).eval()
+    rng = np.random.default_rng(0)
+    mix = TrainingMix(rng.integers(0, 100, 2000), rng.integers(100, 160, 2000), image_share=0.25)
+    hidden: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda module, args: hidden.__setitem__(module.layer, args[0]))
+        for layer in model.layers
+        if isinstance(layer.mlp, MoEBlock)
+    ]
+    measured = measure_modality_routing(model, mix, image_tokens=(110, 50), batch_size=8, seq_len=32)
+    for hook in hooks:
+        hook.remove()
+    tokens = mix.sample(8, 32, np.random.default_rng(VALIDATION_SEED)).reshape(-1)
+    is_image = (tokens >= 110) & (tokens < 160)
+    assert measured.layers == [1, 2] and measured.image_token_share == pytest.approx(float(is_image.float().mean()))
+    for row, layer in enumerate(measured.layers):
+        block = model.layers[layer].mlp
+        _, _, chosen = route_top_k(
+            hidden[layer].reshape(-1, 32), block.gate.weight, block.gate.e_score_correction_bias, 2, block.norm_min
+        )
+        for expert in range(6):
+            text = int((chosen[~is_image] == expert).sum())
+            image = int((chosen[is_image] == expert).sum())
+            assert (measured.text_pairs[row][expert], measured.image_pairs[row][expert]) == (text, image)
+            expected = image / (text + image) if text + image else None
+            assert measured.image_fraction[row][expert] == pytest.approx(expected)
+    pairs = zip(measured.text_pairs, measured.image_pairs, strict=True)
+    by_layer = [modality_purity(torch.tensor([text, image])) for text, image in pairs]
+    assert measured.mean_purity == pytest.approx(np.mean(by_layer))
+
+
+def test_pretraining_with_images_logs_the_image_loss_the_purity_and_the_heatmap(
+    tmp_path: Path, image_data: PreparedData
+) -> None:
+    base = load_pipeline_config("tiny").pretrain.model_dump()
+    base["model"].update(vocab_size=530, n_layers=4, n_experts=8)
+    base["elastic"].update(depths=[2, 3, 4], expert_counts=[2, 4, 6, 8], top_ks=[1, 2])
+    config = PretrainConfig.model_validate(
+        {**base, "max_steps": 10, "eval_interval": 5, "batch_size": 8, "seq_len": 64, "optim": {"warmup_steps": 2}}
+    )
+    result = run_pretrain(config, image_data, tmp_path / "run")
+    assert set(result.image_val_loss) == set(result.val_loss)
+    assert all(np.isfinite(loss) for loss in result.image_val_loss.values())
+    routing = result.modality_routing
+    assert routing is not None and routing["layers"] == [0, 1, 2, 3] and 0.5 <= routing["mean_purity"] <= 1.0
+    assert (tmp_path / "run" / "routing_modality_heatmap.png").stat().st_size > 10_000
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "routing/mean_modality_purity" in r]
+    assert [r["step"] for r in evaluated] == [5, 10]
+    assert {"val_image_loss/full", "routing/modality_purity_layer_3"} <= set(evaluated[-1])
+
+    summary = PretrainedSupernet(
+        model_uri="models:/trainonce-supernet/1",
+        data_dir=str(image_data.directory),
+        run_id="r",
+        checkpoint_dir="c",
+        val_loss=result.val_loss,
+        tokens_per_second=1.0,
+        mfu=0.1,
+        image_val_loss=result.image_val_loss,
+        modality_routing=routing,
+    ).summary()
+    assert any("image-text validation loss" in line for line in summary)
+    assert any(f"mean purity {routing['mean_purity']:.3f}" in line for line in summary)
+    assert sum(line.startswith("  | 3 |") for line in summary) == 1  # the last MoE layer's row of the table
