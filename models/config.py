@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ExpertImpl = Literal["auto", "loop", "grouped_mm", "export"]
 LoadBalancing = Literal["aux_loss", "bias"]
+Routing = Literal["shared", "heterogeneous"]
 
 
 class MoEConfig(BaseModel):
@@ -71,6 +72,28 @@ class MoEConfig(BaseModel):
     bias_update_rate: float = Field(
         1e-3, ge=0, le=1, description="Step size of the selection-bias update (load_balancing=bias)."
     )
+    routing: Routing = Field(
+        "shared",
+        description="`shared`: one pool of routed experts for every token, the router never told a token's "
+        "modality (ERNIE 5.0). `heterogeneous`: the last n_image_experts routed experts of each MoE layer serve "
+        "image tokens and the others text tokens, each token routed within its modality's pool (ERNIE 4.5's "
+        "modality-isolated routing); the shared experts serve both. Heterogeneous models leave as ONNX only.",
+    )
+    image_token_range: tuple[int, int] | None = Field(
+        None,
+        description="(first id, count) of the image codes in the vocabulary, set from data.images; the image "
+        "markers are text. None: a text-only vocabulary.",
+    )
+    n_image_experts: int = Field(
+        0, ge=0, le=1024, description="Routed experts per MoE layer that serve image tokens (routing=heterogeneous)."
+    )
+    orthogonal_loss_coef: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Weight of ERNIE 4.5's router orthogonal loss, which pushes the router rows of each expert "
+        "pool toward orthogonal directions (0: off).",
+    )
     init_std: float = Field(0.02, gt=0, le=1, description="Std of the normal weight initialisation.")
     expert_impl: ExpertImpl = Field(
         "auto",
@@ -105,7 +128,31 @@ class MoEConfig(BaseModel):
                 raise ValueError(
                     f"top_k={self.top_k} must be <= the experts of layer {layer} ({self.experts_in_layer(layer)})"
                 )
+        self._check_routing()
         return self
+
+    def _check_routing(self) -> None:
+        if self.image_token_range is not None:
+            first, count = self.image_token_range
+            if first < 0 or count < 1 or first + count > self.vocab_size:
+                raise ValueError(
+                    f"image_token_range={self.image_token_range}: the codes must lie in the vocabulary "
+                    f"(0..{self.vocab_size - 1})"
+                )
+        if self.routing == "shared":
+            if self.n_image_experts:
+                raise ValueError(f"n_image_experts={self.n_image_experts} needs routing=heterogeneous")
+            return
+        if self.image_token_range is None:
+            raise ValueError("routing=heterogeneous needs image_token_range (data with images sets it)")
+        for layer in self.moe_layers:
+            pools = [len(pool) for pool in self.expert_pools(layer)]
+            if not 1 <= self.n_image_experts < self.experts_in_layer(layer) or self.top_k > min(pools):
+                raise ValueError(
+                    f"n_image_experts={self.n_image_experts}: layer {layer} has {self.experts_in_layer(layer)} "
+                    f"routed experts; allowed: 1..{self.experts_in_layer(layer) - 1}, leaving at least "
+                    f"top_k={self.top_k} in each of the text and image pools"
+                )
 
     @property
     def attn_head_dim(self) -> int:
@@ -124,6 +171,14 @@ class MoEConfig(BaseModel):
             return 0
         return self.layer_n_experts[layer] if self.layer_n_experts is not None else self.n_experts
 
+    def expert_pools(self, layer: int) -> tuple[range, ...]:
+        """The routed experts of `layer` grouped by the tokens they serve: one pool for every token (shared
+        routing), or the text pool then the image pool (heterogeneous routing)."""
+        n = self.experts_in_layer(layer)
+        if self.routing == "shared" or not self.is_moe_layer(layer):
+            return (range(n),)
+        return (range(n - self.n_image_experts), range(n - self.n_image_experts, n))
+
     @property
     def uniform_experts(self) -> bool:
         return len({self.experts_in_layer(i) for i in self.moe_layers}) <= 1
@@ -132,8 +187,13 @@ class MoEConfig(BaseModel):
         """The equivalent `Ernie4_5_MoeConfig` keyword arguments.
 
         Raises ValueError naming the layer when the model is not expressible there (ERNIE takes one expert
-        count for all MoE layers).
+        count for all MoE layers), or the routing (Ernie4_5_MoeForCausalLM routes every token in one pool).
         """
+        if self.routing == "heterogeneous":
+            raise ValueError(
+                "pretrain.model.routing=heterogeneous: Ernie4_5_MoeForCausalLM routes every token in one pool; a "
+                "heterogeneous model leaves as ONNX (deploy.graph: traced) or the MLflow pyfunc only"
+            )
         if not self.uniform_experts:
             counts = {i: self.experts_in_layer(i) for i in self.moe_layers}
             first = self.experts_in_layer(self.first_dense_layers)

@@ -28,8 +28,28 @@ def subnet_config(config: MoEConfig, spec: SubnetSpec) -> MoEConfig:
             "n_experts": moe_counts[0] if moe_counts else config.n_experts,
             "layer_n_experts": None if uniform else counts,
             "top_k": spec.top_k,
+            "n_image_experts": _kept_image_experts(config, spec),
         }
     )
+
+
+def _kept_image_experts(config: MoEConfig, spec: SubnetSpec) -> int:
+    """How many image-pool experts every kept MoE layer keeps (heterogeneous routing; 0 for shared). Kept experts
+    are renumbered in ascending order and the image pool is the last, so it stays the last n of every layer; the
+    config holds one n for all layers, so the count must be the same in each."""
+    if config.routing == "shared":
+        return 0
+    counts = {
+        layer: sum(1 for e in kept if e in config.expert_pools(layer)[1])
+        for layer, kept in zip(spec.layers, spec.experts, strict=True)
+        if config.is_moe_layer(layer)
+    }
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"experts: the kept layers keep {counts} image experts; a heterogeneous model keeps the same number "
+            "in every MoE layer"
+        )
+    return next(iter(counts.values()), config.n_image_experts)
 
 
 def _sub_importance(importance: Importance, spec: SubnetSpec) -> Importance:

@@ -37,11 +37,17 @@ class ImportanceScores:
         )
 
 
-def reap_saliency(block: MoEBlock, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reap_saliency(
+    block: MoEBlock, hidden: torch.Tensor, is_image: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per expert of `block` on hidden states (N, D): the sum over routed tokens of gate weight x ||expert
-    output|| (REAP, arXiv 2510.13999), and the number of tokens routed to it."""
+    output|| (REAP, arXiv 2510.13999), and the number of tokens routed to it (within each token's pool when
+    routing is heterogeneous: `is_image` (N,))."""
     gate = block.gate
-    _, weights, chosen = route_top_k(hidden, gate.weight, gate.e_score_correction_bias, block.top_k, block.norm_min)
+    mask = block.routing_mask(is_image)
+    _, weights, chosen = route_top_k(
+        hidden, gate.weight, gate.e_score_correction_bias, block.top_k, block.norm_min, mask
+    )
     n = block.n_experts
     total, count = torch.zeros(n, device=hidden.device), torch.zeros(n, device=hidden.device)
     for expert in range(n):
@@ -61,6 +67,8 @@ def measure_importance(
 
     `routing_mass`: an expert's score is its mean gate probability over all tokens (they sum to 1 per layer);
     `reap`: its mean gate weight x output norm over the tokens routed to it (0 for an expert never chosen).
+    With heterogeneous routing each token's probabilities and choices stay in its pool, so experts are ranked
+    against the others of their pool (a sub-model keeps the best of each).
     """
     n_layers = model.config.n_layers
     influence = [0.0] * n_layers
@@ -78,12 +86,15 @@ def measure_importance(
     def router_hook(index: int):
         def hook(module: MoEBlock, args: tuple) -> None:
             hidden = args[0].reshape(-1, args[0].shape[-1])
+            is_image = args[3].reshape(-1) if len(args) > 3 and args[3] is not None else None  # MoEBlock.forward
             if expert_ranking == "reap":
-                score, count = reap_saliency(module, hidden)
+                score, count = reap_saliency(module, hidden, is_image)
                 seen = routed[index]
                 routed[index] = count if seen is None else seen + count
             else:
-                score = F.softmax(F.linear(hidden.float(), module.gate.weight.float()), dim=-1).sum(dim=0)
+                logits = F.linear(hidden.float(), module.gate.weight.float())
+                mask = module.routing_mask(is_image)
+                score = F.softmax(logits if mask is None else logits + mask, dim=-1).sum(dim=0)
             previous = mass[index]
             mass[index] = score if previous is None else previous + score
 

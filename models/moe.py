@@ -62,21 +62,54 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
 
 
 def route_top_k(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    norm_min: float,
+    pool_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ERNIE 4.5's router, always in fp32.
 
     hidden (T, D), weight (E, D), bias (E,) -> logits (T, E), weights (T, k), local expert indices (T, k).
     The bias only changes which experts are chosen; the weights come from the plain softmax and are
     renormalised over the chosen k, so they do not depend on which other experts exist.
+
+    `pool_mask` (T, E), 0 where a token may use an expert and -1e9 where not (heterogeneous routing: another
+    modality's pool), is added to the logits and to the selection scores: the softmax runs over the token's pool
+    only, as a separate router per pool would (ERNIE 4.5-VL), and no bias can pick an expert outside it.
     """
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         logits = F.linear(hidden.float(), weight.float())
+        if pool_mask is not None:
+            logits = logits + pool_mask
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        _, chosen = torch.topk(probs + bias.float(), top_k, dim=-1)
+        scores = probs + bias.float() if pool_mask is None else probs + bias.float() + pool_mask
+        _, chosen = torch.topk(scores, top_k, dim=-1)
         weights = probs.gather(-1, chosen)
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=norm_min)
     return logits, weights, chosen
+
+
+def image_mask(tokens: torch.Tensor, first_code: int, codes: int) -> torch.Tensor:
+    """True where a token is one of the `codes` image codes from id `first_code` on; the image markers are text
+    (the text decides to open an image and closes it)."""
+    return (tokens >= first_code) & (tokens < first_code + codes)
+
+
+def pool_mask(image_experts: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+    """(T, E) additive router mask of heterogeneous routing: 0 where token t's modality (`is_image` (T,)) matches
+    expert e's pool (`image_experts` (E,)), -1e9 elsewhere (not -inf: a row stays finite)."""
+    allowed = image_experts[None, :] == is_image.reshape(-1, 1)
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, -1e9)
+
+
+def orthogonal_loss(rows: torch.Tensor) -> torch.Tensor:
+    """ERNIE 4.5's router orthogonal loss of one pool's router rows (E, D): the mean over the E x E entries of
+    (Ŵ Ŵᵀ - I)², Ŵ the rows scaled to unit length. 0 for orthonormal rows; rows (1, 0) and (1, 1)/√2 give 0.25."""
+    unit = rows.float() / rows.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    gram = unit @ unit.T
+    return (gram - torch.eye(len(rows), device=rows.device)).pow(2).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,6 +285,28 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, config.d_model, config.expert_ffn_dim))
 
 
+def pool_balancing_loss(
+    probs: torch.Tensor, chosen: torch.Tensor, image_experts: torch.Tensor, is_image: torch.Tensor
+) -> torch.Tensor:
+    """Heterogeneous routing's load-balancing loss: the Switch loss of each pool over its own tokens (ERNIE 4.5
+    balances each modality apart), weighted by the pool's share of the tokens, so it is 1.0 when both pools are
+    balanced, as the shared loss is.
+
+    probs (T, E) the routing softmax (zero outside a token's pool), chosen (T, k) local expert indices,
+    image_experts (E,) bool, is_image (T,) bool."""
+    total = probs.new_zeros(())
+    for image in (False, True):
+        tokens, experts = is_image == image, image_experts == image
+        if not bool(tokens.any()):
+            continue
+        pairs = chosen[tokens].reshape(-1)
+        fraction = torch.bincount(pairs, minlength=len(image_experts)).float()[experts] / pairs.numel()
+        mean_prob = probs[tokens][:, experts].mean(dim=0)
+        share = tokens.float().mean()
+        total = total + share * int(experts.sum()) * (fraction.detach() * mean_prob).sum()
+    return total
+
+
 @dataclass(frozen=True)
 class RoutingStats:
     """What one MoE layer did in one forward: for load balancing and routing-health plots."""
@@ -262,18 +317,22 @@ class RoutingStats:
     aux_loss: torch.Tensor  # scalar, Switch-style N * sum(f_i * P_i) over kept experts; 1.0 when balanced
     z_loss: torch.Tensor  # scalar, mean logsumexp(router logits)^2
     assignments: torch.Tensor  # (T, k) the experts (global ids) each token was routed to: who serves which tokens
+    image_experts: torch.Tensor  # (E_layer,) bool, the experts of the image pool (all False: one shared pool)
+    orthogonal_loss: torch.Tensor  # scalar, the router orthogonal loss summed over pools (0 unless its coef > 0)
 
 
 class MoEBlock(nn.Module):
     """Sparse MoE FFN: router, routed experts and the optional shared experts."""
 
     expert_order: torch.Tensor
+    image_experts: torch.Tensor
 
     def __init__(self, config: MoEConfig, layer: int) -> None:
         super().__init__()
         n_experts = config.experts_in_layer(layer)
         self.layer, self.top_k, self.norm_min = layer, config.top_k, config.moe_norm_min
         self.expert_impl = config.expert_impl
+        self.heterogeneous, self.orthogonal = config.routing == "heterogeneous", config.orthogonal_loss_coef > 0
         self.gate = Router(config, n_experts)
         self.experts = Experts(config, n_experts)
         self.shared_experts = (
@@ -281,6 +340,9 @@ class MoEBlock(nn.Module):
         )
         # Importance order of this layer's experts, most important first; saved with the weights.
         self.register_buffer("expert_order", torch.arange(n_experts))
+        # The image pool (heterogeneous routing): the last n_image_experts. Derived from the config, not saved.
+        image_experts = torch.arange(n_experts) >= n_experts - config.n_image_experts
+        self.register_buffer("image_experts", image_experts & self.heterogeneous, persistent=False)
 
     @property
     def n_experts(self) -> int:
@@ -292,10 +354,24 @@ class MoEBlock(nn.Module):
         aligned = self.experts.gate_up_proj.shape[-1] % 8 == 0 and self.experts.down_proj.shape[-1] % 8 == 0
         return "grouped_mm" if x.is_cuda and aligned and hasattr(torch, "_grouped_mm") else "loop"
 
+    def routing_mask(self, is_image: torch.Tensor | None, kept: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The router mask that keeps each token in its modality's pool (`pool_mask`); None for shared routing."""
+        if not self.heterogeneous:
+            return None
+        if is_image is None:
+            raise ValueError(f"layer {self.layer}: heterogeneous routing needs each token's modality")
+        image_experts = self.image_experts if kept is None else self.image_experts.index_select(0, kept)
+        return pool_mask(image_experts, is_image)
+
     def forward(
-        self, x: torch.Tensor, kept: torch.Tensor | None = None, top_k: int | None = None
+        self,
+        x: torch.Tensor,
+        kept: torch.Tensor | None = None,
+        top_k: int | None = None,
+        is_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingStats]:
-        """x (B, T, D); `kept` (E_kept,) global indices of the experts to route among (None: all)."""
+        """x (B, T, D); `kept` (E_kept,) global indices of the experts to route among (None: all); `is_image` (B, T)
+        each token's modality (heterogeneous routing only)."""
         b, t, d = x.shape
         k = top_k or self.top_k
         flat = x.reshape(b * t, d)
@@ -303,28 +379,43 @@ class MoEBlock(nn.Module):
         bias = self.gate.e_score_correction_bias
         if kept is not None:
             weight, bias = weight.index_select(0, kept), bias.index_select(0, kept)
-        logits, weights, local_idx = route_top_k(flat, weight, bias, k, self.norm_min)
+        mask = self.routing_mask(is_image, kept)
+        logits, weights, local_idx = route_top_k(flat, weight, bias, k, self.norm_min, mask)
         expert_idx = local_idx if kept is None else kept[local_idx]  # (T', k) global expert ids
         path = EXPERT_PATHS[self._impl(x)]
         out = path(flat, expert_idx, weights, self.experts.gate_up_proj, self.experts.down_proj)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.reshape(b, t, d), self._stats(logits, local_idx, expert_idx, kept)
+        image_rows = is_image.reshape(-1) if mask is not None and is_image is not None else None
+        return out.reshape(b, t, d), self._stats(logits, weight, local_idx, expert_idx, kept, image_rows)
 
     def _stats(
-        self, logits: torch.Tensor, local_idx: torch.Tensor, expert_idx: torch.Tensor, kept: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        weight: torch.Tensor,
+        local_idx: torch.Tensor,
+        expert_idx: torch.Tensor,
+        kept: torch.Tensor | None,
+        is_image: torch.Tensor | None,
     ) -> RoutingStats:
         n_kept = logits.shape[-1]
         probs = F.softmax(logits, dim=-1)
         pair_fraction = torch.bincount(local_idx.reshape(-1), minlength=n_kept).float() / local_idx.numel()
-        aux = n_kept * (pair_fraction.detach() * probs.mean(dim=0)).sum()
+        image_experts = self.image_experts if kept is None else self.image_experts.index_select(0, kept)
+        if is_image is None:
+            aux = n_kept * (pair_fraction.detach() * probs.mean(dim=0)).sum()
+        else:
+            aux = pool_balancing_loss(probs, local_idx, image_experts, is_image)
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        ortho = logits.new_zeros(())
+        if self.orthogonal:
+            ortho = sum((orthogonal_loss(weight[image_experts == pool]) for pool in image_experts.unique()), ortho)
         load = torch.zeros(self.n_experts, device=logits.device)
         kept_mask = torch.zeros(self.n_experts, dtype=torch.bool, device=logits.device)
         index = kept if kept is not None else torch.arange(self.n_experts, device=logits.device)
         load[index] = pair_fraction.detach()
         kept_mask[index] = True
-        return RoutingStats(self.layer, load, kept_mask, aux, z, expert_idx.detach())
+        return RoutingStats(self.layer, load, kept_mask, aux, z, expert_idx.detach(), self.image_experts, ortho)
 
 
 class DecoderLayer(nn.Module):
@@ -347,12 +438,13 @@ class DecoderLayer(nn.Module):
         kept: torch.Tensor | None = None,
         top_k: int | None = None,
         past: KeyValue | None = None,
+        is_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingStats | None, KeyValue]:
         attn, present = self.self_attn(self.input_layernorm(x), cos, sin, past)
         x = x + attn
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoEBlock):
-            ffn, stats = self.mlp(h, kept, top_k)
+            ffn, stats = self.mlp(h, kept, top_k, is_image)
             return x + ffn, stats, present
         return x + self.mlp(h), None, present
 
@@ -376,10 +468,14 @@ class MoEOutput:
     routing: tuple[RoutingStats, ...]
 
     def balancing_loss(self, config: MoEConfig) -> torch.Tensor:
-        """What the optimiser adds to the LM loss for load balancing (zero in `bias` mode)."""
-        if config.load_balancing == "bias":
-            return self.z_loss * config.z_loss_coef
-        return self.aux_loss * config.aux_loss_coef + self.z_loss * config.z_loss_coef
+        """What the optimiser adds to the LM loss for the router: load balancing (the auxiliary loss, none in
+        `bias` mode), the z-loss, and the router orthogonal loss (mean over executed MoE layers) when weighted."""
+        loss = self.z_loss * config.z_loss_coef
+        if config.load_balancing != "bias":
+            loss = loss + self.aux_loss * config.aux_loss_coef
+        if config.orthogonal_loss_coef and self.routing:
+            loss = loss + config.orthogonal_loss_coef * torch.stack([s.orthogonal_loss for s in self.routing]).mean()
+        return loss
 
 
 class ElasticMoE(nn.Module):
@@ -460,10 +556,11 @@ class ElasticMoE(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.attn_head_dim, self.config.rope_theta)
         x = self.embed_tokens(tokens)  # (B, T, D)
         top_k = subnet.top_k if subnet is not None else None
+        is_image = self.modality(tokens)
         stats: list[RoutingStats] = []
         for layer, kept in self._plan(subnet, tokens.device):
             past = cache.layers.get(layer) if cache is not None else None
-            x, layer_stats, present = self.layers[layer](x, cos, sin, kept, top_k, past)
+            x, layer_stats, present = self.layers[layer](x, cos, sin, kept, top_k, past, is_image)
             if cache is not None:
                 cache.layers[layer] = present
             if layer_stats is not None:
@@ -478,16 +575,25 @@ class ElasticMoE(nn.Module):
         z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
         return MoEOutput(logits, aux, z, tuple(stats))
 
+    def modality(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Which tokens are image codes, for heterogeneous routing (None for shared routing, which never asks)."""
+        if self.config.routing != "heterogeneous" or self.config.image_token_range is None:
+            return None
+        return image_mask(tokens, *self.config.image_token_range)
+
     @torch.no_grad()
     def update_routing_bias(self, routing: tuple[RoutingStats, ...] | list[RoutingStats]) -> None:
         """Auxiliary-loss-free balancing (DeepSeek-V3): raise the selection bias of under-loaded kept experts
-        and lower it for over-loaded ones by `bias_update_rate`. Call after each optimiser step."""
+        and lower it for over-loaded ones by `bias_update_rate`, each against its own pool's mean load (the image
+        pool serves fewer tokens than the text pool). Call after each optimiser step."""
         rate = self.config.bias_update_rate
         for s in routing:
             block = self.layers[s.layer].mlp
             assert isinstance(block, MoEBlock), f"layer {s.layer} is not an MoE layer"
-            load = s.expert_load[s.kept]
-            block.gate.e_score_correction_bias[s.kept] += rate * torch.sign(load.mean() - load)
+            for pool in s.image_experts.unique():
+                members = s.kept & (s.image_experts == pool)
+                load = s.expert_load[members]
+                block.gate.e_score_correction_bias[members] += rate * torch.sign(load.mean() - load)
 
     # -- accounting -------------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from models.moe import (
     SwiGLU,
     apply_rotary,
     experts_export,
+    image_mask,
     repeat_kv,
     rope_cos_sin,
     route_top_k,
@@ -88,12 +89,13 @@ class _ExportableMoE(nn.Module):
         self.gate_up = nn.ParameterList(nn.Parameter(w.detach().t().contiguous()) for w in block.experts.gate_up_proj)
         self.down = nn.ParameterList(nn.Parameter(w.detach().t().contiguous()) for w in block.experts.down_proj)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         gate = self.block.gate  # stays fp32: the router runs as a Gemm, which the quantizers are told to skip
+        mask = self.block.routing_mask(is_image)  # heterogeneous routing: each token within its modality's pool
         _, weights, expert_idx = route_top_k(
-            flat, gate.weight, gate.e_score_correction_bias, self.block.top_k, self.block.norm_min
+            flat, gate.weight, gate.e_score_correction_bias, self.block.top_k, self.block.norm_min, mask
         )
         out = experts_export(flat, expert_idx, weights, list(self.gate_up), list(self.down), pre_transposed=True)
         out = out.reshape(b, t, d)
@@ -118,10 +120,12 @@ class _ExportableLayer(nn.Module):
         mask: torch.Tensor,
         past_k: torch.Tensor,
         past_v: torch.Tensor,
+        is_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, is_image) if isinstance(self.mlp, _ExportableMoE) else self.mlp(h)), k, v
 
 
 class ExportableDecoder(nn.Module):
@@ -155,12 +159,19 @@ class ExportableDecoder(nn.Module):
         itself = key_pos[None, None, :] == query_pos[None, :, None]  # a padding query sees itself: no NaN
         mask = ((causal & real) | itself)[:, None]  # (B, 1, T, P+T)
         x = self.embed_tokens(input_ids)  # (B, T, D)
+        is_image = self.modality(input_ids)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1], is_image)
             presents += [k, v]
         logits = F.linear(self.norm(x), self.lm_head)
         return (logits, *presents)
+
+    def modality(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Which tokens are image codes (heterogeneous routing), computed in the graph from the ids: no new input."""
+        if self.config.routing != "heterogeneous" or self.config.image_token_range is None:
+            return None
+        return image_mask(input_ids, *self.config.image_token_range)
 
     @staticmethod
     def no_padding(batch: int) -> torch.Tensor:

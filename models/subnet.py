@@ -87,6 +87,14 @@ class SubnetSpec(BaseModel):
                 raise ValueError(f"experts: layer {layer} index {kept[-1]} out of range [0, {available - 1}]")
             if self.top_k > len(kept):
                 raise ValueError(f"top_k={self.top_k} exceeds the {len(kept)} experts kept in layer {layer}")
+            pools = config.expert_pools(layer)
+            if len(pools) > 1:
+                in_pool = [sum(1 for e in kept if e in pool) for pool in pools]
+                if min(in_pool) < self.top_k:
+                    raise ValueError(
+                        f"experts: layer {layer} keeps {in_pool[0]} text and {in_pool[1]} image experts; "
+                        f"heterogeneous routing needs at least top_k={self.top_k} in each pool"
+                    )
 
     @property
     def moe_expert_counts(self) -> tuple[int, ...]:
@@ -144,10 +152,16 @@ class Importance(BaseModel):
                 )
 
     def spec(self, config: MoEConfig, depth: int, n_experts: int, top_k: int) -> SubnetSpec:
-        """The sub-model keeping the `depth` most important layers and `n_experts` most important experts."""
+        """The sub-model keeping the `depth` most important layers and the `n_experts` most important experts of
+        each expert pool (heterogeneous routing keeps that many text and that many image experts)."""
         layers = sorted(self.layer_order[:depth])
-        experts = [self.expert_order[i][:n_experts] if config.is_moe_layer(i) else () for i in layers]
+        experts = [most_important(self.expert_order[i], config.expert_pools(i), n_experts) for i in layers]
         return SubnetSpec(layers=tuple(layers), experts=tuple(experts), top_k=top_k)
+
+
+def most_important(order: tuple[int, ...], pools: tuple[range, ...], n: int) -> tuple[int, ...]:
+    """The first `n` experts of `order` from each pool (with one pool: `order[:n]`)."""
+    return tuple(expert for pool in pools for expert in [e for e in order if e in pool][:n])
 
 
 LayerSampling = Literal["random", "keep_ends", "nested"]
@@ -170,7 +184,10 @@ class ElasticSpace(BaseModel):
 
     depths: tuple[int, ...] = Field((2, 3, 4), min_length=1, description="Allowed numbers of kept layers.")
     expert_counts: tuple[int, ...] = Field(
-        (4, 6, 8), min_length=1, description="Allowed numbers of routed experts kept in each MoE layer."
+        (4, 6, 8),
+        min_length=1,
+        description="Allowed numbers of routed experts kept in each MoE layer (with heterogeneous routing, in "
+        "each of its text and image pools).",
     )
     top_ks: tuple[int, ...] = Field((1, 2), min_length=1, description="Allowed routing top-k values.")
     layer_sampling: LayerSampling = Field(
@@ -212,9 +229,10 @@ class ElasticSpace(BaseModel):
             raise ValueError(f"depths: {self.depths[-1]} exceeds the supernet's n_layers={config.n_layers}")
         if self.layer_sampling == "keep_ends" and self.depths[0] < min(2, config.n_layers):
             raise ValueError("depths: layer_sampling=keep_ends needs every depth >= 2")
-        fewest = min((config.experts_in_layer(i) for i in config.moe_layers), default=0)
+        fewest = min((len(pool) for i in config.moe_layers for pool in config.expert_pools(i)), default=0)
         if config.moe_layers and self.expert_counts[-1] > fewest:
-            raise ValueError(f"expert_counts: {self.expert_counts[-1]} exceeds the {fewest} experts of a layer")
+            pools = "pool" if config.routing == "heterogeneous" else "layer"
+            raise ValueError(f"expert_counts: {self.expert_counts[-1]} exceeds the {fewest} experts of a {pools}")
         if self.top_ks[-1] > max(self.expert_counts):
             raise ValueError(f"top_ks: {self.top_ks[-1]} exceeds every allowed expert count")
 
@@ -248,9 +266,9 @@ class ElasticSpace(BaseModel):
             if not config.is_moe_layer(layer):
                 experts.append(())
             elif self.expert_sampling == "nested":
-                experts.append(importance.expert_order[layer][:n_experts])
-            else:
-                experts.append(tuple(rng.sample(range(config.experts_in_layer(layer)), n_experts)))
+                experts.append(most_important(importance.expert_order[layer], config.expert_pools(layer), n_experts))
+            else:  # per pool; with one pool exactly the draw of earlier runs
+                experts.append(tuple(e for pool in config.expert_pools(layer) for e in rng.sample(pool, n_experts)))
         return SubnetSpec(layers=tuple(layers), experts=tuple(experts), top_k=top_k)
 
     def trained_order(self, stored: Importance, measured: Importance) -> Importance:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from registry.names import CHAT_MODEL
 from registry.promotion import GateRules
 from tasks.align.config import DPOConfig, GRPOConfig, SFTConfig
-from tasks.data.config import DataConfig
+from tasks.data.config import DataConfig, ImagesConfig
 from tasks.deploy.config import DeployConfig
 from tasks.deploy.graph_limits import check_fused_graph, variant_quant
 from tasks.extract.config import ExtractConfig
@@ -130,6 +131,53 @@ class PipelineConfig(BaseModel):
             if seq_len > self.pretrain.model.max_seq_len:
                 raise ValueError(
                     f"{field}={seq_len} exceeds pretrain.model.max_seq_len={self.pretrain.model.max_seq_len}"
+                )
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_codes_from_the_data(cls, raw: Any) -> Any:
+        """With data.images the model's image_token_range follows from the data settings (the codes are the
+        vocabulary's last codebook_size ids), so a preset never repeats it; an explicit value is checked below."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+            return raw
+        images = raw["data"].get("images")
+        pretrain = raw.get("pretrain", {})
+        if images is None or not isinstance(pretrain, dict) or not isinstance(pretrain.get("model", {}), dict):
+            return raw
+        try:
+            codes = ImagesConfig.model_validate(images).codebook_size
+            vocab_size = int(raw["data"].get("vocab_size", DataConfig.model_fields["vocab_size"].default))
+        except (ValidationError, TypeError, ValueError):
+            return raw  # the field's own validation reports it
+        model = pretrain.get("model", {})
+        if "image_token_range" in model:
+            return raw
+        filled = {**model, "image_token_range": (vocab_size - codes, codes)}
+        return {**raw, "pretrain": {**pretrain, "model": filled}}
+
+    @model_validator(mode="after")
+    def _image_codes_match_the_data(self) -> PipelineConfig:
+        """The model routes by where the data put the image codes; a heterogeneous model needs images and leaves
+        as ONNX only (Hugging Face's and llama.cpp's ERNIE route every token in one pool)."""
+        model, images = self.pretrain.model, self.data.images
+        expected = (self.data.vocab_size - images.codebook_size, images.codebook_size) if images else None
+        if self.init_from is None and model.image_token_range != expected:
+            raise ValueError(
+                f"pretrain.model.image_token_range={model.image_token_range} must be {expected}: where data.images "
+                "puts the image codes (leave it unset: it follows from the data)"
+            )
+        if model.routing == "heterogeneous":
+            refused = {
+                "deploy.hugging_face": self.deploy.hugging_face,
+                "deploy.gguf": bool(self.deploy.gguf),
+                "deploy.graph=fused": self.deploy.graph == "fused",
+            }
+            if any(refused.values()):
+                names = ", ".join(name for name, on in refused.items() if on)
+                raise ValueError(
+                    f"pretrain.model.routing=heterogeneous leaves as a traced ONNX graph only: turn off {names} "
+                    "(deploy.hugging_face: false, deploy.gguf: [], deploy.graph: traced)"
                 )
         return self
 

@@ -53,6 +53,11 @@ def fused_graph_blockers(config: MoEConfig, quant: WeightQuant | None) -> list[s
         )
     if config.n_heads % config.n_kv_heads:
         blockers.append(f"pretrain.model.n_kv_heads={config.n_kv_heads} must divide n_heads={config.n_heads}")
+    if config.routing == "heterogeneous":
+        blockers.append(
+            "pretrain.model.routing=heterogeneous: onnxruntime's MoE operator routes every token among all of a "
+            "layer's experts, with no per-token pool"
+        )
     if quant is not None:
         inputs = {
             "d_model": config.d_model,

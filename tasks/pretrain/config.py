@@ -23,7 +23,10 @@ from tasks.common.settings import with_defaults
 
 # Settings added after runs were saved, with the value that reproduces how those runs trained: at that value they
 # are left out of a run's identity (PretrainConfig.config_hash), so adding a setting never orphans a checkpoint.
-LATER_DEFAULTS: dict[str, dict[str, object]] = {"sampling": {"elastic_end": 1.0}}
+LATER_DEFAULTS: dict[str, dict[str, object]] = {
+    "sampling": {"elastic_end": 1.0},
+    "model": {"routing": "shared", "image_token_range": None, "n_image_experts": 0, "orthogonal_loss_coef": 0.0},
+}
 
 
 PROGRESSIVE_ORDER = ("top_k", "experts", "depth")

@@ -70,6 +70,11 @@ def run_pretrain(
     Saves the final supernet to `output_dir/supernet` and, with `open_run` (registry.tracking.run_opener), logs
     params, metrics and the loss-curve PNG to a tracked run (the same run again after a resume).
     """
+    if config.model.image_token_range != data.image_tokens:
+        raise ValueError(
+            f"pretrain.model.image_token_range={config.model.image_token_range} must be {data.image_tokens}: where "
+            "the data put the image codes"
+        )
     if data.vocab_size > config.model.vocab_size:  # fewer is fine: an imported model may pad its embedding
         raise ValueError(
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "

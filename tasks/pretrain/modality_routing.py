@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from models.moe import ElasticMoE, RoutingStats
+from models.moe import ElasticMoE, RoutingStats, image_mask
 from tasks.data.sampling import TrainingMix
 from tasks.pretrain.validation_panel import VALIDATION_SEED
 
@@ -31,11 +31,6 @@ class ModalityRouting(BaseModel):
     purity: list[float]  # per layer, see `modality_purity`
     mean_purity: float  # over the MoE layers: 0.5 agnostic .. 1.0 every expert serves one modality
     image_token_share: float  # image tokens among the batch's tokens
-
-
-def image_mask(tokens: torch.Tensor, first_code: int, codes: int) -> torch.Tensor:
-    """True where a token is one of the `codes` image codes from id `first_code` on (markers are text)."""
-    return (tokens >= first_code) & (tokens < first_code + codes)
 
 
 def modality_counts(assignments: torch.Tensor, is_image: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from models.accounting import ModelCost, subnet_cost
 from models.config import MoEConfig
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
-from models.subnet import ElasticSpace, Importance, SubnetSpec
+from models.subnet import ElasticSpace, Importance, SubnetSpec, most_important
 from tasks.search.config import SearchConfig
 
 # Children in a row that were already evaluated or out of budget before the evolutionary search gives up: a budget
@@ -39,8 +39,10 @@ class Genome:
     top_k: int
 
     def spec(self, config: MoEConfig, importance: Importance) -> SubnetSpec:
-        """The sub-model keeping the `n_experts` most important experts of each kept layer."""
-        experts = [importance.expert_order[i][: self.n_experts] if config.is_moe_layer(i) else () for i in self.layers]
+        """The sub-model keeping the `n_experts` most important experts of each kept layer's expert pool."""
+        experts = [
+            most_important(importance.expert_order[i], config.expert_pools(i), self.n_experts) for i in self.layers
+        ]
         return SubnetSpec(layers=self.layers, experts=tuple(experts), top_k=self.top_k)
 
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from models.config import MoEConfig
-from models.moe import ElasticMoE, MoEBlock, route_top_k
+from models.moe import ElasticMoE, MoEBlock, image_mask, route_top_k
 from tasks.common.stage_results import PretrainedSupernet
 from tasks.data.corpus import PreparedData
 from tasks.data.sampling import TrainingMix
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain.config import PretrainConfig
 from tasks.pretrain.loop import run_pretrain
-from tasks.pretrain.modality_routing import image_mask, measure_modality_routing, modality_counts, modality_purity
+from tasks.pretrain.modality_routing import measure_modality_routing, modality_counts, modality_purity
 from tasks.pretrain.validation_panel import VALIDATION_SEED
 
 
@@ -93,12 +93,18 @@ def test_the_measurement_equals_the_router_re_run_on_captured_hidden_states() ->
     assert measured.mean_purity == pytest.approx(np.mean(by_layer))
 
 
+@pytest.mark.parametrize("routing", ["shared", "heterogeneous"])
 def test_pretraining_with_images_logs_the_image_loss_the_purity_and_the_heatmap(
-    tmp_path: Path, image_data: PreparedData
+    routing: str, tmp_path: Path, image_data: PreparedData
 ) -> None:
+    """Both routings train on text and image-text rows: finite losses on both validation streams, and the purity
+    figure (1.0 by construction when each pool serves one modality)."""
     base = load_pipeline_config("tiny").pretrain.model_dump()
-    base["model"].update(vocab_size=530, n_layers=4, n_experts=8)
+    base["model"].update(vocab_size=530, n_layers=4, n_experts=8, image_token_range=(402, 128), routing=routing)
     base["elastic"].update(depths=[2, 3, 4], expert_counts=[2, 4, 6, 8], top_ks=[1, 2])
+    if routing == "heterogeneous":
+        base["model"].update(n_image_experts=4, orthogonal_loss_coef=0.01)
+        base["elastic"].update(expert_counts=[2, 4])  # per pool of 4
     config = PretrainConfig.model_validate(
         {**base, "max_steps": 10, "eval_interval": 5, "batch_size": 8, "seq_len": 64, "optim": {"warmup_steps": 2}}
     )
@@ -106,7 +112,12 @@ def test_pretraining_with_images_logs_the_image_loss_the_purity_and_the_heatmap(
     assert set(result.image_val_loss) == set(result.val_loss)
     assert all(np.isfinite(loss) for loss in result.image_val_loss.values())
     routing = result.modality_routing
-    assert routing is not None and routing["layers"] == [0, 1, 2, 3] and 0.5 <= routing["mean_purity"] <= 1.0
+    modality = result.modality_routing
+    assert modality is not None and modality["layers"] == [0, 1, 2, 3] and 0.5 <= modality["mean_purity"] <= 1.0
+    if routing == "heterogeneous":
+        assert modality["mean_purity"] == 1.0
+        assert all(f in (None, 0.0) for row in modality["image_fraction"] for f in row[:4])  # the text pool
+        assert all(f in (None, 1.0) for row in modality["image_fraction"] for f in row[4:])  # the image pool
     assert (tmp_path / "run" / "routing_modality_heatmap.png").stat().st_size > 10_000
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "routing/mean_modality_purity" in r]
@@ -122,8 +133,8 @@ def test_pretraining_with_images_logs_the_image_loss_the_purity_and_the_heatmap(
         tokens_per_second=1.0,
         mfu=0.1,
         image_val_loss=result.image_val_loss,
-        modality_routing=routing,
+        modality_routing=modality,
     ).summary()
     assert any("image-text validation loss" in line for line in summary)
-    assert any(f"mean purity {routing['mean_purity']:.3f}" in line for line in summary)
+    assert any(f"mean purity {modality['mean_purity']:.3f}" in line for line in summary)
     assert sum(line.startswith("  | 3 |") for line in summary) == 1  # the last MoE layer's row of the table

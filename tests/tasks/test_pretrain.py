@@ -1,5 +1,6 @@
 """Elastic pre-training: config validation before compute, and a short real run that learns."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_pipeline_rejects_vocab_mismatch() -> None:
 
 
 def test_presets_are_valid() -> None:
-    for preset in ("tiny", "small", "claim", "elastify", "tiny-grpo", "tiny-images"):
+    for preset in ("tiny", "small", "claim", "elastify", "tiny-grpo", "tiny-images", "tiny-images-het"):
         config = load_pipeline_config(preset)
         assert config.data.vocab_size == config.pretrain.model.vocab_size
     with_images = load_pipeline_config("tiny-images")
@@ -64,9 +65,8 @@ def test_presets_are_valid() -> None:
     claim = load_pipeline_config("claim").pretrain
     tokens = claim.tokens_per_step() * claim.total_steps()
     assert tokens >= 20 * subnet_cost(claim.model).active_params  # the compute-optimal regime the claim needs
-    with pytest.raises(
-        FileNotFoundError, match="available: \\['claim', 'elastify', 'small', 'tiny', 'tiny-grpo', 'tiny-images'\\]"
-    ):
+    presets = "'claim', 'elastify', 'small', 'tiny', 'tiny-grpo', 'tiny-images', 'tiny-images-het'"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"available: [{presets}]")):
         load_pipeline_config("huge")
 
 
@@ -166,14 +166,18 @@ def test_reranking_during_training_stores_the_measured_order(tmp_path: Path, sma
 
 
 def test_a_setting_added_later_leaves_earlier_runs_identity_unchanged() -> None:
-    """`sampling.elastic_end` did not exist when earlier runs were checkpointed: at 1.0 (how they trained) it is left
-    out of the run's identity, so their checkpoints still resume; any other value is a different run."""
+    """`sampling.elastic_end` and the routing fields did not exist when earlier runs were checkpointed: at the values
+    those runs trained with they are left out of the run's identity, so their checkpoints still resume; any other
+    value is a different run."""
     import hashlib
 
     tiny = load_pipeline_config("tiny").pretrain
     config = tiny.model_copy(update={"sampling": tiny.sampling.model_copy(update={"elastic_end": 1.0})})
-    earlier = config.model_dump_json(exclude={"launch": True, "sampling": {"elastic_end"}})  # as serialised before
-    assert '"elastic_end"' not in earlier and '"elastic_start"' in earlier
+    routing = {"routing", "image_token_range", "n_image_experts", "orthogonal_loss_coef"}
+    earlier = config.model_dump_json(exclude={"launch": True, "sampling": {"elastic_end"}, "model": routing})
+    assert '"elastic_end"' not in earlier and '"elastic_start"' in earlier and '"routing"' not in earlier
     assert config.config_hash("fp") == hashlib.sha256((earlier + "fp").encode()).hexdigest()
     annealed = config.model_copy(update={"sampling": config.sampling.model_copy(update={"elastic_end": 0.9})})
     assert annealed.config_hash("fp") != config.config_hash("fp")
+    orthogonal = config.model_copy(update={"model": config.model.model_copy(update={"orthogonal_loss_coef": 0.01})})
+    assert orthogonal.config_hash("fp") != config.config_hash("fp")
