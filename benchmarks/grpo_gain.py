@@ -91,8 +91,8 @@ def main() -> None:
     data = prepare_data(config.data)
     tokenizer = data.chat_tokenizer()
     passages = corpus_passages("\n".join(data.documents()))
-    train, test = generate_splits(config.sft.task_mix, passages)
-    prompts = grpo_prompts(grpo, config.sft.task_mix, passages, train, test)
+    train, test = generate_splits(config.sft.task_mix, passages, data.images)
+    prompts = grpo_prompts(grpo, config.sft.task_mix, passages, train, test, data.images)
     dpo_version = latest_version(args.workdir, "dpo")
     dpo_ckpt = download_checkpoint(args.workdir, f"{CHAT_TORCH_MODEL}/{dpo_version}")
     sft_version = version_tags(args.workdir, dpo_ckpt.version)["parent_sft_version"]

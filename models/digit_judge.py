@@ -40,3 +40,10 @@ class DigitJudge(JsonFile):
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """The digit each image shows, as the judge reads it: (N,) int64."""
         return self.logits(pixels).argmax(axis=1)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 10) the judge's probability of each digit (softmax of the logits, as scikit-learn's predict_proba
+        for a multinomial logistic regression)."""
+        logits = self.logits(pixels)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)

@@ -182,6 +182,28 @@ class PipelineConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _digit_tasks_have_images_and_room(self) -> PipelineConfig:
+        """The digit tasks read and draw images: they need data.images, and every stage that generates an answer
+        needs room for a drawing (the markers, its codes and the end of the turn)."""
+        digit_tasks = {"digit_read", "digit_draw"} & set(self.sft.task_mix.tasks)
+        if digit_tasks and self.data.images is None:
+            raise ValueError(f"sft.task_mix.tasks: {', '.join(sorted(digit_tasks))} need data.images")
+        if "digit_draw" in digit_tasks and self.data.images is not None:
+            patch = self.data.images.patch
+            drawing = (8 // patch[0]) * (8 // patch[1]) + 3
+            for field, limit in (
+                ("sft.max_new_tokens", self.sft.max_new_tokens),
+                ("dpo.max_new_tokens", self.dpo.max_new_tokens),
+                ("grpo.max_new_tokens", self.grpo.max_new_tokens),
+                ("deploy.evaluation.max_new_tokens", self.deploy.evaluation.max_new_tokens),
+            ):
+                if limit < drawing:
+                    raise ValueError(
+                        f"{field}={limit}: digit_draw's answers take {drawing} tokens; allowed: >= {drawing}"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _image_share_is_whole_rows(self) -> PipelineConfig:
         """Pre-training draws token_share of every batch's rows from the image-text documents: a whole number."""
         images, batch_size = self.data.images, self.pretrain.batch_size

@@ -21,7 +21,6 @@ from tasks.data.task_mix import (
     Example,
     Message,
     PreferencePair,
-    check,
     corrupt,
 )
 
@@ -37,7 +36,7 @@ def preference_pairs(
     model.eval()
     for example in examples:
         reply = generate_reply(model, tokenizer, example.prompt, max_new_tokens)
-        if reply.strip() and not check(reply, example.answer):
+        if reply.strip() and not example.check(reply):
             rejected, source = reply.strip(), "on_policy"
         else:
             rejected, source = corrupt(example, rng), "corrupted"

@@ -21,7 +21,6 @@ import copy
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
 
 import numpy as np
 import torch
@@ -37,8 +36,9 @@ from tasks.align.sft import exact_match
 from tasks.common.replay import replay_loss
 from tasks.common.training_loop import TrainingLoop
 from tasks.data.config import TaskMixConfig
+from tasks.data.images import PreparedImages
 from tasks.data.sampling import TrainingMix
-from tasks.data.task_mix import Example, check, fresh_examples
+from tasks.data.task_mix import Example, fresh_examples
 
 MIN_TASK_WEIGHT = 0.05  # a task every group solves (or none does) is still drawn now and then
 
@@ -80,10 +80,11 @@ class GRPOResult:
     accuracy_after: dict[str, float]
 
 
-def answer_reward(text: str, expected: str, finished: bool, solved: bool, config: GRPOConfig) -> float:
-    """1 for a solved task; else, when the answer ended its turn, `partial_credit` times the word-level similarity
-    to the expected answer; plus `format_reward` for ending the turn at all."""
-    partial = SequenceMatcher(None, text.split(), expected.split()).ratio() if finished and not solved else 0.0
+def answer_reward(text: str, example: Example, finished: bool, solved: bool, config: GRPOConfig) -> float:
+    """1 for a solved task; else, when the answer ended its turn, `partial_credit` times its similarity to a right
+    one (word-level for text; for a drawing, the judge's probability of the digit asked for); plus `format_reward`
+    for ending the turn at all. A drawing's reward is the judge's verdict: unified multimodal RL in miniature."""
+    partial = example.similarity(text) if finished and not solved else 0.0
     return float(solved) + config.partial_credit * partial + config.format_reward * finished
 
 
@@ -103,8 +104,8 @@ def rollout(
     for answer in answers:
         finished = answer[-1] == end
         text = tokenizer.decode(answer[:-1] if finished else answer)
-        solved.append(finished and check(text, example.answer))
-        rewards.append(answer_reward(text, example.answer, finished, solved[-1], config))
+        solved.append(finished and example.check(text))
+        rewards.append(answer_reward(text, example, finished, solved[-1], config))
     width = len(prompt) + max(len(a) for a in answers)
     tokens = torch.full((len(answers), width), tokenizer.pad_id, dtype=torch.long)
     targets = torch.full((len(answers), width), IGNORE_INDEX, dtype=torch.long)
@@ -131,11 +132,12 @@ def grpo_prompts(
     passages: Sequence[str],
     train: Sequence[Example],
     test: Sequence[Example],
+    images: PreparedImages | None = None,
 ) -> list[Example]:
     """The prompts GRPO samples from: fresh ones of the same tasks (none in `train` or `test`), or `train` itself."""
     if not config.fresh_prompts_per_task:
         return list(train)
-    return fresh_examples(task_mix, passages, config.fresh_prompts_per_task, [train, test])
+    return fresh_examples(task_mix, passages, config.fresh_prompts_per_task, [train, test], images)
 
 
 def _weights(curriculum: TaskCurriculum, config: GRPOConfig) -> list[float] | None:

@@ -49,7 +49,7 @@ def align_task(
     tokenizer = data.chat_tokenizer()
     model = load_model(subnet_dir)
     passages = corpus_passages("\n".join(data.documents()))
-    train, test = generate_splits(sft.task_mix, passages)
+    train, test = generate_splits(sft.task_mix, passages, data.images)
     out_dir = Path(workdir) / "align" / f"subnet-v{subnet_version}"
     parents = {"parent_model": f"{SUBNET_MODEL}/{subnet_version}", "parent_subnet_version": subnet_version}
 
@@ -119,7 +119,7 @@ def align_task(
     if grpo.enabled:
         with stage_run(workdir, "grpo") as grpo_logger:
             grpo_logger.log_params({"grpo": grpo.model_dump(mode="json")})
-            prompts = grpo_prompts(grpo, sft.task_mix, passages, train, test)
+            prompts = grpo_prompts(grpo, sft.task_mix, passages, train, test, data.images)
             grpo_result = run_grpo(grpo, model, tokenizer, prompts, test, data.training_mix())
             for step, metrics in enumerate(grpo_result.metrics, start=1):
                 grpo_logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)

@@ -129,8 +129,12 @@ class TaskMixConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: tuple[Literal["arithmetic", "copy", "reverse", "sort", "span"], ...] = Field(
-        ("arithmetic", "copy", "reverse", "sort", "span"), min_length=1, description="Tasks in the mix."
+    tasks: tuple[Literal["arithmetic", "copy", "reverse", "sort", "span", "digit_read", "digit_draw"], ...] = Field(
+        ("arithmetic", "copy", "reverse", "sort", "span"),
+        min_length=1,
+        description="Tasks in the mix. With data.images also `digit_read` (a drawing then 'Which digit is this?', "
+        "exact match on the digit) and `digit_draw` (a request to draw a digit; passed when the digit judge reads "
+        "the drawing as that digit).",
     )
     train_per_task: int = Field(400, ge=1, le=1_000_000, description="Training examples per task.")
     test_per_task: int = Field(40, ge=1, le=100_000, description="Held-out examples per task.")

@@ -46,7 +46,7 @@ class PackageEvaluation:
 
 def held_out_examples(data: PreparedData, tasks: TaskMixConfig) -> list[Example]:
     """The alignment stage's held-out split (same seeds, same corpus passages)."""
-    return generate_splits(tasks, corpus_passages("\n".join(data.documents())))[1]
+    return generate_splits(tasks, corpus_passages("\n".join(data.documents())), data.images)[1]
 
 
 def validation_windows(data: PreparedData, config: EvaluationConfig) -> list[np.ndarray]:

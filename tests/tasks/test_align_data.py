@@ -12,7 +12,6 @@ from tasks.data.task_mix import (
     Conversation,
     Example,
     as_conversation,
-    check,
     corpus_passages,
     corrupt,
     fresh_examples,
@@ -37,7 +36,7 @@ def test_splits_are_seeded_disjoint_and_checkable(passages: list[str]) -> None:
     by_task = {e.task: e for e in test}
     assert set(by_task) == {"arithmetic", "copy", "reverse", "sort", "span"}
     for example in train + test:
-        assert check(example.answer, example.answer) and check(f" {example.answer}\n", example.answer)
+        assert example.check(example.answer) and example.check(f" {example.answer}\n")
     arithmetic = next(e for e in train if e.task == "arithmetic")
     a, op, b = arithmetic.prompt.removeprefix("What is ").removesuffix("?").split()
     assert int(arithmetic.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
@@ -60,7 +59,7 @@ def test_corruptions_are_always_wrong(passages: list[str]) -> None:
     train, _ = generate_splits(TaskMixConfig(train_per_task=40, test_per_task=5), passages)
     rng = random.Random(0)
     for example in train:
-        assert not check(corrupt(example, rng), example.answer), example
+        assert not example.check(corrupt(example, rng)), example
 
 
 def test_conversations_must_end_with_the_assistant() -> None:

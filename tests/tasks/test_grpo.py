@@ -39,11 +39,13 @@ def test_equal_rewards_produce_no_update(
 
 def test_rewards_exact_then_partial_credit_then_format() -> None:
     config = GRPOConfig(partial_credit=0.5, format_reward=0.1)
-    assert answer_reward("king queen crown", "king queen crown", True, True, config) == 1.1
+    copy = Example("copy", "Repeat: king queen crown", "king queen crown")
+    assert answer_reward("king queen crown", copy, True, True, config) == 1.1
     # difflib's ratio on words: 2 * 2 matching / (2 + 3) words = 0.8, at half weight, plus the format reward
-    assert answer_reward("king queen", "king queen crown", True, False, config) == pytest.approx(0.5)
-    assert answer_reward("king queen", "king queen crown", False, False, config) == 0.0  # cut off: nothing
-    assert answer_reward("41", "42", True, False, GRPOConfig()) == 0.0  # the default: exact answers only
+    assert answer_reward("king queen", copy, True, False, config) == pytest.approx(0.5)
+    assert answer_reward("king queen", copy, False, False, config) == 0.0  # cut off: nothing
+    sum_ = Example("arithmetic", "What is 20 + 22?", "42")
+    assert answer_reward("41", sum_, True, False, GRPOConfig()) == 0.0  # the default: exact answers only
 
 
 def test_the_curriculum_favours_tasks_whose_groups_disagree() -> None:
