@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over a family of models (serving/family.py; often one): /health, /metrics
 (Prometheus), /v1/models, /v1/models/{model}, /v1/completions, /v1/chat/completions (with SSE streaming ending in
-`data: [DONE]`), /v1/responses (OpenAI's Responses API, streamed as its typed events). A request names a member,
+`data: [DONE]`; image_url parts for a model that reads images), /v1/responses (OpenAI's Responses API, streamed as
+its typed events), /v1/images/generations (drawings as PNGs, for a model that draws). A request names a member,
 or sets a latency budget and is routed to the best member that fits.
 
 `create_app` only assembles the app: its state, its error handling (serving/errors.py), the request counter, and
@@ -14,9 +15,9 @@ from fastapi import FastAPI
 from serving.errors import install_error_handling
 from serving.family import Family
 from serving.metrics import CountedRequests, ServingMetrics
-from serving.routes import chat, completions, health, models, responses
+from serving.routes import chat, completions, health, images, models, responses
 
-ROUTERS = (health.router, models.router, chat.router, completions.router, responses.router)
+ROUTERS = (health.router, models.router, chat.router, completions.router, responses.router, images.router)
 
 
 def create_app(family: Family, api_key: str | None = None) -> FastAPI:

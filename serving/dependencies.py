@@ -48,7 +48,7 @@ async def authorize(request: Request) -> None:
         raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key", "authentication_error")
 
 
-def _model_for(family: Family, requested: str, max_ms_per_token: float | None = None) -> LoadedModel:
+def model_for(family: Family, requested: str, max_ms_per_token: float | None = None) -> LoadedModel:
     """The member `requested` names or, with a latency budget, the best member of the family that fits."""
     named = family.named(requested)
     if named is None:
@@ -74,7 +74,7 @@ def _model_for(family: Family, requested: str, max_ms_per_token: float | None = 
 
 
 async def _named_model(model: str, family: ServedFamily) -> LoadedModel:
-    return _model_for(family, model)
+    return model_for(family, model)
 
 
 NamedModel = Annotated[LoadedModel, Depends(_named_model)]  # the model a path's {model} names
@@ -102,4 +102,4 @@ def _latency_budget(request: GenerationRequest, http: Request) -> float | None:
 def requested_model(request: GenerationRequest, http: Request, family: Family) -> LoadedModel:
     """The model a generation request runs on. Not a dependency: it reads the request's body, which only the
     endpoint declares."""
-    return _model_for(family, request.model, _latency_budget(request, http))
+    return model_for(family, request.model, _latency_budget(request, http))

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from models.chat_format import ChatFormat, ChatTokenizer, Message
+from models.image_tokenizer import OPEN, ImageTokenizer, code_name
 from models.sampling import SampledToken, SamplingParams, scored
 from serving.decoding import Piece, SequenceDecoder
 from serving.token_text import TokenTexts
@@ -203,6 +204,27 @@ class ChatPackage:
         self.chat_tokenizer = ChatTokenizer(self.tokenizer, ChatFormat.model_validate(self.config.chat_format))
         self.generator = OnnxGenerator(directory / MODEL_FILE, self.config, threads, spin)
         self.token_texts = TokenTexts(self.tokenizer)
+        image_file = directory / ImageTokenizer.FILE_NAME
+        self.image_tokenizer = ImageTokenizer.load(directory) if image_file.is_file() else None
+
+    @property
+    def code_ids(self) -> tuple[int, ...]:
+        """The token id of each image code, in code order (empty for a text-only model)."""
+        if self.image_tokenizer is None:
+            return ()
+        return tuple(self.tokenizer.token_to_id(code_name(i)) for i in range(len(self.image_tokenizer.codebook)))
+
+    def drawing_prompt(self, request: str) -> list[int]:
+        """A user turn asking for a drawing, then the assistant's reply opened with `<image>`: the model's next
+        tokens are the drawing's codes."""
+        return self.chat_prompt([Message(role="user", content=request)]) + self.tokenizer.encode(OPEN).ids
+
+    def drawn_image(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The (H, W) image, in [0, 1], that generated code tokens make."""
+        if self.image_tokenizer is None:
+            raise ValueError("this model draws no images: its package has no image tokenizer")
+        code_of = {token: code for code, token in enumerate(self.code_ids)}
+        return self.image_tokenizer.decode([code_of[t] for t in token_ids])
 
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
         """The token ids SFT trained on, ending in the generation prompt that asks for a reply."""

@@ -12,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from models.chat_format import Message
@@ -42,33 +50,53 @@ def _encodable(texts: list[str]) -> None:
             ) from error
 
 
-def _text_part(kind: Any, text_kinds: tuple[str, ...]) -> Any:
-    """A content part's type, if it is one of the text kinds: pydantic's own message would only say "Input
-    should be 'text'", where the client needs to hear that images and files are not served."""
+def _text_part(kind: Any, text_kinds: tuple[str, ...], served: str = "text content parts") -> Any:
+    """A content part's type, if it is one of the kinds served: pydantic's own message would only say "Input
+    should be 'text'", where the client needs to hear which parts (audio, files...) are not served."""
     if kind not in text_kinds:
         raise PydanticCustomError(
-            "unsupported_content", "only text content parts are supported, not {kind}", {"kind": repr(kind)}
+            "unsupported_content", "only {served} are supported, not {kind}", {"kind": repr(kind), "served": served}
         )
     return kind
 
 
-class ContentPart(BaseModel):
+class ImageUrl(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["text"]
-    text: str
+    url: str = Field(
+        min_length=1, description="A data URL (data:image/png;base64,... or image/jpeg); the server fetches nothing."
+    )
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted; every image is read at 8x8.")
+
+
+class ContentPart(BaseModel):
+    """A text part, or an image part (`image_url`) that a model with an image tokenizer reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageUrl | None = None
 
     @field_validator("type", mode="before")
     @classmethod
-    def _only_text(cls, kind: Any) -> Any:
-        return _text_part(kind, ("text",))
+    def _only_text_and_images(cls, kind: Any) -> Any:
+        return _text_part(kind, ("text", "image_url"), "text and image_url content parts")
+
+    @model_validator(mode="after")
+    def _has_its_content(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise PydanticCustomError("missing_text", "a text part needs `text`")
+        if self.type == "image_url" and self.image_url is None:
+            raise PydanticCustomError("missing_image_url", "an image_url part needs `image_url`")
+        return self
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: list[ContentPart] = Field(description="A string, or a list of text parts.")
+    content: list[ContentPart] = Field(description="A string, or a list of text and image_url parts.")
 
     @field_validator("content", mode="before", json_schema_input_type=str | list[ContentPart])
     @classmethod
@@ -80,7 +108,7 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _encodable_content(cls, parts: list[ContentPart]) -> list[ContentPart]:
-        _encodable([p.text for p in parts])
+        _encodable([p.text for p in parts if p.text is not None])
         return parts
 
     tool_calls: list[Any] | None = Field(
@@ -97,8 +125,17 @@ class ChatMessage(BaseModel):
             )
         return tool_calls
 
-    def text(self) -> str:
-        return "".join(p.text for p in self.content)
+    def rendered(self, image_text: Callable[[str, str], str], index: int) -> str:
+        """The message's content as the model reads it: text parts as they are, each image part as the text of its
+        image tokens, `image_text(url, param)` (param: where the part is, for a refusal to name)."""
+        return "".join(
+            part.text if part.text is not None else image_text(part.image_url.url, f"messages.{index}.content.{j}")
+            for j, part in enumerate(self.content)
+            if part.text is not None or part.image_url is not None
+        )
+
+    def images(self) -> int:
+        return sum(part.type == "image_url" for part in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -446,3 +483,58 @@ class ResponsesRequest(_GenerationRequest):
 
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest | ResponsesRequest  # what a generation route takes
+
+
+# What an image request may set that this server cannot honour: refused by name, never ignored.
+IMAGE_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "quality": lambda v: v in (None, "auto", "standard"),
+    "style": _inactive,
+    "background": lambda v: v in (None, "auto", "opaque"),
+    "output_format": lambda v: v in (None, "png"),
+    "output_compression": lambda v: v is None,
+    "partial_images": lambda v: v in (None, 0),
+    "stream": lambda v: v in (None, False),
+}
+IMAGE_SIDES = {"auto": 64, "8x8": 8, "64x64": 64, "256x256": 256}
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's `images.generate` for a model that draws (one with an image tokenizer): each image is the model's
+    answer to `prompt` as a drawing request, its codes sampled at `temperature` (1 by default, so that n images
+    differ; 0 is greedy)."""
+
+    model_config = ConfigDict(extra="allow")  # kept, so that `unsupported_parameter` can see them
+
+    model: str
+    prompt: str = Field(min_length=1, max_length=1000, description="What to draw, e.g. 'Draw the digit 3.'")
+    n: int = Field(1, ge=1, le=10, description="Images to draw.")
+    size: Literal["auto", "8x8", "64x64", "256x256"] | None = Field(
+        "auto", description="The PNG's size: the drawing is 8x8, scaled up by whole pixels (auto: 64x64)."
+    )
+    response_format: Literal["b64_json"] | None = Field(
+        "b64_json", description="Only b64_json: this server hosts no files to give URLs of."
+    )
+    temperature: Temperature | None = Field(1.0, description="Sampling temperature of the drawing's codes.")
+    seed: int | None = None
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _no_urls(cls, value: Any) -> Any:
+        if value == "url":
+            raise PydanticCustomError(
+                "unsupported_response_format", "response_format='url' is not supported: ask for b64_json"
+            )
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _encodable_prompt(cls, prompt: str) -> str:
+        _encodable([prompt])
+        return prompt
+
+    def unsupported_parameter(self) -> str | None:
+        extra = self.model_extra or {}
+        return next((name for name, fine in IMAGE_UNSUPPORTED.items() if name in extra and not fine(extra[name])), None)
+
+    def side(self) -> int:
+        return IMAGE_SIDES[self.size or "auto"]

@@ -205,3 +205,15 @@ class ResponseObject(_Answer):
     tool_choice: Literal["none"] = "none"
     tools: list[dict] = Field(default_factory=list, description="Always empty: tools are refused.")
     truncation: Literal["disabled"] = "disabled"
+
+
+class GeneratedImage(_Answer):
+    b64_json: str = Field(description="The drawing as a base64 PNG (greyscale: ink bright, background dark).")
+    revised_prompt: str | None = Field(None, description="Always null: the prompt is used as given.")
+
+
+class ImagesResponse(_Answer):
+    """OpenAI's images response: one PNG per image asked for."""
+
+    created: int
+    data: list[GeneratedImage]

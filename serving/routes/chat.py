@@ -1,4 +1,5 @@
-"""/v1/chat/completions: OpenAI's chat completions, the messages rendered in the model's own chat format.
+"""/v1/chat/completions: OpenAI's chat completions, the messages rendered in the model's own chat format (image parts
+as the text of their image tokens, for a model that reads images).
 
 The route is `async`: the messages are rendered and tokenized on the event loop, as the request's JSON is parsed
 (0.06 ms for a one-line question on the tiny champion, measured), and the answer is written from the loop (no
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from models.chat_format import Message
-from serving import generation
+from serving import generation, images
 from serving.dependencies import Metrics, ServedFamily, authorize, requested_model
 from serving.protocol import ChatCompletionRequest
 from serving.response_models import ChatCompletion
@@ -26,8 +27,10 @@ async def chat_completions(
     loaded = requested_model(request, http, family)
     package = loaded.package
     params = generation.sampling(request, package)
+    image_text = images.reader(package, sum(m.images() for m in request.messages))
     messages = [  # `developer` is OpenAI's newer name for `system`
-        Message(role="system" if m.role == "developer" else m.role, content=m.text()) for m in request.messages
+        Message(role="system" if m.role == "developer" else m.role, content=m.rendered(image_text, i))
+        for i, m in enumerate(request.messages)
     ]
     prompt = package.chat_prompt(messages)
     budget = generation.token_budget(package, prompt, request.requested_tokens(), "messages")

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from models.chat_format import ChatFormat, Message
 from models.generate import greedy_generate
+from models.image_tokenizer import ImageTokenizer
 from models.moe import ElasticMoE
 from models.onnx_forward import ExportableDecoder, past_names, present_names
 from serving.engine import EVERY_TOKEN, MODEL_FILE, TOKENIZER_FILE, ChatPackage, GenerationConfig
@@ -122,11 +123,20 @@ def quantize_int4(source: Path, target: Path, block_size: int, accuracy_level: i
 
 
 def write_package(
-    model: ElasticMoE, tokenizer_path: Path, chat_format: ChatFormat, directory: Path, quantization: str, max_new: int
+    model: ElasticMoE,
+    tokenizer_path: Path,
+    chat_format: ChatFormat,
+    directory: Path,
+    quantization: str,
+    max_new: int,
+    image_tokenizer: ImageTokenizer | None = None,
 ) -> Path:
     """Complete the chat package whose `model.onnx` is in `directory`: tokenizer and generation config (with
-    the chat format, so the server renders prompts as SFT did and stops at its end-of-turn token)."""
+    the chat format, so the server renders prompts as SFT did and stops at its end-of-turn token), and the image
+    tokenizer of a model that reads and draws images (its codebook: the package works anywhere without the data)."""
     shutil.copy(tokenizer_path, directory / TOKENIZER_FILE)
+    if image_tokenizer is not None:
+        image_tokenizer.save(directory)
     config = model.config
     GenerationConfig(
         n_layers=config.n_layers,
@@ -173,7 +183,12 @@ def _built_variants(config: DeployConfig) -> list[Variant]:
 
 
 def build_packages(
-    model: ElasticMoE, tokenizer_path: Path, chat_format: ChatFormat, output: Path, config: DeployConfig
+    model: ElasticMoE,
+    tokenizer_path: Path,
+    chat_format: ChatFormat,
+    output: Path,
+    config: DeployConfig,
+    image_tokenizer: ImageTokenizer | None = None,
 ) -> dict[str, Path]:
     """fp32 package plus each requested quantized variant, one folder each under `output`, with the graph
     `config.graph` names."""
@@ -184,7 +199,13 @@ def build_packages(
         write_traced_graphs(model, output, config)
     return {
         variant: write_package(
-            model, tokenizer_path, chat_format, output / variant, variant, config.default_max_new_tokens
+            model,
+            tokenizer_path,
+            chat_format,
+            output / variant,
+            variant,
+            config.default_max_new_tokens,
+            image_tokenizer,
         )
         for variant in _built_variants(config)
     }
@@ -249,10 +270,13 @@ def run_export(
 ) -> ExportResult:
     """Build every variant, check the fp32 graph against PyTorch, measure each variant on the held-out
     evaluation, choose the candidate."""
-    packages = build_packages(model, data.tokenizer_path, data.chat_format, output, config)
+    images = data.images
+    image_tokenizer = images.image_tokenizer if images is not None else None
+    packages = build_packages(model, data.tokenizer_path, data.chat_format, output, config, image_tokenizer)
     examples = held_out_examples(data, tasks)
     reference = ChatPackage(packages["fp32"])
-    prompts = [reference.chat_prompt([Message(role="user", content=e.prompt)]) for e in examples[:4]]
+    first_of_each_task = list({e.task: e for e in reversed(examples)}.values())[::-1]  # image prompts too
+    prompts = [reference.chat_prompt([Message(role="user", content=e.prompt)]) for e in first_of_each_task]
     parity = check_parity(model.eval(), reference, prompts)
     evaluations = {v: evaluate_package(p, data, examples, config.evaluation) for v, p in packages.items()}
     return ExportResult(packages, evaluations, choose_candidate(evaluations, config), parity)

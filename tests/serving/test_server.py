@@ -250,11 +250,17 @@ def test_every_refusal_is_an_openai_error_object(server, client: openai.OpenAI) 
         response = httpx.post(f"{url}/v1/chat/completions", headers=headers, content=not_an_object)
         error = _openai_error(response, 400)
         assert error["param"] is None and error["message"] == "The request body must be a JSON object."
-    image = {"type": "image_url", "image_url": {"url": "https://example.com/king.png"}}
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": [image]}])
+        client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": [audio]}])
     assert refused.value.param == "messages.0.content.0.type"
-    assert "only text" in refused.value.message and "image_url" in refused.value.message
+    assert "only text and image_url content parts" in refused.value.message and "input_audio" in refused.value.message
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/king.png"}}
+    with pytest.raises(openai.BadRequestError) as refused:  # a text-only model: no image tokenizer in its package
+        client.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]
+        )
+    assert refused.value.param == "messages.0.content.1" and refused.value.code == "images_unsupported"
 
 
 def test_models_retrieve_and_list_report_when_the_model_was_loaded(client: openai.OpenAI) -> None:
