@@ -122,21 +122,33 @@ def register_chat_package(
     `mlflow models serve -m models:/trainonce-chat@champion` answers chat requests."""
     message = Object([Property("role", DataType.string), Property("content", DataType.string)])
     signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(message), "messages"), ColSpec(DataType.long, "max_tokens", required=False)]),
+        inputs=Schema(
+            [
+                ColSpec(Array(message), "messages"),
+                ColSpec(DataType.long, "max_tokens", required=False),
+                ColSpec(Array(DataType.string), "images", required=False),  # data URLs, for a model that reads images
+            ]
+        ),
         outputs=Schema(
             [
                 ColSpec(DataType.string, "content"),
                 ColSpec(DataType.string, "finish_reason"),
                 ColSpec(DataType.long, "prompt_tokens"),
                 ColSpec(DataType.long, "completion_tokens"),
+                ColSpec(DataType.string, "b64_json", required=False),  # the drawing's PNG, with image_output
             ]
         ),
         params=ParamSchema(
             [
-                ParamSpec(
-                    name, "long" if name in ("top_k", "seed") else "double", SamplingParams.model_fields[name].default
-                )
-                for name in PYFUNC_SAMPLING_PARAMS
+                *(
+                    ParamSpec(
+                        name,
+                        "long" if name in ("top_k", "seed") else "double",
+                        SamplingParams.model_fields[name].default,
+                    )
+                    for name in PYFUNC_SAMPLING_PARAMS
+                ),
+                ParamSpec("image_output", "boolean", False),  # the reply is a drawing (a model with images)
             ]
         ),
     )

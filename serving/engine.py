@@ -214,10 +214,14 @@ class ChatPackage:
             return ()
         return tuple(self.tokenizer.token_to_id(code_name(i)) for i in range(len(self.image_tokenizer.codebook)))
 
-    def drawing_prompt(self, request: str) -> list[int]:
-        """A user turn asking for a drawing, then the assistant's reply opened with `<image>`: the model's next
-        tokens are the drawing's codes."""
-        return self.chat_prompt([Message(role="user", content=request)]) + self.tokenizer.encode(OPEN).ids
+    def drawing_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """The conversation (its last turn asking for a drawing), then the assistant's reply opened with `<image>`:
+        the model's next tokens are the drawing's codes."""
+        return self.chat_prompt(messages) + self.tokenizer.encode(OPEN).ids
+
+    def drawing_params(self, temperature: float, seed: int | None) -> SamplingParams:
+        """Sampling of exactly one image's codes: every other token masked out, the end of turn ignored."""
+        return SamplingParams(temperature=temperature, seed=seed, allowed_token_ids=self.code_ids, ignore_eos=True)
 
     def drawn_image(self, token_ids: Sequence[int]) -> np.ndarray:
         """The (H, W) image, in [0, 1], that generated code tokens make."""

@@ -127,12 +127,17 @@ class ChatMessage(BaseModel):
 
     def rendered(self, image_text: Callable[[str, str], str], index: int) -> str:
         """The message's content as the model reads it: text parts as they are, each image part as the text of its
-        image tokens, `image_text(url, param)` (param: where the part is, for a refusal to name)."""
-        return "".join(
-            part.text if part.text is not None else image_text(part.image_url.url, f"messages.{index}.content.{j}")
-            for j, part in enumerate(self.content)
-            if part.text is not None or part.image_url is not None
-        )
+        image tokens, `image_text(url, param)` (param: where the part is, for a refusal to name), followed by a space
+        when more content follows: `<image>...</image> Which digit is this?`, as the image tasks are written."""
+        pieces = []
+        for j, part in enumerate(self.content):
+            if part.image_url is not None:
+                pieces.append(image_text(part.image_url.url, f"messages.{index}.content.{j}"))
+                if j < len(self.content) - 1:
+                    pieces.append(" ")
+            else:
+                pieces.append(part.text or "")
+        return "".join(pieces)
 
     def images(self) -> int:
         return sum(part.type == "image_url" for part in self.content)

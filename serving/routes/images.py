@@ -11,7 +11,7 @@ import time
 
 from fastapi import APIRouter, Depends, Response
 
-from models.sampling import SamplingParams
+from models.chat_format import Message
 from serving import generation
 from serving.dependencies import Metrics, ServedFamily, authorize, model_for
 from serving.errors import ApiError, error_responses
@@ -35,18 +35,13 @@ async def generate_images(
     if image_tokenizer is None:
         message = f"the model {loaded.name!r} draws no images: its package has no image tokenizer"
         raise ApiError(400, message, "model", "images_unsupported")
-    prompt = package.drawing_prompt(request.prompt)
+    prompt = package.drawing_prompt([Message(role="user", content=request.prompt)])
     codes = image_tokenizer.codes_per_image
     if package.room_for(prompt) < codes:
         limit = package.config.max_seq_len
         message = f"the prompt takes {len(prompt)} of the {limit}-token context, leaving no room for a drawing"
         raise ApiError(400, message, "prompt", "context_length_exceeded")
-    params = SamplingParams(
-        temperature=request.temperature or 0.0,
-        seed=request.seed,
-        allowed_token_ids=package.code_ids,
-        ignore_eos=True,
-    )
+    params = package.drawing_params(request.temperature or 0.0, request.seed)
     decoding = await generation.start(loaded, [(prompt, codes)], params, request.n, metrics, "img-")
     response.headers[generation.SERVED_BY_HEADER] = loaded.name
     with metrics.running.labels(loaded.name).track_inprogress():

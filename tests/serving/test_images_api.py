@@ -52,7 +52,8 @@ def image_package(tmp_path_factory: pytest.TempPathFactory, image_data: Prepared
 
 
 @pytest.fixture(scope="module")
-def image_client(tmp_path_factory: pytest.TempPathFactory, image_package: Path) -> Iterator[openai.OpenAI]:
+def image_registry(tmp_path_factory: pytest.TempPathFactory, image_package: Path) -> Path:
+    """The package registered as `trainonce-chat` version 1, the champion."""
     from registry.models import register_chat_package
     from registry.tracking import RunLogger
     from serving import CHAT_PYFUNC_CODE
@@ -62,7 +63,12 @@ def image_client(tmp_path_factory: pytest.TempPathFactory, image_package: Path) 
     register_chat_package(workdir, logger.run_id, image_package, {"quantization": "fp32"}, CHAT_PYFUNC_CODE)
     logger.finish()
     promote(workdir, CHAT_MODEL, "1")
-    with running_server(workdir) as url:
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def image_client(image_registry: Path) -> Iterator[openai.OpenAI]:
+    with running_server(image_registry) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
@@ -93,7 +99,7 @@ def test_an_image_part_is_read_as_the_model_s_image_tokens(
     reply = image_client.chat.completions.create(model=CHAT_MODEL, messages=ask(png_url(digit)), max_tokens=6)
     package = ChatPackage(image_package)
     assert package.image_tokenizer is not None
-    text = package.image_tokenizer.text(package.image_tokenizer.encode(digit)) + "Which digit is this?"
+    text = package.image_tokenizer.text(package.image_tokenizer.encode(digit)) + " Which digit is this?"
     expected = package.complete(package.chat_prompt([Message(role="user", content=text)]), 6).text
     assert reply.choices[0].message.content == expected
     assert reply.usage is not None and reply.usage.prompt_tokens == len(
@@ -201,6 +207,33 @@ def test_the_exported_model_equals_pytorch_with_images_in_the_prompt(
     assert images is not None and package.image_tokenizer == images.image_tokenizer
     drawing = images.image_tokenizer.text(images.image_tokenizer.encode(images.split("held_out").pixels[3]))
     prompts = [package.chat_prompt([Message(role="user", content=f"{drawing} Which digit is this?")])]
-    prompts.append(package.drawing_prompt("Draw the digit 7."))
+    prompts.append(package.drawing_prompt([Message(role="user", content="Draw the digit 7.")]))
     parity = check_parity(model, package, prompts, new_tokens=12)
     assert parity.max_abs_logit_diff < PARITY_TOLERANCE and parity.greedy_tokens_equal
+
+
+def test_the_mlflow_pyfunc_reads_images_and_draws(
+    image_registry: Path, image_client: openai.OpenAI, image_data: PreparedData
+) -> None:
+    """The registered version's pyfunc answers as the server does: the images before the last message's text, and
+    with `image_output` a drawing (its image tokens and a PNG)."""
+    import mlflow
+    import pandas as pd
+
+    from registry.tracking import active_store
+
+    with active_store(image_registry):
+        model = mlflow.pyfunc.load_model(f"models:/{CHAT_MODEL}/1")
+    images = image_data.images
+    assert images is not None
+    url = png_url(images.split("held_out").pixels[1])
+    messages = [{"role": "user", "content": "Which digit is this?"}]
+    answer = model.predict(pd.DataFrame({"messages": [messages], "max_tokens": [4], "images": [[url]]}))
+    served = image_client.chat.completions.create(model=CHAT_MODEL, messages=ask(url), max_tokens=4)
+    assert answer.loc[0, "content"] == served.choices[0].message.content
+    drawn = model.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "Draw a 4."}]]}),
+                          params={"image_output": True, "seed": 3, "temperature": 1.0})  # fmt: skip
+    picture = Image.open(io.BytesIO(base64.b64decode(drawn.loc[0, "b64_json"])))
+    assert picture.size == (64, 64) and images.image_tokenizer.parse(drawn.loc[0, "content"]) is not None
+    with pytest.raises(ValueError, match="images.0.image_url.url: only data URLs are accepted"):
+        model.predict(pd.DataFrame({"messages": [messages], "images": [["https://example.com/4.png"]]}))
