@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -89,6 +90,13 @@ class ImageTokenizer(JsonFile):
 
     def sha256(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def image_tokenizer_beside(tokenizer_path: str | Path) -> ImageTokenizer | None:
+    """The image tokenizer that travels beside a tokenizer.json it extends (a prepared dataset, a chat package, an
+    exported model directory), or None for a text-only vocabulary."""
+    folder = Path(tokenizer_path).parent
+    return ImageTokenizer.load(folder) if (folder / ImageTokenizer.FILE_NAME).is_file() else None
 
 
 def image_patches(pixels: np.ndarray, patch: tuple[int, int]) -> np.ndarray:

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from models.chat_format import ChatFormat
+from models.image_tokenizer import image_tokenizer_beside
 from models.publish import staged_dir
 from tasks.deploy.hugging_face import export_hf
 from tasks.deploy.llama_cpp import GGUF_TYPES, LlamaCpp, find_llama_cpp
@@ -112,6 +113,9 @@ def export_gguf(
             if "f32" not in types:
                 f32.unlink()
             (staged / MODELFILE).write_text(modelfile)
+            image_tokenizer = image_tokenizer_beside(hf / "tokenizer.json")
+            if image_tokenizer is not None:  # the codes are added tokens to llama.cpp; the codebook draws them
+                image_tokenizer.save(staged)
             for written in staged.iterdir():
                 written.chmod(0o644)
     return {gguf_type: out_dir / gguf_name(gguf_type) for gguf_type in types}

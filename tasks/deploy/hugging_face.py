@@ -25,6 +25,7 @@ from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Generation
 from models.chat_format import ChatFormat
 from models.checkpoint import load_model
 from models.hf import hf_config_dict, to_hf_state_dict
+from models.image_tokenizer import image_tokenizer_beside
 from models.publish import staged_dir
 
 
@@ -75,6 +76,9 @@ def export_hf(
             **{k: v for k, v in chat_format.variables.items() if k in ("bos_token", "unk_token")},
         ).save_pretrained(staged)
         _rewrite_json(staged / "tokenizer_config.json", tokenizer_config_for_both_majors)
+        image_tokenizer = image_tokenizer_beside(tokenizer_path)
+        if image_tokenizer is not None:  # the codebook: the model reads and draws images outside trainonce too
+            image_tokenizer.save(staged)
         for written in staged.iterdir():  # save_pretrained leaves the weights owner-only (0600); serving
             written.chmod(0o644)  # containers often run as another user
     return out_dir
