@@ -215,18 +215,16 @@ def test_a_model_with_images_exports_with_its_codebook_and_reads_images_as_we_do
     from models.image_tokenizer import ImageTokenizer
 
     torch.manual_seed(0)
-    model = ElasticMoE(MoEConfig(vocab_size=530, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,
-                                 top_k=2, expert_ffn_dim=32, max_seq_len=128, image_token_range=(402, 128))).eval()  # fmt: skip
-    exported = export_hf(save_model(model, tmp_path / "checkpoint"), image_data.tokenizer_path,
-                         image_data.chat_format, tmp_path / "export")  # fmt: skip
+    shape = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "expert_ffn_dim": 32}
+    model = ElasticMoE(MoEConfig(vocab_size=530, max_seq_len=128, image_token_range=(402, 128), **shape)).eval()
+    checkpoint = save_model(model, tmp_path / "checkpoint")
+    exported = export_hf(checkpoint, image_data.tokenizer_path, image_data.chat_format, tmp_path / "export")
     images = image_data.images
     assert images is not None and ImageTokenizer.load(exported) == images.image_tokenizer
-    drawing = images.image_tokenizer.text(images.image_tokenizer.encode(images.split("held_out").pixels[0]))
+    codes = images.image_tokenizer.encode(images.split("held_out").pixels[0])
     tokenizer = AutoTokenizer.from_pretrained(exported)
-    ids = tokenizer(f"{drawing} Which digit is this?", return_tensors="pt").input_ids
-    assert ids[0, 1:9].tolist() == [
-        402 + code for code in images.image_tokenizer.encode(images.split("held_out").pixels[0])
-    ]
+    ids = tokenizer(f"{images.image_tokenizer.text(codes)} Which digit is this?", return_tensors="pt").input_ids
+    assert ids[0, 1:9].tolist() == [402 + code for code in codes]
     hf = AutoModelForCausalLM.from_pretrained(exported).eval()
     with torch.no_grad():
         assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
