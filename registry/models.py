@@ -14,6 +14,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array, Object, ParamSchema, ParamSpec, Property
 
+from models.image_tokenizer import ImageTokenizer
 from models.publish import staged_dir
 from models.sampling import SamplingParams
 from registry.names import CHAT_MODEL, HF_MODEL
@@ -164,7 +165,8 @@ def register_hf_model(workdir: str | Path, run_id: str, hf_dir: Path, tags: dict
     pipeline, and the logged folder is what transformers, vLLM or SGLang load.
 
     Logged as a pipeline object built from the local folder (MLflow 3.17's path form fails on transformers 5's
-    task registry) with explicit requirements (its inference would import torchvision); offline throughout."""
+    task registry) with explicit requirements (its inference would import torchvision); offline throughout. A model
+    that reads and draws images has its codebook (`image_tokenizer.json`) logged on the same run."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     generator = pipeline(
@@ -180,6 +182,9 @@ def register_hf_model(workdir: str | Path, run_id: str, hf_dir: Path, tags: dict
             pip_requirements=["transformers", "torch", "safetensors", "tokenizers"],
             registered_model_name=HF_MODEL,
         )
+        codebook = hf_dir / ImageTokenizer.FILE_NAME
+        if codebook.is_file():  # the flavor saves the pipeline's own files only: the codebook goes on the run
+            mlflow.log_artifact(str(codebook))
     return _tagged(workdir, RegisteredVersion(HF_MODEL, str(info.registered_model_version), run_id), tags)
 
 
