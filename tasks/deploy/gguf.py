@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from models.chat_format import ChatFormat
-from models.image_tokenizer import image_tokenizer_beside
+from models.image_tokenizer import ImageTokenizer, image_tokenizer_beside
 from models.publish import staged_dir
 from tasks.deploy.hugging_face import export_hf
 from tasks.deploy.llama_cpp import GGUF_TYPES, LlamaCpp, find_llama_cpp
@@ -91,7 +91,8 @@ def export_gguf(
     if unknown or not types:
         raise ValueError(f"types: {unknown or 'none'} given; choose one or more of {', '.join(GGUF_TYPES)}")
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(p.suffix != ".gguf" and p.name != MODELFILE for p in out_dir.iterdir()):
+    ours = (MODELFILE, ImageTokenizer.FILE_NAME)
+    if out_dir.is_dir() and any(p.suffix != ".gguf" and p.name not in ours for p in out_dir.iterdir()):
         raise FileExistsError(f"out: {out_dir} holds files other than GGUF; give a new or empty folder")
     llama_cpp = find_llama_cpp()
     types = tuple(dict.fromkeys(types))

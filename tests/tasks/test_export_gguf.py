@@ -321,3 +321,29 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
             checkpoint, small_data.tokenizer_path, small_data.chat_format, tmp_path / "occupied", ("f32",), name="m"
         )
     assert [p.name for p in (tmp_path / "occupied").iterdir()] == ["notes.txt"]
+
+
+@needs_llama_cpp
+def test_a_model_with_images_leaves_as_gguf_with_its_codebook(tmp_path: Path, image_data: PreparedData) -> None:
+    """The image codes are added tokens to llama.cpp: it tokenizes a drawing into our ids and computes our logits on
+    a prompt holding one; the codebook goes beside the GGUF files, so a drawing can be made and read outside."""
+    from models.config import MoEConfig
+    from models.image_tokenizer import ImageTokenizer
+
+    torch.manual_seed(0)
+    shape = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "expert_ffn_dim": 32}
+    model = ElasticMoE(MoEConfig(vocab_size=530, max_seq_len=128, image_token_range=(402, 128), **shape)).eval()
+    checkpoint = save_model(model, tmp_path / "checkpoint")
+    files = export_gguf(checkpoint, image_data.tokenizer_path, image_data.chat_format, tmp_path / "gguf", ("f32",),
+                        name="digits")  # fmt: skip
+    images = image_data.images
+    assert images is not None and ImageTokenizer.load(tmp_path / "gguf") == images.image_tokenizer
+    codes = images.image_tokenizer.encode(images.split("held_out").pixels[2])
+    text = f"{images.image_tokenizer.text(codes)} Which digit is this?"
+    ids = image_data.tokenizer().encode(text).ids
+    assert ids[1:9] == [402 + code for code in codes]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    with loaded(files["f32"]) as llm:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+        assert np.abs(llama_logits(llm, ids) - ours).max() <= 1e-3
