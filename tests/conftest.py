@@ -128,6 +128,22 @@ def with_images(small_data: PreparedData, vocab_size: int = 530, **images: objec
     )
 
 
+def image_model(**fields: object) -> ElasticMoE:
+    """A small random model over `image_data`'s vocabulary (its 400 text tokens, then the 130 image tokens)."""
+    torch.manual_seed(0)
+    shape = {
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "n_experts": 4,
+        "top_k": 2,
+        "expert_ffn_dim": 32,
+    }
+    config = {"vocab_size": 530, "max_seq_len": 128, "image_token_range": (402, 128), **shape, **fields}
+    return ElasticMoE(MoEConfig.model_validate(config)).eval()
+
+
 @pytest.fixture(scope="session")
 def image_data(small_data: PreparedData) -> PreparedData:
     """The small corpus with the digits mixed in: 400 text tokens, then the 130 image tokens (ids 400..529)."""

@@ -12,21 +12,17 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from models.chat_format import Message
-from models.config import MoEConfig
 from models.moe import ElasticMoE
 from registry.names import CHAT_MODEL
 from registry.promotion import promote
 from serving.engine import ChatPackage
 from tasks.data.corpus import PreparedData
+from tests.conftest import image_model
 
 from .test_server import API_KEY, running_server
-
-SHAPE = {"vocab_size": 530, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "top_k": 2,
-         "expert_ffn_dim": 32, "max_seq_len": 128, "image_token_range": (402, 128)}  # fmt: skip
 
 
 def package_of(model: ElasticMoE, image_data: PreparedData, output: Path, graph: str = "fused") -> Path:
@@ -41,14 +37,9 @@ def package_of(model: ElasticMoE, image_data: PreparedData, output: Path, graph:
     return build_packages(model, tokenizer, chat_format, output, config, images.image_tokenizer)["fp32"]
 
 
-def random_model(**fields: object) -> ElasticMoE:
-    torch.manual_seed(0)
-    return ElasticMoE(MoEConfig(**{**SHAPE, **fields})).eval()
-
-
 @pytest.fixture(scope="module")
 def image_package(tmp_path_factory: pytest.TempPathFactory, image_data: PreparedData) -> Path:
-    return package_of(random_model(), image_data, tmp_path_factory.mktemp("image-package"))
+    return package_of(image_model(), image_data, tmp_path_factory.mktemp("image-package"))
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +192,7 @@ def test_the_exported_model_equals_pytorch_with_images_in_the_prompt(
     from tasks.deploy.onnx_export import PARITY_TOLERANCE, check_parity
 
     heterogeneous = {"routing": "heterogeneous", "n_image_experts": 2, "top_k": 1}
-    model = random_model(**(heterogeneous if routing == "heterogeneous" else {}))
+    model = image_model(**(heterogeneous if routing == "heterogeneous" else {}))
     package = ChatPackage(package_of(model, image_data, tmp_path, "traced" if routing == "heterogeneous" else "fused"))
     images = image_data.images
     assert images is not None and package.image_tokenizer == images.image_tokenizer

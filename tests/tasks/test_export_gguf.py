@@ -34,6 +34,7 @@ from tasks.deploy.gguf_convert import byte_level_bpe_problem, end_of_turn_id, sh
 from tasks.deploy.hugging_face import export_hf
 from tasks.deploy.llama_cpp import LlamaCpp, LlamaCppMissing, check_gguf_request, default_home
 from tasks.pipeline_config import load_pipeline_config
+from tests.conftest import image_model
 from tests.serving.test_server import API_KEY, free_port, running_server, serving
 
 MESSAGES = [
@@ -327,12 +328,9 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
 def test_a_model_with_images_leaves_as_gguf_with_its_codebook(tmp_path: Path, image_data: PreparedData) -> None:
     """The image codes are added tokens to llama.cpp: it tokenizes a drawing into our ids and computes our logits on
     a prompt holding one; the codebook goes beside the GGUF files, so a drawing can be made and read outside."""
-    from models.config import MoEConfig
     from models.image_tokenizer import ImageTokenizer
 
-    torch.manual_seed(0)
-    shape = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "expert_ffn_dim": 32}
-    model = ElasticMoE(MoEConfig(vocab_size=530, max_seq_len=128, image_token_range=(402, 128), **shape)).eval()
+    model = image_model()
     checkpoint = save_model(model, tmp_path / "checkpoint")
     files = export_gguf(checkpoint, image_data.tokenizer_path, image_data.chat_format, tmp_path / "gguf", ("f32",),
                         name="digits")  # fmt: skip

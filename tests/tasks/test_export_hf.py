@@ -22,6 +22,7 @@ from models.moe import ElasticMoE
 from models.subnet import SubnetSpec
 from tasks.data.corpus import PreparedData
 from tasks.deploy.hugging_face import export_hf
+from tests.conftest import image_model
 from tests.tool_venvs import tool_venv
 
 MESSAGES = [
@@ -211,12 +212,9 @@ def test_a_model_with_images_exports_with_its_codebook_and_reads_images_as_we_do
 ) -> None:
     """The image codes are ordinary tokens of the vocabulary, so transformers' ERNIE computes our logits on a prompt
     with a drawing in it; the codebook travels beside the tokenizer, so the drawing can be made and read outside."""
-    from models.config import MoEConfig
     from models.image_tokenizer import ImageTokenizer
 
-    torch.manual_seed(0)
-    shape = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "expert_ffn_dim": 32}
-    model = ElasticMoE(MoEConfig(vocab_size=530, max_seq_len=128, image_token_range=(402, 128), **shape)).eval()
+    model = image_model()
     checkpoint = save_model(model, tmp_path / "checkpoint")
     exported = export_hf(checkpoint, image_data.tokenizer_path, image_data.chat_format, tmp_path / "export")
     images = image_data.images

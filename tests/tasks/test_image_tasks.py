@@ -11,8 +11,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.config import MoEConfig
-from models.moe import ElasticMoE
 from tasks.align.config import GRPOConfig, SFTConfig
 from tasks.align.grpo import answer_reward
 from tasks.align.sft import run_sft
@@ -29,6 +27,7 @@ from tasks.data.task_mix import (
     generate_splits,
 )
 from tasks.pipeline_config import load_pipeline_config
+from tests.conftest import image_model
 
 DIGIT_TASKS = TaskMixConfig(tasks=("copy", "digit_read", "digit_draw"), train_per_task=100, test_per_task=30)
 
@@ -140,11 +139,7 @@ def test_fresh_prompts_for_grpo_draw_new_drawings_and_unseen_images(
 
 def test_sft_trains_on_reading_and_drawing(image_data: PreparedData, splits) -> None:
     train, test = splits
-    torch.manual_seed(0)
-    model = ElasticMoE(
-        MoEConfig(vocab_size=530, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2,
-                  expert_ffn_dim=32, max_seq_len=128, image_token_range=(402, 128))
-    )  # fmt: skip
+    model = image_model().train()
     config = SFTConfig(
         task_mix=DIGIT_TASKS, steps=5, batch_size=8, replay={"batch_size": 2}, max_new_tokens=11, optim={"lr": 1e-3}
     )
