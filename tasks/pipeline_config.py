@@ -182,9 +182,12 @@ class PipelineConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _digit_tasks_have_images_and_room(self) -> PipelineConfig:
-        """The digit tasks read and draw images: they need data.images, and every stage that generates an answer
-        needs room for a drawing (the markers, its codes and the end of the turn)."""
+    def _image_settings_need_images(self) -> PipelineConfig:
+        """The image settings of later stages (the search's image weight, the digit tasks) need data.images, and
+        with drawing tasks every stage that generates an answer needs room for a drawing (the markers, its codes and
+        the end of the turn)."""
+        if self.search.image_loss_weight and self.data.images is None:
+            raise ValueError(f"search.image_loss_weight={self.search.image_loss_weight} needs data.images")
         digit_tasks = {"digit_read", "digit_draw"} & set(self.sft.task_mix.tasks)
         if digit_tasks and self.data.images is None:
             raise ValueError(f"sft.task_mix.tasks: {', '.join(sorted(digit_tasks))} need data.images")

@@ -38,6 +38,13 @@ class SearchConfig(BaseModel):
         0.1, ge=0, le=1, description="Evolutionary search: chance that a child is a fresh random member instead."
     )
     eval_batches: int = Field(4, ge=1, le=10_000, description="Validation batches per evaluated sub-model.")
+    image_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="With data.images, the objective is (1 - w) x the text validation loss + w x the image-text "
+        "validation loss, batch by batch (0: text only).",
+    )
     eval_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per validation batch.")
     seq_len: int = Field(128, ge=8, le=1_048_576, description="Tokens per validation sequence.")
     latency_prompt_tokens: int = Field(16, ge=1, le=100_000, description="Prompt length of the latency probe.")

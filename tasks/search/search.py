@@ -23,6 +23,8 @@ from models.config import MoEConfig
 from models.generate import greedy_generate
 from models.moe import ElasticMoE
 from models.subnet import ElasticSpace, Importance, SubnetSpec, most_important
+from tasks.data.corpus import PreparedData
+from tasks.pretrain.validation_panel import panel_batch_losses
 from tasks.search.config import SearchConfig
 
 # Children in a row that were already evaluated or out of budget before the evolutionary search gives up: a budget
@@ -376,6 +378,28 @@ def choice_margin(result: SearchResult, batch_losses: dict[str, list[float]]) ->
     chosen, runner = batch_losses[_key(result.chosen.spec)], batch_losses[_key(others[0].spec)]
     diffs = [r - c for r, c in zip(runner, chosen, strict=True)]
     return ChoiceMargin(others[0].spec.describe(), statistics.fmean(diffs), _stderr(diffs), len(diffs))
+
+
+class ValidationObjective:
+    """The search's objective: a sub-model's validation loss on fixed batches, kept batch by batch so that two
+    candidates' losses compare pairwise (`choice_margin`). With images and `image_loss_weight` w, each batch's loss is
+    (1 - w) x the text's + w x the image-text documents' (the i-th batch of each stream)."""
+
+    def __init__(self, model: ElasticMoE, data: PreparedData, config: SearchConfig) -> None:
+        self.model, self.config = model, config
+        weight = config.image_loss_weight if data.image_settings else 0.0
+        self.streams = [(1.0 - weight, data.split("val"))] + ([(weight, data.image_split("val"))] if weight else [])
+        self.batch_losses: dict[str, list[float]] = {}
+
+    def __call__(self, spec: SubnetSpec) -> float:
+        config, device = self.config, next(self.model.parameters()).device
+        shape = (config.eval_batch_size, config.seq_len, config.eval_batches)
+        per_stream = [
+            [share * loss for loss in panel_batch_losses(self.model, {"s": spec}, tokens, *shape, device)["s"]]
+            for share, tokens in self.streams
+        ]
+        losses = self.batch_losses[_key(spec)] = [sum(parts) for parts in zip(*per_stream, strict=True)]
+        return statistics.fmean(losses)
 
 
 def _key(spec: SubnetSpec) -> str:

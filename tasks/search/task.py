@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 from pathlib import Path
 
 from prefect import task
 
 from models.checkpoint import load_model, save_model
-from models.subnet import ElasticSpace, SubnetSpec
+from models.subnet import ElasticSpace
 from registry.tracking import stage_run
 from tasks.common.plots import plot_pareto
 from tasks.common.stage_results import RankingCheck, SearchOutcome
 from tasks.data.corpus import PreparedData
-from tasks.pretrain.validation_panel import panel_batch_losses
 from tasks.search.importance import ImportanceConfig, rank_importance
 from tasks.search.search import (
     SearchConfig,
+    ValidationObjective,
     _key,
     candidate_row,
     choice_margin,
@@ -64,15 +63,7 @@ def search_task(
                 step=0,
             )
         ranked_dir = save_model(supernet, out_dir / "ranked_supernet")
-        val = data.split("val")
-        device = next(supernet.parameters()).device
-
-        batch_losses: dict[str, list[float]] = {}
-
-        def objective(spec: SubnetSpec) -> float:
-            shape = (search.eval_batch_size, search.seq_len, search.eval_batches)
-            losses = batch_losses[_key(spec)] = panel_batch_losses(supernet, {"s": spec}, val, *shape, device)["s"]
-            return statistics.fmean(losses)
+        objective = ValidationObjective(supernet, data, search)
 
         result = run_search(
             search,
@@ -82,8 +73,8 @@ def search_task(
             objective,
             (lambda spec: measure_latency_ms(supernet, spec, search)) if search.needs_latency else None,
         )
-        rows = [candidate_row(c, batch_losses[_key(c.spec)]) for c in result.evaluated]
-        margin = choice_margin(result, batch_losses)
+        rows = [candidate_row(c, objective.batch_losses[_key(c.spec)]) for c in result.evaluated]
+        margin = choice_margin(result, objective.batch_losses)
         (out_dir / "candidates.json").write_text(json.dumps(rows, indent=2))
         png = plot_pareto(
             [(c.active_params, c.val_loss) for c in result.evaluated],

@@ -151,6 +151,7 @@ def test_sft_trains_on_reading_and_drawing(image_data: PreparedData, splits) -> 
     ("overrides", "message"),
     [
         ({"sft.task_mix.tasks": ["copy", "digit_draw"]}, "digit_draw need data.images"),
+        ({"search.image_loss_weight": 0.5}, "search.image_loss_weight=0.5 needs data.images"),
         (
             {"data.vocab_size": 1154, "pretrain.model.vocab_size": 1154, "data.images": {}, "sft.max_new_tokens": 8,
              "sft.task_mix.tasks": ["digit_draw"]},

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from models.accounting import subnet_cost
@@ -140,3 +141,24 @@ def test_choice_margin_is_paired_and_says_when_it_is_within_the_noise() -> None:
     judged = choice_margin(result, noisy)
     assert judged.margin == pytest.approx(margin.margin) and judged.stderr > margin.margin / 2
     assert judged.within_noise and "within the noise" in judged.describe()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_the_objective_weighs_text_and_image_validation_batch_by_batch(weight: float, image_data) -> None:
+    """With images the search can choose on both modalities: each batch's loss is (1 - w) x the text's + w x the
+    image-text documents', so candidates still compare pairwise batch by batch."""
+    from tasks.pretrain.validation_panel import panel_batch_losses
+    from tasks.search.search import ValidationObjective, _key
+    from tests.conftest import image_model
+
+    model = image_model()
+    config = searching(image_loss_weight=weight, eval_batches=3, eval_batch_size=4, seq_len=32)
+    objective = ValidationObjective(model, image_data, config)
+    spec = SubnetSpec.full(model.config)
+    value = objective(spec)
+    device = torch.device("cpu")
+    text = panel_batch_losses(model, {"s": spec}, image_data.split("val"), 4, 32, 3, device)["s"]
+    image = panel_batch_losses(model, {"s": spec}, image_data.image_split("val"), 4, 32, 3, device)["s"]
+    expected = [(1 - weight) * t + weight * i for t, i in zip(text, image, strict=True)]
+    assert objective.batch_losses[_key(spec)] == pytest.approx(expected)
+    assert value == pytest.approx(sum(expected) / 3)
