@@ -7,7 +7,8 @@ for images (the ERNIE 5.1 cut against its twin trained alone on the same tokens)
 
 Arms, every one pre-trained for --steps on the same number of tokens: (T) tiny, text only; (S) tiny-images, shared
 routing; (H) tiny-images-het, heterogeneous routing. For S and H, the ERNIE 5.1 cut (<= 34% of the parameters, <= 50%
-active; searched on the mean of the text and the image-text validation losses) is extracted and distilled at
+active; searched on the text and image-text validation losses, weighed by the preset's search.image_loss_weight)
+is extracted and distilled at
 extract.distill_compute_fraction of its twin's compute, and its twin (the same architecture alone) is trained on the
 same mixed tokens. Figures, on base models (no alignment):
   understanding: the 360 held-out digits as `<image>...</image> This is a `: the most likely next digit token;
@@ -16,7 +17,8 @@ same mixed tokens. Figures, on base models (no alignment):
   text: the full model's validation loss on the text windows every run shares (T's is what images cost);
   image-text: the validation loss on the held-out image documents; routing: the mean modality purity.
 Chance is 0.1; the ceilings are the judge's accuracy on the real held-out digits and on their 8-code
-reconstructions. Finished arms are cached under --cache; nothing is asserted.
+reconstructions. Finished arms are cached under --cache by steps, arm, seed (and the cut's spec), not by --set:
+give another --cache when changing a setting. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from tasks.pretrain.modality_routing import measure_modality_routing  # noqa: E4
 from tasks.pretrain.validation_panel import evaluate_panel  # noqa: E402
 from tasks.search.config import SearchConfig  # noqa: E402
 from tasks.search.importance import rank_importance  # noqa: E402
-from tasks.search.search import run_search  # noqa: E402
+from tasks.search.search import ValidationObjective, run_search  # noqa: E402
 
 MODES = {"text": "tiny", "shared": "tiny-images", "heterogeneous": "tiny-images-het"}
 CUT = {"total_params_fraction": 0.34, "active_params_fraction": 0.5}  # ERNIE 5.1's
@@ -64,6 +66,11 @@ def arm(config_json: str, data_dir: str, out: str) -> str:
     return str(run_pretrain(config, PreparedData.load(data_dir), out).checkpoint_dir)
 
 
+def label(spec: SubnetSpec) -> str:
+    """A spec as part of a folder name: `L3E4k1`."""
+    return spec.describe().replace(" ", "")
+
+
 def alone(config: PretrainConfig, spec: SubnetSpec) -> PretrainConfig:
     """`config`'s loop on the architecture `spec` cuts, trained alone (its twin)."""
     arch = subnet_config(config.model, spec)
@@ -76,7 +83,8 @@ def alone(config: PretrainConfig, spec: SubnetSpec) -> PretrainConfig:
 
 @torch.no_grad()
 def understanding(model: ElasticMoE, data: PreparedData, images: PreparedImages) -> float:
-    """Held-out digits read right: the most likely digit token after `<image>...</image> This is a `."""
+    """Held-out digits read right: the most likely digit token after `<image>...</image> This is a `. The bundled
+    BPE writes " 3" as `Ġ` then `3`, so the prompt ends with the space and the digit is the next token."""
     tokenizer, image_tokenizer = data.tokenizer(), images.image_tokenizer
     held_out = images.split("held_out")
     prompts = [
@@ -155,23 +163,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                 pretrain = pipeline.pretrain.model_copy(update={"seed": seed})
                 rank_importance(supernet, mode_data, pipeline.importance, pretrain.elastic, pipeline.search.seq_len)
 
-                def mixed_loss(spec: SubnetSpec, model=supernet, source=mode_data) -> float:
-                    losses = [
-                        evaluate_panel(model, {"s": spec}, stream, 8, 128, 4, torch.device("cpu"))["s"]
-                        for stream in (source.split("val"), source.image_split("val"))
-                    ]
-                    return statistics.mean(losses)
-
-                search = SearchConfig.model_validate({**pipeline.search.model_dump(), **CUT})
-                spec = run_search(
-                    search, supernet.config, pretrain.elastic, supernet.importance(), mixed_loss
-                ).chosen.spec
+                search = SearchConfig.model_validate({**pipeline.search.model_dump(), **CUT})  # the preset's weight
+                objective = ValidationObjective(supernet, mode_data, search)
+                found = run_search(search, supernet.config, pretrain.elastic, supernet.importance(), objective)
+                spec = found.chosen.spec
                 cuts[mode] = (spec, supernet)
-                twins[mode] = pretrained(
-                    mode, alone(pretrain, spec), f"{mode}-twin-{spec.describe().replace(' ', '')}-{seed}"
-                )
+                twins[mode] = pretrained(mode, alone(pretrain, spec), f"{mode}-twin-{label(spec)}-{seed}")
             for mode, (spec, supernet) in cuts.items():
-                folder = cache / f"{mode}-cut-{seed}"
+                folder = cache / f"{mode}-cut-{label(spec)}-{seed}"
                 if not (folder / "config.json").is_file():
                     student = extract_subnet(supernet, spec)
                     tokens = configs[mode].pretrain.tokens_per_step() * configs[mode].pretrain.total_steps()

@@ -97,6 +97,14 @@ def image_mask(tokens: torch.Tensor, first_code: int, codes: int) -> torch.Tenso
     return (tokens >= first_code) & (tokens < first_code + codes)
 
 
+def token_modality(config: MoEConfig, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Which tokens are image codes, for heterogeneous routing (None for shared routing, which never asks): computed
+    from the ids, so neither the model nor its exported graph takes a new input."""
+    if config.routing != "heterogeneous" or config.image_token_range is None:
+        return None
+    return image_mask(tokens, *config.image_token_range)
+
+
 def pool_mask(image_experts: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
     """(T, E) additive router mask of heterogeneous routing: 0 where token t's modality (`is_image` (T,)) matches
     expert e's pool (`image_experts` (E,)), -1e9 elsewhere (not -inf: a row stays finite)."""
@@ -409,7 +417,8 @@ class MoEBlock(nn.Module):
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         ortho = logits.new_zeros(())
         if self.orthogonal:
-            ortho = sum((orthogonal_loss(weight[image_experts == pool]) for pool in image_experts.unique()), ortho)
+            pools = (~image_experts, image_experts) if self.heterogeneous else (torch.ones_like(image_experts),)
+            ortho = sum((orthogonal_loss(weight[pool]) for pool in pools), ortho)
         load = torch.zeros(self.n_experts, device=logits.device)
         kept_mask = torch.zeros(self.n_experts, dtype=torch.bool, device=logits.device)
         index = kept if kept is not None else torch.arange(self.n_experts, device=logits.device)
@@ -556,7 +565,7 @@ class ElasticMoE(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.attn_head_dim, self.config.rope_theta)
         x = self.embed_tokens(tokens)  # (B, T, D)
         top_k = subnet.top_k if subnet is not None else None
-        is_image = self.modality(tokens)
+        is_image = token_modality(self.config, tokens)
         stats: list[RoutingStats] = []
         for layer, kept in self._plan(subnet, tokens.device):
             past = cache.layers.get(layer) if cache is not None else None
@@ -575,12 +584,6 @@ class ElasticMoE(nn.Module):
         z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
         return MoEOutput(logits, aux, z, tuple(stats))
 
-    def modality(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Which tokens are image codes, for heterogeneous routing (None for shared routing, which never asks)."""
-        if self.config.routing != "heterogeneous" or self.config.image_token_range is None:
-            return None
-        return image_mask(tokens, *self.config.image_token_range)
-
     @torch.no_grad()
     def update_routing_bias(self, routing: tuple[RoutingStats, ...] | list[RoutingStats]) -> None:
         """Auxiliary-loss-free balancing (DeepSeek-V3): raise the selection bias of under-loaded kept experts
@@ -590,8 +593,8 @@ class ElasticMoE(nn.Module):
         for s in routing:
             block = self.layers[s.layer].mlp
             assert isinstance(block, MoEBlock), f"layer {s.layer} is not an MoE layer"
-            for pool in s.image_experts.unique():
-                members = s.kept & (s.image_experts == pool)
+            pools = (s.kept & ~s.image_experts, s.kept & s.image_experts) if block.heterogeneous else (s.kept,)
+            for members in pools:  # masks, not unique(): no host sync per layer on a GPU
                 load = s.expert_load[members]
                 block.gate.e_score_correction_bias[members] += rate * torch.sign(load.mean() - load)
 

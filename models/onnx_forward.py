@@ -34,10 +34,10 @@ from models.moe import (
     SwiGLU,
     apply_rotary,
     experts_export,
-    image_mask,
     repeat_kv,
     rope_cos_sin,
     route_top_k,
+    token_modality,
 )
 
 
@@ -159,19 +159,13 @@ class ExportableDecoder(nn.Module):
         itself = key_pos[None, None, :] == query_pos[None, :, None]  # a padding query sees itself: no NaN
         mask = ((causal & real) | itself)[:, None]  # (B, 1, T, P+T)
         x = self.embed_tokens(input_ids)  # (B, T, D)
-        is_image = self.modality(input_ids)
+        is_image = token_modality(self.config, input_ids)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1], is_image)
             presents += [k, v]
         logits = F.linear(self.norm(x), self.lm_head)
         return (logits, *presents)
-
-    def modality(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Which tokens are image codes (heterogeneous routing), computed in the graph from the ids: no new input."""
-        if self.config.routing != "heterogeneous" or self.config.image_token_range is None:
-            return None
-        return image_mask(input_ids, *self.config.image_token_range)
 
     @staticmethod
     def no_padding(batch: int) -> torch.Tensor:

@@ -82,7 +82,7 @@ class ChatCompletionModel(PythonModel):
         completion = self.package.complete(prompt, codes, params)
         pixels = self.package.drawn_image(completion.token_ids)
         return {
-            "content": image_tokenizer.text([self.package.code_ids.index(t) for t in completion.token_ids]),
+            "content": image_tokenizer.text(self.package.codes_of(completion.token_ids)),
             "finish_reason": completion.finish_reason,
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,

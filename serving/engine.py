@@ -206,13 +206,10 @@ class ChatPackage:
         self.token_texts = TokenTexts(self.tokenizer)
         image_file = directory / ImageTokenizer.FILE_NAME
         self.image_tokenizer = ImageTokenizer.load(directory) if image_file.is_file() else None
-
-    @property
-    def code_ids(self) -> tuple[int, ...]:
-        """The token id of each image code, in code order (empty for a text-only model)."""
-        if self.image_tokenizer is None:
-            return ()
-        return tuple(self.tokenizer.token_to_id(code_name(i)) for i in range(len(self.image_tokenizer.codebook)))
+        codes = len(self.image_tokenizer.codebook) if self.image_tokenizer is not None else 0
+        # the token id of each image code, in code order (empty for a text-only model), and back
+        self.code_ids: tuple[int, ...] = tuple(self.tokenizer.token_to_id(code_name(i)) for i in range(codes))
+        self._code_of = {token: code for code, token in enumerate(self.code_ids)}
 
     def drawing_prompt(self, messages: Sequence[Message]) -> list[int]:
         """The conversation (its last turn asking for a drawing), then the assistant's reply opened with `<image>`:
@@ -223,12 +220,15 @@ class ChatPackage:
         """Sampling of exactly one image's codes: every other token masked out, the end of turn ignored."""
         return SamplingParams(temperature=temperature, seed=seed, allowed_token_ids=self.code_ids, ignore_eos=True)
 
+    def codes_of(self, token_ids: Sequence[int]) -> list[int]:
+        """The codebook indices that generated image tokens stand for."""
+        return [self._code_of[t] for t in token_ids]
+
     def drawn_image(self, token_ids: Sequence[int]) -> np.ndarray:
         """The (H, W) image, in [0, 1], that generated code tokens make."""
         if self.image_tokenizer is None:
             raise ValueError("this model draws no images: its package has no image tokenizer")
-        code_of = {token: code for code, token in enumerate(self.code_ids)}
-        return self.image_tokenizer.decode([code_of[t] for t in token_ids])
+        return self.image_tokenizer.decode(self.codes_of(token_ids))
 
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
         """The token ids SFT trained on, ending in the generation prompt that asks for a reply."""

@@ -24,6 +24,9 @@ MAX_IMAGE_BYTES = 64 * 1024  # encoded: an 8x8 PNG is about 140 bytes, a 256x256
 MAX_SIDE = 256
 MAX_IMAGES = 4  # per request
 SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
+# What Pillow raises for an image it cannot read: a broken chunk is a SyntaxError, a header claiming an enormous
+# size a DecompressionBombError (neither an OSError)
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,(?P<data>.*)", re.S)
 
 
@@ -58,7 +61,7 @@ def read_data_url(url: str, param: str, size: tuple[int, int]) -> np.ndarray:
         raise _refuse(f"the data is not a {kind} image (its first bytes do not match)", param)
     try:
         image = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, OSError) as error:
+    except UNREADABLE as error:
         raise _refuse(f"the {kind} image cannot be read ({error})", param) from error
     width, height = image.size  # from the header: nothing decoded yet
     rows, columns = size
@@ -71,7 +74,7 @@ def read_data_url(url: str, param: str, size: tuple[int, int]) -> np.ndarray:
         )
     try:
         grey = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
-    except OSError as error:  # a truncated or corrupt body behind a valid header
+    except UNREADABLE as error:  # a truncated or corrupt body behind a valid header
         raise _refuse(f"the {kind} image cannot be decoded ({error})", param) from error
     scale = width // columns
     return grey.reshape(rows, scale, columns, scale).mean(axis=(1, 3))
@@ -88,7 +91,7 @@ def reader(package: ChatPackage, count: int) -> Callable[[str, str], str]:
         if image_tokenizer is None:
             message = "this model reads no images: its package has no image tokenizer"
             raise _refuse(message, param, "images_unsupported")
-        pixels = read_data_url(url, f"{param}.image_url.url", image_tokenizer.image_size)
+        pixels = read_data_url(url, param, image_tokenizer.image_size)
         return image_tokenizer.text(image_tokenizer.encode(pixels))
 
     return image_text

@@ -50,10 +50,10 @@ def _encodable(texts: list[str]) -> None:
             ) from error
 
 
-def _text_part(kind: Any, text_kinds: tuple[str, ...], served: str = "text content parts") -> Any:
+def _served_part(kind: Any, served_kinds: tuple[str, ...], served: str = "text content parts") -> Any:
     """A content part's type, if it is one of the kinds served: pydantic's own message would only say "Input
     should be 'text'", where the client needs to hear which parts (audio, files...) are not served."""
-    if kind not in text_kinds:
+    if kind not in served_kinds:
         raise PydanticCustomError(
             "unsupported_content", "only {served} are supported, not {kind}", {"kind": repr(kind), "served": served}
         )
@@ -81,7 +81,7 @@ class ContentPart(BaseModel):
     @field_validator("type", mode="before")
     @classmethod
     def _only_text_and_images(cls, kind: Any) -> Any:
-        return _text_part(kind, ("text", "image_url"), "text and image_url content parts")
+        return _served_part(kind, ("text", "image_url"), "text and image_url content parts")
 
     @model_validator(mode="after")
     def _has_its_content(self) -> ContentPart:
@@ -89,6 +89,8 @@ class ContentPart(BaseModel):
             raise PydanticCustomError("missing_text", "a text part needs `text`")
         if self.type == "image_url" and self.image_url is None:
             raise PydanticCustomError("missing_image_url", "an image_url part needs `image_url`")
+        if self.type == "text" and self.image_url is not None:
+            raise PydanticCustomError("mixed_part", "a text part carries no `image_url`: send it as its own part")
         return self
 
 
@@ -127,19 +129,19 @@ class ChatMessage(BaseModel):
 
     def rendered(self, image_text: Callable[[str, str], str], index: int) -> str:
         """The message's content as the model reads it: text parts as they are, each image part as the text of its
-        image tokens, `image_text(url, param)` (param: where the part is, for a refusal to name), followed by a space
+        image tokens, `image_text(url, param)` (param: where the URL is, for a refusal to name), followed by a space
         when more content follows: `<image>...</image> Which digit is this?`, as the image tasks are written."""
         pieces = []
         for j, part in enumerate(self.content):
-            if part.image_url is not None:
-                pieces.append(image_text(part.image_url.url, f"messages.{index}.content.{j}"))
+            if part.type == "image_url" and part.image_url is not None:
+                pieces.append(image_text(part.image_url.url, f"messages.{index}.content.{j}.image_url.url"))
                 if j < len(self.content) - 1:
                     pieces.append(" ")
             else:
                 pieces.append(part.text or "")
         return "".join(pieces)
 
-    def images(self) -> int:
+    def image_count(self) -> int:
         return sum(part.type == "image_url" for part in self.content)
 
 
@@ -376,7 +378,7 @@ class ResponseInputPart(BaseModel):
     @field_validator("type", mode="before")
     @classmethod
     def _only_text(cls, kind: Any) -> Any:
-        return _text_part(kind, ("input_text", "output_text"))
+        return _served_part(kind, ("input_text", "output_text"))
 
 
 class ResponseInputMessage(BaseModel):

@@ -161,6 +161,11 @@ class PipelineConfig(BaseModel):
         """The model routes by where the data put the image codes; a heterogeneous model needs images and leaves
         as ONNX only (Hugging Face's and llama.cpp's ERNIE route every token in one pool)."""
         model, images = self.pretrain.model, self.data.images
+        if images is not None and self.init_from is not None:
+            raise ValueError(
+                "data.images with init_from: the imported model's vocabulary has no image codes (pre-train a supernet "
+                "with images instead)"
+            )
         expected = (self.data.vocab_size - images.codebook_size, images.codebook_size) if images else None
         if self.init_from is None and model.image_token_range != expected:
             raise ValueError(

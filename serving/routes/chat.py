@@ -27,7 +27,7 @@ async def chat_completions(
     loaded = requested_model(request, http, family)
     package = loaded.package
     params = generation.sampling(request, package)
-    image_text = images.reader(package, sum(m.images() for m in request.messages))
+    image_text = images.reader(package, sum(m.image_count() for m in request.messages))
     messages = [  # `developer` is OpenAI's newer name for `system`
         Message(role="system" if m.role == "developer" else m.role, content=m.rendered(image_text, i))
         for i, m in enumerate(request.messages)

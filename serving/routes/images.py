@@ -41,7 +41,8 @@ async def generate_images(
         limit = package.config.max_seq_len
         message = f"the prompt takes {len(prompt)} of the {limit}-token context, leaving no room for a drawing"
         raise ApiError(400, message, "prompt", "context_length_exceeded")
-    params = package.drawing_params(request.temperature or 0.0, request.seed)
+    temperature = 1.0 if request.temperature is None else request.temperature  # null: the documented default
+    params = package.drawing_params(temperature, request.seed)
     decoding = await generation.start(loaded, [(prompt, codes)], params, request.n, metrics, "img-")
     response.headers[generation.SERVED_BY_HEADER] = loaded.name
     with metrics.running.labels(loaded.name).track_inprogress():

@@ -134,7 +134,7 @@ class TaskMixConfig(BaseModel):
         min_length=1,
         description="Tasks in the mix. With data.images also `digit_read` (a drawing then 'Which digit is this?', "
         "exact match on the digit) and `digit_draw` (a request to draw a digit; passed when the digit judge reads "
-        "the drawing as that digit).",
+        "the drawing as that digit; held out by phrasing, so at most 20 held-out prompts: 10 digits x 2 phrasings).",
     )
     train_per_task: int = Field(400, ge=1, le=1_000_000, description="Training examples per task.")
     test_per_task: int = Field(40, ge=1, le=100_000, description="Held-out examples per task.")

@@ -121,8 +121,8 @@ def image_streams(
     """The token streams of the image-text documents: `train` from the training images, `val` from the held-out
     ones, each document followed by the end-of-text token as the corpus's are."""
     streams = {}
-    for name, split in (("train", "train"), ("val", "held_out")):
-        rng = np.random.default_rng([config.seed, len(streams)])
+    for index, (name, split) in enumerate((("train", "train"), ("val", "held_out"))):
+        rng = np.random.default_rng([config.seed, index])
         documents = image_documents(
             images.split(split), images.image_tokenizer, rng, config.caption_first, config.documents_per_image
         )

@@ -26,7 +26,9 @@ class TrainingMix:
     Text only, `sample` is `sample_batch` on the text with the same generator calls, so a text-only run draws exactly
     the windows it drew before the mix existed (its resumes and cached results stay valid). With images, a batch
     whose share is not a whole number of rows (the small batches of replay, distillation and calibration) rounds
-    down and adds one more image row with the remaining probability, so the share holds on average."""
+    down and adds one more image row with the remaining probability, so the share holds on average. Several processes
+    each take a contiguous slice of a batch's rows, so the image rows fall to the last ones: the gradient averaged
+    over processes is the one of the whole batch, but each process's balancing losses see its own mix."""
 
     text: np.ndarray
     images: np.ndarray | None = None

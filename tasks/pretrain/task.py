@@ -18,6 +18,7 @@ from prefect.context import TaskRunContext
 
 from models.chat_format import chat_format_of
 from models.checkpoint import load_config
+from models.image_tokenizer import ImageTokenizer
 from registry.models import (
     DownloadedCheckpoint,
     RegisteredVersion,
@@ -68,6 +69,8 @@ def register_pretrained(
             "elastic_space": config.elastic.model_dump(mode="json"),
             "pretrain_tokens": tokens,  # incl. the warm-start parent's: what this supernet has seen
             "chat_format": data.chat_format.model_dump(mode="json"),
+            # the codebook of a supernet that reads images: a retrain keeps it with the tokenizer (retrain_data_config)
+            **({"image_tokenizer": images.image_tokenizer.model_dump(mode="json")} if (images := data.images) else {}),
         },
         tags,
     )
@@ -92,17 +95,20 @@ def warm_start_source(config: PretrainConfig, data: PreparedData, workdir: str |
 
 
 def retrain_data_config(data: DataConfig, config: PretrainConfig, workdir: str | Path) -> DataConfig:
-    """With warm starts on, prepare data with the latest supernet's tokenizer: a warm start needs the token ids
-    the weights were trained on. Unchanged data then gets its old fingerprint back (it hashes the tokenizer
-    itself), so every stage stays cached; new data gets a new one."""
+    """With warm starts on, prepare data with the latest supernet's tokenizer (and its image codebook, when it reads
+    images): a warm start needs the token ids the weights were trained on, and image codes that mean the same
+    patches. Unchanged data then gets its old fingerprint back (it hashes the tokenizer and the codebook
+    themselves), so every stage stays cached; new data gets a new one."""
     if config.warm_start == "never" or data.tokenizer_file:
         return data
     parent = latest_supernet(workdir)
     if parent is None or load_config(parent.checkpoint_dir) != config.model:
         return data
-    return data.model_copy(
-        update={"tokenizer_file": str(parent.tokenizer_path), "chat_format": chat_format_of(parent.extra)}
-    )
+    update: dict = {"tokenizer_file": str(parent.tokenizer_path), "chat_format": chat_format_of(parent.extra)}
+    if data.images is not None and "image_tokenizer" in parent.extra:
+        codebook = ImageTokenizer.model_validate(parent.extra["image_tokenizer"]).save(parent.checkpoint_dir.parent)
+        update["images"] = data.images.model_copy(update={"codebook_file": str(codebook)})
+    return data.model_copy(update=update)
 
 
 def progress_bar(description: str) -> Callable[[int, int], None]:

@@ -388,7 +388,11 @@ class ValidationObjective:
     def __init__(self, model: ElasticMoE, data: PreparedData, config: SearchConfig) -> None:
         self.model, self.config = model, config
         weight = config.image_loss_weight if data.image_settings else 0.0
-        self.streams = [(1.0 - weight, data.split("val"))] + ([(weight, data.image_split("val"))] if weight else [])
+        self.streams = []  # (weight, tokens), only those that count
+        if weight < 1:
+            self.streams.append((1.0 - weight, data.split("val")))
+        if weight > 0:
+            self.streams.append((weight, data.image_split("val")))
         self.batch_losses: dict[str, list[float]] = {}
 
     def __call__(self, spec: SubnetSpec) -> float:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,8 +121,24 @@ def test_images_generate_draws_pngs_that_read_back(image_client: openai.OpenAI, 
     returned = "data:image/png;base64," + (drawn.data[0].b64_json or "")
     read = image_client.chat.completions.create(model=CHAT_MODEL, messages=ask(returned), max_tokens=2)
     assert read.choices[0].finish_reason in ("stop", "length")
+    assert read.usage is not None and read.usage.prompt_tokens > 10  # the drawing's codes are in the prompt
     small = image_client.images.generate(model=CHAT_MODEL, prompt="Draw a 5.", size="8x8")
     assert Image.open(io.BytesIO(base64.b64decode(small.data[0].b64_json or ""))).size == (8, 8)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_header(side: int) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+
+
+# a header claiming 20000x20000 (Pillow's decompression-bomb guard), and a valid 8x8 header whose body breaks off
+BOMB = _png_header(20_000) + _png_chunk(b"IEND", b"")
+BROKEN = (
+    _png_header(8) + _png_chunk(b"IDAT", zlib.compress(bytes(72))[:5]) + b"\x00\x00\x00\x04!!!!abcd\x00\x00\x00\x00"
+)
 
 
 def _refused(call) -> openai.BadRequestError:
@@ -140,6 +158,8 @@ def _refused(call) -> openai.BadRequestError:
         ("data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(20)).decode(), "invalid_image",
          "cannot be read"),
         ("data:image/png;base64," + "A" * 90_000, "image_too_large", "64 KiB"),
+        ("data:image/png;base64," + base64.b64encode(BOMB).decode(), "invalid_image", "cannot be read"),
+        ("data:image/png;base64," + base64.b64encode(BROKEN).decode(), "invalid_image", "cannot be decoded"),
     ],
 )  # fmt: skip
 def test_a_bad_image_is_a_400_naming_the_part(image_client: openai.OpenAI, url: str, code: str, words: str) -> None:
@@ -226,5 +246,5 @@ def test_the_mlflow_pyfunc_reads_images_and_draws(
                           params={"image_output": True, "seed": 3, "temperature": 1.0})  # fmt: skip
     picture = Image.open(io.BytesIO(base64.b64decode(drawn.loc[0, "b64_json"])))
     assert picture.size == (64, 64) and images.image_tokenizer.parse(drawn.loc[0, "content"]) is not None
-    with pytest.raises(ValueError, match="images.0.image_url.url: only data URLs are accepted"):
+    with pytest.raises(ValueError, match="images.0: only data URLs are accepted"):
         model.predict(pd.DataFrame({"messages": [messages], "images": [["https://example.com/4.png"]]}))

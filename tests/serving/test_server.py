@@ -260,7 +260,7 @@ def test_every_refusal_is_an_openai_error_object(server, client: openai.OpenAI) 
         client.chat.completions.create(
             model=CHAT_MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]
         )
-    assert refused.value.param == "messages.0.content.1" and refused.value.code == "images_unsupported"
+    assert refused.value.param == "messages.0.content.1.image_url.url" and refused.value.code == "images_unsupported"
 
 
 def test_models_retrieve_and_list_report_when_the_model_was_loaded(client: openai.OpenAI) -> None:

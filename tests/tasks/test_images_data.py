@@ -84,6 +84,7 @@ def test_a_text_tokenizer_too_large_for_the_images_is_refused(small_data: Prepar
         (lambda: DataConfig(vocab_size=400, images=ImagesConfig()), "leaves 270 text tokens beside the 130 image"),
         (lambda: ImagesConfig(patch=(3, 4)), r"patch=\(3, 4\): each side must divide 8"),
         (lambda: ImagesConfig(token_share=1.0), "token_share"),
+        (lambda: load_pipeline_config("tiny-images", {"init_from": "hf:/tmp/model"}), "data.images with init_from"),
         (
             lambda: load_pipeline_config("tiny-images", {"data.images.token_share": 0.3}),
             r"token_share=0.3 x pretrain.batch_size=16 is not a whole number of rows; allowed: a multiple of "
@@ -127,3 +128,31 @@ def test_text_only_identities_are_unchanged_by_the_images_settings() -> None:
         data_fingerprint(DataConfig(), "source", tokenizer)
         == "356db5f3f1670f22736e119d9defa1f6d9df373207c9af8498d209fe4b0ec101"
     )
+
+
+def test_a_warm_start_retrain_keeps_the_supernet_s_tokenizer_and_codebook(
+    tmp_path, small_data: PreparedData, image_data: PreparedData
+) -> None:
+    """The registered supernet carries its codebook, so a retrain reads image codes that mean the same patches: its
+    data preparation reuses both the tokenizer and the codebook, and unchanged data keeps its fingerprint."""
+    import dataclasses
+
+    from registry.tracking import RunLogger
+    from tasks.pretrain.loop import run_pretrain
+    from tasks.pretrain.task import register_pretrained, retrain_data_config
+
+    base = load_pipeline_config("tiny").pretrain.model_dump()
+    base["model"].update(vocab_size=530, n_layers=2, n_experts=4, image_token_range=(402, 128))
+    base["elastic"].update(depths=[1, 2], expert_counts=[2, 4], top_ks=[1, 2])
+    steps = {"max_steps": 2, "eval_interval": 2, "batch_size": 4, "seq_len": 32, "optim": {"warmup_steps": 1}}
+    config = PretrainConfig.model_validate({**base, **steps})
+    result = run_pretrain(config, image_data, tmp_path / "run")
+    logger = RunLogger(tmp_path / "workdir", run_name="pretrain")
+    register_pretrained(
+        dataclasses.replace(result, mlflow_run_id=logger.run_id), config, image_data, tmp_path / "workdir"
+    )
+    logger.finish()
+    fresh = with_images(small_data).model_copy(update={"tokenizer_file": None})
+    retrain = retrain_data_config(fresh, config, tmp_path / "workdir")
+    assert retrain.tokenizer_file is not None and retrain.images is not None and retrain.images.codebook_file
+    assert prepare_data(retrain).fingerprint == image_data.fingerprint

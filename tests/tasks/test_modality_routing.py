@@ -111,7 +111,6 @@ def test_pretraining_with_images_logs_the_image_loss_the_purity_and_the_heatmap(
     result = run_pretrain(config, image_data, tmp_path / "run")
     assert set(result.image_val_loss) == set(result.val_loss)
     assert all(np.isfinite(loss) for loss in result.image_val_loss.values())
-    routing = result.modality_routing
     modality = result.modality_routing
     assert modality is not None and modality["layers"] == [0, 1, 2, 3] and 0.5 <= modality["mean_purity"] <= 1.0
     if routing == "heterogeneous":
