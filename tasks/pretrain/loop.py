@@ -134,6 +134,16 @@ def run_pretrain(
     mix, val_tokens = data.training_mix(), data.split("val")
     image_tokens = data.image_tokens  # with images, also validate on held-out image documents and their routing
     image_val_loss: dict[str, float] = {}
+    modality: ModalityRouting | None = None
+
+    def validate_images(image_tokens: tuple[int, int]) -> tuple[dict[str, float], ModalityRouting]:
+        """The panel's loss on the held-out image documents, and the full model's routing by modality."""
+        losses = evaluate_panel(core, panel, data.image_split("val"), *eval_shape, accelerator.device)
+        routing = measure_modality_routing(
+            core, data.training_mix("val"), image_tokens, config.batch_size, config.seq_len
+        )
+        return losses, routing
+
     tokens_per_step = config.tokens_per_step()
     peak = device_peak_flops(accelerator.device, config.precision, config.peak_tflops)
     progress = tqdm(
@@ -206,11 +216,8 @@ def run_pretrain(
             val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
             record.update({metric_key(label): loss for label, loss in val_loss.items()})
             if image_tokens is not None:
-                image_val_loss = evaluate_panel(core, panel, data.image_split("val"), *eval_shape, accelerator.device)
+                image_val_loss, modality = validate_images(image_tokens)
                 record.update({metric_key(label, "val_image_loss"): loss for label, loss in image_val_loss.items()})
-                modality = measure_modality_routing(
-                    core, data.training_mix("val"), image_tokens, config.batch_size, config.seq_len
-                )
                 record.update(modality_metrics(modality))
         if record and accelerator.is_main_process:
             history.append({"step": done, **record})
@@ -227,13 +234,8 @@ def run_pretrain(
     heatmap_rows = full_model_routing(core, val_tokens, config, accelerator.device)
     if not val_loss:  # resumed at the very end: nothing trained, validate what was restored
         val_loss = evaluate_panel(core, panel, val_tokens, *eval_shape, accelerator.device)
-    modality: ModalityRouting | None = None
-    if image_tokens is not None:
-        modality = measure_modality_routing(
-            core, data.training_mix("val"), image_tokens, config.batch_size, config.seq_len
-        )
-        if not image_val_loss:
-            image_val_loss = evaluate_panel(core, panel, data.image_split("val"), *eval_shape, accelerator.device)
+    if image_tokens is not None and modality is None:  # the same, for the images (the last step validated them)
+        image_val_loss, modality = validate_images(image_tokens)
     supernet_dir = output_dir / "supernet"
     weights = full_state_dict(core) if fsdp else None  # gathered from every process's shards, by all of them
     curve = None
