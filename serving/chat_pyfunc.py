@@ -27,6 +27,7 @@ class ChatCompletionModel(PythonModel):
         from models.sampling import SamplingParams
         from serving.errors import ApiError
         from serving.images import reader
+        from serving.protocol import content_text
 
         params = dict(params or {})
         drawing = bool(params.pop("image_output", False))
@@ -38,11 +39,12 @@ class ChatCompletionModel(PythonModel):
             if urls is not None and not (isinstance(urls, float) and pd.isna(urls)) and len(urls):
                 try:
                     image_text = reader(self.package, len(urls))
-                    read = " ".join(image_text(url, f"images.{i}") for i, url in enumerate(urls))
+                    read = [(image_text(url, f"images.{i}"), True) for i, url in enumerate(urls)]
                 except ApiError as error:
                     raise ValueError(f"{error.param}: {error.message}") from error
                 last = messages[-1]  # the images, then the text, as the server renders image_url parts
-                messages[-1] = Message(role=last.role, content=f"{read} {last.content}" if last.content else read)
+                text = [(last.content, False)] if last.content else []
+                messages[-1] = Message(role=last.role, content=content_text(read + text))
             if drawing:
                 rows.append(self._draw(messages, sampling))
                 continue

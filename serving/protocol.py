@@ -60,6 +60,13 @@ def _served_part(kind: Any, served_kinds: tuple[str, ...], served: str = "text c
     return kind
 
 
+def content_text(parts: list[tuple[str, bool]]) -> str:
+    """A message's parts (text, and whether it is an image's token text) as one content string: an image is followed
+    by a space when more content follows, `<image>...</image> Which digit is this?`, as the image tasks are written.
+    The server's image_url parts and the pyfunc's images column both go through here."""
+    return "".join(text + (" " if is_image and j < len(parts) - 1 else "") for j, (text, is_image) in enumerate(parts))
+
+
 class ImageUrl(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -131,15 +138,14 @@ class ChatMessage(BaseModel):
         """The message's content as the model reads it: text parts as they are, each image part as the text of its
         image tokens, `image_text(url, param)` (param: where the URL is, for a refusal to name), followed by a space
         when more content follows: `<image>...</image> Which digit is this?`, as the image tasks are written."""
-        pieces = []
-        for j, part in enumerate(self.content):
-            if part.type == "image_url" and part.image_url is not None:
-                pieces.append(image_text(part.image_url.url, f"messages.{index}.content.{j}.image_url.url"))
-                if j < len(self.content) - 1:
-                    pieces.append(" ")
-            else:
-                pieces.append(part.text or "")
-        return "".join(pieces)
+        return content_text(
+            [
+                (image_text(part.image_url.url, f"messages.{index}.content.{j}.image_url.url"), True)
+                if part.type == "image_url" and part.image_url is not None
+                else (part.text or "", False)
+                for j, part in enumerate(self.content)
+            ]
+        )
 
     def image_count(self) -> int:
         return sum(part.type == "image_url" for part in self.content)

@@ -47,20 +47,8 @@ def test_only_the_codes_are_image_tokens() -> None:
     assert image_mask(tokens, first_code=402, codes=128).tolist() == [[False, False, True, True, False, False]]
 
 
-def test_the_measurement_equals_the_router_re_run_on_captured_hidden_states() -> None:
-    config = MoEConfig(
-        vocab_size=160,
-        d_model=32,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        n_experts=6,
-        top_k=2,
-        expert_ffn_dim=16,
-        first_dense_layers=1,
-        dense_ffn_dim=48,
-        max_seq_len=64,
-    )
+def test_the_measurement_equals_the_router_re_run_on_captured_hidden_states(tiny_config: MoEConfig) -> None:
+    config = MoEConfig.model_validate({**tiny_config.model_dump(), "vocab_size": 160, "n_layers": 3})
     torch.manual_seed(0)
     model = ElasticMoE(config).eval()
     rng = np.random.default_rng(0)
