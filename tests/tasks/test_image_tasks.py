@@ -4,6 +4,7 @@ go through the judge; SFT trains on both tasks."""
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from tasks.align.config import GRPOConfig, SFTConfig
-from tasks.align.grpo import answer_reward
+from tasks.align.grpo import answer_reward, run_grpo
 from tasks.align.sft import run_sft
 from tasks.data.config import TaskMixConfig
 from tasks.data.corpus import PreparedData
@@ -145,6 +146,28 @@ def test_sft_trains_on_reading_and_drawing(image_data: PreparedData, splits) -> 
     )
     result = run_sft(config, model, image_data.chat_tokenizer(), train, test[:6], (), image_data.training_mix())
     assert len(result.losses) == 5 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_grpo_on_drawing_requests_is_rewarded_by_the_judge(image_data: PreparedData, splits) -> None:
+    """Unified multimodal RL in miniature: once a short SFT has taught the shape of a drawing reply, GRPO's rewards
+    are the judge's verdicts on sampled drawings, and they differ within a group: a signal the policy moves on."""
+    train, test = splits
+    draws, held_out = [e for e in train if e.task == "digit_draw"], [e for e in test if e.task == "digit_draw"][:4]
+    tokenizer, model = image_data.chat_tokenizer(), image_model().train()
+    shape = SFTConfig(
+        task_mix=DIGIT_TASKS, steps=60, batch_size=16, replay={"batch_size": 0}, max_new_tokens=11, optim={"lr": 1e-2}
+    )
+    run_sft(shape, model, tokenizer, draws, [])
+    start = copy.deepcopy(model)
+    config = GRPOConfig(
+        enabled=True, steps=3, prompts_per_step=4, group_size=6, max_new_tokens=11, partial_credit=0.5,
+        replay={"batch_size": 0}, optim={"lr": 1e-3},
+    )  # fmt: skip
+    result = run_grpo(config, model, tokenizer, draws, held_out)
+    assert all(m["response_length"] <= 11 for m in result.metrics)
+    assert any(m["useful_groups"] > 0 and m["reward_std"] > 0 for m in result.metrics)
+    assert "digit_draw" in result.accuracy_after
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), start.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
