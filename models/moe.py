@@ -105,6 +105,12 @@ def token_modality(config: MoEConfig, tokens: torch.Tensor) -> torch.Tensor | No
     return image_mask(tokens, *config.image_token_range)
 
 
+def expert_pools(image_experts: torch.Tensor, heterogeneous: bool) -> tuple[torch.Tensor, ...]:
+    """A layer's expert pools as (E,) masks: text and image experts under heterogeneous routing, one pool of every
+    expert under shared routing. Masks, not `unique()`: no host sync per layer on a GPU."""
+    return (~image_experts, image_experts) if heterogeneous else (torch.ones_like(image_experts),)
+
+
 def pool_mask(image_experts: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
     """(T, E) additive router mask of heterogeneous routing: 0 where token t's modality (`is_image` (T,)) matches
     expert e's pool (`image_experts` (E,)), -1e9 elsewhere (not -inf: a row stays finite)."""
@@ -417,7 +423,7 @@ class MoEBlock(nn.Module):
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         ortho = logits.new_zeros(())
         if self.orthogonal:
-            pools = (~image_experts, image_experts) if self.heterogeneous else (torch.ones_like(image_experts),)
+            pools = expert_pools(image_experts, self.heterogeneous)
             ortho = sum((orthogonal_loss(weight[pool]) for pool in pools), ortho)
         load = torch.zeros(self.n_experts, device=logits.device)
         kept_mask = torch.zeros(self.n_experts, dtype=torch.bool, device=logits.device)
@@ -593,8 +599,8 @@ class ElasticMoE(nn.Module):
         for s in routing:
             block = self.layers[s.layer].mlp
             assert isinstance(block, MoEBlock), f"layer {s.layer} is not an MoE layer"
-            pools = (s.kept & ~s.image_experts, s.kept & s.image_experts) if block.heterogeneous else (s.kept,)
-            for members in pools:  # masks, not unique(): no host sync per layer on a GPU
+            for pool in expert_pools(s.image_experts, block.heterogeneous):
+                members = s.kept & pool
                 load = s.expert_load[members]
                 block.gate.e_score_correction_bias[members] += rate * torch.sign(load.mean() - load)
 
