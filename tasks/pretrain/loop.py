@@ -125,7 +125,7 @@ def run_pretrain(
         logger.set_tags({"config_hash": config_hash, "data_fingerprint": data.fingerprint})
         if start_step:
             logger.set_tags({"resumed_from_step": start_step})
-    history = MetricsHistory(output_dir / "metrics.jsonl", start_step)
+    history = MetricsHistory(output_dir / "metrics.jsonl", start_step) if accelerator.is_main_process else None
 
     total_steps = config.total_steps()
     lr_factor = elastic_lr_schedule(config.optim, config.sampling, total_steps)
@@ -219,7 +219,7 @@ def run_pretrain(
                 image_val_loss, modality = validate_images(image_tokens)
                 record.update({metric_key(label, "val_image_loss"): loss for label, loss in image_val_loss.items()})
                 record.update(modality_metrics(modality))
-        if record and accelerator.is_main_process:
+        if record and history is not None:
             history.append({"step": done, **record})
             if logger:
                 logger.log_metrics(record, step=done)
@@ -239,7 +239,7 @@ def run_pretrain(
     supernet_dir = output_dir / "supernet"
     weights = full_state_dict(core) if fsdp else None  # gathered from every process's shards, by all of them
     curve = None
-    if accelerator.is_main_process:
+    if history is not None:  # only the main process writes the model and plots
         save_model(core, supernet_dir, weights)
         curve = plot_loss_curves(*history.curves(), output_dir / "loss_curve.png")
         heatmap = plot_routing_heatmap(

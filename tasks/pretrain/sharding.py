@@ -12,17 +12,27 @@ same plan (drawn from seed and step) and each layer's experts are stacked tensor
 gradient reductions line up without DDP's unused-parameter search.
 
 Checkpoints are torch.distributed.checkpoint folders: every process writes its own shards (`__<rank>_0.distcp`),
-and loading reshards them to whatever processes load them.
+and loading reshards them to whatever processes load them. torch's reader unpickles the folder's `.metadata` index
+and its non-tensor entries without limits, so a checkpoint folder from elsewhere could run code on resume: they are
+read here with the classes that index holds and nothing else, and with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import pickle
 import warnings
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -71,9 +81,70 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, direc
     dcp.save(state, checkpoint_id=directory, no_dist=not dist.is_initialized())  # one process: no group to join
 
 
+# What torch writes into a checkpoint's `.metadata` (torch 2.13): its index classes, tensor sizes, dtypes, layouts.
+_INDEX_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("torch", "Size"): torch.Size,
+    ("pathlib", "PosixPath"): Path,
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles a checkpoint index allowing only the globals above and dtypes (the Python docs' "restricting
+    globals"): anything else, such as a callable a crafted file names, is refused before it runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _INDEX_GLOBALS:
+            return _INDEX_GLOBALS[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"a checkpoint index may not name {module}.{name}")
+
+
+class _IndexReader(dcp.FileSystemReader):
+    """torch's folder reader, with the index read by `_IndexUnpickler` instead of plain pickle."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as index:
+            metadata = _IndexUnpickler(index).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """torch's load planner, reading the non-tensor entries (the optimizer's settings) with weights_only=True."""
+
+    def load_bytes(self, read_item: ReadItem, value: BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Restore what `save_sharded` wrote, resharded to this run's processes (a collective)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
+    dcp.load(
+        state,
+        storage_reader=_IndexReader(directory),
+        planner=_WeightsOnlyPlanner(),
+        no_dist=not dist.is_initialized(),
+    )
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -15,6 +15,7 @@ import torch
 from models.accounting import subnet_cost
 from models.losses import causal_lm_loss
 from models.moe import ElasticMoE, RoutingStats
+from models.publish import staged_file
 from models.subnet import SubnetSpec
 from tasks.data.sampling import sample_batch
 from tasks.pretrain.config import PretrainConfig
@@ -108,18 +109,31 @@ def full_model_routing(
     return rows
 
 
+def _parsed(line: str) -> dict | None:
+    """A history line's record, or None for a line a kill cut short."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
 def metric_key(label: str, metric: str = "val_loss") -> str:
     return f"{metric}/" + label.replace(" ", "_")
 
 
 class MetricsHistory:
-    """Append-only jsonl of logged points that survives kills; truncated to the resumed step on restart."""
+    """Append-only jsonl of logged points that survives kills; truncated to the resumed step on restart.
+
+    One process writes it (the main one). A kill can tear the line being appended: a line that does not parse is
+    dropped on restart, and the truncated history replaces the file atomically, so a kill then loses nothing."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
         lines = path.read_text().splitlines() if path.is_file() else []
-        self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.records = [r for r in map(_parsed, lines) if r is not None and r["step"] <= resume_step]
+        with staged_file(path) as staged:
+            staged.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict) -> None:
         self.records.append(record)

@@ -1,11 +1,14 @@
 """Elastic pre-training: config validation before compute, and a short real run that learns."""
 
+import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
+from torch.distributed.checkpoint import CheckpointException
 
 from models.accounting import subnet_cost
 from models.checkpoint import load_model
@@ -17,8 +20,9 @@ from tasks.data.corpus import PreparedData, prepare_data
 from tasks.pipeline_config import load_pipeline_config
 from tasks.pretrain.config import PretrainConfig
 from tasks.pretrain.loop import run_pretrain
+from tasks.pretrain.sharding import load_sharded
 from tasks.pretrain.step import plan_for_step
-from tasks.pretrain.validation_panel import evaluation_panel
+from tasks.pretrain.validation_panel import MetricsHistory, evaluation_panel
 
 # Sub-models from the first step to the last (the tiny preset's recipe delays them and ends with the full model alone)
 UNDELAYED = {"elastic_start": 0.0, "ramp": 0.0, "elastic_end": 1.0}
@@ -127,6 +131,36 @@ def test_a_sharded_checkpoint_resumes_only_sharded(tmp_path: Path, small_data: P
     assert again.resumed_from == 4
     for name, tensor in load_model(again.checkpoint_dir).state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+    # a checkpoint folder from elsewhere: its index may hold only what torch writes there, never a call to run
+    crafted, ran = tmp_path / "crafted", tmp_path / "code-ran"
+    shutil.copytree(checkpoint, crafted)
+    (crafted / ".metadata").write_bytes(pickle.dumps(_Touches(ran)))
+    model = ElasticMoE(_tiny_pretrain().model)
+    with pytest.raises(CheckpointException, match="may not name pathlib.Path.touch"):
+        load_sharded(model, torch.optim.AdamW(model.parameters()), crafted)
+    assert not ran.exists()
+
+
+class _Touches:
+    """Unpickled with plain pickle, creates `path`: what a crafted checkpoint index could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
+
+
+def test_metrics_history_resumes_past_a_line_torn_by_a_kill(tmp_path: Path) -> None:
+    """A kill mid-append leaves half a line: the restart drops it (and the points after its checkpoint) instead of
+    refusing to resume."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "train/loss_full": 5.0}\n{"step": 20, "train/loss_full": 4.0}\n{"step": 30, "tra')
+    history = MetricsHistory(path, resume_step=10)
+    history.append({"step": 20, "train/loss_full": 3.9})
+    assert history.curves()[0] == [(10, 5.0), (20, 3.9)]
+    assert MetricsHistory(path, resume_step=20).records == history.records
 
 
 def test_token_budget_sets_the_step_count() -> None:
