@@ -140,6 +140,20 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535] (0: any free port), got {value}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -169,9 +183,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_promote(args: argparse.Namespace) -> None:
     from registry.promotion import promote
+    from tasks.deploy.task import promotion_slot
 
     try:
-        version = promote(args.workdir, args.model, args.version, reason=args.reason)
+        with promotion_slot(args.workdir, args.model):  # not while a gate (or another command) moves the alias
+            version = promote(args.workdir, args.model, args.version, reason=args.reason)
     except LookupError as error:
         raise SystemExit(str(error)) from error
     print(f"{args.model}@champion -> version {version}")
@@ -179,9 +195,11 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 def cmd_rollback(args: argparse.Namespace) -> None:
     from registry.promotion import rollback
+    from tasks.deploy.task import promotion_slot
 
     try:
-        previous, current = rollback(args.workdir, args.model)
+        with promotion_slot(args.workdir, args.model):
+            previous, current = rollback(args.workdir, args.model)
     except LookupError as error:
         raise SystemExit(str(error)) from error
     print(f"{args.model}@champion -> version {current} (was {previous})")
@@ -296,10 +314,12 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--alias", default="champion", help="alias to serve and follow as it moves")
     serve.add_argument("--version", default=None, help="serve this fixed version instead of an alias")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--api-key", default=None, help="require this bearer key (or set TRAINONCE_API_KEY)")
-    serve.add_argument("--poll-seconds", type=float, default=5.0, help="how often to check whether the alias moved")
-    serve.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    serve.add_argument(
+        "--poll-seconds", type=_positive_seconds, default=5.0, help="how often to check whether the alias moved"
+    )
+    serve.add_argument("--threads", type=_non_negative, default=0, help="onnxruntime intra-op threads (0: all cores)")
     serve.add_argument(
         "--max-batch",
         type=_at_least_one,

@@ -20,7 +20,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 from flows.run_guard import guarded_flow, run_name
 from models.subnet import ElasticSpace
-from registry.models import download_checkpoint, version_link
+from registry.models import download_checkpoint, resolve_version, version_link
 from registry.names import SUPERNET_MODEL
 from registry.promotion import GateRules
 from registry.tracking import check_artifact_store, run_link, tracking_uri
@@ -64,6 +64,15 @@ def checked_workdir(workdir: str) -> str:
     workdir = str(Path(workdir).resolve())
     check_artifact_store(workdir)
     return workdir
+
+
+def checked_model_ref(parameter: str, workdir: str, ref: str) -> None:
+    """Stop the flow before any compute when the model reference in `parameter` is malformed or names nothing
+    registered: resolving it later is a task with retries, meant for a store that hiccups, not for a typo."""
+    try:
+        resolve_version(workdir, ref)
+    except (ValueError, LookupError) as error:
+        raise ValueError(f"{parameter}: {error}") from error
 
 
 @task(name="resolve-model", retries=2, retry_delay_seconds=[2, 10])
@@ -117,6 +126,8 @@ def pretrain_flow(
     """Prepare the corpus and pre-train the elastic supernet (warm-started from the latest supernet when the
     data changed, or continued from `parent`, a registered supernet); registers a `trainonce-supernet` version."""
     workdir = checked_workdir(workdir)
+    if parent is not None:
+        checked_model_ref("parent", workdir, parent)
     data_dir = prepare_data_task(retrain_data_task(data, pretrain, workdir))
     pretrained = cached(pretrain_task, workdir)(pretrain, data_dir, workdir, parent)
     report(pretrained, "pretrain-summary", "Elastic pre-training: validation loss of each panel sub-model", workdir)
@@ -137,6 +148,7 @@ def extract_flow(
     chosen sub-model;
     registers a `trainonce-subnet` version."""
     workdir = checked_workdir(workdir)
+    checked_model_ref("supernet", workdir, supernet)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, supernet)
     if "pretrain_tokens" not in source["extra"]:
@@ -171,6 +183,7 @@ def align_flow(
 ) -> AlignedModels:
     """SFT then DPO (then GRPO, when enabled) of a registered sub-model; registers each in `trainonce-chat-torch`."""
     workdir = checked_workdir(workdir)
+    checked_model_ref("subnet", workdir, subnet)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, subnet)
     aligned = cached(align_task, workdir)(
@@ -195,6 +208,7 @@ def deploy_flow(
     it to `champion` if it passes the gate against the current champion."""
     workdir = checked_workdir(workdir)
     check_gguf_request("deploy.gguf", deploy.gguf)
+    checked_model_ref("aligned", workdir, aligned)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, aligned)
     lineage = {"parent_model": source["uri"], **(lineage or {})}

@@ -86,23 +86,31 @@ def publish(staged: Path, target: Path, keep_existing: Callable[[Path], bool] = 
 
     When `target` is there already (another writer published first), `keep_existing(target)` decides: True
     (a cache whose name is its content key, and the copy there is complete) deletes ours and keeps theirs;
-    False sets theirs aside and publishes ours, so for a moment readers find no `target` at all."""
+    False sets theirs aside and publishes ours, so for a moment readers find no `target` at all. A copy set aside
+    is deleted only once ours is in place: deleting a large folder is slow, and a writer killed during it must
+    not leave neither copy."""
+    set_aside: list[Path] = []
     while True:
         try:
             os.rename(staged, target)
-            return target
+            break
         except OSError as error:
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                if set_aside and not target.exists():
+                    os.rename(set_aside.pop(), target)  # put back the copy this call set aside
                 raise
         if keep_existing(target):
             shutil.rmtree(staged)
-            return target
+            break
         aside = staging_path(target)
         try:
             os.rename(target, aside)
         except FileNotFoundError:  # another writer set it aside first; try again
             continue
-        shutil.rmtree(aside)
+        set_aside.append(aside)
+    for aside in set_aside:
+        shutil.rmtree(aside, ignore_errors=True)
+    return target
 
 
 @contextmanager

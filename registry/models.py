@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -15,10 +16,10 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array, Object, ParamSchema, ParamSpec, Property
 
 from models.image_tokenizer import ImageTokenizer
-from models.publish import staged_dir
+from models.publish import staged_dir, staged_file
 from models.sampling import SamplingParams
 from registry.names import CHAT_MODEL, HF_MODEL
-from registry.tracking import active_store, configure_tracking, store_client, ui_base_url
+from registry.tracking import active_store, configure_tracking, store_client, tracking_uri, ui_base_url
 
 _SCORER_CODE = Path(__file__).resolve().parent / "scorer_pyfunc.py"
 _PIP_REQUIREMENTS = ["trainonce", "torch", "onnxruntime", "safetensors", "tokenizers", "pandas"]
@@ -83,7 +84,8 @@ def register_checkpoint(
 
     Its `predict` scores texts under the model or any of its sub-models (registry/scorer_pyfunc.py)."""
     extra_file = checkpoint_dir.parent / f"{checkpoint_dir.name}_extra.json"
-    extra_file.write_text(json.dumps(extra, indent=2))
+    with staged_file(extra_file) as staged:  # a second registration of the same folder may be writing it too
+        staged.write_text(json.dumps(extra, indent=2))
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "text"), ColSpec("string", "subnet", required=False)]),
         outputs=Schema([ColSpec("double", "nll"), ColSpec("long", "tokens")]),
@@ -280,11 +282,19 @@ class DownloadedCheckpoint:
     extra: dict[str, Any]  # what was registered beside the weights (elastic space, subnet spec, ...)
 
 
+def version_cache_dir(root: str | Path, workdir: str | Path, version: RegisteredVersion) -> Path:
+    """Where one registered version's files are cached under `root`: `<store>/<name>/<version>`, the store a hash of
+    its address, because `NAME/3` of the embedded store and `NAME/3` of a tracking server the same workdir is later
+    pointed at are different models."""
+    store = hashlib.sha256(tracking_uri(workdir).encode()).hexdigest()[:12]
+    return Path(root) / store / version.name / version.version
+
+
 def download_checkpoint(workdir: str | Path, ref: str) -> DownloadedCheckpoint:
-    """A registered trainonce checkpoint as local files under `<workdir>/registry-cache/<name>/<version>`
-    (downloaded once: a version's files never change), so stages can start from any registered model."""
+    """A registered trainonce checkpoint as local files under `<workdir>/registry-cache` (`version_cache_dir`;
+    downloaded once: a version's files never change), so stages can start from any registered model."""
     version = resolve_version(workdir, ref)
-    cache = Path(workdir) / "registry-cache" / version.name / version.version
+    cache = version_cache_dir(Path(workdir) / "registry-cache", workdir, version)
     destination = _download_once(workdir, version.uri, cache)
     extra_file = _artifact_dir(destination, "extra", ref)
     return DownloadedCheckpoint(

@@ -107,6 +107,8 @@ def promote(workdir: str | Path, name: str, version: str, reason: str = "manual"
     version = _existing_version(workdir, name, version)
     client = store_client(workdir)
     history = champion_history(workdir, name)
+    # the alias first: a promotion killed before its history write leaves a history that rollback still walks
+    # correctly (back to the last recorded champion); the other order would let a rollback move forward to `version`
     client.set_registered_model_alias(name, CHAMPION, version)
     if not history or history[-1] != version:
         client.set_registered_model_tag(name, _HISTORY_TAG, json.dumps([*history, version]))
@@ -133,8 +135,10 @@ def rollback(workdir: str | Path, name: str) -> tuple[str, str]:
         except LookupError:
             history.pop()  # that version was deleted since: look further back
             continue
-        client.set_registered_model_alias(name, CHAMPION, target)
+        # the history first: a rollback killed between the two writes and retried then moves the alias to the same
+        # version (the other order would leave the version rolled back from on top, and a retry would return to it)
         client.set_registered_model_tag(name, _HISTORY_TAG, json.dumps(history))
+        client.set_registered_model_alias(name, CHAMPION, target)
         client.set_model_version_tag(name, target, "promotion_reason", f"rollback from version {current}")
         return current, target
     raise LookupError(f"{name}: no earlier champion than version {current} to roll back to; nothing was changed")

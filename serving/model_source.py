@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.models import download_chat_package, resolve_version
+from registry.models import RegisteredVersion, download_chat_package, resolve_version, version_cache_dir
 from serving.batching import DEFAULT_BATCHING, Batching, DecodeBatcher
 from serving.engine import EVERY_TOKEN, ChatPackage
 
@@ -71,11 +71,12 @@ class ModelSource:
     def reference(self) -> str:
         return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.pinned_version}"
 
-    def _resolve(self) -> str:
-        return resolve_version(self.workdir, self.reference).version
+    def _resolve(self) -> RegisteredVersion:
+        return resolve_version(self.workdir, self.reference)
 
-    def _load(self, version: str) -> LoadedModel:
-        destination = self.cache_dir / self.name / version
+    def _load(self, registered: RegisteredVersion) -> LoadedModel:
+        version = registered.version
+        destination = version_cache_dir(self.cache_dir, self.workdir, registered)
         package_dir = download_chat_package(self.workdir, f"{self.name}/{version}", destination)
         package = ChatPackage(package_dir, threads=self.threads, spin=False)  # a server's cores are shared
         batcher = DecodeBatcher(package, self.batching)
@@ -83,12 +84,12 @@ class ModelSource:
 
     def refresh(self) -> bool:
         """Swap to the version the alias names now, if it moved; True if a swap happened."""
-        version = self._resolve()
-        if version == self.current.version:
+        registered = self._resolve()
+        if registered.version == self.current.version:
             return False
-        loaded = self._load(version)
+        loaded = self._load(registered)
         previous, self.current = self.current.version, loaded
-        log.warning("%s moved: now serving version %s (was %s)", self.reference, version, previous)
+        log.warning("%s moved: now serving version %s (was %s)", self.reference, registered.version, previous)
         return True
 
     def _watch(self) -> None:

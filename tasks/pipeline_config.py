@@ -302,7 +302,10 @@ def load_pipeline_config(name_or_path: str | Path, overrides: dict | None = None
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                parent = ".".join(parents[: depth + 1])
+                raise ValueError(f"{dotted}: {parent} is a value ({node!r}), not a section with fields")
         node[leaf] = value
     return PipelineConfig.model_validate(raw)

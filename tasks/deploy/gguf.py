@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 
 from models.chat_format import ChatFormat
-from models.image_tokenizer import ImageTokenizer, image_tokenizer_beside
+from models.image_tokenizer import image_tokenizer_beside
 from models.publish import staged_dir
+from tasks.deploy.export_folder import GGUF_EXPORT, check_replaceable, mark_export
 from tasks.deploy.hugging_face import export_hf
 from tasks.deploy.llama_cpp import GGUF_TYPES, LlamaCpp, find_llama_cpp
 from tasks.deploy.ollama import MODELFILE, modelfile_text
@@ -86,14 +87,12 @@ def export_gguf(
 
     Unknown types and a missing llama.cpp fail before anything is computed. The folder is assembled beside
     `out_dir` and renamed into place, so a failure never leaves half the files under that name; an earlier GGUF
-    export there is replaced, any other non-empty folder is refused."""
+    export there is replaced, any other non-empty folder is refused (tasks/deploy/export_folder.py)."""
     unknown = [t for t in types if t not in GGUF_TYPES]
     if unknown or not types:
         raise ValueError(f"types: {unknown or 'none'} given; choose one or more of {', '.join(GGUF_TYPES)}")
     out_dir = Path(out_dir)
-    ours = (MODELFILE, ImageTokenizer.FILE_NAME)
-    if out_dir.is_dir() and any(p.suffix != ".gguf" and p.name not in ours for p in out_dir.iterdir()):
-        raise FileExistsError(f"out: {out_dir} holds files other than GGUF; give a new or empty folder")
+    check_replaceable(out_dir, GGUF_EXPORT)
     llama_cpp = find_llama_cpp()
     types = tuple(dict.fromkeys(types))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +116,7 @@ def export_gguf(
             image_tokenizer = image_tokenizer_beside(hf / "tokenizer.json")
             if image_tokenizer is not None:  # the codes are added tokens to llama.cpp; the codebook draws them
                 image_tokenizer.save(staged)
+            mark_export(staged, GGUF_EXPORT)
             for written in staged.iterdir():
                 written.chmod(0o644)
     return {gguf_type: out_dir / gguf_name(gguf_type) for gguf_type in types}

@@ -27,6 +27,7 @@ from models.checkpoint import load_model
 from models.hf import hf_config_dict, to_hf_state_dict
 from models.image_tokenizer import image_tokenizer_beside
 from models.publish import staged_dir
+from tasks.deploy.export_folder import HF_EXPORT, check_replaceable, mark_export
 
 
 def export_hf(
@@ -37,7 +38,7 @@ def export_hf(
     A sub-model transformers cannot express (different expert counts per layer) fails before anything is
     written, naming the layer. The directory is assembled beside `out_dir` and renamed into place, so a
     failure never leaves a half-written model under that name; an earlier export there is replaced, any other
-    non-empty folder is refused."""
+    non-empty folder is refused (tasks/deploy/export_folder.py)."""
     model = load_model(checkpoint_dir).eval()
     config = hf_config_dict(model.config)  # raises, naming the layer, before any file is written
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -46,8 +47,7 @@ def export_hf(
     config.update(eos_token_id=end_of_text, pad_token_id=pad, bos_token_id=None)
 
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
-        raise FileExistsError(f"out: {out_dir} exists and is not a model directory; give a new or empty folder")
+    check_replaceable(out_dir, HF_EXPORT)
     with torch.device("meta"):  # no second copy of the weights: load_state_dict(assign=True) adopts ours
         hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**config))
     result = hf.load_state_dict(to_hf_state_dict(model), strict=False, assign=True)
@@ -79,6 +79,7 @@ def export_hf(
         image_tokenizer = image_tokenizer_beside(tokenizer_path)
         if image_tokenizer is not None:  # the codebook: the model reads and draws images outside trainonce too
             image_tokenizer.save(staged)
+        mark_export(staged, HF_EXPORT)
         for written in staged.iterdir():  # save_pretrained leaves the weights owner-only (0600); serving
             written.chmod(0o644)  # containers often run as another user
     return out_dir

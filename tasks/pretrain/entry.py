@@ -14,6 +14,7 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
+from models.publish import staged_file
 from registry.tracking import run_opener
 from tasks.common.launch import run_launched
 from tasks.common.tracker import OpenRun
@@ -48,7 +49,8 @@ def _run_job(path: Path) -> None:
             "checkpoint_dir": str(result.checkpoint_dir),
             "loss_curve": str(result.loss_curve) if result.loss_curve else None,
         }
-        (path.parent / "result.json").write_text(json.dumps(payload, indent=2))
+        with staged_file(path.parent / "result.json") as staged:  # read by the launcher: whole, or not there
+            staged.write_text(json.dumps(payload, indent=2))
     # every process leaves the group before exiting: without it a multi-machine run's rank 0 was seen to abort
     # (SIGABRT) at exit after finishing its work
     PartialState().destroy_process_group()
@@ -74,7 +76,8 @@ def write_job(
         "init_label": init_label,
     }
     path = output_dir / "job.json"
-    path.write_text(json.dumps(job, indent=2))
+    with staged_file(path) as staged:  # every process reads it: never half of it
+        staged.write_text(json.dumps(job, indent=2))
     (output_dir / "result.json").unlink(missing_ok=True)
     return path
 

@@ -1,5 +1,6 @@
 """The installed `trainonce` console script, run as a user runs it."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,27 @@ def test_info_prints_the_family_accounting(capsys: pytest.CaptureFixture[str]) -
 def test_bad_override_fails_naming_the_field() -> None:
     with pytest.raises(SystemExit, match=r"top_k=99 must be <= the experts of layer 0 \(16\)"):
         main(["info", "--set", "pretrain.model.top_k=99"])
+    with pytest.raises(SystemExit, match=r"data.vocab_size.x: data.vocab_size is a value \(8192\), not a section"):
+        main(["info", "--config", "small", "--set", "data.vocab_size.x=1"])  # small sets it: a value, not a section
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--port", "70000", r"TCP port in \[0, 65535\]"),
+        ("--poll-seconds", "0", "seconds > 0"),
+        ("--threads", "-1", "integer >= 0"),
+        ("--max-batch", "0", "integer >= 1"),
+    ],
+)
+def test_serve_refuses_a_bad_option_before_loading_any_model(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The workdir does not exist: a refusal that names the option comes first, before any registry is read."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--workdir", "/nonexistent/workdir", option, value])
+    error = capsys.readouterr().err
+    assert f"argument {option}" in error and re.search(message, error), error
 
 
 def test_pipeline_prefect_settings_reach_prefect_after_it_is_imported(

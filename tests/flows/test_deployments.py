@@ -103,6 +103,26 @@ def test_a_cross_field_rule_fails_the_run_before_any_compute(prefect: dict[str, 
 
 
 @pytest.mark.slow
+def test_a_stage_given_a_model_that_is_not_registered_fails_before_preparing_data(
+    prefect: dict[str, str], tmp_path: Path
+) -> None:
+    """A typo in the model a stage starts from fails the run at once, naming the parameter: not after the corpus is
+    tokenized, and not after the retries meant for a store that does not answer."""
+    data_dir = tmp_path / "data"
+    parameters = {
+        "subnet": "trainonce-subnet/9",
+        "workdir": str(tmp_path / "pipeline"),
+        "data": {"data_dir": str(data_dir)},
+    }
+    response = create_flow_run(prefect, "align/manual", parameters)
+    assert response.status_code == 201, response.text
+    state = wait_for_final_state(prefect, response.json()["id"], deadline_seconds=600)
+    assert state["type"] == "FAILED"
+    assert "subnet: trainonce-subnet/9" in state["message"], state
+    assert not data_dir.exists()
+
+
+@pytest.mark.slow
 def test_nightly_retrain_is_scheduled_without_overlap(prefect: dict[str, str]) -> None:
     import asyncio
 

@@ -56,6 +56,23 @@ def test_a_failed_write_leaves_nothing_and_the_target_untouched(tmp_path: Path) 
     assert _staged_entries(tmp_path) == []
 
 
+def test_a_writer_killed_while_deleting_the_copy_it_replaced_leaves_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting the replaced copy is the slow part of a publish: a kill there must not leave no copy at all."""
+    target = tmp_path / "export"
+    with staged_dir(target) as folder:
+        _write(folder, "old")
+
+    def killed(path: Path, ignore_errors: bool = False) -> None:
+        raise KeyboardInterrupt(f"killed while deleting {path}")
+
+    monkeypatch.setattr("models.publish.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt), staged_dir(target) as folder:
+        _write(folder, "new")
+    assert (target / "data").read_text() == "new"
+
+
 # Stages a folder and a file the way a writer does, reports them, then waits to be killed mid-write.
 _WRITER = """
 import sys, time

@@ -1,10 +1,12 @@
 """Gate rules, promotion and rollback against a real MLflow store; the chat pyfunc answers messages."""
 
+import threading
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from flows.cli import main
 from models.chat_format import Message
@@ -21,6 +23,7 @@ from registry.promotion import (
 )
 from registry.tracking import active_store
 from serving.engine import ChatPackage
+from tasks.deploy.task import promotion_slot
 
 
 def test_first_candidate_is_promoted_only_if_configured() -> None:
@@ -76,6 +79,47 @@ def test_cli_promote_and_rollback(workdir: Path, capsys: pytest.CaptureFixture) 
         main(["promote", "42", "--workdir", str(workdir)])
     main(["rollback", "--workdir", str(workdir)])
     assert alias_version(workdir, CHAT_MODEL, CHAMPION) == "1"
+
+
+def test_cli_promotion_waits_for_a_gate_holding_the_models_promotion_slot(workdir: Path) -> None:
+    """`trainonce promote` moves the alias a gate compares against: it must wait for the gate, not interleave."""
+    before = alias_version(workdir, CHAT_MODEL, CHAMPION)
+    target = "2" if before != "2" else "1"
+    cli = threading.Thread(target=main, args=(["promote", target, "--workdir", str(workdir)],))
+    with promotion_slot(str(workdir), CHAT_MODEL):
+        cli.start()
+        cli.join(timeout=2.0)
+        assert cli.is_alive() and alias_version(workdir, CHAT_MODEL, CHAMPION) == before
+    cli.join(timeout=120)
+    assert alias_version(workdir, CHAT_MODEL, CHAMPION) == target
+
+
+def test_a_rollback_killed_between_its_two_registry_writes_and_retried_goes_back_one_champion(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rollback writes the history tag and moves the alias: killed after either one and run again, it must land
+    on the champion before the current one, never return to the version it was rolling back from."""
+    for version in ("1", "2", "3"):
+        promote(workdir, CHAT_MODEL, version)
+    writes = {"done": 0}
+
+    def killed_after_one_write(original):
+        def write(self, *args, **kwargs):
+            if writes["done"] == 1:
+                raise KeyboardInterrupt("killed between the rollback's two writes")
+            writes["done"] += 1
+            return original(self, *args, **kwargs)
+
+        return write
+
+    with monkeypatch.context() as patch:
+        for method in ("set_registered_model_alias", "set_registered_model_tag"):
+            patch.setattr(MlflowClient, method, killed_after_one_write(getattr(MlflowClient, method)))
+        with pytest.raises(KeyboardInterrupt):
+            rollback(workdir, CHAT_MODEL)
+    assert rollback(workdir, CHAT_MODEL)[1] == "2"
+    assert alias_version(workdir, CHAT_MODEL, CHAMPION) == "2"
+    assert rollback(workdir, CHAT_MODEL) == ("2", "1")
 
 
 def test_chat_pyfunc_answers_openai_style_messages(workdir: Path, chat_packages) -> None:

@@ -12,7 +12,15 @@ import torch
 from models.checkpoint import load_model, save_model
 from models.config import MoEConfig
 from models.moe import ElasticMoE
-from registry.models import download_model, parse_model_ref, register_checkpoint, resolve_version, version_tags
+from registry.models import (
+    RegisteredVersion,
+    download_model,
+    parse_model_ref,
+    register_checkpoint,
+    resolve_version,
+    version_cache_dir,
+    version_tags,
+)
 from registry.names import SUPERNET_MODEL
 from registry.tracking import RunLogger, active_store, flatten, store_client, tracking_uri
 from tasks.data.config import DataConfig
@@ -117,3 +125,13 @@ def test_the_ui_hint_names_the_store_of_the_workdir(tmp_path: Path, monkeypatch:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
     assert f"mlflow ui --backend-store-uri sqlite:///{(tmp_path / 'mlflow.db').resolve()}" in ui_hint(tmp_path)
+
+
+def test_downloaded_versions_are_cached_per_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workdir used with the embedded store, then pointed at a tracking server: version 1 there is another model,
+    and must not be served from the files cached for the first store's version 1."""
+    version = RegisteredVersion("trainonce-subnet", "1", "run")
+    embedded = version_cache_dir(tmp_path / "cache", tmp_path, version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    server = version_cache_dir(tmp_path / "cache", tmp_path, version)
+    assert server != embedded and server.parts[-2:] == embedded.parts[-2:] == ("trainonce-subnet", "1")

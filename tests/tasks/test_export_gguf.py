@@ -296,7 +296,8 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and result.artifact_uri == f"runs:/{result.run_id}/gguf"
     assert {k: run.data.tags[k] for k in lineage} == lineage and run.data.tags["stage"] == "export-gguf"
-    assert [a.path for a in client.list_artifacts(result.run_id, "gguf")] == ["gguf/Modelfile", "gguf/model-Q8_0.gguf"]
+    artifacts = [a.path for a in client.list_artifacts(result.run_id, "gguf")]
+    assert artifacts == ["gguf/Modelfile", "gguf/model-Q8_0.gguf", "gguf/trainonce-export.json"]
     modelfile = (Path(result.files["q8_0"]).parent / "Modelfile").read_text()
     assert "FROM ./model-Q8_0.gguf" in modelfile.splitlines()
     assert run.data.metrics["size_mb/q8_0"] == pytest.approx(Path(result.files["q8_0"]).stat().st_size / 1e6)
@@ -315,13 +316,13 @@ def test_the_deploy_task_logs_the_files_as_artifacts_with_the_lineage(
     )
     assert b"{# read from the given directory #}" in Path(marked.files["q8_0"]).read_bytes()
 
-    (tmp_path / "occupied").mkdir()
-    (tmp_path / "occupied" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds files other than GGUF"):
+    (tmp_path / "models").mkdir()  # a folder of the user's own GGUF files: refused, not replaced
+    (tmp_path / "models" / "theirs.gguf").write_bytes(b"GGUF")
+    with pytest.raises(FileExistsError, match="not an earlier trainonce gguf export"):
         export_gguf(
-            checkpoint, small_data.tokenizer_path, small_data.chat_format, tmp_path / "occupied", ("f32",), name="m"
+            checkpoint, small_data.tokenizer_path, small_data.chat_format, tmp_path / "models", ("f32",), name="m"
         )
-    assert [p.name for p in (tmp_path / "occupied").iterdir()] == ["notes.txt"]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["theirs.gguf"]
 
 
 @needs_llama_cpp

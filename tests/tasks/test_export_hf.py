@@ -167,6 +167,25 @@ def test_an_extracted_sub_model_exports_and_one_hf_cannot_express_is_refused(
     assert {p.name for p in tmp_path.iterdir()} == {"uniform", "uniform-hf", "ragged"}  # nothing staged is left
 
 
+def test_an_export_replaces_only_its_own_earlier_export(
+    tmp_path: Path, chat_model: ElasticMoE, small_data: PreparedData
+) -> None:
+    """A downloaded transformers model has a config.json like ours: exporting over it must refuse, not delete it;
+    exporting over our own earlier export replaces it."""
+    checkpoint = save_model(chat_model, tmp_path / "checkpoint")
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    (downloaded / "config.json").write_text('{"architectures": ["Ernie4_5_MoeForCausalLM"]}')
+    with pytest.raises(FileExistsError, match="not an earlier trainonce hugging-face export"):
+        export_hf(checkpoint, small_data.tokenizer_path, small_data.chat_format, downloaded)
+    assert [p.name for p in downloaded.iterdir()] == ["config.json"]
+
+    ours = export_hf(checkpoint, small_data.tokenizer_path, small_data.chat_format, tmp_path / "ours")
+    (ours / "stale.txt").write_text("from the first export")
+    export_hf(checkpoint, small_data.tokenizer_path, small_data.chat_format, ours)
+    assert not (ours / "stale.txt").exists() and (ours / "model.safetensors").is_file()
+
+
 def test_cli_exports_a_registered_model_by_reference(
     tmp_path: Path, chat_model: ElasticMoE, small_data: PreparedData, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -190,7 +209,7 @@ def test_cli_exports_a_registered_model_by_reference(
 
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="export-hf: out: .*occupied exists and is not a model directory"):
+    with pytest.raises(SystemExit, match="export-hf: out: .*occupied is not empty and not an earlier trainonce hugging-face export"):
         main(
             [
                 "export-hf",
