@@ -157,7 +157,19 @@ class Sampler:
 
     def adjusted(self, logits: np.ndarray, banned: tuple[int, ...] = ()) -> np.ndarray:
         """The logits after bias and penalties, in float64; `banned` tokens (min_tokens), tokens not allowed and
-        those that would complete a bad word get -inf."""
+        those that would complete a bad word get -inf. When those bans leave no allowed token (`allowed_token_ids`
+        all ending tokens under min_tokens, or all bad-word ends) they give way for this step: only allowed tokens
+        are ever generated, and an all -inf row has nothing to sample."""
+        out = self._biased_and_penalised(logits)
+        banned = (*banned, *self._bad_word_ends())
+        if banned:
+            kept = out.copy()
+            kept[list(banned)] = -np.inf
+            if np.isfinite(kept).any():
+                out = kept
+        return out
+
+    def _biased_and_penalised(self, logits: np.ndarray) -> np.ndarray:
         params = self.params
         out = logits.astype(np.float64) + self.bias
         if params.repetition_penalty != 1.0:
@@ -167,9 +179,6 @@ class Sampler:
             out -= params.frequency_penalty * self.generated_counts + params.presence_penalty * (
                 self.generated_counts > 0
             )
-        banned = (*banned, *self._bad_word_ends())
-        if banned:
-            out[list(banned)] = -np.inf
         return out
 
     def choose(self, logits: np.ndarray, banned: tuple[int, ...] = ()) -> SampledToken:
@@ -187,8 +196,9 @@ class Sampler:
 
     def _draw(self, adjusted: np.ndarray) -> int:
         params = self.params
-        scaled = adjusted / params.temperature
-        probs = np.exp(scaled - scaled.max())
+        # shifted before scaling: a tiny temperature then sends the others to -inf (probability 0), never to inf - inf
+        with np.errstate(over="ignore"):
+            probs = np.exp((adjusted - adjusted.max()) / params.temperature)
         if 0 < params.top_k < probs.size:
             probs[probs < np.partition(probs, -params.top_k)[-params.top_k]] = 0.0
         if params.min_p > 0:

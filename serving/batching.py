@@ -280,7 +280,7 @@ class DecodeBatcher:
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._batch = self._new_batch()
+        self._batch: _SlotBatch | _PaddedBatch | _LoneBatch | None = self._new_batch()
         self.running = 0  # rows in the batch, for /metrics
 
     @property
@@ -303,7 +303,18 @@ class DecodeBatcher:
         return [PieceStream(s) for s in sequences]
 
     def _loop(self) -> None:
-        batch, outbox = self._batch, []
+        try:
+            self._decode_until_idle()
+        except Exception as error:  # the loop itself failed (no memory for a fresh batch): no reader may wait forever
+            log.exception("the decoding loop stopped")
+            with self._lock:
+                failed = [(sequence, error) for sequence in self._waiting]
+                self._waiting.clear()
+                self._batch, self._thread = None, None  # the next submission starts over, with a new batch
+            _deliver(failed)
+
+    def _decode_until_idle(self) -> None:
+        batch, outbox = self._batch or self._new_batch(), []
         while True:
             with self._lock:
                 if not batch.rows and not self._waiting:

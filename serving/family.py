@@ -43,7 +43,10 @@ class Family:
 
     def within(self, max_ms_per_token: float) -> Routed | None:
         """The slowest member (the largest, the best) whose measured latency fits the budget; None if none."""
-        fitting = [Routed(s, s.current) for s in self.sources if s.current.ms_per_token <= max_ms_per_token]
+        # each source's current model read once: a hot swap between two reads could route to a model that was never
+        # measured against the budget
+        routed = [Routed(s, s.current) for s in self.sources]
+        fitting = [r for r in routed if r.loaded.ms_per_token <= max_ms_per_token]
         return max(fitting, key=lambda r: r.loaded.ms_per_token, default=None)
 
     def fastest(self) -> LoadedModel:

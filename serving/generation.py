@@ -107,6 +107,15 @@ async def _decoding(
     every choice has its first piece, so that a request refused for the queue (full, or a choice waited too long for
     a row) gets its 429 before any answer starts, streamed or not."""
     started = time.perf_counter()
+    decoded = sum(not c.finished for c in choices)
+    if decoded > loaded.batcher.max_waiting:  # a 429 would tell the client to retry what can never be queued
+        raise ApiError(
+            400,
+            f"This request asks for {decoded} sequences (prompts x n); the server queues at most "
+            f"{loaded.batcher.max_waiting} at a time.",
+            "n",
+            "too_many_choices",
+        )
     try:
         submitted = iter(loaded.batcher.submit([c for c in choices if not c.finished], asyncio.get_running_loop()))
         metrics.prompt_tokens.labels(loaded.name).inc(prompt_tokens)

@@ -482,6 +482,12 @@ class ResponsesRequest(_GenerationRequest):
         _encodable([instructions or ""])
         return instructions
 
+    @field_validator("metadata")
+    @classmethod
+    def _encodable_metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        _encodable([text for item in (metadata or {}).items() for text in item])  # it is sent back in the response
+        return metadata
+
     def messages(self) -> list[Message]:
         instructions = [Message(role="system", content=self.instructions)] if self.instructions else []
         return [*instructions, *(item.message() for item in self.input)]

@@ -42,6 +42,25 @@ def test_a_bad_word_bans_its_last_token_only_after_the_rest_of_it() -> None:
     assert np.isfinite(Sampler(SamplingParams(bad_words_ids=((0, 0, 2),)), 4, []).adjusted(LOGITS)).all()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_bans_that_leave_no_allowed_token_give_way_so_only_allowed_tokens_are_generated(temperature: float) -> None:
+    """min_tokens bans the ending tokens; when those are the only tokens allowed (or bad words ban every allowed
+    one), every logit would be -inf: the argmax of that is token 0 and its probabilities NaN, neither allowed."""
+    ending_only = SamplingParams(temperature=temperature, seed=0, allowed_token_ids=(3,))
+    assert Sampler(ending_only, 4, []).choose(LOGITS, banned=(3,)).token_id == 3
+    all_bad = SamplingParams(temperature=temperature, seed=0, allowed_token_ids=(2, 3), bad_words_ids=((2,), (3,)))
+    assert Sampler(all_bad, 4, []).choose(LOGITS).token_id in (2, 3)
+    some_left = SamplingParams(temperature=temperature, seed=0, allowed_token_ids=(1, 3))
+    assert Sampler(some_left, 4, []).choose(LOGITS, banned=(3,)).token_id == 1  # a ban that leaves one still holds
+
+
+def test_a_vanishing_temperature_is_greedy_not_garbage() -> None:
+    """1e-320 is a valid temperature (>= 0): dividing the logits by it overflowed to inf - inf = NaN."""
+    with np.errstate(all="raise"):
+        tokens = {Sampler(SamplingParams(temperature=1e-320, seed=s), 4, []).choose(LOGITS).token_id for s in range(8)}
+    assert tokens == {0}
+
+
 def test_temperature_one_draws_the_model_distribution_and_lower_sharpens_it() -> None:
     np.testing.assert_allclose(draws(SamplingParams(temperature=1.0)), PROBS, atol=0.03)
     sharpened = PROBS**2 / (PROBS**2).sum()  # temperature 0.5 squares the probabilities

@@ -225,6 +225,13 @@ def test_unencodable_text_is_a_400_on_a_connection_that_stays_usable(server) -> 
             )
             assert good.status_code == 200, good.text
             assert client_end(good) == connection  # the refusal did not drop the keep-alive connection
+        # what the Responses API sends back as it was sent must be encodable too
+        echoed = http.post(
+            "responses", content=json.dumps({"model": CHAT_MODEL, "input": "hi", "metadata": {"a": lone}})
+        )
+        assert echoed.status_code == 400 and echoed.json()["error"]["param"] == "metadata", echoed.text
+        unknown = http.post("completions", content=json.dumps({"model": lone, "prompt": "hi", "max_tokens": 2}))
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found", unknown.text
 
 
 def _openai_error(response: httpx.Response, status: int) -> dict:
