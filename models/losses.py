@@ -109,6 +109,19 @@ def clipped_policy_loss(
     return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
+def group_weights(answer_tokens: torch.Tensor, token_level: bool) -> torch.Tensor:
+    """How much each rollout group's loss counts in a step's, from its answer tokens (G,) -> (G,) summing to 1.
+
+    Each group's loss is a mean over its own answers (GRPO) or its own tokens (`token_level`, DAPO). Groups hold as
+    many answers each, so the batch's mean over answers is the plain mean of the groups'; its mean over tokens weighs
+    each group by its tokens: averaged plainly, a group of long answers would count as much as one of short ones,
+    the down-weighting DAPO's token-level loss removes."""
+    if not token_level:
+        return torch.full(answer_tokens.shape, 1.0 / answer_tokens.numel(), device=answer_tokens.device)
+    tokens = answer_tokens.to(torch.float32)
+    return tokens / tokens.sum().clamp(min=1.0)
+
+
 def kl_to_reference(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimate of KL(policy || reference) per answer token, averaged over `mask` (B, T): unbiased
     and never negative, as GRPO uses it."""

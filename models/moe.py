@@ -594,15 +594,33 @@ class ElasticMoE(nn.Module):
     def update_routing_bias(self, routing: tuple[RoutingStats, ...] | list[RoutingStats]) -> None:
         """Auxiliary-loss-free balancing (DeepSeek-V3): raise the selection bias of under-loaded kept experts
         and lower it for over-loaded ones by `bias_update_rate`, each against its own pool's mean load (the image
-        pool serves fewer tokens than the text pool). Call after each optimiser step."""
+        pool serves fewer tokens than the text pool). Call after each optimiser step, with every forward of it.
+
+        One update per layer per call, as DeepSeek-V3 makes one per step: forwards that routed among the same
+        experts (the micro-batches of one sub-model) count as one batch, their loads averaged; each such expert set
+        then votes sign(pool mean - load) for its experts, and an expert moves by the rate times the mean of its
+        votes. The step stays `bias_update_rate` however many micro-batches and sub-models a step accumulates."""
         rate = self.config.bias_update_rate
+        forwards: dict[tuple[int, tuple[bool, ...]], list[RoutingStats]] = {}
         for s in routing:
-            block = self.layers[s.layer].mlp
-            assert isinstance(block, MoEBlock), f"layer {s.layer} is not an MoE layer"
-            for pool in expert_pools(s.image_experts, block.heterogeneous):
-                members = s.kept & pool
-                load = s.expert_load[members]
-                block.gate.e_score_correction_bias[members] += rate * torch.sign(load.mean() - load)
+            forwards.setdefault((s.layer, tuple(s.kept.tolist())), []).append(s)
+        votes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (sum of votes, number of votes)
+        for (layer, _), same_experts in forwards.items():
+            block = self.layers[layer].mlp
+            assert isinstance(block, MoEBlock), f"layer {layer} is not an MoE layer"
+            load = torch.stack([s.expert_load for s in same_experts]).mean(0)
+            vote, voted = torch.zeros_like(load), torch.zeros_like(load)
+            first = same_experts[0]
+            for pool in expert_pools(first.image_experts, block.heterogeneous):
+                members = first.kept & pool
+                vote[members] = torch.sign(load[members].mean() - load[members])
+                voted[members] = 1.0
+            total, count = votes.get(layer, (torch.zeros_like(load), torch.zeros_like(load)))
+            votes[layer] = (total + vote, count + voted)
+        for layer, (total, count) in votes.items():
+            block = self.layers[layer].mlp
+            assert isinstance(block, MoEBlock)
+            block.gate.e_score_correction_bias += rate * total / count.clamp_min(1.0)
 
     # -- accounting -------------------------------------------------------------------------------------
 

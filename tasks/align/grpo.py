@@ -27,7 +27,7 @@ import torch
 
 from models.chat_format import ChatTokenizer, Message
 from models.generate import sample_group
-from models.losses import IGNORE_INDEX, clipped_policy_loss, group_advantages, kl_to_reference
+from models.losses import IGNORE_INDEX, clipped_policy_loss, group_advantages, group_weights, kl_to_reference
 from models.losses import token_logprobs as answer_token_logprobs
 from models.moe import ElasticMoE
 from models.sampling import Sampler, choice_generators
@@ -148,8 +148,11 @@ def _exact_match(measurement: dict[str, float]) -> dict[str, float]:
     return {k.removeprefix("exact_match/"): v for k, v in measurement.items() if k.startswith("exact_match/")}
 
 
-def _answer_logprobs(model: torch.nn.Module, batch: Rollout, device: torch.device) -> torch.Tensor:
-    return answer_token_logprobs(model(batch.tokens.to(device)).logits, batch.targets.to(device))
+def _answer_logprobs(model: torch.nn.Module, batch: Rollout, device: torch.device, temperature: float) -> torch.Tensor:
+    """The answer tokens' log-probabilities under the distribution the rollouts were sampled from (the logits at
+    the sampling temperature, as TRL scores them): otherwise, at a temperature other than 1, the probability
+    ratios and the KL would compare another policy than the one that acted."""
+    return answer_token_logprobs(model(batch.tokens.to(device)).logits / temperature, batch.targets.to(device))
 
 
 def run_grpo(
@@ -206,12 +209,14 @@ def run_grpo(
         core.train()
         advantages = [group_advantages(r.rewards[None], config.scale_advantages)[0] for r in rollouts]
         with torch.no_grad():
-            old = [_answer_logprobs(model, r, device) for r in rollouts]
-            ref = [_answer_logprobs(reference, r, device) for r in rollouts]
+            old = [_answer_logprobs(model, r, device, config.temperature) for r in rollouts]
+            ref = [_answer_logprobs(reference, r, device, config.temperature) for r in rollouts]
+        answer_tokens = torch.stack([(r.targets != IGNORE_INDEX).sum() for r in rollouts]).to(device)
+        weights = group_weights(answer_tokens, config.token_level)
         for _ in range(config.updates_per_rollout):
             losses, kls = [], []
             for r, a, o, rf in zip(rollouts, advantages, old, ref, strict=True):
-                logprobs = _answer_logprobs(model, r, device)
+                logprobs = _answer_logprobs(model, r, device, config.temperature)
                 mask = r.targets.to(device) != IGNORE_INDEX
                 losses.append(
                     clipped_policy_loss(
@@ -219,8 +224,7 @@ def run_grpo(
                     )
                 )
                 kls.append(kl_to_reference(logprobs, rf, mask))
-            loss = torch.stack(losses).mean()
-            kl = torch.stack(kls).mean()
+            loss, kl = (torch.stack(losses) * weights).sum(), (torch.stack(kls) * weights).sum()
             total = loss + config.kl_coef * kl if config.kl_coef else loss
             if config.replay.batch_size and replay is not None:
                 seq_len = config.replay.seq_len or core.config.max_seq_len

@@ -75,6 +75,23 @@ def test_bias_update_moves_toward_balance(tiny_config: MoEConfig) -> None:
     assert out.balancing_loss(config) == out.z_loss * config.z_loss_coef  # no aux loss in bias mode
 
 
+def test_bias_update_is_one_step_however_many_forwards_a_step_accumulates(tiny_config: MoEConfig) -> None:
+    """Four micro-batches of the full model and a sub-model's: still one update of at most the rate per layer, as
+    DeepSeek-V3 makes one per step (each forward's stats used to add a whole step)."""
+    config = tiny_config.model_copy(update={"load_balancing": "bias", "bias_update_rate": 0.01})
+    model = ElasticMoE(config)
+    with torch.no_grad():
+        model.layers[1].mlp.gate.weight[0] += 1.0  # make expert 0 attractive
+    tokens = torch.randint(0, config.vocab_size, (4, 32))
+    full = [s for _ in range(4) for s in model(tokens).routing]
+    small = model(tokens, subnet=SubnetSpec(layers=(1, 2), experts=((0, 1), (0, 1)), top_k=1)).routing
+    before = model.layers[1].mlp.gate.e_score_correction_bias.clone()
+    model.update_routing_bias([*full, *small])
+    moved = model.layers[1].mlp.gate.e_score_correction_bias - before
+    assert moved.abs().max() <= 0.01 + 1e-9
+    assert moved[0] == -0.01  # over-loaded in the full model and in the sub-model that keeps it: both say lower
+
+
 def test_subnet_routing_stats_cover_only_kept_experts(tiny_config: MoEConfig) -> None:
     model = ElasticMoE(tiny_config)
     spec = SubnetSpec(layers=(1, 2), experts=((1, 4), (0, 2, 3)), top_k=1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.generate import greedy_generate, sample_group
-from models.losses import clipped_policy_loss, group_advantages, kl_to_reference
+from models.losses import clipped_policy_loss, group_advantages, group_weights, kl_to_reference
 from models.moe import ElasticMoE
 from models.sampling import Sampler, SamplingParams, choice_generators
 
@@ -37,6 +37,25 @@ def test_clipped_surrogate_by_hand() -> None:
     current = torch.zeros(2, 2, requires_grad=True)
     clipped_policy_loss(current, old, advantages, mask).backward()
     torch.testing.assert_close(current.grad, torch.tensor([[-0.25, -0.25], [0.5, 0.0]]))
+
+
+@pytest.mark.parametrize("token_level", [False, True])
+def test_groups_weighed_into_a_step_give_the_loss_of_the_whole_batch_at_once(token_level: bool) -> None:
+    """GRPO computes each rollout group's loss on its own: weighed by group_weights they must sum to the loss of
+    every answer of the step in one batch, per answer (GRPO) or per token (DAPO, where a group of long answers
+    counts for more)."""
+    generator = torch.Generator().manual_seed(0)
+    groups = []
+    for length in (2, 6):  # one group of short answers, one of long ones (two answers each)
+        mask = torch.zeros(2, 6, dtype=torch.bool)
+        mask[:, :length] = True
+        groups.append((torch.randn(2, 6, generator=generator), torch.randn(2, generator=generator), mask))
+    old = torch.zeros(2, 6)
+    per_group = torch.stack([clipped_policy_loss(lp, old, a, m, token_level=token_level) for lp, a, m in groups])
+    weights = group_weights(torch.stack([m.sum() for _, _, m in groups]), token_level)
+    logprobs, advantages, masks = (torch.cat(parts) for parts in zip(*groups, strict=True))
+    whole = clipped_policy_loss(logprobs, torch.zeros(4, 6), advantages, masks, token_level=token_level)
+    torch.testing.assert_close((per_group * weights).sum(), whole)
 
 
 def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere() -> None:

@@ -135,6 +135,19 @@ def test_user_conversations_are_trained_on(tokenizer) -> None:
     assert generate_reply(model, tokenizer, "Who wrote Hamlet?", 8).strip() == "Shakespeare"
 
 
+def test_conversations_cut_before_their_reply_are_left_out_or_refused(tokenizer) -> None:
+    """A conversation cut at max_len before the assistant speaks has no target: a batch of only such would train on
+    a NaN loss. They are left out, and when nothing is left the run is refused naming sft.max_len."""
+    long_question = Example("user", "word " * 60, "yes")
+    short = Example("copy", "Repeat: king", "king")
+    config = SFTConfig(steps=2, batch_size=1, max_len=16, optim={"warmup_steps": 1}, replay={"batch_size": 0})
+    model = _model()
+    run_sft(config, model, tokenizer, [long_question, short], [short])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="sft.max_len=16: every conversation is cut before its reply"):
+        run_sft(config, _model(), tokenizer, [long_question], [short])
+
+
 def test_grpo_learns_from_groups_with_spread_and_keeps_accuracy(sft_run, tokenizer) -> None:
     model, sft, train, test = sft_run
     policy = copy.deepcopy(model)
