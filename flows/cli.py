@@ -44,12 +44,15 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """Pre-train (resuming from the last checkpoint in --workdir) and register, without Prefect."""
+    from flows.workdir_lock import workdir_lock
     from tasks.data.corpus import prepare_data
-    from tasks.pretrain.task import pretrain_task
+    from tasks.pretrain.task import pretrain_task, retrain_data_config
 
     config = _load(args)
-    data_dir = prepare_data(config.data).directory
-    pretrained = pretrain_task.fn(config.pretrain, str(data_dir), str(Path(args.workdir).resolve()))
+    workdir = str(Path(args.workdir).resolve())
+    with workdir_lock(workdir):  # not beside a pipeline on the same workdir: both would train into one folder
+        data_dir = prepare_data(retrain_data_config(config.data, config.pretrain, workdir)).directory  # as flows do
+        pretrained = pretrain_task.fn(config.pretrain, str(data_dir), workdir)
     print("\n".join(pretrained.summary()))
 
 

@@ -11,12 +11,14 @@ its outputs (new registered versions) change, everything after it.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, Inputs
 
 from flows.run_guard import guarded_flow, run_name
 from models.subnet import ElasticSpace
@@ -45,17 +47,41 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def cached(task: Task[P, R], workdir: str) -> Task[P, R]:
+def cached(
+    task: Task[P, R],
+    workdir: str,
+    key_parts: Callable[[dict[str, Any]], list[str]] | None = None,
+    not_inputs: tuple[str, ...] = (),
+) -> Task[P, R]:
     """`task` caching on its inputs, its source and the MLflow store it registers in (the same workdir pointed at
     a tracking server must not reuse results naming versions of the embedded store), with JSON results persisted
-    in the workdir (no pickle)."""
+    in the workdir (no pickle). `key_parts(inputs)` adds to the key what the inputs only name (the content of a
+    user's file); `not_inputs` are inputs keyed by `key_parts` instead of whole (a config, by its identity)."""
     store = tracking_uri(workdir)
+
+    def key(_context: object, inputs: dict[str, Any]) -> str:
+        return "\n".join([store, *(key_parts(inputs) if key_parts else [])])
+
+    inputs = Inputs(exclude=list(not_inputs))
     return task.with_options(
-        cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda _context, _parameters: store),
+        cache_policy=inputs + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=key),
         persist_result=True,
         result_storage=Path(workdir) / ".prefect-results",
         result_serializer="json",
     )
+
+
+def user_files(inputs: dict[str, Any]) -> list[str]:
+    """The align task's key parts: the digests of the user's JSONL files its configs name, so that an edited file
+    is trained on, not answered from the cache."""
+    names = [inputs["sft"].extra_jsonl, inputs["dpo"].extra_jsonl]
+    return [hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in names if name]
+
+
+def run_identity(inputs: dict[str, Any]) -> list[str]:
+    """The pretrain task's key part: its config's run identity, which leaves out how the run is launched (N
+    processes train what one does), so launching a finished run on more processes reuses it."""
+    return [inputs["config"].config_hash("")]
 
 
 def checked_workdir(workdir: str) -> str:
@@ -128,8 +154,8 @@ def pretrain_flow(
     workdir = checked_workdir(workdir)
     if parent is not None:
         checked_model_ref("parent", workdir, parent)
-    data_dir = prepare_data_task(retrain_data_task(data, pretrain, workdir))
-    pretrained = cached(pretrain_task, workdir)(pretrain, data_dir, workdir, parent)
+    data_dir = prepare_data_task(retrain_data_task(data, pretrain, workdir, parent))
+    pretrained = cached(pretrain_task, workdir, run_identity, ("config",))(pretrain, data_dir, workdir, parent)
     report(pretrained, "pretrain-summary", "Elastic pre-training: validation loss of each panel sub-model", workdir)
     return pretrained
 
@@ -186,7 +212,7 @@ def align_flow(
     checked_model_ref("subnet", workdir, subnet)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, subnet)
-    aligned = cached(align_task, workdir)(
+    aligned = cached(align_task, workdir, user_files)(
         sft, dpo, source["checkpoint_dir"], data_dir, workdir, source["version"], grpo
     )
     report(aligned, "alignment", "Held-out exact match per task", workdir)

@@ -15,6 +15,7 @@ from uuid import UUID
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
+from tokenizers import Tokenizer
 
 from models.chat_format import chat_format_of
 from models.checkpoint import load_config
@@ -83,27 +84,60 @@ def latest_supernet(workdir: str | Path) -> DownloadedCheckpoint | None:
         return None
 
 
+def same_vocabulary(tokenizer: Path, other: Path) -> bool:
+    """Whether two tokenizer files map every token to the same id: the condition for weights trained with one to
+    read text tokenized with the other."""
+    return Tokenizer.from_file(str(tokenizer)).get_vocab() == Tokenizer.from_file(str(other)).get_vocab()
+
+
 def warm_start_source(config: PretrainConfig, data: PreparedData, workdir: str | Path) -> DownloadedCheckpoint | None:
     """The latest registered supernet, when `warm_start` is on, it has this architecture and it was trained on
-    other data than `data` (a retrain); else None (train from scratch)."""
+    other data than `data` (a retrain) tokenized as `data` is; else None (train from scratch). Data prepared with
+    another tokenizer (a `data.tokenizer_file` of the user's) cannot continue its weights: the same ids would mean
+    other tokens."""
     if config.warm_start == "never":
         return None
     parent = latest_supernet(workdir)
     if parent is None or version_tags(workdir, parent.version).get("data_fingerprint") == data.fingerprint:
         return None
-    return parent if load_config(parent.checkpoint_dir) == config.model else None
+    if load_config(parent.checkpoint_dir) != config.model:
+        return None
+    if not same_vocabulary(parent.tokenizer_path, data.tokenizer_path):
+        print(f"not warm-starting from {parent.version.uri}: the data is tokenized with another vocabulary")
+        return None
+    return parent
 
 
-def retrain_data_config(data: DataConfig, config: PretrainConfig, workdir: str | Path) -> DataConfig:
-    """With warm starts on, prepare data with the latest supernet's tokenizer (and its image codebook, when it reads
-    images): a warm start needs the token ids the weights were trained on, and image codes that mean the same
-    patches. Unchanged data then gets its old fingerprint back (it hashes the tokenizer and the codebook
-    themselves), so every stage stays cached; new data gets a new one."""
-    if config.warm_start == "never" or data.tokenizer_file:
+def parent_supernet(parent_ref: str, data: PreparedData, workdir: str | Path) -> DownloadedCheckpoint:
+    """The registered supernet `parent_ref` names, to continue; refused when `data` is tokenized otherwise."""
+    parent = download_checkpoint(workdir, parent_ref)
+    if not same_vocabulary(parent.tokenizer_path, data.tokenizer_path):
+        raise ValueError(
+            f"parent: {parent_ref} was trained with another tokenizer than the data's ({data.tokenizer_path}); "
+            "prepare the data with the parent's tokenizer (the pretrain flow does when data.tokenizer_file is unset)"
+        )
+    return parent
+
+
+def retrain_data_config(
+    data: DataConfig, config: PretrainConfig, workdir: str | Path, parent_ref: str | None = None
+) -> DataConfig:
+    """With a parent to continue (`parent_ref`) or warm starts on (the latest supernet), prepare data with that
+    supernet's tokenizer (and its image codebook, when it reads images): continuing weights needs the token ids they
+    were trained on, and image codes that mean the same patches. Unchanged data then gets its old fingerprint back
+    (it hashes the tokenizer and the codebook themselves), so every stage stays cached; new data gets a new one.
+    A `data.tokenizer_file` of the user's is kept."""
+    if data.tokenizer_file:
         return data
-    parent = latest_supernet(workdir)
-    if parent is None or load_config(parent.checkpoint_dir) != config.model:
+    if parent_ref is not None:
+        parent = download_checkpoint(workdir, parent_ref)
+    elif config.warm_start == "never":
         return data
+    else:
+        latest = latest_supernet(workdir)
+        if latest is None or load_config(latest.checkpoint_dir) != config.model:
+            return data
+        parent = latest
     update: dict = {"tokenizer_file": str(parent.tokenizer_path), "chat_format": chat_format_of(parent.extra)}
     if data.images is not None and "image_tokenizer" in parent.extra:
         codebook = ImageTokenizer.model_validate(parent.extra["image_tokenizer"]).save(parent.checkpoint_dir.parent)
@@ -130,9 +164,11 @@ def progress_bar(description: str) -> Callable[[int, int], None]:
 
 
 @task(name="retrain-data", retries=2, retry_delay_seconds=[2, 10])
-def retrain_data_task(data: DataConfig, config: PretrainConfig, workdir: str) -> DataConfig:
+def retrain_data_task(
+    data: DataConfig, config: PretrainConfig, workdir: str, parent_ref: str | None = None
+) -> DataConfig:
     """The data config this run prepares with (see retrain_data_config); reads the registry, so never cached."""
-    return retrain_data_config(data, config, workdir)
+    return retrain_data_config(data, config, workdir, parent_ref)
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
@@ -143,7 +179,7 @@ def pretrain_task(
     a registered supernet such as an imported checkpoint), then registration; a retry resumes from the last
     checkpoint."""
     data = PreparedData.load(data_dir)
-    parent = download_checkpoint(workdir, parent_ref) if parent_ref else warm_start_source(config, data, workdir)
+    parent = parent_supernet(parent_ref, data, workdir) if parent_ref else warm_start_source(config, data, workdir)
     if parent is not None and config.warm_start_steps is not None:
         config = config.model_copy(update={"max_steps": config.warm_start_steps, "max_tokens": None})
     init_label = parent.version.uri if parent else ""

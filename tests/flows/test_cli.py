@@ -51,6 +51,24 @@ def test_bad_override_fails_naming_the_field() -> None:
         main(["info", "--config", "small", "--set", "data.vocab_size.x=1"])  # small sets it: a value, not a section
 
 
+def test_pretrain_command_trains_registers_and_a_second_run_warm_starts_on_the_same_tokens(
+    tmp_path: Path, small_corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`trainonce pretrain` (no Prefect) holds the workdir and prepares data as the flows do: a second run on new
+    text warm-starts from the first supernet with its tokenizer, not with a BPE of its own."""
+    common = ["pretrain", "--config", "tiny", "--workdir", str(tmp_path / "workdir")]
+    for setting in ("max_steps=2", "batch_size=4", "seq_len=32", "optim.warmup_steps=1", "eval_interval=2"):
+        common += ["--set", f"pretrain.{setting}"]
+    main([*common, "--set", f"data.source={small_corpus}", "--set", f"data.data_dir={tmp_path / 'data'}"])
+    assert "registered as models:/trainonce-supernet/1" in capsys.readouterr().out
+    play = next(small_corpus.iterdir())
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / play.name).write_text(play.read_text()[::-1])
+    main([*common, "--set", f"data.source={tmp_path / 'new'}", "--set", f"data.data_dir={tmp_path / 'data'}"])
+    out = capsys.readouterr().out
+    assert "registered as models:/trainonce-supernet/2 (warm-started from models:/trainonce-supernet/1" in out, out
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [

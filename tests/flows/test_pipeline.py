@@ -61,3 +61,48 @@ def test_cached_results_belong_to_the_mlflow_store(tmp_path, monkeypatch: pytest
     assert store_key() != embedded
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert store_key() == embedded
+
+
+def test_an_edited_user_file_misses_the_align_cache(tmp_path) -> None:
+    """The align stage's parameters name the user's JSONL; its content is in the cache key, so an edited file is
+    trained on rather than answered from the cache."""
+    from prefect.cache_policies import CacheKeyFnPolicy
+
+    from flows.stages import cached, user_files
+    from tasks.align.config import DPOConfig, SFTConfig
+    from tasks.align.task import align_task
+
+    conversations = tmp_path / "mine.jsonl"
+    line = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "%s"}]}\n'
+    conversations.write_text(line % "hello")
+    parameters = {"sft": SFTConfig(extra_jsonl=str(conversations)), "dpo": DPOConfig()}
+
+    def key() -> str:
+        policies = cached(align_task, str(tmp_path), user_files)
+        (files,) = [policy for policy in policies.cache_policy.policies if isinstance(policy, CacheKeyFnPolicy)]
+        return files.compute_key(None, parameters, {})
+
+    before = key()
+    assert key() == before
+    conversations.write_text(line % "hello there")
+    assert key() != before
+
+
+def test_how_pretraining_is_launched_is_not_part_of_its_cache_key(tmp_path) -> None:
+    """N processes train what one does (the run's identity leaves `launch` out): launching a finished run on more
+    processes must reuse it, not register the same supernet again; a setting that changes the run misses."""
+    from prefect.context import TaskRunContext
+
+    from flows.stages import cached, run_identity
+    from tasks.pretrain.task import pretrain_task
+
+    pretrain = load_pipeline_config("tiny").pretrain
+    policy = cached(pretrain_task, str(tmp_path), run_identity, ("config",)).cache_policy
+
+    def key(config) -> str:
+        inputs = {"config": config, "data_dir": "data", "workdir": str(tmp_path), "parent_ref": None}
+        return policy.compute_key(TaskRunContext.model_construct(task=pretrain_task), inputs, {})
+
+    launched = pretrain.model_copy(update={"launch": pretrain.launch.model_copy(update={"num_processes": 2})})
+    assert key(launched) == key(pretrain)
+    assert key(pretrain.model_copy(update={"max_steps": 7})) != key(pretrain)

@@ -152,6 +152,44 @@ class _Touches:
         return (Path.touch, (self.path,))
 
 
+def test_a_supernet_continues_only_on_data_tokenized_with_its_vocabulary(
+    tmp_path: Path, small_corpus: Path, small_data: PreparedData
+) -> None:
+    """Continuing weights on text tokenized with another vocabulary would read every id as another token: an explicit
+    parent is refused, a warm start is skipped, and a retrain's data is prepared with the supernet's tokenizer."""
+    import dataclasses
+
+    from registry.tracking import RunLogger
+    from tasks.pretrain.task import (
+        parent_supernet,
+        register_pretrained,
+        retrain_data_config,
+        same_vocabulary,
+        warm_start_source,
+    )
+
+    config = _tiny_pretrain(max_steps=2, eval_interval=2, batch_size=4, seq_len=32, optim={"warmup_steps": 1})
+    workdir = tmp_path / "workdir"
+    logger = RunLogger(workdir, run_name="pretrain")
+    result = run_pretrain(config, small_data, tmp_path / "run")
+    register_pretrained(dataclasses.replace(result, mlflow_run_id=logger.run_id), config, small_data, workdir)
+    logger.finish()
+
+    play = next(small_corpus.iterdir())  # other text: its own BPE of the same size is another vocabulary
+    (tmp_path / "new" / play.name).parent.mkdir()
+    (tmp_path / "new" / play.name).write_text(play.read_text()[::-1])
+    new_text = DataConfig(source=str(tmp_path / "new"), vocab_size=400, data_dir=str(tmp_path / "data"))
+    own_vocabulary = prepare_data(new_text)
+    assert not same_vocabulary(own_vocabulary.tokenizer_path, small_data.tokenizer_path)
+    with pytest.raises(ValueError, match="parent: trainonce-supernet/1 was trained with another tokenizer"):
+        parent_supernet("trainonce-supernet/1", own_vocabulary, workdir)
+    assert warm_start_source(config, own_vocabulary, workdir) is None
+
+    retrain = prepare_data(retrain_data_config(new_text, config, workdir))
+    assert same_vocabulary(retrain.tokenizer_path, small_data.tokenizer_path)
+    assert warm_start_source(config, retrain, workdir).version.version == "1"
+
+
 def test_metrics_history_resumes_past_a_line_torn_by_a_kill(tmp_path: Path) -> None:
     """A kill mid-append leaves half a line: the restart drops it (and the points after its checkpoint) instead of
     refusing to resume."""
