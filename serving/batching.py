@@ -314,7 +314,7 @@ class DecodeBatcher:
             _deliver(failed)
 
     def _decode_until_idle(self) -> None:
-        batch, outbox = self._batch or self._new_batch(), []
+        batch, outbox = self._batch if self._batch is not None else self._new_batch(), []
         while True:
             with self._lock:
                 if not batch.rows and not self._waiting:

@@ -209,7 +209,9 @@ def test_cli_exports_a_registered_model_by_reference(
 
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="export-hf: out: .*occupied is not empty and not an earlier trainonce hugging-face export"):
+    with pytest.raises(
+        SystemExit, match="export-hf: out: .*occupied is not empty and not an earlier trainonce hugging-face export"
+    ):
         main(
             [
                 "export-hf",
