@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -136,25 +136,17 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         print(f"MLflow store: {store}  (mlflow ui --backend-store-uri sqlite:///{store})")
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def _integer(low: int, high: int | None = None, what: str = "an integer") -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when None), refused naming the range."""
+    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
 
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what} {allowed}, got {value}")
+        return value
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535] (0: any free port), got {value}")
-    return value
+    return parse
 
 
 def _positive_seconds(text: str) -> float:
@@ -317,21 +309,21 @@ def _add_registry_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--alias", default="champion", help="alias to serve and follow as it moves")
     serve.add_argument("--version", default=None, help="serve this fixed version instead of an alias")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
-    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--port", type=_integer(0, 65535, "a TCP port (0: any free one)"), default=8000)
     serve.add_argument("--api-key", default=None, help="require this bearer key (or set TRAINONCE_API_KEY)")
     serve.add_argument(
         "--poll-seconds", type=_positive_seconds, default=5.0, help="how often to check whether the alias moved"
     )
-    serve.add_argument("--threads", type=_non_negative, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    serve.add_argument("--threads", type=_integer(0), default=0, help="onnxruntime intra-op threads (0: all cores)")
     serve.add_argument(
         "--max-batch",
-        type=_at_least_one,
+        type=_integer(1),
         default=DEFAULT_BATCHING.max_batch,
         help="sequences per batched decode step (1: one at a time)",
     )
     serve.add_argument(
         "--max-waiting",
-        type=_at_least_one,
+        type=_integer(1),
         default=DEFAULT_BATCHING.max_waiting,
         help="sequences queued for the batch before requests get 429",
     )

@@ -11,7 +11,6 @@ its outputs (new registered versions) change, everything after it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -30,6 +29,7 @@ from tasks.align.config import DPOConfig, GRPOConfig, SFTConfig
 from tasks.align.task import align_task
 from tasks.common.stage_results import AlignedModels, DeploymentResult, ExtractionResult, Links, PretrainedSupernet
 from tasks.data.config import DataConfig, TaskMixConfig
+from tasks.data.corpus import source_digest
 from tasks.data.task import prepare_data_task
 from tasks.deploy.config import DeployConfig
 from tasks.deploy.llama_cpp import check_gguf_request
@@ -75,7 +75,7 @@ def user_files(inputs: dict[str, Any]) -> list[str]:
     """The align task's key parts: the digests of the user's JSONL files its configs name, so that an edited file
     is trained on, not answered from the cache."""
     names = [inputs["sft"].extra_jsonl, inputs["dpo"].extra_jsonl]
-    return [hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in names if name]
+    return [source_digest([Path(name)]) for name in names if name]
 
 
 def run_identity(inputs: dict[str, Any]) -> list[str]:

@@ -163,10 +163,11 @@ class Sampler:
         out = self._biased_and_penalised(logits)
         banned = (*banned, *self._bad_word_ends())
         if banned:
-            kept = out.copy()
-            kept[list(banned)] = -np.inf
-            if np.isfinite(kept).any():
-                out = kept
+            index = list(banned)
+            before = out[index]  # a copy (fancy indexing): the bans are undone in place, without a second row
+            out[index] = -np.inf
+            if not np.isfinite(out).any():
+                out[index] = before
         return out
 
     def _biased_and_penalised(self, logits: np.ndarray) -> np.ndarray:

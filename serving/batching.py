@@ -311,6 +311,7 @@ class DecodeBatcher:
                 failed = [(sequence, error) for sequence in self._waiting]
                 self._waiting.clear()
                 self._batch, self._thread = None, None  # the next submission starts over, with a new batch
+                self.running = 0
             _deliver(failed)
 
     def _decode_until_idle(self) -> None:

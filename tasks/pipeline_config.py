@@ -303,7 +303,9 @@ def load_pipeline_config(name_or_path: str | Path, overrides: dict | None = None
         node = raw
         *parents, leaf = dotted.split(".")
         for depth, key in enumerate(parents):
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # absent, or an optional section set to null: the override opens it
+                node[key] = {}
+            node = node[key]
             if not isinstance(node, dict):
                 parent = ".".join(parents[: depth + 1])
                 raise ValueError(f"{dotted}: {parent} is a value ({node!r}), not a section with fields")

@@ -99,13 +99,16 @@ def run_sft(
     before and after."""
     if config.replay.batch_size and replay is None:
         raise ValueError("sft.replay.batch_size > 0 needs the pre-training data to replay")
-    before = exact_match(model, tokenizer, test, config.max_new_tokens)
     encoded = [encode(as_conversation(e), tokenizer, config.max_len) for e in train]
     encoded += [encode(c, tokenizer, config.max_len) for c in extra]
     # a conversation cut at max_len before its reply has nothing to learn, and a batch of only such has a NaN loss
-    encoded = [e for e in encoded if any(t != IGNORE_INDEX for t in e.targets)]
-    if not encoded:
+    kept = [e for e in encoded if any(t != IGNORE_INDEX for t in e.targets)]
+    if not kept:
         raise ValueError(f"sft.max_len={config.max_len}: every conversation is cut before its reply; raise it")
+    if len(kept) < len(encoded):
+        print(f"SFT leaves out {len(encoded) - len(kept)} conversations cut at sft.max_len before their reply")
+    encoded = kept
+    before = exact_match(model, tokenizer, test, config.max_new_tokens)
     pad = tokenizer.pad_id
     loop = TrainingLoop(model, config.optim, config.steps)
     rng = random.Random(config.seed)

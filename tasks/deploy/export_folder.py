@@ -25,7 +25,7 @@ def check_replaceable(out_dir: Path, kind: str) -> None:
         return
     raise FileExistsError(
         f"out: {out_dir} is not empty and not an earlier trainonce {kind} export (it has no {EXPORT_MARKER} saying "
-        "so); give a new or empty folder"
+        "so); give a new or empty folder (an export made before exports wrote that file: delete it yourself)"
     )
 
 

@@ -99,6 +99,7 @@ _INDEX_GLOBALS = {
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
     ("torch", "Size"): torch.Size,
     ("pathlib", "PosixPath"): Path,
+    ("pathlib._local", "PosixPath"): Path,  # where Python 3.13 pickles it from
 }
 
 

@@ -72,7 +72,7 @@ def test_pretrain_command_trains_registers_and_a_second_run_warm_starts_on_the_s
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--port", "70000", r"TCP port in \[0, 65535\]"),
+        ("--port", "70000", r"a TCP port \(0: any free one\) in \[0, 65535\]"),
         ("--poll-seconds", "0", "seconds > 0"),
         ("--threads", "-1", "integer >= 0"),
         ("--max-batch", "0", "integer >= 1"),

@@ -81,16 +81,31 @@ def test_cli_promote_and_rollback(workdir: Path, capsys: pytest.CaptureFixture) 
     assert alias_version(workdir, CHAT_MODEL, CHAMPION) == "1"
 
 
-def test_cli_promotion_waits_for_a_gate_holding_the_models_promotion_slot(workdir: Path) -> None:
+def test_cli_promotion_waits_for_a_gate_holding_the_models_promotion_slot(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`trainonce promote` moves the alias a gate compares against: it must wait for the gate, not interleave."""
+    import registry.promotion
+
     before = alias_version(workdir, CHAT_MODEL, CHAMPION)
     target = "2" if before != "2" else "1"
+    gate_deciding = threading.Event()
+    moved_during_the_gate: list[bool] = []
+    promote_now = registry.promotion.promote
+
+    def recorded(*args, **kwargs):
+        moved_during_the_gate.append(gate_deciding.is_set())
+        return promote_now(*args, **kwargs)
+
+    monkeypatch.setattr(registry.promotion, "promote", recorded)
     cli = threading.Thread(target=main, args=(["promote", target, "--workdir", str(workdir)],))
     with promotion_slot(str(workdir), CHAT_MODEL):
+        gate_deciding.set()
         cli.start()
-        cli.join(timeout=2.0)
-        assert cli.is_alive() and alias_version(workdir, CHAT_MODEL, CHAMPION) == before
+        cli.join(timeout=5.0)
+        gate_deciding.clear()
     cli.join(timeout=120)
+    assert moved_during_the_gate == [False]
     assert alias_version(workdir, CHAT_MODEL, CHAMPION) == target
 
 

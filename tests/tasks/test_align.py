@@ -140,7 +140,8 @@ def test_conversations_cut_before_their_reply_are_left_out_or_refused(tokenizer)
     a NaN loss. They are left out, and when nothing is left the run is refused naming sft.max_len."""
     long_question = Example("user", "word " * 60, "yes")
     short = Example("copy", "Repeat: king", "king")
-    config = SFTConfig(steps=2, batch_size=1, max_len=16, optim={"warmup_steps": 1}, replay={"batch_size": 0})
+    # seed 1 draws the first conversation at both steps: the cut one, had it been kept
+    config = SFTConfig(steps=2, batch_size=1, max_len=16, seed=1, optim={"warmup_steps": 1}, replay={"batch_size": 0})
     model = _model()
     run_sft(config, model, tokenizer, [long_question, short], [short])
     assert all(torch.isfinite(p).all() for p in model.parameters())
