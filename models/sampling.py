@@ -160,17 +160,6 @@ class Sampler:
         those that would complete a bad word get -inf. When those bans leave no allowed token (`allowed_token_ids`
         all ending tokens under min_tokens, or all bad-word ends) they give way for this step: only allowed tokens
         are ever generated, and an all -inf row has nothing to sample."""
-        out = self._biased_and_penalised(logits)
-        banned = (*banned, *self._bad_word_ends())
-        if banned:
-            index = list(banned)
-            before = out[index]  # a copy (fancy indexing): the bans are undone in place, without a second row
-            out[index] = -np.inf
-            if not np.isfinite(out).any():
-                out[index] = before
-        return out
-
-    def _biased_and_penalised(self, logits: np.ndarray) -> np.ndarray:
         params = self.params
         out = logits.astype(np.float64) + self.bias
         if params.repetition_penalty != 1.0:
@@ -180,6 +169,13 @@ class Sampler:
             out -= params.frequency_penalty * self.generated_counts + params.presence_penalty * (
                 self.generated_counts > 0
             )
+        banned = (*banned, *self._bad_word_ends())
+        if banned:
+            index = list(banned)
+            before = out[index]  # a copy (fancy indexing): the bans are undone in place, without a second row
+            out[index] = -np.inf
+            if not np.isfinite(out).any():
+                out[index] = before
         return out
 
     def choose(self, logits: np.ndarray, banned: tuple[int, ...] = ()) -> SampledToken:
