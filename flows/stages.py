@@ -22,11 +22,11 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, Inputs
 from flows.run_guard import guarded_flow, run_name
 from models.subnet import ElasticSpace
 from registry.models import download_checkpoint, resolve_version, version_link
-from registry.names import SUPERNET_MODEL
+from registry.names import SUBNET_MODEL, SUPERNET_MODEL
 from registry.promotion import GateRules
 from registry.tracking import check_artifact_store, run_link, tracking_uri
 from tasks.align.config import DPOConfig, GRPOConfig, SFTConfig
-from tasks.align.task import align_task
+from tasks.align.task import dpo_task, grpo_task, sft_task
 from tasks.common.stage_results import AlignedModels, DeploymentResult, ExtractionResult, Links, PretrainedSupernet
 from tasks.data.config import DataConfig, TaskMixConfig
 from tasks.data.corpus import source_digest
@@ -72,9 +72,9 @@ def cached(
 
 
 def user_files(inputs: dict[str, Any]) -> list[str]:
-    """The align task's key parts: the digests of the user's JSONL files its configs name, so that an edited file
-    is trained on, not answered from the cache."""
-    names = [inputs["sft"].extra_jsonl, inputs["dpo"].extra_jsonl]
+    """An alignment step's key parts: the digests of the user's JSONL files its config names (`extra_jsonl`), so
+    that an edited file is trained on, not answered from the cache."""
+    names = [getattr(value, "extra_jsonl", None) for value in inputs.values()]
     return [source_digest([Path(name)]) for name in names if name]
 
 
@@ -207,14 +207,20 @@ def align_flow(
     workdir: str = "runs/pipeline",
     grpo: GRPOConfig = DEFAULTS.grpo,
 ) -> AlignedModels:
-    """SFT then DPO (then GRPO, when enabled) of a registered sub-model; registers each in `trainonce-chat-torch`."""
+    """SFT then DPO (then GRPO, when enabled) of a registered sub-model; registers each in `trainonce-chat-torch`.
+    Each step is its own cached task, so a step that fails and is retried, or a re-run that changes one step's
+    config, redoes that step and the ones after it, never the ones before."""
     workdir = checked_workdir(workdir)
     checked_model_ref("subnet", workdir, subnet)
     data_dir = prepare_data_task(data)
     source = resolve_model_task(workdir, subnet)
-    aligned = cached(align_task, workdir, user_files)(
-        sft, dpo, source["checkpoint_dir"], data_dir, workdir, source["version"], grpo
+    version, task_mix = source["version"], sft.task_mix
+    sft_step = cached(sft_task, workdir, user_files)(sft, source["checkpoint_dir"], data_dir, workdir, version)
+    dpo_step = cached(dpo_task, workdir, user_files)(dpo, task_mix, sft_step, data_dir, workdir, version)
+    grpo_step = (
+        cached(grpo_task, workdir)(grpo, task_mix, dpo_step, data_dir, workdir, version) if grpo.enabled else None
     )
+    aligned = AlignedModels.of(f"{SUBNET_MODEL}/{version}", sft_step, dpo_step, grpo_step)
     report(aligned, "alignment", "Held-out exact match per task", workdir)
     return aligned
 

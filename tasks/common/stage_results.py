@@ -202,17 +202,47 @@ class ExtractionResult(StageResult):
         return [*self.search.summary(links), *self.subnet.summary(links)]
 
 
+class AlignedStep(StageResult):
+    """One alignment step's model (SFT, DPO or GRPO), registered in `trainonce-chat-torch`: what the next step
+    starts from, and its held-out exact match per task (and "overall") after the step."""
+
+    step: str  # "sft", "dpo" or "grpo"
+    model_uri: str
+    accuracy: dict[str, float]
+    accuracy_before: dict[str, float] = {}  # SFT: the sub-model's own, before alignment
+    reward_accuracy: float | None = None  # DPO: its implicit reward ranks the held-out pairs right this often
+    pairs: dict[str, int] = {}  # DPO: training pairs per kind
+
+    @property
+    def version(self) -> str:
+        return self.model_uri.rsplit("/", 1)[-1]
+
+
 class AlignedModels(StageResult):
     """The SFT, DPO (and GRPO) models aligned from a sub-model, and their held-out exact match per task."""
 
     sft_uri: str
     dpo_uri: str
     grpo_uri: str | None = None  # when GRPO ran
-    final_dir: str  # the last stage's checkpoint: what is deployed
     parent_model: str  # the sub-model they were aligned from, `NAME/VERSION`
     accuracy: dict[str, dict[str, float]]  # "base", "sft", "dpo" (, "grpo") -> task (and "overall") -> exact match
     reward_accuracy: float  # DPO's implicit reward ranks the held-out pairs right this often
     pairs: dict[str, int]  # DPO training pairs per kind
+
+    @classmethod
+    def of(cls, parent_model: str, sft: AlignedStep, dpo: AlignedStep, grpo: AlignedStep | None) -> AlignedModels:
+        """The alignment stage's result from its steps' results."""
+        assert dpo.reward_accuracy is not None, "a DPO step measures its reward accuracy"
+        accuracy = {"base": sft.accuracy_before, "sft": sft.accuracy, "dpo": dpo.accuracy}
+        return cls(
+            sft_uri=sft.model_uri,
+            dpo_uri=dpo.model_uri,
+            grpo_uri=grpo.model_uri if grpo else None,
+            parent_model=parent_model,
+            accuracy={**accuracy, **({"grpo": grpo.accuracy} if grpo else {})},
+            reward_accuracy=dpo.reward_accuracy,
+            pairs=dpo.pairs,
+        )
 
     @property
     def final_uri(self) -> str:

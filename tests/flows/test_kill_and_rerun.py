@@ -1,7 +1,7 @@
 """`trainonce pipeline` SIGKILLed midway (during pre-training after a checkpoint), run again with the same command and
-killed again (during SFT), and again (during export), then run to the end: each run resumes (pre-training from its
-checkpoint, which it says; finished stages from Prefect's cache), the last ends with a champion, and nothing the
-killed runs left behind stays Running (their Prefect flow, subflow and task runs are Crashed; their MLflow runs are
+killed again (during DPO), and again (during export), then run to the end: each run resumes (pre-training from its
+checkpoint, which it says; finished stages and steps from Prefect's cache), the last ends with a champion, and nothing
+the killed runs left behind stays Running (their Prefect flow, subflow and task runs are Crashed; their MLflow runs are
 resumed or ended KILLED)."""
 
 import json
@@ -69,7 +69,8 @@ def _prefect_record(workdir: Path) -> tuple[list[tuple[str, str]], list[str]]:
 # where each run is killed: as soon as this appears in its workdir
 KILL_POINTS = {
     "pretraining": "pretrain/*/checkpoints/step_*",  # after a checkpoint: pre-training resumes from it
-    "sft": "align/subnet-v*",  # the align task started: search and extraction come from the cache
+    # the DPO step fetched the SFT step's model: search, extraction and SFT come from the cache
+    "dpo": "registry-cache/*/trainonce-chat-torch/*",
     "export": "export/*",  # the export task started: alignment comes from the cache too
 }
 
@@ -93,17 +94,17 @@ def _run_until(command: list[str], env: dict[str, str], workdir: Path, pattern: 
 def test_a_pipeline_killed_at_each_stage_in_turn_resumes_each_time(
     tmp_path: Path, small_corpus: Path, short_pipeline: list[str]
 ) -> None:
-    """Killed during pre-training, then (run again) during SFT, then during export; the fourth run completes. One
+    """Killed during pre-training, then (run again) during DPO, then during export; the fourth run completes. One
     workdir throughout, so each run resumes from what all the killed ones left."""
     workdir = tmp_path / "pipeline"
     command = _command(workdir, small_corpus, tmp_path / "data", short_pipeline)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     _run_until(command, env, workdir, KILL_POINTS["pretraining"], tmp_path / "killed-pretraining.log")
-    resumed = _run_until(command, env, workdir, KILL_POINTS["sft"], tmp_path / "killed-sft.log")
+    resumed = _run_until(command, env, workdir, KILL_POINTS["dpo"], tmp_path / "killed-dpo.log")
     assert "pre-training resumes at step" in resumed and "resumed from its checkpoint at step" in resumed
-    after_sft = _run_until(command, env, workdir, KILL_POINTS["export"], tmp_path / "killed-export.log")
-    assert "resumes at step" not in after_sft  # pre-training came from the cache
+    after_dpo = _run_until(command, env, workdir, KILL_POINTS["export"], tmp_path / "killed-export.log")
+    assert "resumes at step" not in after_dpo  # pre-training came from the cache
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -115,6 +116,8 @@ def test_a_pipeline_killed_at_each_stage_in_turn_resumes_each_time(
     assert len(supernets) == 1  # trained once, across the kill during pre-training and the ones after it
     assert int(supernets[0].tags["resumed_from_step"]) >= 5
     assert len(client.search_model_versions("name='trainonce-subnet'")) == 1  # extraction came from the cache
+    aligned = client.search_model_versions("name='trainonce-chat-torch'")
+    assert sorted(v.tags["stage"] for v in aligned) == ["dpo", "sft"]  # SFT ran once, across the kill during DPO
     experiment = client.get_experiment_by_name("trainonce").experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
     states, summaries = _prefect_record(workdir)

@@ -64,21 +64,21 @@ def test_cached_results_belong_to_the_mlflow_store(tmp_path, monkeypatch: pytest
 
 
 def test_an_edited_user_file_misses_the_align_cache(tmp_path) -> None:
-    """The align stage's parameters name the user's JSONL; its content is in the cache key, so an edited file is
+    """The SFT step's parameters name the user's JSONL; its content is in the cache key, so an edited file is
     trained on rather than answered from the cache."""
     from prefect.cache_policies import CacheKeyFnPolicy
 
     from flows.stages import cached, user_files
-    from tasks.align.config import DPOConfig, SFTConfig
-    from tasks.align.task import align_task
+    from tasks.align.config import SFTConfig
+    from tasks.align.task import sft_task
 
     conversations = tmp_path / "mine.jsonl"
     line = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "%s"}]}\n'
     conversations.write_text(line % "hello")
-    parameters = {"sft": SFTConfig(extra_jsonl=str(conversations)), "dpo": DPOConfig()}
+    parameters = {"sft": SFTConfig(extra_jsonl=str(conversations)), "subnet_dir": "subnet"}
 
     def key() -> str:
-        policies = cached(align_task, str(tmp_path), user_files)
+        policies = cached(sft_task, str(tmp_path), user_files)
         (files,) = [policy for policy in policies.cache_policy.policies if isinstance(policy, CacheKeyFnPolicy)]
         return files.compute_key(None, parameters, {})
 

@@ -65,7 +65,8 @@ def test_the_align_stage_registers_grpo_after_dpo_and_deploys_it(
     from models.checkpoint import save_model
     from registry.tracking import store_client
     from tasks.align.config import DPOConfig, SFTConfig
-    from tasks.align.task import align_task
+    from tasks.align.task import dpo_task, grpo_task, sft_task
+    from tasks.common.stage_results import AlignedModels
     from tasks.data.config import TaskMixConfig
 
     mix = TaskMixConfig(tasks=("copy",), train_per_task=8, test_per_task=2)
@@ -73,7 +74,11 @@ def test_the_align_stage_registers_grpo_after_dpo_and_deploys_it(
     dpo = DPOConfig(steps=1, batch_size=2, max_new_tokens=4, max_pairs=4)
     grpo = GRPOConfig(enabled=True, steps=2, prompts_per_step=1, group_size=2, max_new_tokens=4, pass_k=2)
     subnet = save_model(copy.deepcopy(chat_model), tmp_path / "subnet")
-    aligned = align_task.fn(sft, dpo, str(subnet), str(small_data.directory), str(tmp_path / "work"), "1", grpo)
+    data_dir, workdir = str(small_data.directory), str(tmp_path / "work")
+    sft_step = sft_task.fn(sft, str(subnet), data_dir, workdir, "1")
+    dpo_step = dpo_task.fn(dpo, mix, sft_step, data_dir, workdir, "1")
+    grpo_step = grpo_task.fn(grpo, mix, dpo_step, data_dir, workdir, "1")
+    aligned = AlignedModels.of("trainonce-subnet/1", sft_step, dpo_step, grpo_step)
     assert aligned.grpo_uri is not None and aligned.final_uri == aligned.grpo_uri
     assert set(aligned.accuracy) == {"base", "sft", "dpo", "grpo"}
     client = store_client(tmp_path / "work")
@@ -81,4 +86,4 @@ def test_the_align_stage_registers_grpo_after_dpo_and_deploys_it(
     assert {"held_out/exact_match/overall", "held_out/pass_at_k", "train/reward_mean"} <= set(run.data.metrics)
     assert any(a.path.endswith("grpo.png") for a in client.list_artifacts(run.info.run_id))
     version = client.get_model_version("trainonce-chat-torch", aligned.grpo_uri.rsplit("/", 1)[-1])
-    assert version.tags["stage"] == "grpo" and version.tags["parent_dpo_version"]
+    assert version.tags["stage"] == "grpo" and version.tags["parent_dpo_version"] == dpo_step.version

@@ -83,7 +83,6 @@ EXTRACTED = ExtractedSubnet(
 ALIGNED = AlignedModels(
     sft_uri="models:/trainonce-chat-torch/1",
     dpo_uri="models:/trainonce-chat-torch/2",
-    final_dir="/dpo",
     parent_model="trainonce-subnet/1",
     reward_accuracy=0.75,
     pairs={"corrupted": 40},
