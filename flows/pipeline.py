@@ -65,10 +65,14 @@ def deploy_member(
     `search`'s budgets, extracted, aligned, exported and gated into `deploy.model_name`. `progress(what)` wraps
     each of the three parts (the main member logs them as numbered pipeline stages)."""
     with progress("search and extraction"):
-        extraction = extract_flow(pretrained.model_uri, data, config.importance, search, config.extract, workdir)
+        extraction = extract_flow(
+            pretrained.model_uri, data, config.importance, search, config.extract, workdir, pretrained.data_dir
+        )
         print(f"sub-model {extraction.subnet.subnet}: {extraction.subnet.model_uri}")
     with progress("SFT, DPO (and GRPO)"):
-        aligned = align_flow(extraction.subnet.model_uri, data, config.sft, config.dpo, workdir, config.grpo)
+        aligned = align_flow(
+            extraction.subnet.model_uri, data, config.sft, config.dpo, workdir, config.grpo, pretrained.data_dir
+        )
         print(f"aligned: {aligned.final_uri}")
     lineage = {
         "parent_sft": aligned.sft_uri,
@@ -78,7 +82,9 @@ def deploy_member(
         **({"family_member": member} if member else {}),
     }
     with progress("export, quantization and gate"):
-        deployed = deploy_flow(aligned.final_uri, data, deploy, config.gate, config.sft.task_mix, lineage, workdir)
+        deployed = deploy_flow(
+            aligned.final_uri, data, deploy, config.gate, config.sft.task_mix, lineage, workdir, pretrained.data_dir
+        )
     return extraction, aligned, deployed
 
 

@@ -101,6 +101,17 @@ def checked_model_ref(parameter: str, workdir: str, ref: str) -> None:
         raise ValueError(f"{parameter}: {error}") from error
 
 
+def stage_data(data: DataConfig, data_dir: str | None) -> str:
+    """The prepared data folder a stage reads: `data_dir` when given (the pipeline passes the one pre-training read,
+    so every stage of a run reads the same documents even if the source changes during the run), else `data`
+    prepared, or reused when its source is unchanged."""
+    if data_dir is None:
+        return prepare_data_task(data)
+    if not (Path(data_dir) / "meta.json").is_file():
+        raise ValueError(f"data_dir: {data_dir} is not a prepared data folder (it has no meta.json)")
+    return data_dir
+
+
 @task(name="resolve-model", retries=2, retry_delay_seconds=[2, 10])
 def resolve_model_task(workdir: str, ref: str) -> dict[str, Any]:
     """The registered model `ref` names, downloaded once into the workdir. Never cached: `NAME@ALIAS` and
@@ -169,13 +180,14 @@ def extract_flow(
     search: SearchConfig = DEFAULTS.search,
     extract: ExtractConfig = DEFAULTS.extract,
     workdir: str = "runs/pipeline",
+    data_dir: str | None = None,
 ) -> ExtractionResult:
     """Rank the registered supernet's experts and layers, search its family under budgets, extract and distil the
-    chosen sub-model;
-    registers a `trainonce-subnet` version."""
+    chosen sub-model; registers a `trainonce-subnet` version. `data_dir`: a prepared data folder to read instead of
+    preparing `data` (what the pipeline passes: the one pre-training read)."""
     workdir = checked_workdir(workdir)
     checked_model_ref("supernet", workdir, supernet)
-    data_dir = prepare_data_task(data)
+    data_dir = stage_data(data, data_dir)
     source = resolve_model_task(workdir, supernet)
     if "pretrain_tokens" not in source["extra"]:
         raise ValueError(f"{supernet}: registered before pre-training tokens were recorded; re-run pretrain")
@@ -206,13 +218,14 @@ def align_flow(
     dpo: DPOConfig = DEFAULTS.dpo,
     workdir: str = "runs/pipeline",
     grpo: GRPOConfig = DEFAULTS.grpo,
+    data_dir: str | None = None,
 ) -> AlignedModels:
     """SFT then DPO (then GRPO, when enabled) of a registered sub-model; registers each in `trainonce-chat-torch`.
     Each step is its own cached task, so a step that fails and is retried, or a re-run that changes one step's
-    config, redoes that step and the ones after it, never the ones before."""
+    config, redoes that step and the ones after it, never the ones before. `data_dir`: as for `extract`."""
     workdir = checked_workdir(workdir)
     checked_model_ref("subnet", workdir, subnet)
-    data_dir = prepare_data_task(data)
+    data_dir = stage_data(data, data_dir)
     source = resolve_model_task(workdir, subnet)
     version, task_mix = source["version"], sft.task_mix
     sft_step = cached(sft_task, workdir, user_files)(sft, source["checkpoint_dir"], data_dir, workdir, version)
@@ -235,13 +248,14 @@ def deploy_flow(
     task_mix: TaskMixConfig = DEFAULTS.sft.task_mix,
     lineage: dict[str, str] | None = None,
     workdir: str = "runs/pipeline",
+    data_dir: str | None = None,
 ) -> DeploymentResult:
     """Export and quantize a registered aligned model, register the candidate in `trainonce-chat`, and promote
-    it to `champion` if it passes the gate against the current champion."""
+    it to `champion` if it passes the gate against the current champion. `data_dir`: as for `extract`."""
     workdir = checked_workdir(workdir)
     check_gguf_request("deploy.gguf", deploy.gguf)
     checked_model_ref("aligned", workdir, aligned)
-    data_dir = prepare_data_task(data)
+    data_dir = stage_data(data, data_dir)
     source = resolve_model_task(workdir, aligned)
     lineage = {"parent_model": source["uri"], **(lineage or {})}
     exported = cached(export_task, workdir)(deploy, task_mix, source["checkpoint_dir"], data_dir, workdir, lineage)

@@ -106,3 +106,16 @@ def test_how_pretraining_is_launched_is_not_part_of_its_cache_key(tmp_path) -> N
     launched = pretrain.model_copy(update={"launch": pretrain.launch.model_copy(update={"num_processes": 2})})
     assert key(launched) == key(pretrain)
     assert key(pretrain.model_copy(update={"max_steps": 7})) != key(pretrain)
+
+
+def test_a_stage_reads_the_data_folder_it_is_given(tmp_path, small_data) -> None:
+    """The pipeline hands every later stage the folder pre-training read, so a source that changes (or goes) during
+    the run cannot feed them other documents: the folder is used as given, its source not read again; a folder that
+    is not prepared data is refused, naming the parameter."""
+    from flows.stages import stage_data
+    from tasks.data.config import DataConfig
+
+    gone = DataConfig(source=str(tmp_path / "moved-away"), vocab_size=400, data_dir=str(tmp_path / "data"))
+    assert stage_data(gone, str(small_data.directory)) == str(small_data.directory)
+    with pytest.raises(ValueError, match=r"data_dir: .* is not a prepared data folder"):
+        stage_data(gone, str(tmp_path))
