@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -165,7 +166,14 @@ def git_commit() -> str:
 
 # Which process owns a RUNNING run: a run whose process is gone is ended by the next one that logs to the store.
 OWNER_TAG = "trainonce.owner"
+# When the owner last said it was alive (unix seconds, its clock): how a run owned on another machine is told dead,
+# since its process cannot be looked up from here (a Kubernetes Job's pod, replaced under a new hostname; a recreated
+# container; another node).
+HEARTBEAT_TAG = "trainonce.heartbeat"
+HEARTBEAT_SECONDS = 60.0
+STALE_AFTER_SECONDS = 900.0  # 15 missed beats: far beyond a store's hiccup or a busy machine's scheduling delay
 _open_runs: dict[str, MlflowClient] = {}  # run id -> client: the runs this process has not finished yet
+_heartbeat: threading.Thread | None = None
 
 
 def process_identity(pid: int) -> str | None:
@@ -188,19 +196,48 @@ def owner_is_gone(owner: str) -> bool:
     return host == socket.gethostname() and pid.isdigit() and process_identity(int(pid)) != owner
 
 
+def orphaned_because(tags: Mapping[str, str], now: float) -> str | None:
+    """Why a RUNNING run with these tags has no live owner, or None while it may have one: on this host, its
+    process is gone; elsewhere, its heartbeat stopped more than STALE_AFTER_SECONDS ago. A run of another host
+    with no heartbeat (written before heartbeats existed) is left alone."""
+    owner = tags.get(OWNER_TAG, "")
+    if owner.partition(":")[0] == socket.gethostname():
+        return f"its process ({owner}) was gone" if owner_is_gone(owner) else None
+    beat = tags.get(HEARTBEAT_TAG, "")
+    if beat.isdigit() and now - int(beat) > STALE_AFTER_SECONDS:
+        return f"its process on another host ({owner}) stopped beating {now - int(beat):.0f} s ago"
+    return None
+
+
 def end_orphaned_runs(workdir: str | Path, experiment_id: str, keep: str | None = None) -> list[str]:
-    """End as KILLED every RUNNING run whose owning process on this host is gone (SIGKILL, OOM, power loss),
-    except `keep` (the run about to be resumed); runs owned by other hosts are left alone (their processes cannot
-    be checked from here). Their ids."""
+    """End as KILLED every RUNNING run whose owner is gone (SIGKILL, OOM, power loss, a replaced pod:
+    `orphaned_because`), except `keep` (the run about to be resumed). Their ids."""
     client = store_client(workdir)
-    ended = []
+    ended, now = [], time.time()
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
-        owner = run.data.tags.get(OWNER_TAG, "")
-        if run.info.run_id != keep and owner_is_gone(owner):
-            client.set_tag(run.info.run_id, "trainonce.ended_by", f"cleanup: its process ({owner}) was gone")
+        reason = orphaned_because(run.data.tags, now) if run.info.run_id != keep else None
+        if reason:
+            client.set_tag(run.info.run_id, "trainonce.ended_by", f"cleanup: {reason}")
             client.set_terminated(run.info.run_id, status="KILLED")
             ended.append(run.info.run_id)
     return ended
+
+
+def _beat() -> None:
+    """Stamp every run this process has open with the time, every HEARTBEAT_SECONDS, for as long as it lives."""
+    while True:
+        for run_id, client in list(_open_runs.items()):
+            with contextlib.suppress(Exception):  # a store that hiccups costs a beat, not the run
+                client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+        time.sleep(HEARTBEAT_SECONDS)
+
+
+def _keep_beating() -> None:
+    """Start this process's heartbeat thread, once (a daemon: it dies with the process, which is the point)."""
+    global _heartbeat
+    if _heartbeat is None or not _heartbeat.is_alive():
+        _heartbeat = threading.Thread(target=_beat, name="mlflow-heartbeat", daemon=True)
+        _heartbeat.start()
 
 
 @atexit.register
@@ -223,8 +260,9 @@ def run_opener(workdir: str | Path, run_name: str, tags: dict | None = None) -> 
 class RunLogger:
     """Logs to one MLflow run by id (no global active run, so it is safe inside Prefect's worker threads).
 
-    The run is tagged with the process that owns it: if the process exits before `finish`, the run ends FAILED
-    on the way out; if it is killed outright, the next RunLogger on the same store ends it KILLED."""
+    The run is tagged with the process that owns it and, every HEARTBEAT_SECONDS, with the time: if the process
+    exits before `finish`, the run ends FAILED on the way out; if it is killed outright, the next RunLogger on the
+    same store ends it KILLED (on another host, once its heartbeat has stopped for STALE_AFTER_SECONDS)."""
 
     def __init__(self, workdir: str | Path, run_name: str, run_id: str | None = None, tags: dict | None = None):
         """`run_id`: a run to continue (a resumed stage's), if this store has it; a checkpoint written while the
@@ -238,15 +276,17 @@ class RunLogger:
             log.warning("run %s is not in this MLflow store (%s): starting a new run", run_id, shown)
             run_id = None
         end_orphaned_runs(workdir, self.experiment_id, keep=run_id)
-        owner = {OWNER_TAG: process_identity(os.getpid()) or ""}
+        owner = {OWNER_TAG: process_identity(os.getpid()) or "", HEARTBEAT_TAG: str(int(time.time()))}
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**(tags or {}), **owner})
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, OWNER_TAG, owner[OWNER_TAG])
+            for key, value in owner.items():
+                self.client.set_tag(run_id, key, value)
         self.run_id = run_id
         _open_runs[run_id] = self.client
+        _keep_beating()
 
     def _has_run(self, run_id: str) -> bool:
         try:

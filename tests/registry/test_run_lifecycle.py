@@ -6,9 +6,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
-from registry.tracking import OWNER_TAG, RunLogger, stage_run, store_client
+from registry.tracking import (
+    HEARTBEAT_TAG,
+    OWNER_TAG,
+    STALE_AFTER_SECONDS,
+    RunLogger,
+    configure_tracking,
+    stage_run,
+    store_client,
+)
 
 CHILD = textwrap.dedent(
     """
@@ -23,9 +32,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def _child_run(workdir: Path, how: str) -> tuple[str, int]:
+def _child_run(workdir: Path, how: str, child: str = CHILD) -> tuple[str, int]:
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(workdir), how],
+        [sys.executable, "-c", child, str(workdir), how],
         capture_output=True,
         text=True,
         timeout=300,
@@ -87,3 +96,47 @@ def test_a_stage_run_ends_with_its_block_and_fails_with_it_in_the_same_process(t
     assert finished.info.status == "FINISHED" and crashed.info.status == "FAILED"  # not RUNNING until exit
     assert finished.info.run_name == "export" and finished.data.tags["stage"] == "export"
     assert finished.data.tags["parent_model"] == "trainonce-chat-torch/3" and crashed.data.tags["stage"] == "gate"
+
+
+def test_a_run_whose_owner_on_another_host_stopped_beating_is_ended(tmp_path: Path) -> None:
+    """A Kubernetes Job's pod that is killed comes back as a new pod under another hostname, so the process that
+    owned its runs cannot be looked up from anywhere: a run of another host whose heartbeat stopped more than
+    STALE_AFTER_SECONDS ago is ended KILLED by the next logger; one that beat recently is left alone, and so is one
+    with no heartbeat at all (logged before heartbeats existed: nothing tells whether it lives)."""
+    client, experiment, now = store_client(tmp_path), configure_tracking(tmp_path), int(time.time())
+
+    def foreign_run(beat: int | None) -> str:
+        tags = {OWNER_TAG: "trainonce-pipeline-x7k2p:7:4242", **({HEARTBEAT_TAG: str(beat)} if beat else {})}
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    stopped = foreign_run(now - int(STALE_AFTER_SECONDS) - 60)
+    beating, unknown = foreign_run(now - 30), foreign_run(None)
+    RunLogger(tmp_path, run_name="next").finish()
+    ended = client.get_run(stopped)
+    assert ended.info.status == "KILLED" and "stopped beating" in ended.data.tags["trainonce.ended_by"]
+    assert client.get_run(beating).info.status == "RUNNING" and client.get_run(unknown).info.status == "RUNNING"
+
+
+BEATING_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import registry.tracking as tracking
+    tracking.HEARTBEAT_SECONDS = 0.2
+    logger = tracking.RunLogger(sys.argv[1], run_name="pretrain")
+    first = logger.client.get_run(logger.run_id).data.tags[tracking.HEARTBEAT_TAG]
+    deadline = time.monotonic() + 120
+    while logger.client.get_run(logger.run_id).data.tags[tracking.HEARTBEAT_TAG] == first:
+        assert time.monotonic() < deadline, "the heartbeat never advanced"
+        time.sleep(0.2)
+    print(logger.run_id, flush=True)
+    logger.finish()
+    """
+)
+
+
+def test_a_live_logger_keeps_beating(tmp_path: Path) -> None:
+    """The heartbeat is stamped when the run opens and again every HEARTBEAT_SECONDS while the process lives (a
+    child process, so that this one's interval is not changed)."""
+    run_id, code = _child_run(tmp_path, "beat", BEATING_CHILD)
+    assert code == 0
+    assert store_client(tmp_path).get_run(run_id).info.status == "FINISHED"
