@@ -106,8 +106,13 @@ class PieceStream(Iterator[Piece], AsyncIterator[Piece]):
             raise StopAsyncIteration
         return _unpacked(item)
 
-    def __del__(self) -> None:
+    def abandon(self) -> None:
+        """Stop decoding this sequence: its reader is gone. Its batch row is free for the next sequence at the
+        loop's next turn."""
         self.sequence.abandoned = True
+
+    def __del__(self) -> None:
+        self.abandon()
 
 
 def _deliver(outbox: list[tuple[_Sequence, object]]) -> None:
@@ -317,7 +322,9 @@ class DecodeBatcher:
     def _decode_until_idle(self) -> None:
         batch, outbox = self._batch if self._batch is not None else self._new_batch(), []
         while True:
-            with self._lock:
+            with self._lock:  # rows abandoned before a sequence was submitted are free before it can be refused
+                if any(sequence.abandoned for sequence in batch.rows):
+                    batch.keep([i for i, sequence in enumerate(batch.rows) if not sequence.abandoned])
                 if not batch.rows and not self._waiting:
                     self._batch, self._thread = batch, None  # the next submission starts a new loop
                     return

@@ -19,7 +19,7 @@ from prometheus_client import Gauge
 from starlette.types import Receive, Scope, Send
 
 from models.sampling import SamplingParams
-from serving.batching import QueueFull, QueueTimeout
+from serving.batching import PieceStream, QueueFull, QueueTimeout
 from serving.decoding import Piece, SequenceDecoder
 from serving.engine import ChatPackage
 from serving.errors import ApiError, error_responses
@@ -116,14 +116,16 @@ async def _decoding(
             "n",
             "too_many_choices",
         )
+    submitted: list[PieceStream] = []
     try:
-        submitted = iter(loaded.batcher.submit([c for c in choices if not c.finished], asyncio.get_running_loop()))
+        submitted = loaded.batcher.submit([c for c in choices if not c.finished], asyncio.get_running_loop())
         metrics.prompt_tokens.labels(loaded.name).inc(prompt_tokens)
-        streams = [
-            _pieces() if c.finished else metrics.observed(loaded.name, next(submitted), started) for c in choices
-        ]
+        queued = iter(submitted)
+        streams = [_pieces() if c.finished else metrics.observed(loaded.name, next(queued), started) for c in choices]
         firsts = [await anext(stream, None) for stream in streams]
     except (QueueFull, QueueTimeout) as error:
+        for stream in submitted:  # the choices that did start stop now, not when the garbage collector finds them
+            stream.abandon()
         code = "queue_full" if isinstance(error, QueueFull) else "queue_timeout"
         raise ApiError(429, f"The server is busy ({error}); retry shortly.", None, code, "server_busy") from error
     return [_pieces(first, stream) for first, stream in zip(firsts, streams, strict=True)]
