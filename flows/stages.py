@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, Inputs
+from prefect.client.schemas.objects import State, TaskRun
 
 from flows.run_guard import guarded_flow, run_name
 from models.subnet import ElasticSpace
@@ -94,7 +95,7 @@ def checked_workdir(workdir: str) -> str:
 
 def checked_model_ref(parameter: str, workdir: str, ref: str) -> None:
     """Stop the flow before any compute when the model reference in `parameter` is malformed or names nothing
-    registered: resolving it later is a task with retries, meant for a store that hiccups, not for a typo."""
+    registered (for a reference the flow only passes on: pre-training's `parent`)."""
     try:
         resolve_version(workdir, ref)
     except (ValueError, LookupError) as error:
@@ -112,11 +113,28 @@ def stage_data(data: DataConfig, data_dir: str | None) -> str:
     return data_dir
 
 
-@task(name="resolve-model", retries=2, retry_delay_seconds=[2, 10])
-def resolve_model_task(workdir: str, ref: str) -> dict[str, Any]:
-    """The registered model `ref` names, downloaded once into the workdir. Never cached: `NAME@ALIAS` and
-    `NAME/latest` move, and the download itself is skipped when the version's files are already there."""
-    downloaded = download_checkpoint(workdir, ref)
+def _store_fault(_task: Task, _run: TaskRun, state: State) -> bool:
+    """Retry a resolution that failed in the store (a timeout, a 5xx), not one whose reference is wrong: no retry
+    fixes a typo."""
+    try:
+        state.result()
+    except ValueError:  # resolve_model_task's own: malformed, or names nothing registered
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="resolve-model", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_store_fault)
+def resolve_model_task(parameter: str, workdir: str, ref: str) -> dict[str, Any]:
+    """The registered model `ref` (the flow's `parameter`) names, downloaded once into the workdir. A reference that
+    is malformed or names nothing registered fails at once, naming the parameter; the flows resolve it first, before
+    any data is prepared. Never cached: `NAME@ALIAS` and `NAME/latest` move, and the download itself is skipped when
+    the version's files are already there."""
+    try:
+        downloaded = download_checkpoint(workdir, ref)
+    except (ValueError, LookupError) as error:
+        raise ValueError(f"{parameter}: {error}") from error
     return {
         "version": downloaded.version.version,
         "uri": downloaded.version.uri,
@@ -186,9 +204,8 @@ def extract_flow(
     chosen sub-model; registers a `trainonce-subnet` version. `data_dir`: a prepared data folder to read instead of
     preparing `data` (what the pipeline passes: the one pre-training read)."""
     workdir = checked_workdir(workdir)
-    checked_model_ref("supernet", workdir, supernet)
+    source = resolve_model_task("supernet", workdir, supernet)
     data_dir = stage_data(data, data_dir)
-    source = resolve_model_task(workdir, supernet)
     if "pretrain_tokens" not in source["extra"]:
         raise ValueError(f"{supernet}: registered before pre-training tokens were recorded; re-run pretrain")
     elastic = ElasticSpace.model_validate(source["extra"]["elastic_space"])
@@ -224,9 +241,8 @@ def align_flow(
     Each step is its own cached task, so a step that fails and is retried, or a re-run that changes one step's
     config, redoes that step and the ones after it, never the ones before. `data_dir`: as for `extract`."""
     workdir = checked_workdir(workdir)
-    checked_model_ref("subnet", workdir, subnet)
+    source = resolve_model_task("subnet", workdir, subnet)
     data_dir = stage_data(data, data_dir)
-    source = resolve_model_task(workdir, subnet)
     version, task_mix = source["version"], sft.task_mix
     sft_step = cached(sft_task, workdir, user_files)(sft, source["checkpoint_dir"], data_dir, workdir, version)
     dpo_step = cached(dpo_task, workdir, user_files)(dpo, task_mix, sft_step, data_dir, workdir, version)
@@ -254,9 +270,8 @@ def deploy_flow(
     it to `champion` if it passes the gate against the current champion. `data_dir`: as for `extract`."""
     workdir = checked_workdir(workdir)
     check_gguf_request("deploy.gguf", deploy.gguf)
-    checked_model_ref("aligned", workdir, aligned)
+    source = resolve_model_task("aligned", workdir, aligned)
     data_dir = stage_data(data, data_dir)
-    source = resolve_model_task(workdir, aligned)
     lineage = {"parent_model": source["uri"], **(lineage or {})}
     exported = cached(export_task, workdir)(deploy, task_mix, source["checkpoint_dir"], data_dir, workdir, lineage)
     report(exported, "export", "ONNX variants measured with onnxruntime on the held-out evaluation", workdir)

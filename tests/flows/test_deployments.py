@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from flows.prefect_local import create_flow_run, local_prefect, run_deployment, wait_for_final_state
@@ -120,6 +121,10 @@ def test_a_stage_given_a_model_that_is_not_registered_fails_before_preparing_dat
     assert state["type"] == "FAILED"
     assert "subnet: trainonce-subnet/9" in state["message"], state
     assert not data_dir.exists()
+    filtered = {"flow_runs": {"id": {"any_": [response.json()["id"]]}}}
+    runs = httpx.post(f"{prefect['PREFECT_API_URL']}/task_runs/filter", json=filtered, timeout=30).raise_for_status()
+    (resolve,) = [run for run in runs.json() if run["name"].startswith("resolve-model")]
+    assert resolve["run_count"] == 1  # no retry: the store answered, the reference was wrong
 
 
 @pytest.mark.slow

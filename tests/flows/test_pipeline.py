@@ -119,3 +119,16 @@ def test_a_stage_reads_the_data_folder_it_is_given(tmp_path, small_data) -> None
     assert stage_data(gone, str(small_data.directory)) == str(small_data.directory)
     with pytest.raises(ValueError, match=r"data_dir: .* is not a prepared data folder"):
         stage_data(gone, str(tmp_path))
+
+
+def test_a_model_reference_is_retried_for_the_store_never_for_a_typo(tmp_path) -> None:
+    """The stage flows resolve their model first: a reference that names nothing registered fails at once, naming
+    the parameter; only a store that did not answer is worth the task's retries."""
+    from prefect.states import Failed
+
+    from flows.stages import _store_fault, resolve_model_task
+
+    with pytest.raises(ValueError, match="subnet: .*trainonce-subnet") as typo:
+        resolve_model_task.fn("subnet", str(tmp_path), "trainonce-subnet/9")
+    assert not _store_fault(resolve_model_task, None, Failed(data=typo.value))
+    assert _store_fault(resolve_model_task, None, Failed(data=ConnectionError("the tracking server did not answer")))
