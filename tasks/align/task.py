@@ -6,11 +6,13 @@ only orchestrates them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
+from pydantic import BaseModel
 
 from models.chat_format import ChatTokenizer
 from models.checkpoint import load_model, save_model
@@ -82,6 +84,13 @@ class _Alignment:
             {**lineage, **tags},
         )
 
+    @contextmanager
+    def run(self, step: str, config: BaseModel) -> Iterator[RunLogger]:
+        """The step's MLflow run (tagged `step`, ended FAILED if the step raises), its config logged as params."""
+        with stage_run(self.workdir, step) as logger:
+            logger.log_params({step: config.model_dump(mode="json")})
+            yield logger
+
     def start_from(self, previous: AlignedStep) -> ElasticMoE:
         """The model the step before registered (its files in the workdir's registry cache)."""
         return load_model(download_checkpoint(self.workdir, previous.model_uri).checkpoint_dir)
@@ -92,8 +101,7 @@ def sft_task(sft: SFTConfig, subnet_dir: str, data_dir: str, workdir: str, subne
     """SFT of the extracted sub-model on the task mix (and the user's conversations); registers the result."""
     align = _Alignment.load(data_dir, sft.task_mix, workdir, subnet_version)
     model = load_model(subnet_dir)
-    with stage_run(workdir, "sft") as logger:
-        logger.log_params({"sft": sft.model_dump(mode="json")})
+    with align.run("sft", sft) as logger:
         extra_conversations = read_sft_jsonl(sft.extra_jsonl) if sft.extra_jsonl else []
         result = run_sft(
             sft, model, align.tokenizer, align.train, align.test, extra_conversations, align.data.training_mix()
@@ -120,8 +128,7 @@ def dpo_task(
     """DPO of the SFT model on its own mistakes on the task mix (and the user's pairs); registers the result."""
     align = _Alignment.load(data_dir, task_mix, workdir, subnet_version)
     model = align.start_from(sft)
-    with stage_run(workdir, "dpo") as logger:
-        logger.log_params({"dpo": dpo.model_dump(mode="json")})
+    with align.run("dpo", dpo) as logger:
         extra_pairs = read_preference_jsonl(dpo.extra_jsonl) if dpo.extra_jsonl else []
         result = run_dpo(dpo, model, align.tokenizer, align.train, align.test, extra_pairs)
         _log_loss_curve(logger, result.losses)
@@ -161,8 +168,7 @@ def grpo_task(
     """GRPO of the DPO model with verifiable rewards on the task mix; registers the result."""
     align = _Alignment.load(data_dir, task_mix, workdir, subnet_version)
     model = align.start_from(dpo)
-    with stage_run(workdir, "grpo") as logger:
-        logger.log_params({"grpo": grpo.model_dump(mode="json")})
+    with align.run("grpo", grpo) as logger:
         prompts = grpo_prompts(grpo, task_mix, align.passages, align.train, align.test, align.data.images)
         result = run_grpo(grpo, model, align.tokenizer, prompts, align.test, align.data.training_mix())
         for step, metrics in enumerate(result.metrics, start=1):
