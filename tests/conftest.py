@@ -63,6 +63,22 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _prefect_logs_to_a_live_stream() -> Iterator[None]:
+    """Prefect's console handlers write to the stream that was sys.stderr when its logging was last set up: a test
+    that sets it up under `capsys` (starting a Prefect server app in-process does) leaves them writing to a stream
+    that is closed once the test ends, and the next test's first Prefect log fails. Set it up again after such a
+    test, so each test's outcome does not depend on the one before it."""
+    yield
+    import logging
+
+    from prefect.logging.configuration import setup_logging
+
+    handlers = [h for name in (None, "prefect") for h in logging.getLogger(name).handlers]
+    if any(getattr(getattr(h, "stream", None), "closed", False) for h in handlers):
+        setup_logging(incremental=False)  # incremental would only update levels, not rebuild the handlers
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three real plays as .txt files: enough text for a tokenizer and a few training steps."""
