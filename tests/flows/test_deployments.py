@@ -37,7 +37,7 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
         return pipeline_params(workdir, small_corpus, tmp_path / "data", "deploy.variants=[fp32,int8]", *extra)
 
     # two runs at once on one fresh workdir, different DPO settings: the second waits for the workdir, then reuses
-    # every stage they share (one supernet, one sub-model) and re-runs only DPO (align) and deploy
+    # every stage and step they share (one supernet, one sub-model, one SFT model) and re-runs only DPO and deploy
     with ThreadPoolExecutor(2) as pool:
         runs = list(
             pool.map(lambda extra: run_deployment(prefect, "pipeline/manual", params(*extra)), [(), ("dpo.steps=6",)])
@@ -52,7 +52,7 @@ def test_manual_runs_cache_rerun_what_changed_and_a_retrain_on_new_data_warm_sta
             for n in ("trainonce-supernet", "trainonce-subnet", "trainonce-chat-torch", "trainonce-chat")
         }
 
-    assert counts() == {"trainonce-supernet": 1, "trainonce-subnet": 1, "trainonce-chat-torch": 4, "trainonce-chat": 2}
+    assert counts() == {"trainonce-supernet": 1, "trainonce-subnet": 1, "trainonce-chat-torch": 3, "trainonce-chat": 2}
     assert client.get_model_version("trainonce-chat", "2").tags["gate.champion_version"] == "1"
     champion = client.get_model_version_by_alias("trainonce-chat", "champion")
     assert champion.version == "1" or champion.tags["gate.decision"] == "promoted"  # never a rejected version
